@@ -1,0 +1,2 @@
+//! `ember`: the user-facing launcher.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Helpers for Ember's multi-process integration tests.

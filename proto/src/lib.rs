@@ -1,0 +1,16 @@
+//! Ember's wire contract: the generated `ember.v1` gRPC types and services,
+//! the packed-bytes codecs used by every message, and the routing function
+//! that maps `(table, id)` to a shard. Both the shards and the workers depend
+//! on this crate, so everything they must agree on lives here.
+
+pub mod codec;
+pub mod route;
+
+/// Generated protobuf messages and tonic client/server for `ember.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("ember.v1");
+}
+
+pub use codec::CodecError;
+pub use route::{Router, NUM_BUCKETS};

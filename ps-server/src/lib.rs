@@ -1,0 +1,1 @@
+//! Ember parameter-server shard.

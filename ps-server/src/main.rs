@@ -1,0 +1,2 @@
+//! `ps-server`: one shard of an Ember parameter server.
+fn main() {}

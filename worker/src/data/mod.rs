@@ -1,0 +1,1 @@
+//! Data path: fetch, prepare, read, count, synthesize.

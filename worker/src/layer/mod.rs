@@ -1,0 +1,1 @@
+//! Neural-network layers, one file per layer, each stating its formula.

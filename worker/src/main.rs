@@ -1,0 +1,2 @@
+//! `worker`: one Ember training worker.
+fn main() {}

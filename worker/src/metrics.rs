@@ -1,0 +1,1 @@
+//! Evaluation metrics: AUC, GAUC, logloss, Recall@K, MRR@K.

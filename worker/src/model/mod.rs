@@ -1,0 +1,1 @@
+//! Models: BaseModel, DIN, DIEN, GRU4Rec.

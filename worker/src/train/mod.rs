@@ -1,0 +1,1 @@
+//! Training loop: pull, forward/backward, push.
