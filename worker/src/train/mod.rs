@@ -1,1 +1,51 @@
-//! Training loop: pull, forward/backward, push.
+//! The training loop against the parameter server.
+//!
+//! ```text
+//! reader -> Batch -> dedup (batch.rs) -> route + pull (client.rs, parallel per shard)
+//!        -> forward/backward (model) -> push sparse grads + counts, push dense grads
+//! ```
+//! [`client::PsClient`] talks to a sharded parameter server over gRPC.
+
+pub mod client;
+
+use tonic::Status;
+
+/// Errors of the training loop.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A shard rejected a request or stayed unreachable past the retry deadline.
+    #[error("shard {shard} ({addr}) failed {what}: {} ({:?})", status.message(), status.code())]
+    Ps {
+        /// Shard index.
+        shard: usize,
+        /// Shard address.
+        addr: String,
+        /// The call that failed.
+        what: &'static str,
+        /// The final status.
+        status: Status,
+    },
+    /// A shard answered something that breaks the contract.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A configuration problem.
+    #[error("config: {0}")]
+    Config(String),
+    /// An in-process shard rejected a request.
+    #[error("in-process shard: {0}")]
+    Local(String),
+    /// The model failed.
+    #[error("model: {0}")]
+    Model(String),
+    /// Reading data failed.
+    #[error("data: {0}")]
+    Data(String),
+    /// File-system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,530 @@
+//! A client of a whole sharded parameter server: routes ids to shards with
+//! [`ember_proto::route::Router`], talks to all shards in parallel, scatters
+//! rows back into request order, and retries transient failures (a shard
+//! restarting) with exponential backoff until a deadline.
+
+use std::time::{Duration, Instant};
+
+use ember_proto::codec::{decode_f32, encode_f32, encode_u32, encode_u64};
+use ember_proto::route::Router;
+use ember_proto::v1::parameter_server_client::ParameterServerClient;
+use ember_proto::v1::{self as pb};
+use futures_util::future::try_join_all;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::TrainError;
+
+/// Largest gRPC message the client sends or accepts (matches the shard default).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Ids per LoadCounts request chunk.
+const COUNTS_CHUNK: usize = 1 << 20;
+
+/// How the client retries a shard that does not answer.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// First backoff delay.
+    pub initial: Duration,
+    /// Largest backoff delay.
+    pub max: Duration,
+    /// Give up after this long without success.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+            deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Whether a failed call may succeed if repeated (the shard is restarting,
+/// the connection broke), as opposed to a request the shard rejected.
+pub fn is_transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
+    )
+}
+
+/// Client of all shards of one parameter server.
+#[derive(Clone)]
+pub struct PsClient {
+    shards: Vec<ParameterServerClient<Channel>>,
+    addrs: Vec<String>,
+    router: Router,
+    retry: RetryPolicy,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for PsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PsClient")
+            .field("addrs", &self.addrs)
+            .finish()
+    }
+}
+
+impl PsClient {
+    /// A client of the shards at `addrs` (`host:port`, shard i at index i).
+    /// Connections are lazy and re-established after a shard restarts.
+    pub fn new(
+        addrs: &[String],
+        retry: RetryPolicy,
+        token: Option<&str>,
+    ) -> Result<Self, TrainError> {
+        if addrs.is_empty() {
+            return Err(TrainError::Config("no shard addresses given".into()));
+        }
+        let mut shards = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            let uri = if a.starts_with("http://") || a.starts_with("https://") {
+                a.clone()
+            } else {
+                format!("http://{a}")
+            };
+            let ep = Endpoint::from_shared(uri)
+                .map_err(|e| TrainError::Config(format!("bad shard address {a:?}: {e}")))?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5));
+            let client = ParameterServerClient::new(ep.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            shards.push(client);
+        }
+        let token = match token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| TrainError::Config("auth token is not valid ASCII".into()))?,
+            ),
+            None => None,
+        };
+        Ok(PsClient {
+            shards,
+            addrs: addrs.to_vec(),
+            router: Router::new(addrs.len() as u32),
+            retry,
+            token,
+        })
+    }
+
+    /// Number of shards.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Addresses of the shards.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// The routing function in use.
+    pub fn router(&self) -> Router {
+        self.router
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        req
+    }
+
+    /// Runs `call` against shard `s`, retrying transient failures with
+    /// exponential backoff until the policy's deadline.
+    async fn with_retry<T, F, Fut>(
+        &self,
+        s: usize,
+        what: &'static str,
+        mut call: F,
+    ) -> Result<T, TrainError>
+    where
+        F: FnMut(ParameterServerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let mut delay = self.retry.initial;
+        let mut attempt = 0u32;
+        loop {
+            match call(self.shards[s].clone()).await {
+                Ok(resp) => {
+                    if attempt > 0 {
+                        tracing::info!(shard = s, addr = %self.addrs[s], what, attempt, "shard reachable again");
+                    }
+                    return Ok(resp.into_inner());
+                }
+                Err(status) if is_transient(&status) && start.elapsed() < self.retry.deadline => {
+                    attempt += 1;
+                    tracing::warn!(
+                        shard = s,
+                        addr = %self.addrs[s],
+                        what,
+                        attempt,
+                        backoff_ms = delay.as_millis() as u64,
+                        "shard unavailable ({}), retrying",
+                        status.message()
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.retry.max);
+                }
+                Err(status) => {
+                    return Err(TrainError::Ps {
+                        shard: s,
+                        addr: self.addrs[s].clone(),
+                        what,
+                        status,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Pulls rows of `ids` (any order, duplicates allowed) from `table`:
+    /// returns `ids.len() * dim` values in request order, and `dim`.
+    pub async fn pull(&self, table: &str, ids: &[u64]) -> Result<(Vec<f32>, usize), TrainError> {
+        let parts = self.router.split(table, ids);
+        let futs = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, (sids, _))| !sids.is_empty())
+            .map(|(s, (sids, _))| {
+                let body = encode_u64(sids);
+                async move {
+                    let resp = self
+                        .with_retry(s, "pull", |mut c| {
+                            let req = self.request(pb::PullRequest {
+                                table: table.to_string(),
+                                ids: body.clone(),
+                            });
+                            async move { c.pull(req).await }
+                        })
+                        .await?;
+                    Ok::<_, TrainError>((s, resp))
+                }
+            });
+        let resps = try_join_all(futs).await?;
+        let mut dim = 0usize;
+        let mut out = Vec::new();
+        for (s, resp) in resps {
+            let d = resp.dim as usize;
+            if out.is_empty() {
+                dim = d;
+                out = vec![0.0f32; ids.len() * d];
+            } else if d != dim {
+                return Err(TrainError::Protocol(format!(
+                    "shards disagree on the dim of {table}: {dim} vs {d}"
+                )));
+            }
+            let rows =
+                decode_f32("rows", &resp.rows).map_err(|e| TrainError::Protocol(e.to_string()))?;
+            let pos = &parts[s].1;
+            if rows.len() != pos.len() * d {
+                return Err(TrainError::Protocol(format!(
+                    "shard {s} returned {} values for {} ids of dim {d}",
+                    rows.len(),
+                    pos.len()
+                )));
+            }
+            for (k, &p) in pos.iter().enumerate() {
+                out[p * d..(p + 1) * d].copy_from_slice(&rows[k * d..(k + 1) * d]);
+            }
+        }
+        Ok((out, dim))
+    }
+
+    /// Pushes gradients of unique `ids` (`grads` is `ids.len() * dim`, row-major)
+    /// with their in-batch occurrence counts.
+    pub async fn push(
+        &self,
+        table: &str,
+        ids: &[u64],
+        grads: &[f32],
+        counts: &[u32],
+        step: u64,
+    ) -> Result<(), TrainError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dim = grads.len() / ids.len();
+        if dim * ids.len() != grads.len() || counts.len() != ids.len() {
+            return Err(TrainError::Protocol(format!(
+                "push to {table}: {} ids, {} grads, {} counts",
+                ids.len(),
+                grads.len(),
+                counts.len()
+            )));
+        }
+        let parts = self.router.split(table, ids);
+        let futs = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, (sids, _))| !sids.is_empty())
+            .map(|(s, (sids, pos))| {
+                let mut g = Vec::with_capacity(pos.len() * dim);
+                let mut c = Vec::with_capacity(pos.len());
+                for &p in pos {
+                    g.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
+                    c.push(counts[p]);
+                }
+                let (ids_b, grads_b, counts_b) = (encode_u64(sids), encode_f32(&g), encode_u32(&c));
+                async move {
+                    self.with_retry(s, "push", |mut cl| {
+                        let req = self.request(pb::PushRequest {
+                            table: table.to_string(),
+                            ids: ids_b.clone(),
+                            grads: grads_b.clone(),
+                            counts: counts_b.clone(),
+                            step,
+                        });
+                        async move { cl.push(req).await }
+                    })
+                    .await
+                }
+            });
+        try_join_all(futs).await?;
+        Ok(())
+    }
+
+    /// Creates a table on every shard (idempotent for an identical config).
+    pub async fn create_table(&self, config: &pb::TableConfig) -> Result<(), TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "create_table", move |mut c| {
+                let req = self.request(pb::CreateTableRequest {
+                    config: Some(config.clone()),
+                });
+                async move { c.create_table(req).await }
+            })
+        });
+        try_join_all(futs).await?;
+        Ok(())
+    }
+
+    /// Loads exact feature counts n_j for `table`, each id to its shard, in chunks.
+    pub async fn load_counts(&self, table: &str, counts: &[(u64, u32)]) -> Result<(), TrainError> {
+        let ids: Vec<u64> = counts.iter().map(|(i, _)| *i).collect();
+        let parts = self.router.split(table, &ids);
+        let futs = parts.iter().enumerate().map(|(s, (sids, pos))| async move {
+            let mut first = true;
+            let n = sids.len();
+            let mut start = 0;
+            while first || start < n {
+                let end = (start + COUNTS_CHUNK).min(n);
+                let c: Vec<u32> = pos[start..end].iter().map(|&p| counts[p].1).collect();
+                let (ids_b, c_b) = (encode_u64(&sids[start..end]), encode_u32(&c));
+                let replace = first;
+                self.with_retry(s, "load_counts", |mut cl| {
+                    let req = self.request(pb::LoadCountsRequest {
+                        table: table.to_string(),
+                        ids: ids_b.clone(),
+                        counts: c_b.clone(),
+                        replace,
+                    });
+                    async move { cl.load_counts(req).await }
+                })
+                .await?;
+                first = false;
+                start = end;
+            }
+            Ok::<_, TrainError>(())
+        });
+        try_join_all(futs).await?;
+        Ok(())
+    }
+
+    /// Registers dense parameters on their owning shards (existing ones keep their value).
+    pub async fn init_dense(
+        &self,
+        params: &[(String, Vec<f32>)],
+        optimizer: &pb::OptimizerConfig,
+    ) -> Result<(), TrainError> {
+        let by_shard = self.group_dense(params);
+        let futs = by_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(s, p)| {
+                self.with_retry(s, "init_dense", move |mut c| {
+                    let req = self.request(pb::InitDenseRequest {
+                        params: p.clone(),
+                        optimizer: Some(optimizer.clone()),
+                    });
+                    async move { c.init_dense(req).await }
+                })
+            });
+        try_join_all(futs).await?;
+        Ok(())
+    }
+
+    fn group_dense(&self, params: &[(String, Vec<f32>)]) -> Vec<Vec<pb::DenseParam>> {
+        let mut by_shard = vec![Vec::new(); self.num_shards()];
+        for (name, v) in params {
+            by_shard[self.router.shard_of_dense(name) as usize].push(pb::DenseParam {
+                name: name.clone(),
+                values: encode_f32(v),
+            });
+        }
+        by_shard
+    }
+
+    /// Reads all dense parameters, waiting on every shard that owns some until
+    /// its dense step is at least `min_step`. Returns the parameters and the
+    /// smallest dense step seen.
+    pub async fn pull_dense(
+        &self,
+        min_step: u64,
+    ) -> Result<(Vec<(String, Vec<f32>)>, u64), TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "pull_dense", move |mut c| {
+                let req = self.request(pb::PullDenseRequest {
+                    names: vec![],
+                    min_step,
+                    timeout_ms: 0,
+                });
+                async move { c.pull_dense(req).await }
+            })
+        });
+        let resps = try_join_all(futs).await?;
+        let mut out = Vec::new();
+        let mut step = u64::MAX;
+        for r in resps {
+            if !r.params.is_empty() {
+                step = step.min(r.step);
+            }
+            for p in r.params {
+                let v = decode_f32("values", &p.values)
+                    .map_err(|e| TrainError::Protocol(e.to_string()))?;
+                out.push((p.name, v));
+            }
+        }
+        Ok((out, if step == u64::MAX { 0 } else { step }))
+    }
+
+    /// Pushes dense gradients for `step` (`num_workers` > 1: synchronous averaging).
+    pub async fn push_dense(
+        &self,
+        grads: &[(String, Vec<f32>)],
+        step: u64,
+        num_workers: u32,
+        worker_index: u32,
+    ) -> Result<(), TrainError> {
+        let by_shard = self.group_dense(grads);
+        let futs = by_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(s, p)| {
+                self.with_retry(s, "push_dense", move |mut c| {
+                    let req = self.request(pb::PushDenseRequest {
+                        grads: p.clone(),
+                        step,
+                        num_workers,
+                        worker_index,
+                    });
+                    async move { c.push_dense(req).await }
+                })
+            });
+        try_join_all(futs).await?;
+        Ok(())
+    }
+
+    /// Overwrites dense state buffers (e.g. Dice running statistics).
+    pub async fn assign_dense(&self, params: &[(String, Vec<f32>)]) -> Result<(), TrainError> {
+        let by_shard = self.group_dense(params);
+        let futs = by_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(s, p)| {
+                self.with_retry(s, "assign_dense", move |mut c| {
+                    let req = self.request(pb::AssignDenseRequest { params: p.clone() });
+                    async move { c.assign_dense(req).await }
+                })
+            });
+        try_join_all(futs).await?;
+        Ok(())
+    }
+
+    /// Checkpoints every shard at `step` (a cluster checkpoint is all shards at one step).
+    pub async fn checkpoint(
+        &self,
+        step: u64,
+        keep: u32,
+    ) -> Result<Vec<pb::CheckpointResponse>, TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "checkpoint", move |mut c| {
+                let req = self.request(pb::CheckpointRequest { step, keep });
+                async move { c.checkpoint(req).await }
+            })
+        });
+        try_join_all(futs).await
+    }
+
+    /// Restores every shard to `step` (0 = each shard's latest good checkpoint).
+    pub async fn restore(&self, step: u64) -> Result<Vec<pb::RestoreResponse>, TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "restore", move |mut c| {
+                let req = self.request(pb::RestoreRequest { step });
+                async move { c.restore(req).await }
+            })
+        });
+        try_join_all(futs).await
+    }
+
+    /// Steps for which every shard holds a good checkpoint, ascending.
+    pub async fn common_checkpoints(&self) -> Result<Vec<u64>, TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "list_checkpoints", move |mut c| {
+                let req = self.request(pb::ListCheckpointsRequest {});
+                async move { c.list_checkpoints(req).await }
+            })
+        });
+        let lists = try_join_all(futs).await?;
+        let mut common: Vec<u64> = lists.first().map(|l| l.steps.clone()).unwrap_or_default();
+        for l in &lists[1..] {
+            common.retain(|s| l.steps.contains(s));
+        }
+        common.sort_unstable();
+        Ok(common)
+    }
+
+    /// Health of every shard.
+    pub async fn health(&self) -> Result<Vec<pb::HealthResponse>, TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "health", move |mut c| {
+                let req = self.request(pb::HealthRequest {});
+                async move { c.health(req).await }
+            })
+        });
+        try_join_all(futs).await
+    }
+
+    /// Statistics of every shard.
+    pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>, TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "stats", move |mut c| {
+                let req = self.request(pb::StatsRequest {});
+                async move { c.stats(req).await }
+            })
+        });
+        try_join_all(futs).await
+    }
+
+    /// Asks every shard to stop (optionally checkpointing at `checkpoint_step` first).
+    pub async fn shutdown(&self, checkpoint_step: u64) -> Result<(), TrainError> {
+        let futs = (0..self.num_shards()).map(|s| {
+            self.with_retry(s, "shutdown", move |mut c| {
+                let req = self.request(pb::ShutdownRequest { checkpoint_step });
+                async move { c.shutdown(req).await }
+            })
+        });
+        try_join_all(futs).await?;
+        Ok(())
+    }
+}
