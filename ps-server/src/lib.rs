@@ -1,1 +1,15 @@
-//! Ember parameter-server shard.
+//! Ember parameter-server shard: a compact embedding store, sparse and dense
+//! optimizers with MBA regularization, the `ember.v1` gRPC service,
+//! checkpoints and metrics.
+//!
+//! The data path inside a shard:
+//! `service` (gRPC, validation of wire bytes) -> [`Shard`] (plain Rust API,
+//! validation, routing check) -> [`store::Table`] (striped arena rows) ->
+//! [`optim::Optimizer`] (updates over `&mut [f32]`).
+
+pub mod error;
+pub mod init;
+pub mod optim;
+pub mod store;
+
+pub use error::{PsError, Result};

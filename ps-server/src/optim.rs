@@ -1,0 +1,403 @@
+//! Optimizers over plain `&mut [f32]` slices; they know nothing of gRPC or storage.
+//!
+//! A row (sparse embedding or dense parameter) is a weight slice `w` plus an
+//! optimizer-state slice `state` of [`Optimizer::state_len`] values that lives
+//! next to it. The same code updates sparse rows and dense parameters.
+//!
+//! | optimizer | state per row (f32) | update |
+//! |---|---|---|
+//! | SGD | 0 | `w -= lr * g` |
+//! | Adagrad | `dim` (acc) | `acc += g²; w -= lr * g / (sqrt(acc) + eps)` |
+//! | Adam | `2*dim + 2` (m, v, β1^t, β2^t) | lazy Adam, bias correction by the row's own update count t |
+//! | FTRL | `2*dim` (z, n) | FTRL-Proximal per coordinate (McMahan et al. 2013) |
+
+use crate::error::{PsError, Result};
+use ember_proto::v1::{optimizer_config::Kind, OptimizerConfig};
+
+/// Default Adam β1 when the config leaves it 0.
+pub const ADAM_BETA1: f32 = 0.9;
+/// Default Adam β2 when the config leaves it 0.
+pub const ADAM_BETA2: f32 = 0.999;
+/// Default Adam ε when the config leaves it 0.
+pub const ADAM_EPS: f32 = 1e-8;
+/// Default Adagrad ε when the config leaves it 0.
+pub const ADAGRAD_EPS: f32 = 1e-10;
+
+/// A validated optimizer with its defaults resolved.
+///
+/// Proto3 cannot tell "unset" from 0, so for Adam a 0 β1/β2/ε means the
+/// defaults above, and for Adagrad a 0 ε means [`ADAGRAD_EPS`].
+/// An unset optimizer is SGD with lr 0.01.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    /// `w -= lr * g`.
+    Sgd {
+        /// Learning rate.
+        lr: f32,
+    },
+    /// Adagrad with a per-coordinate accumulator.
+    Adagrad {
+        /// Learning rate.
+        lr: f32,
+        /// Initial accumulator value.
+        init_acc: f32,
+        /// Denominator epsilon.
+        eps: f32,
+    },
+    /// Lazy Adam with per-row bias correction.
+    Adam {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Denominator epsilon.
+        eps: f32,
+    },
+    /// FTRL-Proximal.
+    Ftrl {
+        /// Learning-rate alpha.
+        alpha: f32,
+        /// Learning-rate beta.
+        beta: f32,
+        /// L1 strength.
+        l1: f32,
+        /// L2 strength.
+        l2: f32,
+    },
+}
+
+fn check(ok: bool, what: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(PsError::invalid(format!("malformed optimizer config: {what}")))
+    }
+}
+
+impl Optimizer {
+    /// Validates a proto optimizer config (`None` = SGD lr 0.01).
+    pub fn from_config(cfg: Option<&OptimizerConfig>) -> Result<Self> {
+        let kind = match cfg.and_then(|c| c.kind.as_ref()) {
+            None => return Ok(Optimizer::Sgd { lr: 0.01 }),
+            Some(k) => k,
+        };
+        let fin = |x: f32| x.is_finite();
+        Ok(match kind {
+            Kind::Sgd(s) => {
+                check(fin(s.lr) && s.lr >= 0.0, "sgd.lr must be finite and >= 0")?;
+                Optimizer::Sgd { lr: s.lr }
+            }
+            Kind::Adagrad(a) => {
+                check(fin(a.lr) && a.lr >= 0.0, "adagrad.lr must be finite and >= 0")?;
+                check(
+                    fin(a.initial_accumulator) && a.initial_accumulator >= 0.0,
+                    "adagrad.initial_accumulator must be finite and >= 0",
+                )?;
+                check(fin(a.eps) && a.eps >= 0.0, "adagrad.eps must be finite and >= 0")?;
+                Optimizer::Adagrad {
+                    lr: a.lr,
+                    init_acc: a.initial_accumulator,
+                    eps: if a.eps == 0.0 { ADAGRAD_EPS } else { a.eps },
+                }
+            }
+            Kind::Adam(a) => {
+                check(fin(a.lr) && a.lr >= 0.0, "adam.lr must be finite and >= 0")?;
+                check(
+                    (0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2),
+                    "adam.beta1/beta2 must be in [0, 1)",
+                )?;
+                check(fin(a.eps) && a.eps >= 0.0, "adam.eps must be finite and >= 0")?;
+                Optimizer::Adam {
+                    lr: a.lr,
+                    beta1: if a.beta1 == 0.0 { ADAM_BETA1 } else { a.beta1 },
+                    beta2: if a.beta2 == 0.0 { ADAM_BETA2 } else { a.beta2 },
+                    eps: if a.eps == 0.0 { ADAM_EPS } else { a.eps },
+                }
+            }
+            Kind::Ftrl(f) => {
+                check(fin(f.alpha) && f.alpha > 0.0, "ftrl.alpha must be finite and > 0")?;
+                check(
+                    fin(f.beta) && f.beta >= 0.0 && fin(f.l1) && f.l1 >= 0.0 && fin(f.l2) && f.l2 >= 0.0,
+                    "ftrl.beta/l1/l2 must be finite and >= 0",
+                )?;
+                Optimizer::Ftrl {
+                    alpha: f.alpha,
+                    beta: f.beta,
+                    l1: f.l1,
+                    l2: f.l2,
+                }
+            }
+        })
+    }
+
+    /// Number of f32 state values per row of width `dim`.
+    pub fn state_len(&self, dim: usize) -> usize {
+        match self {
+            Optimizer::Sgd { .. } => 0,
+            Optimizer::Adagrad { .. } => dim,
+            Optimizer::Adam { .. } => 2 * dim + 2,
+            Optimizer::Ftrl { .. } => 2 * dim,
+        }
+    }
+
+    /// Writes the initial state of a fresh row into `state`.
+    pub fn init_state(&self, state: &mut [f32]) {
+        match self {
+            Optimizer::Sgd { .. } => {}
+            Optimizer::Adagrad { init_acc, .. } => state.fill(*init_acc),
+            Optimizer::Adam { .. } => {
+                state.fill(0.0);
+                let n = state.len();
+                if n >= 2 {
+                    // beta1^t, beta2^t with t = 0.
+                    state[n - 2] = 1.0;
+                    state[n - 1] = 1.0;
+                }
+            }
+            Optimizer::Ftrl { .. } => state.fill(0.0),
+        }
+    }
+
+    /// Applies one update with gradient `g` to weights `w` and their `state`.
+    ///
+    /// `w.len() == g.len()` and `state.len() == self.state_len(w.len())`.
+    #[inline]
+    pub fn step(&self, w: &mut [f32], state: &mut [f32], g: &[f32]) {
+        let d = w.len();
+        debug_assert_eq!(g.len(), d);
+        debug_assert_eq!(state.len(), self.state_len(d));
+        match *self {
+            Optimizer::Sgd { lr } => sgd(w, g, lr),
+            Optimizer::Adagrad { lr, eps, .. } => adagrad(w, state, g, lr, eps),
+            Optimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                let (mv, pows) = state.split_at_mut(2 * d);
+                let (m, v) = mv.split_at_mut(d);
+                pows[0] *= beta1;
+                pows[1] *= beta2;
+                let c1 = 1.0 - pows[0];
+                let c2 = 1.0 - pows[1];
+                adam(w, m, v, g, lr, beta1, beta2, eps, c1, c2);
+            }
+            Optimizer::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                let (z, n) = state.split_at_mut(d);
+                ftrl(w, z, n, g, alpha, beta, l1, l2);
+            }
+        }
+    }
+}
+
+/// `w -= lr * g`.
+#[inline]
+pub fn sgd(w: &mut [f32], g: &[f32], lr: f32) {
+    for (w, g) in w.iter_mut().zip(g) {
+        *w -= lr * g;
+    }
+}
+
+/// Adagrad: `acc += g²; w -= lr * g / (sqrt(acc) + eps)`.
+#[inline]
+pub fn adagrad(w: &mut [f32], acc: &mut [f32], g: &[f32], lr: f32, eps: f32) {
+    for ((w, a), g) in w.iter_mut().zip(acc.iter_mut()).zip(g) {
+        *a += g * g;
+        *w -= lr * g / (a.sqrt() + eps);
+    }
+}
+
+/// Adam with bias corrections `c1 = 1 - β1^t`, `c2 = 1 - β2^t`:
+/// `m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²; w -= lr * (m/c1) / (sqrt(v/c2) + eps)`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn adam(
+    w: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    c1: f32,
+    c2: f32,
+) {
+    for (((w, m), v), g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        *m = beta1 * *m + (1.0 - beta1) * g;
+        *v = beta2 * *v + (1.0 - beta2) * g * g;
+        let mhat = *m / c1;
+        let vhat = *v / c2;
+        *w -= lr * mhat / (vhat.sqrt() + eps);
+    }
+}
+
+/// FTRL-Proximal per coordinate:
+/// `σ = (sqrt(n + g²) - sqrt(n)) / α; z += g - σ w; n += g²;`
+/// `w = 0 if |z| <= l1 else -(z - sign(z) l1) / ((β + sqrt(n)) / α + l2)`.
+/// The stored weight is the FTRL weight, so after its first update a row no
+/// longer depends on its initial value (FTRL rows are usually zero-initialized).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn ftrl(
+    w: &mut [f32],
+    z: &mut [f32],
+    n: &mut [f32],
+    g: &[f32],
+    alpha: f32,
+    beta: f32,
+    l1: f32,
+    l2: f32,
+) {
+    for (((w, z), n), g) in w.iter_mut().zip(z.iter_mut()).zip(n.iter_mut()).zip(g) {
+        let n_new = *n + g * g;
+        let sigma = (n_new.sqrt() - n.sqrt()) / alpha;
+        *z += g - sigma * *w;
+        *n = n_new;
+        *w = if z.abs() <= l1 {
+            0.0
+        } else {
+            -(*z - z.signum() * l1) / ((beta + n.sqrt()) / alpha + l2)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_proto::v1::{Adagrad, Adam, Ftrl, Sgd};
+
+    fn close(a: f32, b: f32) {
+        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+
+    fn opt(kind: Kind) -> Optimizer {
+        Optimizer::from_config(Some(&OptimizerConfig { kind: Some(kind) })).unwrap()
+    }
+
+    #[test]
+    fn sgd_hand_computed() {
+        let o = opt(Kind::Sgd(Sgd { lr: 0.5 }));
+        let mut w = [1.0, -2.0];
+        o.step(&mut w, &mut [], &[0.2, -0.4]);
+        close(w[0], 0.9);
+        close(w[1], -1.8);
+        assert_eq!(Optimizer::from_config(None).unwrap(), Optimizer::Sgd { lr: 0.01 });
+    }
+
+    #[test]
+    fn adagrad_hand_computed() {
+        let o = opt(Kind::Adagrad(Adagrad {
+            lr: 0.1,
+            initial_accumulator: 1.0,
+            eps: 1e-3,
+        }));
+        let mut w = [1.0f32];
+        let mut s = [0.0f32];
+        o.init_state(&mut s);
+        assert_eq!(s, [1.0]);
+        o.step(&mut w, &mut s, &[2.0]);
+        // acc = 1 + 4 = 5; w = 1 - 0.1*2/(sqrt5 + 1e-3)
+        close(s[0], 5.0);
+        close(w[0], 1.0 - 0.2 / (5f32.sqrt() + 1e-3));
+        o.step(&mut w, &mut s, &[-1.0]);
+        close(s[0], 6.0);
+        close(w[0], 1.0 - 0.2 / (5f32.sqrt() + 1e-3) + 0.1 / (6f32.sqrt() + 1e-3));
+    }
+
+    #[test]
+    fn adam_hand_computed_with_bias_correction() {
+        let o = opt(Kind::Adam(Adam {
+            lr: 0.1,
+            beta1: 0.5,
+            beta2: 0.75,
+            eps: 1e-8,
+        }));
+        assert_eq!(o.state_len(1), 4);
+        let mut w = [1.0f32];
+        let mut s = [9.0f32; 4];
+        o.init_state(&mut s);
+        assert_eq!(s, [0.0, 0.0, 1.0, 1.0]);
+        // t=1: m = 0.5*2 = 1; v = 0.25*4 = 1; mhat = 1/0.5 = 2; vhat = 1/0.25 = 4
+        // w = 1 - 0.1 * 2 / 2 = 0.9 (first Adam step moves by ~lr*sign(g)).
+        o.step(&mut w, &mut s, &[2.0]);
+        close(s[0], 1.0);
+        close(s[1], 1.0);
+        close(w[0], 0.9);
+        // t=2, g=0: m = 0.5; v = 0.75; c1 = 0.75; c2 = 1-0.5625 = 0.4375
+        o.step(&mut w, &mut s, &[0.0]);
+        let mhat = 0.5 / 0.75;
+        let vhat = 0.75f32 / 0.4375;
+        close(w[0], 0.9 - 0.1 * mhat / (vhat.sqrt() + 1e-8));
+    }
+
+    #[test]
+    fn adam_defaults_fill_zero_fields() {
+        let o = opt(Kind::Adam(Adam {
+            lr: 0.01,
+            ..Default::default()
+        }));
+        assert_eq!(
+            o,
+            Optimizer::Adam {
+                lr: 0.01,
+                beta1: ADAM_BETA1,
+                beta2: ADAM_BETA2,
+                eps: ADAM_EPS
+            }
+        );
+    }
+
+    #[test]
+    fn ftrl_hand_computed() {
+        let o = opt(Kind::Ftrl(Ftrl {
+            alpha: 0.5,
+            beta: 1.0,
+            l1: 0.1,
+            l2: 0.2,
+        }));
+        let mut w = [0.0f32];
+        let mut s = [0.0f32; 2];
+        o.init_state(&mut s);
+        o.step(&mut w, &mut s, &[1.0]);
+        // n = 1; sigma = (1 - 0)/0.5 = 2; z = 1 - 2*0 = 1
+        // w = -(1 - 0.1) / ((1 + 1)/0.5 + 0.2) = -0.9/4.2
+        close(s[0], 1.0);
+        close(s[1], 1.0);
+        close(w[0], -0.9 / 4.2);
+        // small gradient inside the l1 ball
+        let mut w2 = [0.0f32];
+        let mut s2 = [0.0f32; 2];
+        o.step(&mut w2, &mut s2, &[0.05]);
+        assert_eq!(w2[0], 0.0);
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        let bad = [
+            Kind::Sgd(Sgd { lr: f32::NAN }),
+            Kind::Adam(Adam {
+                lr: 0.1,
+                beta1: 1.5,
+                beta2: 0.9,
+                eps: 0.0,
+            }),
+            Kind::Ftrl(Ftrl {
+                alpha: 0.0,
+                ..Default::default()
+            }),
+        ];
+        for k in bad {
+            let e = Optimizer::from_config(Some(&OptimizerConfig { kind: Some(k) })).unwrap_err();
+            assert!(e.to_string().contains("malformed optimizer"), "{e}");
+        }
+    }
+}
