@@ -1,0 +1,59 @@
+//! DIEN auxiliary network and loss.
+//!
+//! `f(h_t, e) = MLP([h_t, e])`, `H+E -> 100 -> 50 -> 1`, sigmoid hidden.
+//! For valid pairs `(i, t)` with `t + 1 < len_i`, next clicked behaviour
+//! `e_{t+1}` and sampled negative `e'_{t+1}`:
+//! `L_aux = mean_{valid (i,t)} [ softplus(-f(h_t, e_{t+1})) + softplus(f(h_t, e'_{t+1})) ]`
+//! `      = -mean [ log sigmoid(f(h_t, e_{t+1})) + log(1 - sigmoid(f(h_t, e'_{t+1}))) ]`.
+//! Pairs beyond the valid length are multiplied by 0 (zero gradient); the loss
+//! is 0 when no pair is valid. Parameter names `fc0.*`, `fc1.*`, `fc2.*`.
+
+use candle_core::{Result, Tensor};
+
+use super::loss::softplus;
+use super::mlp::{Activation, Mlp};
+use super::mode::Mode;
+use super::params::ParamBuilder;
+
+/// The auxiliary click predictor `f`.
+#[derive(Debug, Clone)]
+pub struct AuxNet {
+    /// MLP on `[h_t, e]`.
+    pub mlp: Mlp,
+}
+
+impl AuxNet {
+    /// Creates the net for state width `hidden` and behaviour width `emb`.
+    pub fn new(hidden: usize, emb: usize, pb: &ParamBuilder) -> Result<Self> {
+        Ok(AuxNet {
+            mlp: Mlp::new(hidden + emb, &[100, 50], 1, Activation::Sigmoid, pb)?,
+        })
+    }
+
+    /// Logits `f(h, e)` for `h` `[N, H]`, `e` `[N, E]`: `[N]`.
+    pub fn logits(&self, h: &Tensor, e: &Tensor) -> Result<Tensor> {
+        self.mlp
+            .forward(&Tensor::cat(&[h, e], 1)?, Mode::EVAL)?
+            .squeeze(1)
+    }
+
+    /// `L_aux` for states `h` `[B, T, H]`, behaviours `pos` and negatives `neg`
+    /// `[B, T, E]`, and `mask` `[B, T]`.
+    pub fn loss(&self, h: &Tensor, pos: &Tensor, neg: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, hd) = h.dims3()?;
+        let e = pos.dim(2)?;
+        if t < 2 {
+            return Tensor::zeros((), h.dtype(), h.device());
+        }
+        let n = b * (t - 1);
+        let hs = h.narrow(1, 0, t - 1)?.reshape((n, hd))?;
+        let p = pos.narrow(1, 1, t - 1)?.reshape((n, e))?;
+        let q = neg.narrow(1, 1, t - 1)?.reshape((n, e))?;
+        let m = mask.narrow(1, 1, t - 1)?.reshape(n)?;
+        let lp = softplus(&self.logits(&hs, &p)?.neg()?)?;
+        let ln = softplus(&self.logits(&hs, &q)?)?;
+        let total = ((lp + ln)? * &m)?.sum_all()?;
+        let count = m.sum_all()?.maximum(1.0)?;
+        total / count
+    }
+}

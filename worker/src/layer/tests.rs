@@ -1,0 +1,326 @@
+//! Layer tests: finite-difference gradient checks (f64) and behavioural checks.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::attention::{ActivationUnit, AttentionMode};
+use super::attention_gru::{AttentionGru, EvolveKind};
+use super::aux::AuxNet;
+use super::dice::Dice;
+use super::gradcheck::{assert_ok, check};
+use super::gru::Gru;
+use super::mlp::{Activation, Mlp};
+use super::mode::Mode;
+use super::params::ParamBuilder;
+use super::prelu::PRelu;
+
+const H: f64 = 1e-6;
+const TOL: f64 = 1e-3;
+
+fn rand_var(shape: &[usize], seed: u64, scale: f64) -> Result<Var> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+fn pb(seed: u64) -> ParamBuilder {
+    ParamBuilder::new(DType::F64, &Device::Cpu, seed)
+}
+
+/// mask [B, T] from lengths.
+fn mask_of(lens: &[usize], t: usize) -> Result<Tensor> {
+    let mut m = vec![0f64; lens.len() * t];
+    for (b, &l) in lens.iter().enumerate() {
+        for s in 0..l {
+            m[b * t + s] = 1.0;
+        }
+    }
+    Tensor::from_vec(m, (lens.len(), t), &Device::Cpu)
+}
+
+/// A fixed random projection so the checked scalar depends on every output.
+fn proj_loss(y: &Tensor, seed: u64) -> Result<Tensor> {
+    let w = rand_var(y.dims(), seed, 1.0)?;
+    (y * w.as_tensor())?.sum_all()
+}
+
+#[test]
+fn prelu_gradcheck() -> Result<()> {
+    let b = pb(1);
+    let p = PRelu::new(5, &b)?;
+    let x = rand_var(&[4, 5], 2, 2.0)?;
+    let mut vars = b.finish().params;
+    vars.push(("x".into(), x.clone()));
+    let rep = check(
+        &vars,
+        || proj_loss(&p.forward(x.as_tensor())?, 3),
+        100,
+        H,
+        TOL,
+    )?;
+    assert_ok("prelu", &rep);
+    Ok(())
+}
+
+#[test]
+fn dice_gradcheck_train_mode() -> Result<()> {
+    let b = pb(4);
+    let d = Dice::new(3, &b)?;
+    d.alpha
+        .set(&Tensor::new(&[0.2f64, -0.3, 0.5], &Device::Cpu)?)?;
+    let x = rand_var(&[6, 3], 5, 2.0)?;
+    let mut vars = b.finish().params;
+    vars.push(("x".into(), x.clone()));
+    let rep = check(
+        &vars,
+        || proj_loss(&d.forward(x.as_tensor(), Mode::TRAIN_FROZEN)?, 6),
+        100,
+        H,
+        TOL,
+    )?;
+    assert_ok("dice", &rep);
+    Ok(())
+}
+
+#[test]
+fn dice_is_prelu_with_zero_stats_and_uses_running_stats_at_inference() -> Result<()> {
+    let dev = Device::Cpu;
+    let b = pb(7);
+    let d = Dice::new(4, &b)?;
+    let p = PRelu::new(4, &b)?;
+    d.alpha.set(p.alpha.as_tensor())?;
+    // Values away from 0 (p(s) = sigmoid(s / 1e-4) is a step there).
+    let x = Tensor::new(&[[1.5f64, -0.7, 0.3, -2.0], [-0.1, 0.2, -3.0, 4.0]], &dev)?;
+    let zeros = Tensor::zeros(4, DType::F64, &dev)?;
+    let yd = d.apply_with_stats(&x, &zeros, &zeros)?.to_vec2::<f64>()?;
+    let yp = p.forward(&x)?.to_vec2::<f64>()?;
+    for (a, b) in yd.iter().flatten().zip(yp.iter().flatten()) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+    // One training step updates running stats BatchNorm-style.
+    let xt = rand_var(&[8, 4], 8, 1.0)?;
+    d.forward(xt.as_tensor(), Mode::TRAIN)?;
+    let col0: Vec<f64> = xt.as_tensor().narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+    let mean = col0.iter().sum::<f64>() / 8.0;
+    let var_u = col0.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 7.0;
+    let rm = d.running_mean.as_tensor().to_vec1::<f64>()?;
+    let rv = d.running_var.as_tensor().to_vec1::<f64>()?;
+    assert!((rm[0] - 0.1 * mean).abs() < 1e-12);
+    assert!((rv[0] - (0.9 + 0.1 * var_u)).abs() < 1e-12);
+    // Inference uses the running stats, not the batch's.
+    let ye = d.forward(&x, Mode::EVAL)?.to_vec2::<f64>()?;
+    let want = d
+        .apply_with_stats(&x, d.running_mean.as_tensor(), d.running_var.as_tensor())?
+        .to_vec2::<f64>()?;
+    assert_eq!(ye, want);
+    let batch = d.forward(&x, Mode::TRAIN_FROZEN)?.to_vec2::<f64>()?;
+    assert_ne!(ye, batch);
+    Ok(())
+}
+
+#[test]
+fn mlp_gradcheck_prelu_and_dice() -> Result<()> {
+    for act in [Activation::Prelu, Activation::Dice, Activation::Sigmoid] {
+        let b = pb(9);
+        let m = Mlp::new(6, &[7, 5], 1, act, &b)?;
+        let x = rand_var(&[5, 6], 10, 1.0)?;
+        let mut vars = b.finish().params;
+        vars.push(("x".into(), x.clone()));
+        let rep = check(
+            &vars,
+            || proj_loss(&m.forward(x.as_tensor(), Mode::TRAIN_FROZEN)?, 11),
+            40,
+            H,
+            TOL,
+        )?;
+        assert_ok(&format!("mlp {act:?}"), &rep);
+    }
+    Ok(())
+}
+
+fn attention_case(att: AttentionMode, fused: bool) -> Result<()> {
+    let (bsz, t, e) = (3, 5, 4);
+    let lens = [5, 2, 0];
+    let b = pb(12);
+    let mut unit = ActivationUnit::new(e, &[6, 3], Activation::Sigmoid, &b)?;
+    unit.fused = fused;
+    let q = rand_var(&[bsz, e], 13, 1.0)?;
+    let k = rand_var(&[bsz, t, e], 14, 1.0)?;
+    let mask = mask_of(&lens, t)?;
+    let mut vars = b.finish().params;
+    vars.push(("q".into(), q.clone()));
+    vars.push(("k".into(), k.clone()));
+    let f = || {
+        let (v, w) = unit.forward(
+            q.as_tensor(),
+            k.as_tensor(),
+            &mask,
+            &lens,
+            att,
+            Mode::TRAIN_FROZEN,
+        )?;
+        proj_loss(&v, 15)? + proj_loss(&w, 16)?
+    };
+    let rep = check(&vars, f, 60, H, TOL)?;
+    assert_ok(&format!("attention {att:?} fused={fused}"), &rep);
+    // Padded keys get exactly zero gradient.
+    let g = f()?.backward()?;
+    let gk = g.get(k.as_tensor()).unwrap().to_vec3::<f64>()?;
+    for (bi, &l) in lens.iter().enumerate() {
+        for s in l..t {
+            assert!(gk[bi][s].iter().all(|&v| v == 0.0), "pad grad at {bi},{s}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn attention_gradcheck_paper_and_code() -> Result<()> {
+    for fused in [false, true] {
+        attention_case(AttentionMode::Paper, fused)?;
+        attention_case(AttentionMode::Code, fused)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_attention_matches_reference() -> Result<()> {
+    let (bsz, t, e) = (4, 7, 6);
+    let lens = [7, 3, 1, 0];
+    let b = pb(30);
+    let mut unit = ActivationUnit::new(e, &[8, 5], Activation::Sigmoid, &b)?;
+    let q = rand_var(&[bsz, e], 31, 1.0)?;
+    let k = rand_var(&[bsz, t, e], 32, 1.0)?;
+    let mask = mask_of(&lens, t)?;
+    unit.fused = false;
+    let r = (unit.scores(q.as_tensor(), k.as_tensor(), &lens, Mode::TRAIN)? * &mask)?
+        .to_vec2::<f64>()?;
+    unit.fused = true;
+    let f = (unit.scores(q.as_tensor(), k.as_tensor(), &lens, Mode::TRAIN)? * &mask)?
+        .to_vec2::<f64>()?;
+    for (a, b) in r.iter().flatten().zip(f.iter().flatten()) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+    Ok(())
+}
+
+#[test]
+fn gru_gradcheck_and_masking() -> Result<()> {
+    let (bsz, t, i, hd) = (3, 4, 5, 3);
+    let lens = [4, 2, 0];
+    let b = pb(17);
+    let gru = Gru::new(i, hd, &b)?;
+    let x = rand_var(&[bsz, t, i], 18, 1.0)?;
+    let mask = mask_of(&lens, t)?;
+    let mut vars = b.finish().params;
+    vars.push(("x".into(), x.clone()));
+    let f = || proj_loss(&gru.forward(x.as_tensor(), &mask)?, 19);
+    assert_ok("gru", &check(&vars, f, 60, H, TOL)?);
+    let g = f()?.backward()?;
+    let gx = g.get(x.as_tensor()).unwrap().to_vec3::<f64>()?;
+    for (bi, &l) in lens.iter().enumerate() {
+        for s in l..t {
+            assert!(gx[bi][s].iter().all(|&v| v == 0.0), "pad grad at {bi},{s}");
+        }
+    }
+    // State carried past the valid length.
+    let hs = gru.forward(x.as_tensor(), &mask)?.to_vec3::<f64>()?;
+    assert_eq!(hs[1][1], hs[1][3]);
+    assert!(hs[2][3].iter().all(|&v| v == 0.0));
+    Ok(())
+}
+
+#[test]
+fn attention_grus_gradcheck() -> Result<()> {
+    let (bsz, t, hd) = (3, 4, 3);
+    let lens = [4, 3, 1];
+    for kind in [
+        EvolveKind::Augru,
+        EvolveKind::Agru,
+        EvolveKind::Aigru,
+        EvolveKind::Gru,
+    ] {
+        let b = pb(20);
+        let g = AttentionGru::new(kind, hd, hd, &b)?;
+        let x = rand_var(&[bsz, t, hd], 21, 1.0)?;
+        let a = rand_var(&[bsz, t], 22, 1.0)?;
+        let mask = mask_of(&lens, t)?;
+        let mut vars = b.finish().params;
+        vars.push(("x".into(), x.clone()));
+        if kind != EvolveKind::Gru {
+            vars.push(("a".into(), a.clone()));
+        }
+        let f = || proj_loss(&g.forward(x.as_tensor(), a.as_tensor(), &mask)?, 23);
+        assert_ok(&format!("{kind:?}"), &check(&vars, f, 60, H, TOL)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn augru_attention_zero_freezes_and_one_is_gru() -> Result<()> {
+    let (bsz, t, hd) = (2, 5, 4);
+    let b = pb(24);
+    let g = AttentionGru::new(EvolveKind::Augru, hd, hd, &b)?;
+    let x = rand_var(&[bsz, t, hd], 25, 1.0)?;
+    let mask = mask_of(&[5, 5], t)?;
+    // a = 1 everywhere: the plain GRU with the same parameters.
+    let ones = Tensor::ones((bsz, t), DType::F64, &Device::Cpu)?;
+    let h1 = g.forward(x.as_tensor(), &ones, &mask)?.to_vec2::<f64>()?;
+    let plain = g
+        .cell
+        .forward(x.as_tensor(), &mask)?
+        .narrow(1, t - 1, 1)?
+        .squeeze(1)?
+        .to_vec2::<f64>()?;
+    for (a, b) in h1.iter().flatten().zip(plain.iter().flatten()) {
+        assert!((a - b).abs() < 1e-12);
+    }
+    // a = 1 for the first 2 steps then 0: the state after step 2 is frozen.
+    let a = Tensor::new(
+        &[[1f64, 1., 0., 0., 0.], [1., 1., 0., 0., 0.]],
+        &Device::Cpu,
+    )?;
+    let frozen = g.forward(x.as_tensor(), &a, &mask)?.to_vec2::<f64>()?;
+    let two = g
+        .cell
+        .forward(&x.as_tensor().narrow(1, 0, 2)?, &mask.narrow(1, 0, 2)?)?
+        .narrow(1, 1, 1)?
+        .squeeze(1)?
+        .to_vec2::<f64>()?;
+    for (a, b) in frozen.iter().flatten().zip(two.iter().flatten()) {
+        assert!((a - b).abs() < 1e-12);
+    }
+    // a = 0 everywhere: the initial (zero) state.
+    let zeros = Tensor::zeros((bsz, t), DType::F64, &Device::Cpu)?;
+    let z = g.forward(x.as_tensor(), &zeros, &mask)?.to_vec2::<f64>()?;
+    assert!(z.iter().flatten().all(|&v| v == 0.0));
+    Ok(())
+}
+
+#[test]
+fn aux_loss_gradcheck() -> Result<()> {
+    let (bsz, t, hd, e) = (3, 4, 3, 4);
+    let lens = [4, 2, 1];
+    let b = pb(26);
+    let aux = AuxNet::new(hd, e, &b)?;
+    let h = rand_var(&[bsz, t, hd], 27, 1.0)?;
+    let pos = rand_var(&[bsz, t, e], 28, 1.0)?;
+    let neg = rand_var(&[bsz, t, e], 29, 1.0)?;
+    let mask = mask_of(&lens, t)?;
+    let mut vars = b.finish().params;
+    for (n, v) in [("h", &h), ("pos", &pos), ("neg", &neg)] {
+        vars.push((n.into(), v.clone()));
+    }
+    let f = || aux.loss(h.as_tensor(), pos.as_tensor(), neg.as_tensor(), &mask);
+    assert_ok("aux", &check(&vars, f, 40, H, TOL)?);
+    // Only pairs with t+1 < len count: row 2 (len 1) has none, so its
+    // behaviours get zero gradient; row 1 uses pos step 1 only.
+    let g = f()?.backward()?;
+    let gp = g.get(pos.as_tensor()).unwrap().to_vec3::<f64>()?;
+    assert!(gp[2].iter().flatten().all(|&v| v == 0.0));
+    assert!(gp[1][2].iter().chain(gp[1][3].iter()).all(|&v| v == 0.0));
+    assert!(gp[1][1].iter().any(|&v| v != 0.0));
+    Ok(())
+}
