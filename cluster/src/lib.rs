@@ -1,1 +1,32 @@
-//! Ember cluster launcher.
+//! Ember's launcher: from one TOML job file it starts the parameter-server
+//! shards and the workers on this machine, creates the tables, loads feature
+//! counts, trains epoch by epoch, evaluates and checkpoints all shards at the
+//! same step after every epoch, recovers from a crashed shard or worker by
+//! rolling the whole cluster back to the last complete checkpoint, and writes
+//! a metrics JSON and a PNG of the curves.
+
+pub mod plot;
+pub mod procs;
+pub mod report;
+
+/// Errors of the launcher.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A process could not be started or did not become ready.
+    #[error("launch: {0}")]
+    Launch(String),
+    /// Writing a report or plot failed.
+    #[error("report: {0}")]
+    Report(String),
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] ember_worker::train::TrainError),
+    /// File-system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,193 @@
+//! Training curves as a PNG: training loss per epoch (left) and test
+//! AUC / GAUC per epoch (right), drawn with plotters' bitmap backend.
+//!
+//! Text needs a TrueType font: the first of [`FONT_PATHS`] (or `$EMBER_FONT`)
+//! that exists is used; without one the curves are drawn without labels.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::report::EpochRecord;
+use crate::ClusterError;
+
+/// Fonts tried, in order, for axis labels.
+pub const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+fn register_font() -> bool {
+    let mut paths: Vec<String> = std::env::var("EMBER_FONT").into_iter().collect();
+    paths.extend(FONT_PATHS.iter().map(|s| s.to_string()));
+    for p in paths {
+        if let Ok(bytes) = std::fs::read(&p) {
+            // plotters keeps the font for the life of the process.
+            let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, leaked).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn err(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Report(format!("plot: {e}"))
+}
+
+/// Draws `records` to `path` (PNG, 1200x480). Returns whether labels were drawn.
+pub fn plot_curves(
+    path: &Path,
+    title: &str,
+    records: &[EpochRecord],
+) -> Result<bool, ClusterError> {
+    let fonts = register_font();
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(600);
+    let n = records.len().max(1) as f64;
+    let epochs: Vec<f64> = records.iter().map(|r| r.epoch as f64).collect();
+
+    // Loss.
+    let losses: Vec<f64> = records.iter().map(|r| r.train_loss).collect();
+    let test_losses: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.test.as_ref().map(|t| t.logloss))
+        .collect();
+    let all: Vec<f64> = losses
+        .iter()
+        .chain(test_losses.iter())
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = bounds(&all, 0.0, 1.0);
+    let mut b = ChartBuilder::on(&left);
+    b.margin(15)
+        .x_label_area_size(if fonts { 35 } else { 5 })
+        .y_label_area_size(if fonts { 55 } else { 5 });
+    if fonts {
+        b.caption(format!("{title}: loss"), ("sans-serif", 20));
+    }
+    let mut chart = b.build_cartesian_2d(0.5f64..n + 0.5, lo..hi).map_err(err)?;
+    if fonts {
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("logloss")
+            .draw()
+            .map_err(err)?;
+    } else {
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .draw()
+            .map_err(err)?;
+    }
+    let train_pts: Vec<(f64, f64)> = epochs.iter().copied().zip(losses.iter().copied()).collect();
+    draw_line(&mut chart, &train_pts, BLUE, fonts.then_some("train"))?;
+    let test_pts: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| r.test.as_ref().map(|t| (r.epoch as f64, t.logloss)))
+        .collect();
+    draw_line(&mut chart, &test_pts, RED, fonts.then_some("test"))?;
+    if fonts {
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(err)?;
+    }
+
+    // AUC / GAUC.
+    let auc: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| r.test.as_ref().map(|t| (r.epoch as f64, t.auc)))
+        .collect();
+    let gauc: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| r.test.as_ref().map(|t| (r.epoch as f64, t.gauc)))
+        .collect();
+    let vals: Vec<f64> = auc
+        .iter()
+        .chain(gauc.iter())
+        .map(|p| p.1)
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = bounds(&vals, 0.5, 1.0);
+    let mut b = ChartBuilder::on(&right);
+    b.margin(15)
+        .x_label_area_size(if fonts { 35 } else { 5 })
+        .y_label_area_size(if fonts { 55 } else { 5 });
+    if fonts {
+        b.caption(format!("{title}: test AUC / GAUC"), ("sans-serif", 20));
+    }
+    let mut chart = b.build_cartesian_2d(0.5f64..n + 0.5, lo..hi).map_err(err)?;
+    if fonts {
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("AUC")
+            .draw()
+            .map_err(err)?;
+    } else {
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .draw()
+            .map_err(err)?;
+    }
+    draw_line(&mut chart, &auc, GREEN, fonts.then_some("AUC"))?;
+    draw_line(&mut chart, &gauc, MAGENTA, fonts.then_some("GAUC"))?;
+    if fonts {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(fonts)
+}
+
+type Chart<'a> = ChartContext<
+    'a,
+    BitMapBackend<'a>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// One series: a line with dots, labelled in the legend when `label` is set.
+fn draw_line(
+    chart: &mut Chart<'_>,
+    pts: &[(f64, f64)],
+    color: RGBColor,
+    label: Option<&str>,
+) -> Result<(), ClusterError> {
+    chart
+        .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
+        .map_err(err)?;
+    let s = chart
+        .draw_series(LineSeries::new(pts.to_vec(), color.stroke_width(2)))
+        .map_err(err)?;
+    if let Some(l) = label {
+        s.label(l)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    Ok(())
+}
+
+/// A padded [lo, hi] range around `vals` (defaults when empty).
+fn bounds(vals: &[f64], dlo: f64, dhi: f64) -> (f64, f64) {
+    if vals.is_empty() {
+        return (dlo, dhi);
+    }
+    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.15).max(0.01);
+    (lo - pad, hi + pad)
+}

@@ -1,0 +1,182 @@
+//! What a run reports: one record per epoch, written as JSON after every
+//! epoch (`<run>/metrics.json`), drawn as a PNG (`<run>/curves.png`) and
+//! printed as a summary table at the end.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClusterError;
+
+/// Test-set figures after one epoch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TestMetrics {
+    /// AUC over all test rows.
+    pub auc: f64,
+    /// Impression-weighted per-user AUC.
+    pub gauc: f64,
+    /// Mean binary cross-entropy.
+    pub logloss: f64,
+    /// Test rows scored.
+    pub rows: usize,
+}
+
+/// Where a worker's time went during one epoch (seconds, summed over workers).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TimeSplit {
+    /// Waiting for pulls of rows and dense parameters (RPC time, overlapping compute when pipelined).
+    pub pull_s: f64,
+    /// Forward + backward.
+    pub compute_s: f64,
+    /// Pushing gradients (RPC time, overlapping compute when pipelined).
+    pub push_s: f64,
+    /// Time the compute loop sat idle waiting for data or for pushes to drain.
+    pub wait_s: f64,
+}
+
+/// One epoch of a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// Global step at the end of the epoch (the checkpoint's step id).
+    pub step: u64,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Training samples processed (all workers).
+    pub samples: u64,
+    /// Wall-clock seconds of the epoch's training.
+    pub seconds: f64,
+    /// Training samples per second (all workers).
+    pub samples_per_s: f64,
+    /// Mean in-batch dedup ratio (id occurrences / unique ids).
+    pub dedup_ratio: f64,
+    /// Time split.
+    pub time: TimeSplit,
+    /// Test metrics after the epoch.
+    pub test: Option<TestMetrics>,
+    /// Cluster restarts (shard or worker failures recovered) during the epoch.
+    pub restarts: u32,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunReport {
+    /// Job name.
+    pub name: String,
+    /// Model kind.
+    pub model: String,
+    /// Shards and workers.
+    pub shards: usize,
+    /// Workers.
+    pub workers: usize,
+    /// One record per finished epoch.
+    pub epochs: Vec<EpochRecord>,
+}
+
+impl RunReport {
+    /// Writes the report as pretty JSON (atomically: temp file then rename).
+    pub fn write_json(&self, path: &Path) -> Result<(), ClusterError> {
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| ClusterError::Report(e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| ClusterError::Io {
+            path: tmp.display().to_string(),
+            source: e,
+        })?;
+        std::fs::rename(&tmp, path).map_err(|e| ClusterError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })
+    }
+
+    /// Reads a report written by [`RunReport::write_json`].
+    pub fn read_json(path: &Path) -> Result<RunReport, ClusterError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ClusterError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| ClusterError::Report(format!("{}: {e}", path.display())))
+    }
+
+    /// The final summary table.
+    pub fn summary_table(&self) -> String {
+        let mut s = format!(
+            "{} ({}; {} shards, {} workers)\n{:>5} {:>8} {:>10} {:>11} {:>8} {:>8} {:>9} {:>8}\n",
+            self.name,
+            self.model,
+            self.shards,
+            self.workers,
+            "epoch",
+            "step",
+            "train loss",
+            "samples/s",
+            "AUC",
+            "GAUC",
+            "test loss",
+            "restarts"
+        );
+        for r in &self.epochs {
+            let (auc, gauc, ll) = match &r.test {
+                Some(t) => (
+                    format!("{:.4}", t.auc),
+                    format!("{:.4}", t.gauc),
+                    format!("{:.4}", t.logloss),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            s.push_str(&format!(
+                "{:>5} {:>8} {:>10.4} {:>11.0} {:>8} {:>8} {:>9} {:>8}\n",
+                r.epoch, r.step, r.train_loss, r.samples_per_s, auc, gauc, ll, r.restarts
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(epoch: usize, auc: f64) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            step: epoch as u64 * 10,
+            train_loss: 0.6 / epoch as f64,
+            samples: 1000,
+            seconds: 1.0,
+            samples_per_s: 1000.0,
+            dedup_ratio: 2.0,
+            time: TimeSplit::default(),
+            test: Some(TestMetrics {
+                auc,
+                gauc: auc - 0.01,
+                logloss: 0.5,
+                rows: 100,
+            }),
+            restarts: 0,
+        }
+    }
+
+    #[test]
+    fn json_round_trip_and_plot() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = RunReport {
+            name: "t".into(),
+            model: "din".into(),
+            shards: 2,
+            workers: 1,
+            epochs: vec![rec(1, 0.7), rec(2, 0.8)],
+        };
+        let p = dir.path().join("metrics.json");
+        r.write_json(&p).unwrap();
+        assert_eq!(RunReport::read_json(&p).unwrap(), r);
+        assert!(r.summary_table().contains("0.8000"));
+        let png = dir.path().join("curves.png");
+        crate::plot::plot_curves(&png, "t", &r.epochs).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(bytes.len() > 2000, "png too small: {}", bytes.len());
+    }
+}
