@@ -13,3 +13,15 @@ pub mod optim;
 pub mod store;
 
 pub use error::{PsError, Result};
+pub mod checkpoint;
+pub mod dense;
+pub mod metrics;
+pub mod shard;
+
+pub use dense::DenseTensor;
+pub use shard::{Shard, ShardConfig};
+pub use store::{PushOutcome, TableStats};
+pub mod server;
+pub mod service;
+
+pub use server::{serve, serve_shard, spawn, RunningShard, ServerConfig};

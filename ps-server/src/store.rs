@@ -578,6 +578,15 @@ impl Table {
         }
     }
 
+    /// A read-locked view of stripe `s` (`s < NUM_STRIPES`) for streaming its
+    /// rows out (checkpoints) without copying the table.
+    pub fn stripe_rows(&self, s: usize) -> StripeRows<'_> {
+        StripeRows {
+            guard: self.stripes[s % NUM_STRIPES].read(),
+            stride: self.stride,
+        }
+    }
+
     /// Visits every pending count (ids with a count but no row).
     pub fn for_each_pending(&self, mut f: impl FnMut(u64, u32)) {
         for stripe in self.stripes.iter() {
@@ -641,6 +650,32 @@ impl Table {
     /// `dim*4 + opt_state*4 + 8 (key) + 4 (count)`.
     pub fn payload_bytes_per_row(&self) -> usize {
         (self.spec.dim + self.spec.opt.state_len(self.spec.dim)) * 4 + 12
+    }
+}
+
+/// A read-locked stripe of a table (see [`Table::stripe_rows`]).
+pub struct StripeRows<'a> {
+    guard: parking_lot::RwLockReadGuard<'a, Stripe>,
+    stride: usize,
+}
+
+impl StripeRows<'_> {
+    /// Rows in the stripe.
+    pub fn len(&self) -> usize {
+        self.guard.index.len()
+    }
+
+    /// Whether the stripe holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `(id, count, last_step, emb_and_state)` of every row.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32, u64, &[f32])> + '_ {
+        self.guard.index.iter().map(move |&slot| {
+            let row = self.guard.row(slot, self.stride);
+            (row_key(row), row_count(row), row_step(row), &row[HEADER..])
+        })
     }
 }
 

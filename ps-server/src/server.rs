@@ -1,0 +1,269 @@
+//! Running a shard as a gRPC server: [`ServerConfig`], [`serve`] on a given
+//! listener, and [`spawn`] which binds (port 0 allowed) and returns a
+//! [`RunningShard`] with the bound addresses, for launchers and tests.
+
+use crate::error::{PsError, Result};
+use crate::service::{AuthInterceptor, PsService};
+use crate::shard::{Shard, ShardConfig};
+use ember_proto::v1::parameter_server_server::ParameterServerServer;
+use serde::Deserialize;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+
+/// Default gRPC message limit (both directions): 64 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Everything a shard server needs. Deserializable from TOML (the
+/// `--config` file uses these field names); every field has a default.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address (port 0 = any free port).
+    pub listen: SocketAddr,
+    /// Index of this shard.
+    pub shard_index: u32,
+    /// Number of shards.
+    pub num_shards: u32,
+    /// Checkpoint root directory.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Prometheus `/metrics` address (port 0 allowed); `None` = no exporter.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Largest gRPC message in either direction.
+    pub max_message_bytes: usize,
+    /// Shared bearer token for admin RPCs (`None` = admin RPCs unauthenticated).
+    pub auth_token: Option<String>,
+    /// File holding the token (read by [`ServerConfig::resolve_token`]).
+    pub auth_token_file: Option<PathBuf>,
+    /// Restore the latest good checkpoint at start (none found = start empty).
+    pub restore: bool,
+    /// Write a checkpoint with this step when the server stops.
+    pub checkpoint_on_exit: Option<u64>,
+    /// Log format of the binary: "text" or "json" (library ignores it).
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shard_index: 0,
+            num_shards: 1,
+            checkpoint_dir: None,
+            metrics_addr: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            auth_token: None,
+            auth_token_file: None,
+            restore: false,
+            checkpoint_on_exit: None,
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A config for an in-process shard on `127.0.0.1:0`.
+    pub fn local(shard_index: u32, num_shards: u32) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shard_index,
+            num_shards,
+            ..Default::default()
+        }
+    }
+
+    /// Checks the config; the error names the bad field.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_shards == 0 || self.shard_index >= self.num_shards {
+            return Err(PsError::invalid(format!(
+                "shard_index {} must be < num_shards {}",
+                self.shard_index, self.num_shards
+            )));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(PsError::invalid("max_message_bytes must be >= 1024"));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(PsError::invalid(format!("log_format `{}` is not text or json", self.log_format)));
+        }
+        if self.checkpoint_on_exit.is_some() && self.checkpoint_dir.is_none() {
+            return Err(PsError::invalid("checkpoint_on_exit needs checkpoint_dir"));
+        }
+        Ok(())
+    }
+
+    /// Fills `auth_token` from `auth_token_file` (or the `EMBER_AUTH_TOKEN`
+    /// environment variable when neither is set). Trailing whitespace is trimmed.
+    pub fn resolve_token(&mut self) -> Result<()> {
+        if self.auth_token.is_none() {
+            if let Some(p) = &self.auth_token_file {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|e| PsError::io(format!("reading auth token file {}", p.display()), e))?;
+                self.auth_token = Some(t.trim().to_string());
+            } else if let Ok(t) = std::env::var("EMBER_AUTH_TOKEN") {
+                self.auth_token = Some(t.trim().to_string());
+            }
+        }
+        if self.auth_token.as_deref() == Some("") {
+            return Err(PsError::invalid("auth token is empty"));
+        }
+        Ok(())
+    }
+
+    fn shard_config(&self) -> ShardConfig {
+        ShardConfig {
+            shard_index: self.shard_index,
+            num_shards: self.num_shards,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+        }
+    }
+}
+
+/// Builds the shard of a config, restoring the latest checkpoint if asked.
+pub fn build_shard(config: &ServerConfig) -> Result<Arc<Shard>> {
+    config.validate()?;
+    let shard = Arc::new(Shard::new(config.shard_config())?);
+    if config.restore {
+        match shard.restore(0) {
+            Ok((step, rows)) => tracing::info!(step, rows, "restored at start"),
+            Err(PsError::NoCheckpoint(m)) => tracing::warn!("--restore: no checkpoint {m}; starting empty"),
+            Err(e) => return Err(e),
+        }
+    }
+    crate::metrics::register_shard(&shard);
+    Ok(shard)
+}
+
+/// Serves `shard` on `listener` until `shutdown` resolves or a Shutdown RPC
+/// arrives; in-flight requests finish first. Writes the exit checkpoint if
+/// configured. Does not start a metrics exporter (see [`spawn`]).
+pub async fn serve_shard(
+    shard: Arc<Shard>,
+    config: &ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let token: Option<Arc<str>> = config.auth_token.as_deref().map(Arc::from);
+    if token.is_none() {
+        tracing::warn!(
+            shard = config.shard_index,
+            "no auth token configured: admin RPCs (CreateTable, InitDense, LoadCounts, Checkpoint, Restore, Shutdown) are unauthenticated"
+        );
+    }
+    let svc = PsService::new(shard.clone(), token.is_some(), config.max_message_bytes, stop_tx);
+    let server = ParameterServerServer::new(svc)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let svc = InterceptedService::new(server, AuthInterceptor::new(token));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let signal = async move {
+        tokio::select! {
+            _ = shutdown => {},
+            _ = stop_rx.wait_for(|v| *v) => {},
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await
+        .map_err(|e| PsError::Internal(format!("gRPC server failed: {e}")))?;
+    if let Some(step) = config.checkpoint_on_exit {
+        let s = shard.clone();
+        tokio::task::spawn_blocking(move || s.checkpoint(step, 0))
+            .await
+            .map_err(|e| PsError::Internal(format!("exit checkpoint task failed: {e}")))??;
+    }
+    tracing::info!(shard = config.shard_index, "server stopped");
+    Ok(())
+}
+
+/// Builds the shard of `config` (restoring if asked) and serves it on
+/// `listener` until `shutdown` resolves (see [`serve_shard`]).
+pub async fn serve(config: ServerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let shard = build_shard(&config)?;
+    serve_shard(shard, &config, listener, shutdown).await
+}
+
+/// A shard server started by [`spawn`].
+pub struct RunningShard {
+    /// Bound gRPC address.
+    pub addr: SocketAddr,
+    /// Bound metrics address, when an exporter was requested.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The shard, for in-process access.
+    pub shard: Arc<Shard>,
+    stop: watch::Sender<bool>,
+    /// The server task; resolves when the server stopped.
+    pub join: JoinHandle<Result<()>>,
+}
+
+impl RunningShard {
+    /// Asks the server to stop (in-flight requests finish) without waiting.
+    pub fn request_shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Stops the server and waits for it (and its exit checkpoint).
+    pub async fn shutdown(self) -> Result<()> {
+        self.stop.send_replace(true);
+        self.join
+            .await
+            .map_err(|e| PsError::Internal(format!("server task failed: {e}")))?
+    }
+}
+
+/// Binds `config.listen` (and `config.metrics_addr`), builds the shard and
+/// serves it on a background task. Returns once the sockets are bound, so
+/// clients may connect right away. Installs the process-wide metrics
+/// exporter when `metrics_addr` is set (idempotent across shards).
+pub async fn spawn(config: ServerConfig) -> Result<RunningShard> {
+    let shard = build_shard(&config)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| PsError::io(format!("binding {}", config.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| PsError::io("local address of the gRPC listener", e))?;
+    let (stop, stop_rx) = watch::channel(false);
+    let metrics_addr = match config.metrics_addr {
+        Some(ma) => {
+            let handle = crate::metrics::install_exporter()?;
+            let ml = TcpListener::bind(ma)
+                .await
+                .map_err(|e| PsError::io(format!("binding metrics address {ma}"), e))?;
+            let bound = ml.local_addr().map_err(|e| PsError::io("local address of the metrics listener", e))?;
+            let mut rx = stop_rx.clone();
+            tokio::spawn(crate::metrics::serve_metrics(ml, handle, async move {
+                let _ = rx.wait_for(|v| *v).await;
+            }));
+            Some(bound)
+        }
+        None => None,
+    };
+    let s = shard.clone();
+    let mut rx = stop_rx;
+    let stop_all = stop.clone();
+    let join = tokio::spawn(async move {
+        let r = serve_shard(s, &config, listener, async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await;
+        // Also stops the metrics endpoint after a Shutdown RPC.
+        stop_all.send_replace(true);
+        r
+    });
+    Ok(RunningShard {
+        addr,
+        metrics_addr,
+        shard,
+        stop,
+        join,
+    })
+}

@@ -1,0 +1,480 @@
+//! [`Shard`]: the whole state of one parameter-server shard behind a plain,
+//! synchronous Rust API mirroring the RPCs. The gRPC service wraps it; the
+//! worker and cluster crates can also use it in-process (via `Arc<Shard>`).
+
+use crate::checkpoint::{self, CheckpointInfo};
+use crate::dense::{DenseStore, DenseTensor};
+use crate::error::{PsError, Result};
+use crate::metrics as m;
+use crate::store::{PushOutcome, Table, TableSpec, TableStats};
+use ember_proto::route::{fnv1a64, splitmix64};
+use ember_proto::v1::{OptimizerConfig, StatsResponse, TableConfig, TableInfo};
+use ember_proto::{Router, NUM_BUCKETS};
+use parking_lot::{Mutex, RwLock};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Identity and storage location of a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardConfig {
+    /// Index of this shard, 0-based.
+    pub shard_index: u32,
+    /// Number of shards in the cluster (1..=4096).
+    pub num_shards: u32,
+    /// Root checkpoint directory (the shard writes under
+    /// `<dir>/shard-<i>-of-<n>/`); `None` disables checkpoints.
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            shard_index: 0,
+            num_shards: 1,
+            checkpoint_dir: None,
+        }
+    }
+}
+
+/// One parameter-server shard: sparse tables, dense parameters, counters.
+///
+/// `Send + Sync`; share it with `Arc`. Every method validates its whole input
+/// before changing anything, so a rejected call leaves the shard unchanged.
+pub struct Shard {
+    cfg: ShardConfig,
+    router: Router,
+    shard_label: String,
+    tables: RwLock<FxHashMap<String, Arc<Table>>>,
+    dense: DenseStore,
+    started: Instant,
+    checkpoint_step: AtomicU64,
+    rows_pulled: AtomicU64,
+    rows_pushed: AtomicU64,
+    rejected: AtomicU64,
+    /// Serializes checkpoint / restore.
+    ckpt_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+fn find_duplicate(ids: &[u64]) -> Option<u64> {
+    let mut seen = FxHashSet::with_capacity_and_hasher(ids.len(), Default::default());
+    ids.iter().copied().find(|&id| !seen.insert(id))
+}
+
+impl Shard {
+    /// An empty shard.
+    pub fn new(cfg: ShardConfig) -> Result<Self> {
+        if cfg.num_shards == 0 || u64::from(cfg.num_shards) > NUM_BUCKETS || cfg.shard_index >= cfg.num_shards {
+            return Err(PsError::invalid(format!(
+                "shard_index {} / num_shards {} out of range (1..={NUM_BUCKETS} shards)",
+                cfg.shard_index, cfg.num_shards
+            )));
+        }
+        Ok(Shard {
+            router: Router::new(cfg.num_shards),
+            shard_label: cfg.shard_index.to_string(),
+            cfg,
+            tables: RwLock::new(FxHashMap::default()),
+            dense: DenseStore::default(),
+            started: Instant::now(),
+            checkpoint_step: AtomicU64::new(0),
+            rows_pulled: AtomicU64::new(0),
+            rows_pushed: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            ckpt_lock: Mutex::new(()),
+        })
+    }
+
+    /// This shard's configuration.
+    pub fn config(&self) -> &ShardConfig {
+        &self.cfg
+    }
+
+    /// Seconds since the shard was created.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Step of the last checkpoint written or restored (0 = none).
+    pub fn checkpoint_step(&self) -> u64 {
+        self.checkpoint_step.load(Ordering::Relaxed)
+    }
+
+    /// Counts a rejected request (called on every error returned to a client).
+    pub fn note_rejected(&self, e: &PsError) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::REJECTED, "reason" => e.reason(), "shard" => self.shard_label.clone()).increment(1);
+    }
+
+    fn track<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.note_rejected(e);
+        }
+        r
+    }
+
+    /// The table named `name`.
+    pub fn table(&self, name: &str) -> Result<Arc<Table>> {
+        self.tables
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PsError::UnknownTable(name.to_string()))
+    }
+
+    fn check_route(&self, table: &str, ids: &[u64]) -> Result<()> {
+        if self.cfg.num_shards == 1 {
+            return Ok(());
+        }
+        let salt = fnv1a64(table.as_bytes());
+        for &id in ids {
+            let s = self.router.shard_of_bucket(splitmix64(id ^ salt) % NUM_BUCKETS);
+            if s != self.cfg.shard_index {
+                return Err(PsError::FailedPrecondition(format!(
+                    "id {id} of table `{table}` routes to shard {s}, this is shard {} of {}",
+                    self.cfg.shard_index, self.cfg.num_shards
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a table; `Ok(false)` when an identical one exists, an
+    /// INVALID_ARGUMENT error when one exists with a different config.
+    pub fn create_table(&self, config: TableConfig) -> Result<bool> {
+        let r = (|| {
+            let spec = TableSpec::from_config(config)?;
+            let mut g = self.tables.write();
+            if let Some(t) = g.get(spec.name()) {
+                if t.spec().config == spec.config {
+                    return Ok(false);
+                }
+                return Err(PsError::invalid(format!(
+                    "table `{}` exists with a different config: existing {:?}, requested {:?}",
+                    spec.name(),
+                    t.spec().config,
+                    spec.config
+                )));
+            }
+            g.insert(spec.name().to_string(), Arc::new(Table::new(spec)));
+            Ok(true)
+        })();
+        self.track(r)
+    }
+
+    fn info(name: &str, t: &Table) -> TableInfo {
+        let st: TableStats = t.stats();
+        let _ = name;
+        TableInfo {
+            config: Some(t.spec().config.clone()),
+            rows: st.rows,
+            resident_bytes: st.resident_bytes,
+            counted_ids: st.counted_ids,
+            evicted: st.evicted,
+            not_admitted: st.not_admitted,
+        }
+    }
+
+    /// Config and statistics of one table.
+    pub fn describe_table(&self, name: &str) -> Result<TableInfo> {
+        let r = self.table(name).map(|t| Self::info(name, &t));
+        self.track(r)
+    }
+
+    /// Every table on this shard, sorted by name.
+    pub fn list_tables(&self) -> Vec<TableInfo> {
+        let mut ts: Vec<(String, Arc<Table>)> =
+            self.tables.read().iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        ts.sort_by(|a, b| a.0.cmp(&b.0));
+        ts.iter().map(|(n, t)| Self::info(n, t)).collect()
+    }
+
+    /// Reads rows of `ids` (duplicates allowed) into `out` (`ids.len() * dim`
+    /// values, row-major) and returns the dim. Unseen ids get their
+    /// deterministic initial value and are not stored.
+    pub fn pull(&self, table: &str, ids: &[u64], out: &mut Vec<f32>) -> Result<usize> {
+        let r = (|| {
+            let t = self.table(table)?;
+            self.check_route(table, ids)?;
+            t.pull(ids, out);
+            Ok(t.dim())
+        })();
+        if r.is_ok() {
+            self.rows_pulled.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            metrics::counter!(m::ROWS_PULLED, "table" => table.to_string(), "shard" => self.shard_label.clone())
+                .increment(ids.len() as u64);
+        }
+        self.track(r)
+    }
+
+    /// Applies gradients (`ids.len() * dim` values) to unique `ids`:
+    /// MBA / plain L2, then the table's optimizer, atomically per row.
+    /// `counts` is empty (1 per id) or one count >= 1 per id.
+    pub fn push(&self, table: &str, ids: &[u64], grads: &[f32], counts: &[u32], step: u64) -> Result<PushOutcome> {
+        let r = (|| {
+            let t = self.table(table)?;
+            let dim = t.dim();
+            if grads.len() != ids.len() * dim {
+                return Err(PsError::invalid(format!(
+                    "grads has {} values, expected ids ({}) * dim ({dim}) = {}",
+                    grads.len(),
+                    ids.len(),
+                    ids.len() * dim
+                )));
+            }
+            if !counts.is_empty() && counts.len() != ids.len() {
+                return Err(PsError::invalid(format!(
+                    "counts has {} values for {} ids (send none or one per id)",
+                    counts.len(),
+                    ids.len()
+                )));
+            }
+            if let Some(i) = counts.iter().position(|&c| c == 0) {
+                return Err(PsError::invalid(format!("counts[{i}] is 0 (counts must be >= 1)")));
+            }
+            if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+                return Err(PsError::invalid(format!(
+                    "grads has a non-finite value {} at index {i} (id {})",
+                    grads[i],
+                    ids[i / dim]
+                )));
+            }
+            if let Some(id) = find_duplicate(ids) {
+                return Err(PsError::invalid(format!("duplicate id {id} in push (ids must be unique)")));
+            }
+            self.check_route(table, ids)?;
+            Ok(t.push(ids, grads, counts, step))
+        })();
+        if let Ok(o) = &r {
+            self.rows_pushed.fetch_add(o.updated, Ordering::Relaxed);
+            let labels = [("table", table.to_string()), ("shard", self.shard_label.clone())];
+            metrics::counter!(m::ROWS_PUSHED, &labels).increment(o.updated);
+            if o.not_admitted > 0 {
+                metrics::counter!(m::NOT_ADMITTED, &labels).increment(o.not_admitted);
+            }
+        }
+        self.track(r)
+    }
+
+    /// Loads exact feature counts n_j (`replace` forgets previous counts
+    /// first). Returns the ids with a count for the table on this shard.
+    pub fn load_counts(&self, table: &str, ids: &[u64], counts: &[u32], replace: bool) -> Result<u64> {
+        let r = (|| {
+            let t = self.table(table)?;
+            if counts.len() != ids.len() {
+                return Err(PsError::invalid(format!(
+                    "counts has {} values for {} ids",
+                    counts.len(),
+                    ids.len()
+                )));
+            }
+            self.check_route(table, ids)?;
+            Ok(t.load_counts(ids, counts, replace))
+        })();
+        self.track(r)
+    }
+
+    /// Registers dense parameters (existing names of equal length keep their
+    /// value). Returns the names created now.
+    pub fn init_dense(&self, params: &[DenseTensor], optimizer: Option<&OptimizerConfig>) -> Result<Vec<String>> {
+        let r = (|| {
+            if self.cfg.num_shards > 1 {
+                for p in params {
+                    let s = self.router.shard_of_dense(&p.name);
+                    if s != self.cfg.shard_index {
+                        return Err(PsError::FailedPrecondition(format!(
+                            "dense parameter `{}` routes to shard {s}, this is shard {}",
+                            p.name, self.cfg.shard_index
+                        )));
+                    }
+                }
+            }
+            self.dense.init(params, optimizer)
+        })();
+        self.track(r)
+    }
+
+    /// Reads dense parameters (`names` empty = all, sorted) and the dense step.
+    pub fn pull_dense(&self, names: &[String]) -> Result<(Vec<DenseTensor>, u64)> {
+        let r = self.dense.pull(names);
+        self.track(r)
+    }
+
+    /// Waits until the dense step reaches `min_step` (DEADLINE_EXCEEDED after
+    /// `timeout`); returns the step.
+    pub async fn wait_dense_step(&self, min_step: u64, timeout: Duration) -> Result<u64> {
+        let r = self.dense.wait_step(min_step, timeout).await;
+        self.track(r)
+    }
+
+    /// Pushes dense gradients for `step` (see `PushDenseRequest`); returns
+    /// the dense step after the push.
+    pub fn push_dense(&self, grads: &[DenseTensor], step: u64, num_workers: u32, worker_index: u32) -> Result<u64> {
+        let r = self.dense.push(grads, step, num_workers, worker_index);
+        if let Ok(s) = &r {
+            metrics::gauge!(m::DENSE_STEP, "shard" => self.shard_label.clone()).set(*s as f64);
+        }
+        self.track(r)
+    }
+
+    /// Overwrites dense state buffers (optimizer state untouched).
+    pub fn assign_dense(&self, params: &[DenseTensor]) -> Result<()> {
+        let r = self.dense.assign(params);
+        self.track(r)
+    }
+
+    /// Number of dense parameters and the dense step.
+    pub fn dense_info(&self) -> (usize, u64) {
+        (self.dense.len(), self.dense.step())
+    }
+
+    fn ckpt_dir(&self) -> Result<PathBuf> {
+        self.cfg
+            .checkpoint_dir
+            .as_ref()
+            .map(|d| checkpoint::shard_dir(d, self.cfg.shard_index, self.cfg.num_shards))
+            .ok_or_else(|| PsError::FailedPrecondition("no checkpoint directory configured".into()))
+    }
+
+    fn sorted_tables(&self) -> Vec<Arc<Table>> {
+        let mut ts: Vec<Arc<Table>> = self.tables.read().values().cloned().collect();
+        ts.sort_by(|a, b| a.spec().name().cmp(b.spec().name()));
+        ts
+    }
+
+    /// Writes a checkpoint for `step` (TTL sweep first), then keeps only the
+    /// newest `keep` checkpoints (0 = all). Rows are copied one stripe at a
+    /// time: checkpoint at a barrier (no concurrent pushes) for an exact
+    /// snapshot.
+    pub fn checkpoint(&self, step: u64, keep: u32) -> Result<CheckpointInfo> {
+        let r = (|| {
+            let dir = self.ckpt_dir()?;
+            let _g = self.ckpt_lock.lock();
+            let tables = self.sorted_tables();
+            for t in &tables {
+                let n = t.sweep();
+                if n > 0 {
+                    metrics::counter!(m::EVICTED, "table" => t.spec().name().to_string(), "shard" => self.shard_label.clone())
+                        .increment(n);
+                }
+            }
+            let (dense, dense_step) = self.dense.snapshot();
+            let info = checkpoint::write(
+                &dir,
+                self.cfg.shard_index,
+                self.cfg.num_shards,
+                step,
+                &tables,
+                &dense,
+                dense_step,
+            )?;
+            let dropped = checkpoint::retain(&dir, self.cfg.shard_index, self.cfg.num_shards, keep)?;
+            if !dropped.is_empty() {
+                tracing::info!(?dropped, keep, "deleted old checkpoints");
+            }
+            self.checkpoint_step.store(step, Ordering::Relaxed);
+            tracing::info!(step, path = %info.path.display(), bytes = info.bytes, rows = info.rows, "checkpoint written");
+            Ok(info)
+        })();
+        self.track(r)
+    }
+
+    /// Steps of the good checkpoints of this shard, ascending (corrupt files
+    /// are skipped with a warning).
+    pub fn list_checkpoints(&self) -> Result<Vec<u64>> {
+        let r = (|| {
+            let dir = self.ckpt_dir()?;
+            let (good, bad) = checkpoint::list(&dir, self.cfg.shard_index, self.cfg.num_shards)?;
+            for (p, e) in bad {
+                tracing::warn!(path = %p.display(), error = %e, "skipping bad checkpoint");
+            }
+            Ok(good)
+        })();
+        self.track(r)
+    }
+
+    /// Replaces the shard's whole state with the checkpoint of `step`
+    /// (0 = the latest good one, skipping corrupt files with a warning).
+    /// Returns `(step, rows)`. On error nothing changes.
+    pub fn restore(&self, step: u64) -> Result<(u64, u64)> {
+        let r = (|| {
+            let dir = self.ckpt_dir()?;
+            let _g = self.ckpt_lock.lock();
+            let (si, ns) = (self.cfg.shard_index, self.cfg.num_shards);
+            let loaded = if step == 0 {
+                let (good, bad) = checkpoint::list(&dir, si, ns)?;
+                for (p, e) in bad {
+                    tracing::warn!(path = %p.display(), error = %e, "skipping bad checkpoint");
+                }
+                let mut found = None;
+                for &s in good.iter().rev() {
+                    match checkpoint::read(&checkpoint::step_path(&dir, s), si, ns) {
+                        Ok(l) => {
+                            found = Some(l);
+                            break;
+                        }
+                        Err(e) => tracing::warn!(step = s, error = %e, "skipping bad checkpoint"),
+                    }
+                }
+                found.ok_or_else(|| PsError::NoCheckpoint(format!("(no good checkpoint in {})", dir.display())))?
+            } else {
+                let p = checkpoint::step_path(&dir, step);
+                if !p.exists() {
+                    return Err(PsError::NoCheckpoint(format!("for step {step} ({} missing)", p.display())));
+                }
+                checkpoint::read(&p, si, ns)?
+            };
+            let rows = loaded.rows;
+            let restored = loaded.step;
+            let map: FxHashMap<String, Arc<Table>> = loaded
+                .tables
+                .into_iter()
+                .map(|t| (t.spec().name().to_string(), Arc::new(t)))
+                .collect();
+            *self.tables.write() = map;
+            self.dense.replace(loaded.dense, loaded.dense_step);
+            self.checkpoint_step.store(restored, Ordering::Relaxed);
+            tracing::info!(step = restored, rows, "checkpoint restored");
+            Ok((restored, rows))
+        })();
+        self.track(r)
+    }
+
+    /// Counters and sizes of the shard.
+    pub fn stats(&self) -> StatsResponse {
+        let (dense_params, dense_step) = self.dense_info();
+        StatsResponse {
+            tables: self.list_tables(),
+            dense_params: dense_params as u64,
+            dense_step,
+            rows_pulled: self.rows_pulled.load(Ordering::Relaxed),
+            rows_pushed: self.rows_pushed.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sets the resident rows/bytes gauges of every table (called on scrape).
+    pub fn update_gauges(&self) {
+        for t in self.sorted_tables() {
+            let st = t.stats();
+            let labels = [("table", t.spec().name().to_string()), ("shard", self.shard_label.clone())];
+            metrics::gauge!(m::RESIDENT_ROWS, &labels).set(st.rows as f64);
+            metrics::gauge!(m::RESIDENT_BYTES, &labels).set(st.resident_bytes as f64);
+        }
+        let (_, step) = self.dense_info();
+        metrics::gauge!(m::DENSE_STEP, "shard" => self.shard_label.clone()).set(step as f64);
+    }
+
+    /// The `shard` label value of this shard's metrics.
+    pub fn shard_label(&self) -> &str {
+        &self.shard_label
+    }
+}
