@@ -14,9 +14,11 @@
 
 use std::path::PathBuf;
 
+pub mod counts;
 pub mod format;
 pub mod prepare;
 pub mod progress;
+pub mod reader;
 pub mod rng;
 
 /// Errors of the data path.

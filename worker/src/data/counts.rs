@@ -1,0 +1,472 @@
+//! The offline counting pass: `n_j`, the number of occurrences of every id
+//! `j` of every sparse table over all training samples, for frequency-aware
+//! regularization and for initializing the shards' feature counts
+//! (the trainer sends them with `LoadCounts`).
+//!
+//! # What counts
+//! Per sample, exactly the positions a batch built by
+//! [`Batch::from_samples`](crate::batch::Batch::from_samples) with the same
+//! `max_len` indexes, padding id 0 excluded:
+//! - `user`: the sample's user (once per sample);
+//! - `item`: the target item, plus each of the last `max_len` history items;
+//! - `cat`: the target category, plus each of the last `max_len` history
+//!   categories;
+//! - with `include_neg`: also each of the last `max_len` DIEN negative items
+//!   (in `item`) and their categories (in `cat`).
+//!
+//! So, without negatives, `n_j` equals the sum of [`SparseIds::counts`]
+//! (crate::batch::SparseIds) over one epoch of DIN batches (and with
+//! `include_neg`, over one epoch of DIEN batches). Counts saturate at
+//! `u32::MAX`.
+//!
+//! # File format (little endian)
+//! ```text
+//! magic    8 bytes  "EMBRCNT\0"
+//! version  u32      1
+//! n_tables u32
+//! samples  u64      training samples counted
+//! per table:
+//!   name_len u16, name (UTF-8)
+//!   count    u64    number of distinct ids
+//!   count x (id u64, n u32), sorted by id, ids distinct and non-zero
+//! sha256   32 bytes of everything before it
+//! ```
+
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+use sha2::{Digest, Sha256};
+
+use super::prepare::AtomicFile;
+use super::progress::rows_bar;
+use super::reader::SampleReader;
+use super::DataError;
+use crate::batch::{Sample, CAT_TABLE, ITEM_TABLE, USER_TABLE};
+
+/// File magic.
+pub const MAGIC: &[u8; 8] = b"EMBRCNT\0";
+/// File format version.
+pub const VERSION: u32 = 1;
+
+/// Options of [`count`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountOptions {
+    /// Training sample files.
+    pub train: Vec<PathBuf>,
+    /// Output counts file.
+    pub out: PathBuf,
+    /// History truncation (as the reader's `max_len`).
+    pub max_len: usize,
+    /// Also count DIEN negative-history items and categories.
+    pub include_neg: bool,
+    /// Skip and count malformed lines instead of failing.
+    pub skip_malformed: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for CountOptions {
+    fn default() -> Self {
+        CountOptions {
+            train: vec![PathBuf::from("data/ml100k-din/train.txt")],
+            out: PathBuf::from("data/ml100k-din/counts.bin"),
+            max_len: 100,
+            include_neg: false,
+            skip_malformed: false,
+            progress: false,
+        }
+    }
+}
+
+/// Per-table id counts.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TableCounts {
+    /// Samples counted.
+    pub samples: u64,
+    /// `(table name, (id, n) pairs sorted by id)`, tables in the order item,
+    /// cat, user.
+    pub tables: Vec<(String, Vec<(u64, u32)>)>,
+}
+
+impl TableCounts {
+    /// The sorted `(id, n)` pairs of `table`, if present.
+    pub fn get(&self, table: &str) -> Option<&[(u64, u32)]> {
+        self.tables
+            .iter()
+            .find(|(name, _)| name == table)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Count of `id` in `table` (0 when absent).
+    pub fn count_of(&self, table: &str, id: u64) -> u32 {
+        self.get(table)
+            .and_then(|v| v.binary_search_by_key(&id, |p| p.0).ok().map(|i| v[i].1))
+            .unwrap_or(0)
+    }
+}
+
+/// Accumulates counts sample by sample (the same rules as [`count`]).
+#[derive(Debug, Default)]
+pub struct Counter {
+    max_len: usize,
+    include_neg: bool,
+    samples: u64,
+    item: FxHashMap<u64, u32>,
+    cat: FxHashMap<u64, u32>,
+    user: FxHashMap<u64, u32>,
+}
+
+#[inline]
+fn bump(m: &mut FxHashMap<u64, u32>, id: u64) {
+    if id != 0 {
+        let c = m.entry(id).or_insert(0);
+        *c = c.saturating_add(1);
+    }
+}
+
+impl Counter {
+    /// An empty counter.
+    pub fn new(max_len: usize, include_neg: bool) -> Self {
+        Counter {
+            max_len,
+            include_neg,
+            ..Counter::default()
+        }
+    }
+
+    /// Counts one sample.
+    pub fn add(&mut self, s: &Sample) {
+        self.samples += 1;
+        bump(&mut self.user, s.user);
+        bump(&mut self.item, s.item);
+        bump(&mut self.cat, s.cat);
+        let n = s.hist_items.len();
+        let start = n.saturating_sub(self.max_len);
+        for k in start..n {
+            bump(&mut self.item, s.hist_items[k]);
+            bump(&mut self.cat, s.hist_cats.get(k).copied().unwrap_or(0));
+        }
+        if self.include_neg && s.neg_items.len() == n {
+            for k in start..n {
+                bump(&mut self.item, s.neg_items[k]);
+                bump(&mut self.cat, s.neg_cats.get(k).copied().unwrap_or(0));
+            }
+        }
+    }
+
+    /// The sorted counts.
+    pub fn finish(self) -> TableCounts {
+        let sorted = |m: FxHashMap<u64, u32>| {
+            let mut v: Vec<(u64, u32)> = m.into_iter().collect();
+            v.sort_unstable_by_key(|p| p.0);
+            v
+        };
+        TableCounts {
+            samples: self.samples,
+            tables: vec![
+                (ITEM_TABLE.to_string(), sorted(self.item)),
+                (CAT_TABLE.to_string(), sorted(self.cat)),
+                (USER_TABLE.to_string(), sorted(self.user)),
+            ],
+        }
+    }
+}
+
+/// Serializes counts in the file format (see the module docs).
+pub fn encode_counts(c: &TableCounts) -> Vec<u8> {
+    let n: usize = c.tables.iter().map(|t| t.1.len()).sum();
+    let mut b = Vec::with_capacity(64 + n * 12);
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&(c.tables.len() as u32).to_le_bytes());
+    b.extend_from_slice(&c.samples.to_le_bytes());
+    for (name, pairs) in &c.tables {
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
+        for &(id, n) in pairs {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+    let digest = Sha256::digest(&b);
+    b.extend_from_slice(&digest);
+    b
+}
+
+/// Parses the file format; `path` labels errors.
+pub fn decode_counts(path: &Path, b: &[u8]) -> Result<TableCounts, DataError> {
+    let bad = |reason: String| DataError::Counts {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if b.len() < 24 + 32 {
+        return Err(bad(format!("too short ({} bytes)", b.len())));
+    }
+    if &b[..8] != MAGIC {
+        return Err(bad("bad magic (not an Ember counts file)".into()));
+    }
+    let (body, sum) = b.split_at(b.len() - 32);
+    if Sha256::digest(body).as_slice() != sum {
+        return Err(bad("sha256 checksum mismatch (corrupt or truncated)".into()));
+    }
+    let mut at = 8usize;
+    let mut take = |n: usize| -> Result<&[u8], DataError> {
+        let s = body
+            .get(at..at + n)
+            .ok_or_else(|| bad(format!("truncated at byte {at}")))?;
+        at += n;
+        Ok(s)
+    };
+    let u32_of = |s: &[u8]| u32::from_le_bytes(s.try_into().expect("4 bytes"));
+    let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes"));
+    let version = u32_of(take(4)?);
+    if version != VERSION {
+        return Err(bad(format!("version {version}, expected {VERSION}")));
+    }
+    let n_tables = u32_of(take(4)?);
+    let samples = u64_of(take(8)?);
+    let mut tables = Vec::with_capacity(n_tables as usize);
+    for _ in 0..n_tables {
+        let len = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let name = std::str::from_utf8(take(len)?)
+            .map_err(|_| bad("table name is not UTF-8".into()))?
+            .to_string();
+        let count = u64_of(take(8)?);
+        let bytes = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(12))
+            .ok_or_else(|| bad(format!("table {name}: count {count} too large")))?;
+        let raw = take(bytes)?;
+        let mut pairs = Vec::with_capacity(count as usize);
+        let mut prev = 0u64;
+        for rec in raw.chunks_exact(12) {
+            let id = u64_of(&rec[..8]);
+            if id <= prev {
+                return Err(bad(format!(
+                    "table {name}: ids not sorted, distinct and non-zero at id {id}"
+                )));
+            }
+            prev = id;
+            pairs.push((id, u32_of(&rec[8..])));
+        }
+        tables.push((name, pairs));
+    }
+    if at != body.len() {
+        return Err(bad(format!("{} trailing bytes", body.len() - at)));
+    }
+    Ok(TableCounts { samples, tables })
+}
+
+/// Writes a counts file (atomically).
+pub fn save_counts(path: &Path, c: &TableCounts) -> Result<(), DataError> {
+    let mut w = AtomicFile::create(path)?;
+    w.write_all(&encode_counts(c))?;
+    w.commit()
+}
+
+/// Loads a counts file, verifying magic, version and checksum.
+pub fn load_counts(path: &Path) -> Result<TableCounts, DataError> {
+    let mut f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut b = Vec::new();
+    f.read_to_end(&mut b).map_err(|e| DataError::io(path, e))?;
+    decode_counts(path, &b)
+}
+
+/// Summary of [`count`].
+#[derive(Debug, Clone)]
+pub struct CountSummary {
+    /// Samples counted.
+    pub samples: u64,
+    /// `(table, distinct ids, total occurrences)`.
+    pub tables: Vec<(String, u64, u64)>,
+    /// Malformed lines skipped.
+    pub skipped: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for CountSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "count: {} samples", self.samples)?;
+        for (t, distinct, total) in &self.tables {
+            write!(f, ", {t}: {distinct} ids / {total} occurrences")?;
+        }
+        if self.skipped > 0 {
+            write!(f, ", {} malformed lines skipped", self.skipped)?;
+        }
+        write!(f, " in {:.2} s", self.elapsed.as_secs_f64())
+    }
+}
+
+/// Counts every table over the training files (streamed, see the module
+/// docs for what counts) and writes the counts file.
+pub fn count(opts: &CountOptions) -> Result<CountSummary, DataError> {
+    let t0 = Instant::now();
+    let mut reader = SampleReader::open(&opts.train, 0, 1, opts.skip_malformed)?;
+    let mut counter = Counter::new(opts.max_len, opts.include_neg);
+    let bar = rows_bar("count", None, opts.progress);
+    while let Some(s) = reader.read()? {
+        counter.add(&s);
+        reader.recycle(s);
+        if counter.samples % 4096 == 0 {
+            bar.set_position(counter.samples);
+        }
+    }
+    bar.finish_and_clear();
+    let c = counter.finish();
+    save_counts(&opts.out, &c)?;
+    Ok(CountSummary {
+        samples: c.samples,
+        tables: c
+            .tables
+            .iter()
+            .map(|(t, v)| {
+                (
+                    t.clone(),
+                    v.len() as u64,
+                    v.iter().map(|p| u64::from(p.1)).sum(),
+                )
+            })
+            .collect(),
+        skipped: reader.skipped(),
+        elapsed: t0.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Batch;
+    use crate::data::format::encode_sample;
+    use crate::data::rng::SplitMix64;
+    use std::collections::BTreeMap;
+
+    fn random_samples(n: usize, with_neg: bool) -> Vec<Sample> {
+        let mut r = SplitMix64::new(11);
+        (0..n)
+            .map(|_| {
+                // Batch::from_samples drops all negatives of a batch when one
+                // sample has an empty history: keep histories non-empty here.
+                let len = r.below(12) as usize + usize::from(with_neg);
+                let hist: Vec<u64> = (0..len).map(|_| r.below(40)).collect();
+                let neg: Vec<u64> = if with_neg {
+                    (0..len).map(|_| 1 + r.below(40)).collect()
+                } else {
+                    vec![]
+                };
+                Sample {
+                    label: r.below(2) as f32,
+                    user: 1 + r.below(9),
+                    item: 1 + r.below(40),
+                    cat: 1 + r.below(5),
+                    hist_cats: hist.iter().map(|x| x % 5).collect(),
+                    neg_cats: neg.iter().map(|x| x % 5 + 1).collect(),
+                    hist_items: hist,
+                    neg_items: neg,
+                }
+            })
+            .collect()
+    }
+
+    fn direct(samples: &[Sample], max_len: usize, neg: bool) -> [BTreeMap<u64, u32>; 3] {
+        let mut m: [BTreeMap<u64, u32>; 3] = Default::default();
+        let mut add = |t: usize, id: u64| {
+            if id != 0 {
+                *m[t].entry(id).or_insert(0) += 1;
+            }
+        };
+        for s in samples {
+            add(0, s.item);
+            add(1, s.cat);
+            add(2, s.user);
+            let skip = s.hist_items.len().saturating_sub(max_len);
+            for (i, c) in s.hist_items.iter().zip(&s.hist_cats).skip(skip) {
+                add(0, *i);
+                add(1, *c);
+            }
+            if neg {
+                for (i, c) in s.neg_items.iter().zip(&s.neg_cats).skip(skip) {
+                    add(0, *i);
+                    add(1, *c);
+                }
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn count_pass_matches_direct_count_and_batches() {
+        let d = tempfile::tempdir().unwrap();
+        for (with_neg, max_len) in [(false, 100), (true, 5), (false, 3)] {
+            let samples = random_samples(500, with_neg);
+            let mut buf = Vec::new();
+            for s in &samples {
+                encode_sample(&mut buf, s, false);
+            }
+            let train = d.path().join("train.txt");
+            std::fs::write(&train, buf).unwrap();
+            let opts = CountOptions {
+                train: vec![train],
+                out: d.path().join("counts.bin"),
+                max_len,
+                include_neg: with_neg,
+                ..CountOptions::default()
+            };
+            let sum = count(&opts).unwrap();
+            assert_eq!(sum.samples, 500);
+            let c = load_counts(&opts.out).unwrap();
+            let want = direct(&samples, max_len, with_neg);
+            for (t, name) in [ITEM_TABLE, CAT_TABLE, USER_TABLE].iter().enumerate() {
+                let got: Vec<(u64, u32)> = c.get(name).unwrap().to_vec();
+                let exp: Vec<(u64, u32)> = want[t].iter().map(|(&a, &b)| (a, b)).collect();
+                assert_eq!(got, exp, "table {name}");
+            }
+            // Same as summing the batch counts over an epoch.
+            let mut from_batches: [BTreeMap<u64, u32>; 3] = Default::default();
+            for chunk in samples.chunks(64) {
+                let b = Batch::from_samples(chunk, max_len);
+                for (t, ids) in b.tables().iter().enumerate() {
+                    for (&id, &n) in ids.unique.iter().zip(&ids.counts) {
+                        *from_batches[t].entry(id).or_insert(0) += n;
+                    }
+                }
+            }
+            assert_eq!(from_batches, want);
+        }
+    }
+
+    #[test]
+    fn file_round_trip_and_corruption() {
+        let c = TableCounts {
+            samples: 3,
+            tables: vec![
+                ("item".into(), vec![(1, 2), (5, 1), (u64::MAX, 7)]),
+                ("cat".into(), vec![]),
+                ("user".into(), vec![(9, 3)]),
+            ],
+        };
+        let p = Path::new("c.bin");
+        let b = encode_counts(&c);
+        assert_eq!(decode_counts(p, &b).unwrap(), c);
+        assert_eq!(c.count_of("item", 5), 1);
+        assert_eq!(c.count_of("item", 6), 0);
+        let mut flipped = b.clone();
+        flipped[30] ^= 1;
+        assert!(matches!(
+            decode_counts(p, &flipped),
+            Err(DataError::Counts { .. })
+        ));
+        assert!(decode_counts(p, &b[..b.len() - 1]).is_err());
+        let mut magic = b.clone();
+        magic[0] = b'X';
+        assert!(decode_counts(p, &magic)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+    }
+}
