@@ -41,8 +41,13 @@ impl EmbeddingBlock {
 
     /// Builds the block from a `[U, D]` tensor (copied into a fresh `Var`).
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        Self::from_var(Var::from_tensor(t)?)
+    }
+
+    /// Builds the block around an existing `[U, D]` `Var` (shared, not copied).
+    pub fn from_var(rows: Var) -> Result<Self> {
+        let t = rows.as_tensor();
         let (unique, dim) = t.dims2()?;
-        let rows = Var::from_tensor(t)?;
         let pad = Tensor::zeros((1, dim), t.dtype(), t.device())?;
         let padded = Tensor::cat(&[rows.as_tensor(), &pad], 0)?;
         Ok(EmbeddingBlock {

@@ -15,7 +15,7 @@ use super::mode::Mode;
 use super::params::ParamBuilder;
 use super::prelu::PRelu;
 
-const H: f64 = 1e-6;
+const H: f64 = 1e-5;
 const TOL: f64 = 1e-3;
 
 fn rand_var(shape: &[usize], seed: u64, scale: f64) -> Result<Var> {

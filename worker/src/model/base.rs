@@ -1,0 +1,45 @@
+//! BaseModel (Embedding + MLP).
+//!
+//! `u = masked_mean_t(e_t)` (sum over valid steps / length),
+//! `logit = MLP([e_target, u (, e_user)])`, MLP `-> 200 -> 80 -> 1` with PReLU
+//! or Dice. Parameters: `mlp.*`.
+
+use candle_core::{Result, Tensor};
+
+use super::config::ModelConfig;
+use super::net::{Inputs, NetOutput, Network};
+use crate::layer::mlp::Mlp;
+use crate::layer::mode::Mode;
+use crate::layer::params::ParamBuilder;
+use crate::layer::pooling::masked_mean;
+
+/// The BaseModel body.
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    /// Final MLP.
+    pub mlp: Mlp,
+}
+
+impl Network for BaseModel {
+    fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
+        let e = cfg.behaviour_dim();
+        let inp = 2 * e + if cfg.use_user { cfg.user_dim } else { 0 };
+        Ok(BaseModel {
+            mlp: Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, inp: &Inputs, mode: Mode) -> Result<NetOutput> {
+        let target = inp.target()?;
+        let u = masked_mean(&inp.history()?, &inp.mask)?;
+        let mut parts = vec![target, u];
+        if let Some(e) = inp.user()? {
+            parts.push(e);
+        }
+        let x = Tensor::cat(&parts, 1)?;
+        Ok(NetOutput {
+            logits: self.mlp.forward(&x, mode)?.squeeze(1)?,
+            aux_loss: None,
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! Configuration of the CTR models (serde; every field has the MODELS.md
+//! default, so `kind = "dien"` alone is a complete config).
+
+use serde::{Deserialize, Serialize};
+
+use super::{ModelError, Result};
+use crate::layer::attention::AttentionMode;
+use crate::layer::attention_gru::EvolveKind;
+use crate::layer::mlp::Activation;
+
+/// Which CTR model to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Embedding + MLP on `[e_target, mean(history)]`.
+    Base,
+    /// Deep Interest Network.
+    #[default]
+    Din,
+    /// Deep Interest Evolution Network.
+    Dien,
+}
+
+/// Everything needed to build a CTR model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model kind: `"base"`, `"din"` (default), `"dien"`.
+    pub kind: ModelKind,
+    /// Item embedding width (18).
+    pub item_dim: usize,
+    /// Category embedding width (18). A behaviour is `[e_item; e_cat]`.
+    pub cat_dim: usize,
+    /// Add a user embedding to the MLP input (false).
+    pub use_user: bool,
+    /// User embedding width (18).
+    pub user_dim: usize,
+    /// Hidden sizes of the final MLP (`[200, 80]`; output 1).
+    pub mlp_hidden: Vec<usize>,
+    /// Hidden activation of the final MLP: `"prelu"` (default) or `"dice"`.
+    pub activation: Activation,
+    /// Hidden sizes of the attention FFN (`[80, 40]`; output 1).
+    pub attention_hidden: Vec<usize>,
+    /// Hidden activation of the attention FFN: `"sigmoid"` (default, the
+    /// reference code; fused on CPU), `"prelu"` or `"dice"`.
+    pub attention_activation: Activation,
+    /// DIN attention weights: `"paper"` (default, no softmax) or `"code"`
+    /// (masked softmax). DIEN always uses the masked softmax (MODELS.md).
+    pub attention_mode: AttentionMode,
+    /// DIEN GRU hidden size (36; must equal `item_dim + cat_dim`, since the
+    /// attention compares the target behaviour with the states).
+    pub dien_hidden: usize,
+    /// DIEN interest evolving layer: `"augru"` (default), `"agru"`, `"aigru"`, `"gru"`.
+    pub evolve: EvolveKind,
+    /// DIEN auxiliary loss on (true). Needs `neg_item_idx` in training batches.
+    pub aux_loss: bool,
+    /// Weight of the auxiliary loss (1.0).
+    pub aux_alpha: f64,
+    /// Use the fused CPU kernels where available (true; off = composed candle ops).
+    pub fused: bool,
+    /// Seed of the dense-parameter initialisation (42).
+    pub seed: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            kind: ModelKind::Din,
+            item_dim: 18,
+            cat_dim: 18,
+            use_user: false,
+            user_dim: 18,
+            mlp_hidden: vec![200, 80],
+            activation: Activation::Prelu,
+            attention_hidden: vec![80, 40],
+            attention_activation: Activation::Sigmoid,
+            attention_mode: AttentionMode::Paper,
+            dien_hidden: 36,
+            evolve: EvolveKind::Augru,
+            aux_loss: true,
+            aux_alpha: 1.0,
+            fused: true,
+            seed: 42,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Default config of `kind`.
+    pub fn of(kind: ModelKind) -> Self {
+        ModelConfig {
+            kind,
+            ..Default::default()
+        }
+    }
+
+    /// Width of one behaviour `[e_item; e_cat]`.
+    pub fn behaviour_dim(&self) -> usize {
+        self.item_dim + self.cat_dim
+    }
+
+    /// Checks the fields; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, msg: &str| {
+            Err(ModelError::Config {
+                field,
+                msg: msg.to_string(),
+            })
+        };
+        if self.item_dim == 0 {
+            return bad("item_dim", "must be > 0");
+        }
+        if self.cat_dim == 0 {
+            return bad("cat_dim", "must be > 0");
+        }
+        if self.use_user && self.user_dim == 0 {
+            return bad("user_dim", "must be > 0 when use_user");
+        }
+        if self.mlp_hidden.contains(&0) {
+            return bad("mlp_hidden", "layer sizes must be > 0");
+        }
+        if self.attention_hidden.contains(&0) {
+            return bad("attention_hidden", "layer sizes must be > 0");
+        }
+        if self.kind == ModelKind::Dien && self.dien_hidden != self.behaviour_dim() {
+            return bad(
+                "dien_hidden",
+                &format!("must equal item_dim + cat_dim = {}", self.behaviour_dim()),
+            );
+        }
+        if !self.aux_alpha.is_finite() || self.aux_alpha < 0.0 {
+            return bad("aux_alpha", "must be finite and >= 0");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+//! DIEN (Deep Interest Evolution Network).
+//!
+//! Interest extractor: masked GRU (hidden 36) over the history behaviours,
+//! states `h_t`. Auxiliary loss (training, `aux_loss` on): [`AuxNet`] on
+//! `(h_t, e_{t+1})` against the sampled negative `e'_{t+1}`, weight
+//! `aux_alpha` (1). Interest evolving: attention `a_t` = masked softmax over
+//! valid `t` of the activation unit on `[q, h_t, q - h_t, q * h_t]`
+//! (`q = e_target`), then AUGRU (default) / AGRU / AIGRU / GRU over `h_t`;
+//! final interest `h'_T` (state after the last valid step).
+//! `logit = MLP([e_target, h'_T, s, e_target * s (, e_user)])`, `s = sum_t m_t e_t`.
+//! Parameters: `gru.*`, `att.*`, `evolve.*`, `aux.*` (with aux), `mlp.*`.
+
+use candle_core::{Result, Tensor};
+
+use super::config::ModelConfig;
+use super::net::{Inputs, NetOutput, Network};
+use crate::layer::attention::{ActivationUnit, AttentionMode};
+use crate::layer::attention_gru::AttentionGru;
+use crate::layer::aux::AuxNet;
+use crate::layer::gru::Gru;
+use crate::layer::mlp::Mlp;
+use crate::layer::mode::Mode;
+use crate::layer::params::ParamBuilder;
+use crate::layer::pooling::masked_sum;
+
+/// The DIEN body.
+#[derive(Debug, Clone)]
+pub struct Dien {
+    /// Interest extractor GRU.
+    pub gru: Gru,
+    /// Auxiliary net (when the aux loss is on).
+    pub aux: Option<AuxNet>,
+    /// Attention of the target over the interest states.
+    pub att: ActivationUnit,
+    /// Interest evolving GRU.
+    pub evolve: AttentionGru,
+    /// Final MLP.
+    pub mlp: Mlp,
+}
+
+impl Network for Dien {
+    fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
+        let e = cfg.behaviour_dim();
+        let h = cfg.dien_hidden;
+        let gru = Gru::new(e, h, &pb.pp("gru"))?;
+        let mut att = ActivationUnit::new(
+            h,
+            &cfg.attention_hidden,
+            cfg.attention_activation,
+            &pb.pp("att"),
+        )?;
+        att.fused = cfg.fused;
+        let evolve = AttentionGru::new(cfg.evolve, h, h, &pb.pp("evolve"))?;
+        let aux = if cfg.aux_loss {
+            Some(AuxNet::new(h, e, &pb.pp("aux"))?)
+        } else {
+            None
+        };
+        let inp = 2 * e + h + e + if cfg.use_user { cfg.user_dim } else { 0 };
+        Ok(Dien {
+            gru,
+            aux,
+            att,
+            evolve,
+            mlp: Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?,
+        })
+    }
+
+    fn needs_negatives(cfg: &ModelConfig) -> bool {
+        cfg.aux_loss
+    }
+
+    fn forward(&self, inp: &Inputs, mode: Mode) -> Result<NetOutput> {
+        let q = inp.target()?;
+        let hist = inp.history()?;
+        let states = self.gru.forward(&hist, &inp.mask)?;
+        let aux_loss = match (&self.aux, mode.train) {
+            (Some(aux), true) => match inp.negatives()? {
+                Some(neg) => Some(aux.loss(&states, &hist, &neg, &inp.mask)?),
+                None => None,
+            },
+            _ => None,
+        };
+        let scores = self.att.scores(&q, &states, &inp.batch.lens, mode)?;
+        let a = ActivationUnit::weights(&scores, &inp.mask, AttentionMode::Code)?;
+        let final_h = self.evolve.forward(&states, &a, &inp.mask)?;
+        let s = masked_sum(&hist, &inp.mask)?;
+        let qs = (&q * &s)?;
+        let mut parts = vec![q, final_h, s, qs];
+        if let Some(e) = inp.user()? {
+            parts.push(e);
+        }
+        let x = Tensor::cat(&parts, 1)?;
+        Ok(NetOutput {
+            logits: self.mlp.forward(&x, mode)?.squeeze(1)?,
+            aux_loss,
+        })
+    }
+}

@@ -1,0 +1,429 @@
+//! Model tests: f64 gradient checks (dense parameters and embedding rows),
+//! padding, errors, the trait surface, and a small end-to-end training run.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::base::BaseModel;
+use super::dien::Dien;
+use super::din::Din;
+use super::net::{CtrNet, Inputs, Network};
+use super::testing::{
+    batches, evaluate, synthetic_samples, train_epoch, InMemoryStore, SyntheticSpec,
+};
+use super::*;
+use crate::batch::{Batch, ITEM_TABLE};
+use crate::layer::attention::AttentionMode;
+use crate::layer::attention_gru::EvolveKind;
+use crate::layer::embedding::EmbeddingBlock;
+use crate::layer::gradcheck::{assert_ok, check};
+use crate::layer::mlp::Activation;
+use crate::layer::mode::Mode;
+
+fn small(kind: ModelKind) -> ModelConfig {
+    ModelConfig {
+        kind,
+        item_dim: 3,
+        cat_dim: 3,
+        user_dim: 2,
+        dien_hidden: 6,
+        mlp_hidden: vec![8, 4],
+        attention_hidden: vec![6, 4],
+        ..ModelConfig::default()
+    }
+}
+
+fn small_batch(seed: u64, b: usize) -> Batch {
+    let spec = SyntheticSpec {
+        items: 12,
+        cats: 4,
+        users: 5,
+        hist_len: (0, 5),
+        negatives: false,
+    };
+    let mut s = synthetic_samples(&spec, b, seed);
+    // One row with an empty history, one with the full length.
+    s[0].hist_items.clear();
+    s[0].hist_cats.clear();
+    s[1].hist_items = vec![1, 2, 3, 4, 5];
+    s[1].hist_cats = vec![2, 3, 4, 1, 2];
+    let mut batch = Batch::from_samples(&s, 5);
+    // Negatives at valid steps: the history shifted by one step (ids already
+    // in the batch); padded steps use the pad index.
+    let t = batch.max_len;
+    let mut ni = vec![batch.items.pad_index(); b * t];
+    let mut nc = vec![batch.cats.pad_index(); b * t];
+    for r in 0..b {
+        for k in 0..batch.lens[r] {
+            let src = r * t + (k + 1) % batch.lens[r];
+            ni[r * t + k] = batch.hist_item_idx[src];
+            nc[r * t + k] = batch.hist_cat_idx[src];
+        }
+    }
+    batch.neg_item_idx = Some(ni);
+    batch.neg_cat_idx = Some(nc);
+    batch
+}
+
+fn rand_rows(u: usize, d: usize, seed: u64) -> Var {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let v: Vec<f64> = (0..u * d).map(|_| rng.random_range(-0.5..0.5)).collect();
+    Var::from_tensor(&Tensor::from_vec(v, (u, d), &Device::Cpu).unwrap()).unwrap()
+}
+
+fn gradcheck_model<N: Network>(cfg: &ModelConfig, what: &str) {
+    let net = CtrNet::<N>::new(cfg, &Device::Cpu, DType::F64).unwrap();
+    let batch = small_batch(3, 6);
+    let iv = rand_rows(batch.items.unique.len(), cfg.item_dim, 1);
+    let cv = rand_rows(batch.cats.unique.len(), cfg.cat_dim, 2);
+    let uv = rand_rows(batch.users.unique.len(), cfg.user_dim, 3);
+    let f = || {
+        let user = if cfg.use_user {
+            Some(EmbeddingBlock::from_var(uv.clone())?)
+        } else {
+            None
+        };
+        let inp = Inputs::from_blocks(
+            &batch,
+            EmbeddingBlock::from_var(iv.clone())?,
+            EmbeddingBlock::from_var(cv.clone())?,
+            user,
+        )?;
+        Ok(net.objective(&inp, Mode::TRAIN_FROZEN)?.total)
+    };
+    let mut vars = net.param_set().params.clone();
+    vars.push(("rows.item".into(), iv.clone()));
+    vars.push(("rows.cat".into(), cv.clone()));
+    if cfg.use_user {
+        vars.push(("rows.user".into(), uv.clone()));
+    }
+    // Every parameter and row block receives a gradient, except those the
+    // objective does not depend on: the last attention bias under a softmax
+    // (shift invariance) and the attention of the plain-GRU ablation.
+    let softmax = cfg.kind == ModelKind::Dien || cfg.attention_mode == AttentionMode::Code;
+    let exempt = |n: &str| {
+        (softmax && n == "att.fc2.bias")
+            || (cfg.kind == ModelKind::Dien
+                && cfg.evolve == EvolveKind::Gru
+                && n.starts_with("att."))
+    };
+    let g = f().unwrap().backward().unwrap();
+    for (name, v) in vars.iter().filter(|(n, _)| !exempt(n)) {
+        let gv = g.get(v.as_tensor());
+        assert!(gv.is_some(), "{what}: no gradient for {name}");
+        let n = gv
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(n > 0.0, "{what}: zero gradient for {name}");
+    }
+    let rep = check(&vars, f, 12, 1e-5, 1e-3).unwrap();
+    assert_ok(what, &rep);
+}
+
+#[test]
+fn gradcheck_base_and_din() {
+    for act in [Activation::Prelu, Activation::Dice] {
+        let mut c = small(ModelKind::Base);
+        c.activation = act;
+        c.use_user = act == Activation::Dice;
+        gradcheck_model::<BaseModel>(&c, &format!("base {act:?}"));
+        for mode in [AttentionMode::Paper, AttentionMode::Code] {
+            for fused in [false, true] {
+                let mut c = small(ModelKind::Din);
+                c.activation = act;
+                c.attention_mode = mode;
+                c.fused = fused;
+                c.use_user = mode == AttentionMode::Code;
+                gradcheck_model::<Din>(&c, &format!("din {act:?} {mode:?} fused={fused}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn gradcheck_dien_variants() {
+    for (evolve, aux) in [
+        (EvolveKind::Augru, true),
+        (EvolveKind::Augru, false),
+        (EvolveKind::Agru, true),
+        (EvolveKind::Aigru, true),
+        (EvolveKind::Gru, false),
+    ] {
+        for fused in [false, true] {
+            let mut c = small(ModelKind::Dien);
+            c.evolve = evolve;
+            c.aux_loss = aux;
+            c.fused = fused;
+            c.activation = if aux {
+                Activation::Dice
+            } else {
+                Activation::Prelu
+            };
+            gradcheck_model::<Dien>(&c, &format!("dien {evolve:?} aux={aux} fused={fused}"));
+        }
+    }
+}
+
+fn rows_for(batch: &Batch, model: &dyn CtrModel, seed: u64) -> SparseRows {
+    let mut store = InMemoryStore::new(&model.sparse_tables(), 0.1, seed);
+    store.init_scale = 0.5;
+    store.pull(batch)
+}
+
+/// Padded positions: redirect every padded history (and negative) position to
+/// an extra id with random non-zero rows. Its gradient must be exactly zero and
+/// the loss unchanged.
+#[test]
+fn padded_positions_get_exactly_zero_gradient() {
+    for kind in [ModelKind::Base, ModelKind::Din, ModelKind::Dien] {
+        for mode in [AttentionMode::Paper, AttentionMode::Code] {
+            let mut cfg = small(kind);
+            cfg.attention_mode = mode;
+            let mut model = build_model_with_dtype(&cfg, &Device::Cpu, DType::F64).unwrap();
+            let batch = small_batch(5, 6);
+            let rows = rows_for(&batch, &*model, 9);
+            let base = model.step(&batch, &rows, true).unwrap();
+
+            let mut b2 = batch.clone();
+            let (pi, pc) = (b2.items.pad_index(), b2.cats.pad_index());
+            b2.items.unique.push(999_999);
+            b2.items.counts.push(1);
+            b2.cats.unique.push(999_999);
+            b2.cats.counts.push(1);
+            // The old pad index now names the extra id: every padded history
+            // and negative position reads its (non-zero) rows.
+            let mut rows2 = rows.clone();
+            rows2
+                .tables
+                .get_mut("item")
+                .unwrap()
+                .extend([0.3, -0.7, 0.9]);
+            rows2
+                .tables
+                .get_mut("cat")
+                .unwrap()
+                .extend([-0.4, 0.8, 0.2]);
+            let out = model.step(&b2, &rows2, true).unwrap();
+            let what = format!("{kind:?} {mode:?}");
+            assert!(
+                (out.loss - base.loss).abs() < 1e-6,
+                "{what}: loss changed {} vs {}",
+                out.loss,
+                base.loss
+            );
+            let gi = &out.sparse_grads["item"];
+            let gc = &out.sparse_grads["cat"];
+            let (ui, uc) = (pi as usize, pc as usize);
+            assert!(
+                gi[ui * 3..ui * 3 + 3].iter().all(|&g| g == 0.0),
+                "{what}: pad item grad {:?}",
+                &gi[ui * 3..]
+            );
+            assert!(
+                gc[uc * 3..uc * 3 + 3].iter().all(|&g| g == 0.0),
+                "{what}: pad cat grad"
+            );
+            assert_eq!(&gi[..ui * 3], &base.sparse_grads["item"][..], "{what}");
+        }
+    }
+}
+
+#[test]
+fn wrong_row_block_names_table_and_sizes() {
+    let mut model = build_model(&ModelConfig::of(ModelKind::Din), &Device::Cpu).unwrap();
+    let batch = small_batch(1, 4);
+    let mut rows = SparseRows::new();
+    rows.insert("item", vec![0.0; batch.items.unique.len() * 18 - 1]);
+    rows.insert("cat", vec![0.0; batch.cats.unique.len() * 18]);
+    let err = model.step(&batch, &rows, true).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ModelError::RowShape { .. }));
+    assert!(
+        msg.contains("`item`") && msg.contains(&format!("{}", batch.items.unique.len() * 18)),
+        "{msg}"
+    );
+    rows.tables.remove("cat");
+    rows.insert("item", vec![0.0; batch.items.unique.len() * 18]);
+    assert!(
+        matches!(model.step(&batch, &rows, true), Err(ModelError::MissingTable(t)) if t == "cat")
+    );
+    // DIEN with aux needs negatives in training, not in eval.
+    let mut dien = build_model(&ModelConfig::of(ModelKind::Dien), &Device::Cpu).unwrap();
+    let mut nb = batch.clone();
+    nb.neg_item_idx = None;
+    nb.neg_cat_idx = None;
+    let rows = rows_for(&nb, &*dien, 1);
+    assert!(matches!(
+        dien.step(&nb, &rows, true),
+        Err(ModelError::Batch(_))
+    ));
+    assert!(dien.step(&nb, &rows, false).is_ok());
+}
+
+#[test]
+fn trait_surface_names_grads_and_state() {
+    let cfg: ModelConfig = toml::from_str("kind = \"dien\"\nactivation = \"dice\"").unwrap();
+    assert_eq!(cfg.item_dim, 18);
+    assert_eq!(cfg.mlp_hidden, vec![200, 80]);
+    assert_eq!(cfg.evolve, EvolveKind::Augru);
+    assert!(cfg.aux_loss);
+    assert!(toml::from_str::<ModelConfig>("kind = \"dien\"\nbogus = 1").is_err());
+    let mut bad = cfg.clone();
+    bad.dien_hidden = 10;
+    assert!(matches!(
+        bad.validate(),
+        Err(ModelError::Config {
+            field: "dien_hidden",
+            ..
+        })
+    ));
+
+    let mut model = build_model(&cfg, &Device::Cpu).unwrap();
+    assert_eq!(model.sparse_tables(), vec![("item", 18), ("cat", 18)]);
+    let names: Vec<String> = model.dense_params().into_iter().map(|(n, _)| n).collect();
+    for want in [
+        "gru.w_ih",
+        "att.fc0.weight",
+        "evolve.w_hh",
+        "aux.fc2.bias",
+        "mlp.act1.alpha",
+        "mlp.fc2.weight",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "missing {want} in {names:?}"
+        );
+    }
+    let shapes = model.dense_shapes();
+    assert_eq!(
+        shapes
+            .iter()
+            .find(|(n, _)| n == "mlp.fc0.weight")
+            .unwrap()
+            .1,
+        vec![144, 200]
+    );
+    let state: Vec<String> = model.dense_state().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        state,
+        vec![
+            "mlp.act0.running_mean",
+            "mlp.act0.running_var",
+            "mlp.act1.running_mean",
+            "mlp.act1.running_var"
+        ]
+    );
+
+    let batch = small_batch(2, 8);
+    let rows = rows_for(&batch, &*model, 3);
+    let out = model.step(&batch, &rows, true).unwrap();
+    assert_eq!(out.probs.len(), 8);
+    assert!(out.aux_loss.is_some());
+    let gnames: Vec<&String> = out.dense_grads.iter().map(|(n, _)| n).collect();
+    assert_eq!(gnames, names.iter().collect::<Vec<_>>());
+    assert_eq!(
+        out.sparse_grads[ITEM_TABLE].len(),
+        batch.items.unique.len() * 18
+    );
+    // Dice running stats moved in training, not in eval.
+    let st1 = model.dense_state();
+    assert_ne!(st1[0].1, vec![0.0; 200]);
+    let ev = model.step(&batch, &rows, false).unwrap();
+    assert!(ev.dense_grads.is_empty() && ev.sparse_grads.is_empty() && ev.aux_loss.is_none());
+    assert_eq!(model.dense_state(), st1);
+    // set_dense / set_state round trip and errors.
+    model.set_dense("mlp.fc2.bias", &[0.25]).unwrap();
+    assert_eq!(
+        model
+            .dense_params()
+            .iter()
+            .find(|(n, _)| n == "mlp.fc2.bias")
+            .unwrap()
+            .1,
+        vec![0.25]
+    );
+    model.set_state("mlp.act1.running_var", &[2.0; 80]).unwrap();
+    assert!(matches!(
+        model.set_dense("nope", &[1.0]),
+        Err(ModelError::UnknownParam(_))
+    ));
+    assert!(matches!(
+        model.set_dense("mlp.fc2.bias", &[1.0, 2.0]),
+        Err(ModelError::ParamShape {
+            expected: 1,
+            actual: 2,
+            ..
+        })
+    ));
+    // Same seed, same parameters.
+    let again = build_model(&cfg, &Device::Cpu).unwrap();
+    let fresh = build_model(&cfg, &Device::Cpu).unwrap();
+    assert_eq!(again.dense_params(), fresh.dense_params());
+}
+
+/// f32 and f64 models agree; sparse gradients are of the mean loss.
+#[test]
+fn sparse_grads_are_of_the_mean_loss() {
+    let cfg = small(ModelKind::Din);
+    let mut m = build_model_with_dtype(&cfg, &Device::Cpu, DType::F64).unwrap();
+    let mut m32 = build_model(&cfg, &Device::Cpu).unwrap();
+    // Duplicate the batch: the mean loss and its gradient are unchanged.
+    let b1 = small_batch(4, 5);
+    let spec = SyntheticSpec {
+        items: 12,
+        cats: 4,
+        users: 5,
+        hist_len: (1, 5),
+        negatives: false,
+    };
+    let s = synthetic_samples(&spec, 5, 77);
+    let mut twice = s.clone();
+    twice.extend(s.clone());
+    let (ba, bb) = (Batch::from_samples(&s, 5), Batch::from_samples(&twice, 5));
+    assert_eq!(ba.items.unique, bb.items.unique);
+    let rows = rows_for(&ba, &*m, 5);
+    let oa = m.step(&ba, &rows, true).unwrap();
+    let ob = m.step(&bb, &rows, true).unwrap();
+    assert!((oa.loss - ob.loss).abs() < 1e-6);
+    for (x, y) in oa.sparse_grads["item"].iter().zip(&ob.sparse_grads["item"]) {
+        assert!((x - y).abs() < 1e-6);
+    }
+    let o32 = m32.step(&ba, &rows, true).unwrap();
+    assert!((o32.loss - oa.loss).abs() < 1e-5);
+    let _ = b1;
+}
+
+#[test]
+fn din_learns_synthetic_signal() {
+    let spec = SyntheticSpec {
+        negatives: false,
+        ..Default::default()
+    };
+    let train = synthetic_samples(&spec, 6000, 1);
+    let test = synthetic_samples(&spec, 1500, 2);
+    let (tb, eb) = (batches(&train, 64, 50), batches(&test, 256, 50));
+    let cfg = ModelConfig::of(ModelKind::Din);
+    let mut model = build_model(&cfg, &Device::Cpu).unwrap();
+    let mut store = InMemoryStore::new(&model.sparse_tables(), 0.05, 7);
+    let mut opt = DenseOptimizer::adam(2e-3);
+    let before = evaluate(&mut *model, &mut store, &eb).unwrap();
+    let mut loss = 0.0;
+    for _ in 0..2 {
+        loss = train_epoch(&mut *model, &mut store, &mut opt, &tb).unwrap();
+    }
+    let after = evaluate(&mut *model, &mut store, &eb).unwrap();
+    eprintln!("DIN synthetic: before {before:?}, after {after:?}, last train loss {loss}");
+    assert!(
+        after.auc > 0.75,
+        "held-out AUC {} (before {})",
+        after.auc,
+        before.auc
+    );
+    assert!(after.logloss < before.logloss);
+}
