@@ -6,7 +6,13 @@
 //! ```
 //! [`client::PsClient`] talks to a sharded parameter server over gRPC.
 
+pub mod backend;
 pub mod client;
+pub mod config;
+pub mod eval;
+pub mod local;
+pub mod setup;
+pub mod worker;
 
 use tonic::Status;
 

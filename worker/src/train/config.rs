@@ -1,0 +1,600 @@
+//! The job configuration: one TOML file read by the launcher (`ember train`)
+//! and by every worker process. Every field has a default; `validate()` names
+//! the bad field.
+//!
+//! ```toml
+//! name = "din-ml100k"
+//! [model]          # see ember_worker::model::ModelConfig
+//! kind = "din"
+//! [data]
+//! train = "data/ml100k-din/train.txt"
+//! test = "data/ml100k-din/test.txt"
+//! [sparse]
+//! optimizer = { kind = "adam", lr = 0.001 }
+//! [cluster]
+//! shards = 2
+//! workers = 2
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use ember_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use crate::model::ModelConfig;
+
+/// A whole training job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job name (used for the run directory).
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// The model.
+    #[serde(default)]
+    pub model: ModelConfig,
+    /// Input data.
+    pub data: DataConfig,
+    /// Sparse embedding tables on the parameter server.
+    #[serde(default)]
+    pub sparse: SparseConfig,
+    /// Dense parameters on the parameter server.
+    #[serde(default)]
+    pub dense: DenseConfig,
+    /// Shards and workers.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    /// Epochs, seed, output.
+    #[serde(default)]
+    pub train: TrainSettings,
+}
+
+fn default_name() -> String {
+    "ember-job".into()
+}
+
+/// Input files and batching.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training samples (DIEN text format).
+    pub train: PathBuf,
+    /// Test samples.
+    pub test: PathBuf,
+    /// Feature counts file from the counting pass (needed for `count_mode = "exact"`;
+    /// computed from `train` when absent).
+    #[serde(default)]
+    pub counts: Option<PathBuf>,
+    /// Samples per training batch.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Samples per evaluation batch.
+    #[serde(default = "d_eval_batch")]
+    pub eval_batch_size: usize,
+    /// History truncation length.
+    #[serde(default = "d_max_len")]
+    pub max_len: usize,
+    /// Size of the shuffle buffer (0 = no shuffling).
+    #[serde(default = "d_shuffle")]
+    pub shuffle_buffer: usize,
+    /// Skip and count malformed lines instead of stopping.
+    #[serde(default)]
+    pub skip_malformed: bool,
+}
+
+fn d_batch() -> usize {
+    128
+}
+fn d_eval_batch() -> usize {
+    1024
+}
+fn d_max_len() -> usize {
+    100
+}
+fn d_shuffle() -> usize {
+    20_000
+}
+
+/// An optimizer and its hyper-parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// "sgd", "adagrad", "adam" or "ftrl".
+    #[serde(default = "d_opt")]
+    pub kind: String,
+    /// Learning rate (FTRL: alpha).
+    #[serde(default = "d_lr")]
+    pub lr: f32,
+    /// Adam beta1.
+    #[serde(default = "d_beta1")]
+    pub beta1: f32,
+    /// Adam beta2.
+    #[serde(default = "d_beta2")]
+    pub beta2: f32,
+    /// Adam / Adagrad epsilon.
+    #[serde(default = "d_eps")]
+    pub eps: f32,
+    /// Adagrad initial accumulator.
+    #[serde(default = "d_acc")]
+    pub initial_accumulator: f32,
+    /// FTRL beta.
+    #[serde(default = "d_ftrl_beta")]
+    pub ftrl_beta: f32,
+    /// FTRL L1.
+    #[serde(default)]
+    pub l1: f32,
+    /// FTRL L2.
+    #[serde(default)]
+    pub l2: f32,
+}
+
+fn d_opt() -> String {
+    "adam".into()
+}
+fn d_lr() -> f32 {
+    0.001
+}
+fn d_beta1() -> f32 {
+    0.9
+}
+fn d_beta2() -> f32 {
+    0.999
+}
+fn d_eps() -> f32 {
+    1e-8
+}
+fn d_acc() -> f32 {
+    0.1
+}
+fn d_ftrl_beta() -> f32 {
+    1.0
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec {
+            kind: d_opt(),
+            lr: d_lr(),
+            beta1: d_beta1(),
+            beta2: d_beta2(),
+            eps: d_eps(),
+            initial_accumulator: d_acc(),
+            ftrl_beta: d_ftrl_beta(),
+            l1: 0.0,
+            l2: 0.0,
+        }
+    }
+}
+
+impl OptimizerSpec {
+    /// The wire form, or an error naming `field` when the kind is unknown.
+    pub fn to_proto(&self, field: &str) -> Result<pb::OptimizerConfig, TrainError> {
+        use pb::optimizer_config::Kind;
+        let kind = match self.kind.as_str() {
+            "sgd" => Kind::Sgd(pb::Sgd { lr: self.lr }),
+            "adagrad" => Kind::Adagrad(pb::Adagrad {
+                lr: self.lr,
+                initial_accumulator: self.initial_accumulator,
+                eps: self.eps,
+            }),
+            "adam" => Kind::Adam(pb::Adam {
+                lr: self.lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+            }),
+            "ftrl" => Kind::Ftrl(pb::Ftrl {
+                alpha: self.lr,
+                beta: self.ftrl_beta,
+                l1: self.l1,
+                l2: self.l2,
+            }),
+            other => {
+                return Err(TrainError::Config(format!(
+                    "{field}.kind = {other:?}: expected sgd, adagrad, adam or ftrl"
+                )))
+            }
+        };
+        Ok(pb::OptimizerConfig { kind: Some(kind) })
+    }
+}
+
+/// Configuration shared by the sparse tables (item, cat, user).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparseConfig {
+    /// Optimizer of the embedding rows.
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    /// Initializer: "zero", "uniform", "normal" or "truncated_normal".
+    #[serde(default = "d_init")]
+    pub init: String,
+    /// Spread of the initializer.
+    #[serde(default = "d_init_scale")]
+    pub init_scale: f32,
+    /// Mini-batch-aware L2 lambda (DIN); 0 disables.
+    #[serde(default)]
+    pub mba_lambda: f32,
+    /// Plain L2 on touched rows (for comparison with MBA); 0 disables.
+    #[serde(default)]
+    pub plain_l2: f32,
+    /// Source of n_j: "exact" (counting pass), "online" (streaming) or "none".
+    #[serde(default = "d_count_mode")]
+    pub count_mode: String,
+    /// Feature admission threshold (0 = admit all).
+    #[serde(default)]
+    pub admit_min_count: u32,
+    /// Evict rows not updated for this many steps (0 = never).
+    #[serde(default)]
+    pub ttl_steps: u64,
+}
+
+fn d_init() -> String {
+    "normal".into()
+}
+fn d_init_scale() -> f32 {
+    0.01
+}
+fn d_count_mode() -> String {
+    "exact".into()
+}
+
+impl Default for SparseConfig {
+    fn default() -> Self {
+        SparseConfig {
+            optimizer: OptimizerSpec::default(),
+            init: d_init(),
+            init_scale: d_init_scale(),
+            mba_lambda: 0.0,
+            plain_l2: 0.0,
+            count_mode: d_count_mode(),
+            admit_min_count: 0,
+            ttl_steps: 0,
+        }
+    }
+}
+
+impl SparseConfig {
+    /// The wire config of table `name` with width `dim`.
+    pub fn table(&self, name: &str, dim: usize, seed: u64) -> Result<pb::TableConfig, TrainError> {
+        use pb::initializer::Kind;
+        let kind = match self.init.as_str() {
+            "zero" => Kind::Zero,
+            "uniform" => Kind::Uniform,
+            "normal" => Kind::Normal,
+            "truncated_normal" => Kind::TruncatedNormal,
+            other => {
+                return Err(TrainError::Config(format!(
+                    "sparse.init = {other:?}: expected zero, uniform, normal or truncated_normal"
+                )))
+            }
+        };
+        let count_mode = match self.count_mode.as_str() {
+            "none" => pb::CountMode::CountNone,
+            "exact" => pb::CountMode::CountExact,
+            "online" => pb::CountMode::CountOnline,
+            other => {
+                return Err(TrainError::Config(format!(
+                    "sparse.count_mode = {other:?}: expected exact, online or none"
+                )))
+            }
+        };
+        Ok(pb::TableConfig {
+            name: name.to_string(),
+            dim: dim as u32,
+            init: Some(pb::Initializer {
+                kind: kind as i32,
+                scale: self.init_scale,
+            }),
+            seed: seed ^ ember_proto::route::fnv1a64(name.as_bytes()),
+            optimizer: Some(self.optimizer.to_proto("sparse.optimizer")?),
+            mba_lambda: self.mba_lambda,
+            count_mode: count_mode as i32,
+            admit_min_count: self.admit_min_count,
+            ttl_steps: self.ttl_steps,
+            plain_l2: self.plain_l2,
+        })
+    }
+}
+
+/// Dense parameters on the parameter server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenseConfig {
+    /// Optimizer of the dense parameters ("sgd" or "adam").
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+}
+
+/// Where processes run and how they synchronise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Number of parameter-server shards to start.
+    #[serde(default = "d_shards")]
+    pub shards: usize,
+    /// Number of workers.
+    #[serde(default = "d_workers")]
+    pub workers: usize,
+    /// "process": shards and workers are child processes on loopback;
+    /// "inprocess": shards are gRPC servers and workers tasks of the launcher.
+    #[serde(default = "d_mode")]
+    pub mode: String,
+    /// Use these running shards instead of starting any (`host:port`, shard i first).
+    #[serde(default)]
+    pub shard_addrs: Vec<String>,
+    /// "sync": dense gradients of all workers are averaged per step;
+    /// "async": applied as they arrive.
+    #[serde(default = "d_sync")]
+    pub sync: String,
+    /// How many batches the pull of rows may run ahead of compute, and pushes
+    /// may lag behind it (0 = strictly sequential and deterministic).
+    #[serde(default = "d_staleness")]
+    pub staleness: usize,
+    /// Checkpoint directory of the shards.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Newest checkpoints kept per shard.
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: u32,
+    /// Give up on an unreachable shard after this many seconds.
+    #[serde(default = "d_retry")]
+    pub retry_deadline_s: u64,
+    /// Restarts of the cluster after a shard or worker failure before giving up.
+    #[serde(default = "d_restarts")]
+    pub max_restarts: u32,
+}
+
+fn d_shards() -> usize {
+    2
+}
+fn d_workers() -> usize {
+    2
+}
+fn d_mode() -> String {
+    "process".into()
+}
+fn d_sync() -> String {
+    "sync".into()
+}
+fn d_staleness() -> usize {
+    1
+}
+fn d_keep() -> u32 {
+    3
+}
+fn d_retry() -> u64 {
+    60
+}
+fn d_restarts() -> u32 {
+    3
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            shards: d_shards(),
+            workers: d_workers(),
+            mode: d_mode(),
+            shard_addrs: Vec::new(),
+            sync: d_sync(),
+            staleness: d_staleness(),
+            checkpoint_dir: None,
+            keep_checkpoints: d_keep(),
+            retry_deadline_s: d_retry(),
+            max_restarts: d_restarts(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// True in synchronous mode.
+    pub fn is_sync(&self) -> bool {
+        self.sync == "sync"
+    }
+}
+
+/// Epochs, seeds and outputs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Passes over the training data.
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// Seed of the model initialisation, shuffling and embedding initialisers.
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Run directory (plots, metrics JSON, checkpoints by default).
+    #[serde(default)]
+    pub out_dir: Option<PathBuf>,
+    /// Steps per epoch per worker cap (for quick runs); None = the whole split.
+    #[serde(default)]
+    pub max_steps_per_epoch: Option<u64>,
+    /// Evaluate on at most this many test samples (None = all).
+    #[serde(default)]
+    pub max_eval_samples: Option<usize>,
+    /// Report progress every this many steps.
+    #[serde(default = "d_log_every")]
+    pub log_every: u64,
+}
+
+fn d_epochs() -> usize {
+    2
+}
+fn d_seed() -> u64 {
+    1
+}
+fn d_log_every() -> u64 {
+    10
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            epochs: d_epochs(),
+            seed: d_seed(),
+            out_dir: None,
+            max_steps_per_epoch: None,
+            max_eval_samples: None,
+            log_every: d_log_every(),
+        }
+    }
+}
+
+impl JobConfig {
+    /// Reads and validates a TOML job file. Relative data paths are taken
+    /// relative to the current directory.
+    pub fn load(path: &Path) -> Result<JobConfig, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<JobConfig, TrainError> {
+        let cfg: JobConfig =
+            toml::from_str(text).map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+        cfg.validate()
+            .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Checks every field; the error names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.data.batch_size == 0 {
+            return Err("data.batch_size must be >= 1".into());
+        }
+        if self.data.eval_batch_size == 0 {
+            return Err("data.eval_batch_size must be >= 1".into());
+        }
+        if self.data.max_len == 0 {
+            return Err("data.max_len must be >= 1".into());
+        }
+        if self.cluster.shards == 0 && self.cluster.shard_addrs.is_empty() {
+            return Err("cluster.shards must be >= 1".into());
+        }
+        if self.cluster.workers == 0 {
+            return Err("cluster.workers must be >= 1".into());
+        }
+        if !matches!(self.cluster.mode.as_str(), "process" | "inprocess") {
+            return Err(format!(
+                "cluster.mode = {:?}: expected process or inprocess",
+                self.cluster.mode
+            ));
+        }
+        if !matches!(self.cluster.sync.as_str(), "sync" | "async") {
+            return Err(format!(
+                "cluster.sync = {:?}: expected sync or async",
+                self.cluster.sync
+            ));
+        }
+        if self.train.epochs == 0 {
+            return Err("train.epochs must be >= 1".into());
+        }
+        self.sparse
+            .optimizer
+            .to_proto("sparse.optimizer")
+            .map_err(|e| e.to_string())?;
+        let dense = self
+            .dense
+            .optimizer
+            .to_proto("dense.optimizer")
+            .map_err(|e| e.to_string())?;
+        if matches!(dense.kind, Some(pb::optimizer_config::Kind::Ftrl(_))) {
+            return Err(
+                "dense.optimizer.kind = \"ftrl\": dense parameters take sgd, adagrad or adam"
+                    .into(),
+            );
+        }
+        self.sparse.table("item", 1, 0).map_err(|e| e.to_string())?;
+        if self.sparse.mba_lambda < 0.0 || !self.sparse.mba_lambda.is_finite() {
+            return Err("sparse.mba_lambda must be a finite value >= 0".into());
+        }
+        if self.sparse.mba_lambda > 0.0 && self.sparse.count_mode == "none" {
+            return Err(
+                "sparse.mba_lambda > 0 needs sparse.count_mode = \"exact\" or \"online\"".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The run directory (`train.out_dir`, default `runs/<name>`).
+    pub fn out_dir(&self) -> PathBuf {
+        self.train
+            .out_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+
+    /// The checkpoint directory (`cluster.checkpoint_dir`, default `<out_dir>/checkpoints`).
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.cluster
+            .checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| self.out_dir().join("checkpoints"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[data]\ntrain = \"a.txt\"\ntest = \"b.txt\"\n";
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let c = JobConfig::parse(MINIMAL, "job.toml").unwrap();
+        assert_eq!(c.data.batch_size, 128);
+        assert_eq!(c.cluster.shards, 2);
+        assert!(c.cluster.is_sync());
+        assert_eq!(c.sparse.optimizer.kind, "adam");
+        assert_eq!(
+            c.checkpoint_dir(),
+            PathBuf::from("runs/ember-job/checkpoints")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = JobConfig::parse(
+            &format!("{MINIMAL}[cluster]\nsync = \"sometimes\"\n"),
+            "job.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cluster.sync"), "{e}");
+        let e = JobConfig::parse(
+            &format!("{MINIMAL}[sparse]\noptimizer = {{ kind = \"lbfgs\" }}\n"),
+            "job.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sparse.optimizer.kind"), "{e}");
+        let e = JobConfig::parse(
+            &format!("{MINIMAL}[sparse]\nmba_lambda = 0.01\ncount_mode = \"none\"\n"),
+            "j",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mba_lambda"), "{e}");
+        let e =
+            JobConfig::parse(&format!("{MINIMAL}[cluster]\nshardz = 3\n"), "job.toml").unwrap_err();
+        assert!(e.to_string().contains("shardz"), "{e}");
+        let e = JobConfig::parse("[data]\ntrain = \"a\"\n", "job.toml").unwrap_err();
+        assert!(e.to_string().contains("test"), "{e}");
+    }
+
+    #[test]
+    fn table_config_carries_settings() {
+        let mut s = SparseConfig::default();
+        s.mba_lambda = 0.01;
+        let t = s.table("item", 18, 7).unwrap();
+        assert_eq!(t.dim, 18);
+        assert_eq!(t.count_mode, pb::CountMode::CountExact as i32);
+        assert!((t.mba_lambda - 0.01).abs() < 1e-9);
+        assert!(matches!(
+            t.optimizer.unwrap().kind,
+            Some(pb::optimizer_config::Kind::Adam(_))
+        ));
+    }
+}

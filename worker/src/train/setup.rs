@@ -1,0 +1,83 @@
+//! Preparing a parameter server for a job: sparse tables, exact feature
+//! counts n_j (for MBA), and the dense parameters with their initial values.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use super::backend::Backend;
+use super::config::JobConfig;
+use super::worker::build_job_model;
+use super::TrainError;
+use crate::data::counts;
+use crate::data::reader::SampleReader;
+
+/// Number of lines of a sample file (the launcher splits steps evenly).
+pub fn count_rows(path: &Path) -> Result<u64, TrainError> {
+    let f = std::fs::File::open(path).map_err(|e| TrainError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let mut n = 0u64;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    loop {
+        let buf = r.fill_buf().map_err(|e| TrainError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        if buf.is_empty() {
+            break;
+        }
+        n += buf.iter().filter(|b| **b == b'\n').count() as u64;
+        let len = buf.len();
+        r.consume(len);
+    }
+    Ok(n)
+}
+
+/// Creates the model's sparse tables, loads exact counts when the job asks
+/// for them, and registers the dense parameters and state (existing dense
+/// values are kept, so re-running setup against a trained cluster is safe).
+pub async fn setup_cluster(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainError> {
+    let model = build_job_model(cfg)?;
+    let tables = model.sparse_tables();
+    for (name, dim) in &tables {
+        ps.create_table(&cfg.sparse.table(name, *dim, cfg.train.seed)?)
+            .await?;
+    }
+    if cfg.sparse.count_mode == "exact" {
+        let all = match &cfg.data.counts {
+            Some(p) => counts::load_counts(p).map_err(|e| TrainError::Data(e.to_string()))?,
+            None => count_in_memory(cfg)?,
+        };
+        for (name, _) in &tables {
+            let Some(c) = all.get(name) else {
+                return Err(TrainError::Data(format!(
+                    "the counts have no table {name:?}"
+                )));
+            };
+            ps.load_counts(name, c).await?;
+        }
+    }
+    let mut dense = model.dense_params();
+    dense.extend(model.dense_state());
+    ps.init_dense(&dense, &cfg.dense.optimizer.to_proto("dense.optimizer")?)
+        .await?;
+    Ok(())
+}
+
+/// Counts n_j over the training file without writing a counts file.
+fn count_in_memory(cfg: &JobConfig) -> Result<counts::TableCounts, TrainError> {
+    let mut reader = SampleReader::open(
+        std::slice::from_ref(&cfg.data.train),
+        0,
+        1,
+        cfg.data.skip_malformed,
+    )
+    .map_err(|e| TrainError::Data(e.to_string()))?;
+    let mut counter = counts::Counter::new(cfg.data.max_len, false);
+    while let Some(s) = reader.read().map_err(|e| TrainError::Data(e.to_string()))? {
+        counter.add(&s);
+        reader.recycle(s);
+    }
+    Ok(counter.finish())
+}

@@ -1,0 +1,404 @@
+//! One worker's pass over its share of the training data.
+//!
+//! For each batch: dedup ids per table (done by [`Batch`]), pull the rows of
+//! every table from all shards in parallel, forward/backward, push sparse
+//! gradients with per-id occurrence counts, push dense gradients.
+//!
+//! Pipelining with a staleness bound `s` (`cluster.staleness`):
+//! - `s = 0`: pull, compute, push strictly in sequence (deterministic).
+//! - `s >= 1`: a prefetch task pulls rows for the next batches while the
+//!   current one computes (at most `s` batches ahead), and pushes run in the
+//!   background (at most `s` outstanding), so a row may be read up to `s`
+//!   updates stale.
+//!
+//! Dense parameters: in synchronous mode the worker reads them at exactly its
+//! step (`PullDense(min_step = step)`, which waits until every worker's
+//! gradients of the previous step were averaged and applied) and pushes with
+//! `num_workers = M`; in asynchronous mode they are read (prefetched) and
+//! pushed with `num_workers = 1`, applied as they arrive.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use futures_util::future::try_join_all;
+use tokio::sync::mpsc;
+
+use super::backend::Backend;
+use super::config::JobConfig;
+use super::TrainError;
+use crate::batch::{Batch, SparseIds};
+use crate::data::reader::{BatchReader, ReaderOptions};
+use crate::model::{build_model, CtrModel, SparseRows};
+
+/// What one worker does in one epoch.
+#[derive(Debug, Clone)]
+pub struct WorkerJob {
+    /// The job.
+    pub config: JobConfig,
+    /// This worker's index (0 = chief).
+    pub worker_index: usize,
+    /// Number of workers.
+    pub num_workers: usize,
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// Global step at the start of the epoch.
+    pub start_step: u64,
+    /// Run exactly this many steps (synchronous mode needs every worker to
+    /// run the same number); None = the whole split.
+    pub steps: Option<u64>,
+}
+
+/// Progress of a worker, reported every `train.log_every` steps and at the end.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Progress {
+    /// Worker index.
+    pub worker: usize,
+    /// Steps done in this epoch.
+    pub steps: u64,
+    /// Samples done in this epoch.
+    pub samples: u64,
+    /// Mean loss over the steps since the previous report.
+    pub loss: f64,
+}
+
+/// A worker's account of one epoch.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct WorkerReport {
+    /// Worker index.
+    pub worker: usize,
+    /// Steps run.
+    pub steps: u64,
+    /// Samples trained on.
+    pub samples: u64,
+    /// Sum of per-batch mean losses (divide by `steps`).
+    pub loss_sum: f64,
+    /// Seconds spent in pull RPCs.
+    pub pull_s: f64,
+    /// Seconds of forward/backward.
+    pub compute_s: f64,
+    /// Seconds spent in push RPCs.
+    pub push_s: f64,
+    /// Seconds the compute loop waited for prefetched data or for pushes.
+    pub wait_s: f64,
+    /// Sum of per-batch dedup ratios (divide by `steps`).
+    pub dedup_sum: f64,
+    /// Malformed lines skipped (with `data.skip_malformed`).
+    pub skipped: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// A batch with its pulled rows (and dense parameters in async mode).
+struct Ready {
+    batch: Batch,
+    rows: SparseRows,
+    dense: Option<Vec<(String, Vec<f32>)>>,
+    pull_s: f64,
+}
+
+/// The ids of `table` in `batch`.
+fn ids_of<'a>(batch: &'a Batch, table: &str) -> Result<&'a SparseIds, TrainError> {
+    batch
+        .tables()
+        .into_iter()
+        .find(|t| t.table == table)
+        .ok_or_else(|| {
+            TrainError::Model(format!(
+                "the model needs table {table:?}, which batches do not carry"
+            ))
+        })
+}
+
+/// Pulls the rows the model needs (`tables`, concurrently) for `batch`.
+pub async fn pull_rows(
+    ps: &Backend,
+    batch: &Batch,
+    tables: &[(&'static str, usize)],
+) -> Result<SparseRows, TrainError> {
+    let futs = tables.iter().map(|(t, _)| async move {
+        let ids = ids_of(batch, t)?;
+        let (rows, _) = ps.pull(t, &ids.unique).await?;
+        Ok::<_, TrainError>((*t, rows))
+    });
+    let mut out = SparseRows::new();
+    for (t, rows) in try_join_all(futs).await? {
+        out.insert(t, rows);
+    }
+    Ok(out)
+}
+
+/// Pushes the sparse gradients of every table in `grads` for `batch`.
+async fn push_rows(
+    ps: &Backend,
+    batch: &Batch,
+    grads: &BTreeMap<String, Vec<f32>>,
+    step: u64,
+) -> Result<(), TrainError> {
+    let futs = grads.iter().map(|(t, g)| async move {
+        let ids = ids_of(batch, t)?;
+        ps.push(t, &ids.unique, g, &ids.counts, step).await
+    });
+    try_join_all(futs).await?;
+    Ok(())
+}
+
+/// Builds the job's model on the CPU, seeded by `train.seed`.
+pub fn build_job_model(cfg: &JobConfig) -> Result<Box<dyn CtrModel>, TrainError> {
+    let mut mc = cfg.model.clone();
+    mc.seed = cfg.train.seed;
+    build_model(&mc, &Device::Cpu).map_err(|e| TrainError::Model(e.to_string()))
+}
+
+/// Loads dense values pulled from the PS into the model (parameters and state).
+pub fn load_dense(
+    model: &mut dyn CtrModel,
+    values: &[(String, Vec<f32>)],
+) -> Result<(), TrainError> {
+    let state: std::collections::HashSet<String> =
+        model.dense_state().into_iter().map(|(n, _)| n).collect();
+    for (name, v) in values {
+        let r = if state.contains(name) {
+            model.set_state(name, v)
+        } else {
+            model.set_dense(name, v)
+        };
+        r.map_err(|e| TrainError::Model(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Runs one epoch of one worker. `on_progress` is called every
+/// `train.log_every` steps.
+pub async fn run_epoch(
+    job: &WorkerJob,
+    ps: &Backend,
+    on_progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<WorkerReport, TrainError> {
+    let cfg = &job.config;
+    let started = Instant::now();
+    let sync = cfg.cluster.is_sync() && job.num_workers > 1;
+    let staleness = cfg.cluster.staleness;
+    let mut model = build_job_model(cfg)?;
+    let tables = model.sparse_tables();
+    let opts = ReaderOptions {
+        batch_size: cfg.data.batch_size,
+        max_len: cfg.data.max_len,
+        shuffle_buffer: cfg.data.shuffle_buffer,
+        seed: cfg
+            .train
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(job.epoch as u64),
+        worker_index: job.worker_index,
+        num_workers: job.num_workers,
+        epochs: 1,
+        skip_malformed: cfg.data.skip_malformed,
+        drop_last: false,
+    };
+    let mut reader = Some(
+        BatchReader::new(std::slice::from_ref(&cfg.data.train), opts)
+            .map_err(|e| TrainError::Data(e.to_string()))?,
+    );
+    let limit = match (job.steps, cfg.train.max_steps_per_epoch) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+
+    let mut report = WorkerReport {
+        worker: job.worker_index,
+        ..WorkerReport::default()
+    };
+    let mut window = (0u64, 0.0f64);
+
+    // Prefetch stage (staleness >= 1): reads and pulls ahead of compute.
+    let ps_arc = Arc::new(ps.clone());
+    let (tx, mut rx) = mpsc::channel::<Result<Ready, TrainError>>(staleness.max(1));
+    let prefetch = if staleness > 0 {
+        let ps = ps_arc.clone();
+        let async_dense = !sync;
+        let mut reader_task = reader
+            .take()
+            .ok_or_else(|| TrainError::Data("reader already taken".into()))?;
+        let tables = tables.clone();
+        Some(tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                if limit.is_some_and(|l| n >= l) {
+                    break;
+                }
+                let batch = match reader_task.next_batch() {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(TrainError::Data(e.to_string()))).await;
+                        break;
+                    }
+                };
+                let t = Instant::now();
+                let res = async {
+                    let rows = pull_rows(&ps, &batch, &tables).await?;
+                    let dense = if async_dense {
+                        Some(ps.pull_dense(0).await?.0)
+                    } else {
+                        None
+                    };
+                    Ok::<_, TrainError>((rows, dense))
+                }
+                .await;
+                let item = res.map(|(rows, dense)| Ready {
+                    batch,
+                    rows,
+                    dense,
+                    pull_s: t.elapsed().as_secs_f64(),
+                });
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+                n += 1;
+            }
+            reader_task.skipped_malformed()
+        }))
+    } else {
+        drop(tx);
+        None
+    };
+
+    let mut pushes: VecDeque<tokio::task::JoinHandle<Result<f64, TrainError>>> = VecDeque::new();
+    loop {
+        let step = job.start_step + report.steps;
+        // 1. Next batch with its rows.
+        let wait = Instant::now();
+        let ready = if prefetch.is_some() {
+            match rx.recv().await {
+                Some(r) => r?,
+                None => break,
+            }
+        } else {
+            let Some(r) = reader.as_mut() else { break };
+            if limit.is_some_and(|l| report.steps >= l) {
+                break;
+            }
+            let Some(batch) = r
+                .next_batch()
+                .map_err(|e| TrainError::Data(e.to_string()))?
+            else {
+                break;
+            };
+            let t = Instant::now();
+            let rows = pull_rows(ps, &batch, &tables).await?;
+            let dense = if sync {
+                None
+            } else {
+                Some(ps.pull_dense(0).await?.0)
+            };
+            Ready {
+                batch,
+                rows,
+                dense,
+                pull_s: t.elapsed().as_secs_f64(),
+            }
+        };
+        if prefetch.is_some() {
+            report.wait_s += wait.elapsed().as_secs_f64();
+        }
+        report.pull_s += ready.pull_s;
+        // 2. Dense parameters at this step.
+        let dense = match ready.dense {
+            Some(d) => d,
+            None => {
+                let t = Instant::now();
+                let d = ps.pull_dense(step).await?.0;
+                report.wait_s += t.elapsed().as_secs_f64();
+                d
+            }
+        };
+        load_dense(model.as_mut(), &dense)?;
+        // 3. Forward/backward.
+        let t = Instant::now();
+        let out = tokio::task::block_in_place(|| model.step(&ready.batch, &ready.rows, true))
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        report.compute_s += t.elapsed().as_secs_f64();
+        if !out.loss.is_finite() {
+            return Err(TrainError::Model(format!(
+                "loss is {} at step {step}",
+                out.loss
+            )));
+        }
+        // 4. Push (in the background when pipelined).
+        let batch = ready.batch;
+        report.steps += 1;
+        report.samples += batch.batch_size as u64;
+        report.loss_sum += f64::from(out.loss);
+        report.dedup_sum += batch.dedup_ratio();
+        window.0 += 1;
+        window.1 += f64::from(out.loss);
+        let ps2 = ps_arc.clone();
+        let (nw, wi) = (
+            if sync { job.num_workers as u32 } else { 1 },
+            job.worker_index as u32,
+        );
+        let push = async move {
+            let t = Instant::now();
+            push_rows(&ps2, &batch, &out.sparse_grads, step).await?;
+            ps2.push_dense(&out.dense_grads, step, nw, wi).await?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        if staleness == 0 {
+            report.push_s += push.await?;
+        } else {
+            pushes.push_back(tokio::spawn(push));
+            while pushes.len() > staleness {
+                if let Some(h) = pushes.pop_front() {
+                    let t = Instant::now();
+                    report.push_s += join(h).await?;
+                    report.wait_s += t.elapsed().as_secs_f64();
+                }
+            }
+        }
+        if window.0 >= cfg.train.log_every.max(1) {
+            on_progress(&Progress {
+                worker: job.worker_index,
+                steps: report.steps,
+                samples: report.samples,
+                loss: window.1 / window.0 as f64,
+            });
+            window = (0, 0.0);
+        }
+    }
+    while let Some(h) = pushes.pop_front() {
+        let t = Instant::now();
+        report.push_s += join(h).await?;
+        report.wait_s += t.elapsed().as_secs_f64();
+    }
+    report.skipped = match prefetch {
+        Some(h) => h
+            .await
+            .map_err(|e| TrainError::Data(format!("prefetch task failed: {e}")))?,
+        None => reader.as_ref().map(|r| r.skipped_malformed()).unwrap_or(0),
+    };
+    // The chief publishes Dice running statistics for evaluation.
+    if job.worker_index == 0 {
+        let state = model.dense_state();
+        if !state.is_empty() {
+            ps.assign_dense(&state).await?;
+        }
+    }
+    if window.0 > 0 {
+        on_progress(&Progress {
+            worker: job.worker_index,
+            steps: report.steps,
+            samples: report.samples,
+            loss: window.1 / window.0 as f64,
+        });
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn join(h: tokio::task::JoinHandle<Result<f64, TrainError>>) -> Result<f64, TrainError> {
+    h.await
+        .map_err(|e| TrainError::Protocol(format!("push task failed: {e}")))?
+}
