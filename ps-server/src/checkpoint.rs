@@ -217,7 +217,10 @@ pub fn write(
     })();
     drop(trailer.map_err(|e| PsError::io(ctx("writing"), e))?);
     fs::rename(&tmp, &path).map_err(|e| {
-        PsError::io(format!("renaming {} to {}", tmp.display(), path.display()), e)
+        PsError::io(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        )
     })?;
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -239,7 +242,8 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> PsError {
 /// Checks magic, version, header crc, shard identity, trailer and size.
 /// Returns `(file, step, body_len, body_crc)`.
 fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File, u64, u64, u32)> {
-    let mut f = File::open(path).map_err(|e| PsError::io(format!("opening {}", path.display()), e))?;
+    let mut f =
+        File::open(path).map_err(|e| PsError::io(format!("opening {}", path.display()), e))?;
     let size = f
         .metadata()
         .map_err(|e| PsError::io(format!("stat of {}", path.display()), e))?
@@ -248,7 +252,8 @@ fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File,
         return Err(corrupt(path, format!("truncated: {size} bytes")));
     }
     let mut h = [0u8; HEADER_LEN as usize];
-    f.read_exact(&mut h).map_err(|e| PsError::io(format!("reading {}", path.display()), e))?;
+    f.read_exact(&mut h)
+        .map_err(|e| PsError::io(format!("reading {}", path.display()), e))?;
     let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let u64_at = |b: &[u8], i: usize| {
         let mut a = [0u8; 8];
@@ -263,7 +268,10 @@ fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File,
     }
     let version = u32_at(&h, 8);
     if version != VERSION {
-        return Err(corrupt(path, format!("unsupported version {version} (expected {VERSION})")));
+        return Err(corrupt(
+            path,
+            format!("unsupported version {version} (expected {VERSION})"),
+        ));
     }
     let (si, ns, step) = (u32_at(&h, 12), u32_at(&h, 16), u64_at(&h, 20));
     if (si, ns) != (shard_index, num_shards) {
@@ -281,7 +289,13 @@ fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File,
     }
     let body_len = u64_at(&t, 0);
     if HEADER_LEN + body_len + TRAILER_LEN != size {
-        return Err(corrupt(path, format!("truncated: {size} bytes, header says {}", HEADER_LEN + body_len + TRAILER_LEN)));
+        return Err(corrupt(
+            path,
+            format!(
+                "truncated: {size} bytes, header says {}",
+                HEADER_LEN + body_len + TRAILER_LEN
+            ),
+        ));
     }
     f.seek(SeekFrom::Start(HEADER_LEN))
         .map_err(|e| PsError::io(format!("reading {}", path.display()), e))?;
@@ -290,7 +304,11 @@ fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File,
 
 /// Steps of the good checkpoints (header and trailer verified) in `dir`,
 /// ascending, and the files that failed the check.
-pub fn list(dir: &Path, shard_index: u32, num_shards: u32) -> Result<(Vec<u64>, Vec<(PathBuf, PsError)>)> {
+pub fn list(
+    dir: &Path,
+    shard_index: u32,
+    num_shards: u32,
+) -> Result<(Vec<u64>, Vec<(PathBuf, PsError)>)> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     let rd = match fs::read_dir(dir) {
@@ -311,7 +329,13 @@ pub fn list(dir: &Path, shard_index: u32, num_shards: u32) -> Result<(Vec<u64>, 
         let path = entry.path();
         match open_checked(&path, shard_index, num_shards) {
             Ok((_, s, _, _)) if s == step => good.push(step),
-            Ok((_, s, _, _)) => bad.push((path.clone(), corrupt(&path, format!("file name says step {step}, header says {s}")))),
+            Ok((_, s, _, _)) => bad.push((
+                path.clone(),
+                corrupt(
+                    &path,
+                    format!("file name says step {step}, header says {s}"),
+                ),
+            )),
             Err(e) => bad.push((path, e)),
         }
     }
@@ -355,13 +379,19 @@ impl<R: Read> Body<R> {
             .read_exact(buf)
             .map_err(|e| corrupt(&self.path, format!("body ends early: {e}")))?;
         out.clear();
-        out.extend(buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        out.extend(
+            buf.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
         Ok(())
     }
     fn len_checked(&mut self, max: u64, what: &str) -> Result<usize> {
         let n = self.u64()?;
         if n > max {
-            return Err(corrupt(&self.path, format!("{what} count {n} exceeds the file size")));
+            return Err(corrupt(
+                &self.path,
+                format!("{what} count {n} exceeds the file size"),
+            ));
         }
         Ok(n as usize)
     }
@@ -392,7 +422,8 @@ pub fn read(path: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
         let cfg_bytes = b.bytes(len as usize)?;
         let cfg = TableConfig::decode(cfg_bytes.as_slice())
             .map_err(|e| corrupt(path, format!("bad table config: {e}")))?;
-        let spec = TableSpec::from_config(cfg).map_err(|e| corrupt(path, format!("bad table config: {e}")))?;
+        let spec = TableSpec::from_config(cfg)
+            .map_err(|e| corrupt(path, format!("bad table config: {e}")))?;
         let width = spec.stride() - crate::store::HEADER;
         let table = Table::new(spec);
         for _ in 0..NUM_STRIPES {
@@ -445,7 +476,10 @@ pub fn read(path: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
         let mut state = Vec::new();
         b.f32s_into(&mut state, n, &mut buf)?;
         if state.len() != opt.state_len(values.len()) {
-            return Err(corrupt(path, format!("dense `{name}` has a state of the wrong size")));
+            return Err(corrupt(
+                path,
+                format!("dense `{name}` has a state of the wrong size"),
+            ));
         }
         dense.insert(
             name,
@@ -459,7 +493,10 @@ pub fn read(path: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
     }
     let dense_step = b.u64()?;
     if b.r.left != 0 {
-        return Err(corrupt(path, format!("{} unread bytes at the end of the body", b.r.left)));
+        return Err(corrupt(
+            path,
+            format!("{} unread bytes at the end of the body", b.r.left),
+        ));
     }
     if b.r.crc.clone().finalize() != want_crc {
         return Err(corrupt(path, "body checksum mismatch"));

@@ -108,7 +108,11 @@ impl DenseStore {
 
     /// Registers parameters; existing names of the same length keep their
     /// value. Returns the names created now.
-    pub fn init(&self, params: &[DenseTensor], opt: Option<&OptimizerConfig>) -> Result<Vec<String>> {
+    pub fn init(
+        &self,
+        params: &[DenseTensor],
+        opt: Option<&OptimizerConfig>,
+    ) -> Result<Vec<String>> {
         let optimizer = Optimizer::from_config(opt)?;
         check_unique(params.iter().map(|p| p.name.as_str()))?;
         let mut g = self.inner.lock();
@@ -214,7 +218,13 @@ impl DenseStore {
     /// and sets the step to `step + 1`. A repeated push by one worker for one
     /// step, or a push for a step already applied, is ignored.
     /// Returns the dense step after the push.
-    pub fn push(&self, grads: &[DenseTensor], step: u64, num_workers: u32, worker_index: u32) -> Result<u64> {
+    pub fn push(
+        &self,
+        grads: &[DenseTensor],
+        step: u64,
+        num_workers: u32,
+        worker_index: u32,
+    ) -> Result<u64> {
         let mut g = self.inner.lock();
         Self::validate_grads(&g, grads)?;
         if num_workers <= 1 {
@@ -316,24 +326,35 @@ mod tests {
         let d = DenseStore::default();
         let p = [DenseTensor::new("a", vec![1.0, 2.0])];
         assert_eq!(d.init(&p, Some(&sgd(1.0))).unwrap(), vec!["a".to_string()]);
-        d.push(&[DenseTensor::new("a", vec![1.0, 1.0])], 0, 1, 0).unwrap();
+        d.push(&[DenseTensor::new("a", vec![1.0, 1.0])], 0, 1, 0)
+            .unwrap();
         assert!(d.init(&p, None).unwrap().is_empty());
         assert_eq!(d.pull(&[]).unwrap().0[0].values, vec![0.0, 1.0]);
-        let e = d.init(&[DenseTensor::new("a", vec![1.0])], None).unwrap_err();
+        let e = d
+            .init(&[DenseTensor::new("a", vec![1.0])], None)
+            .unwrap_err();
         assert!(matches!(e, PsError::InvalidArgument(_)));
     }
 
     #[test]
     fn sync_push_applies_mean_once_and_ignores_duplicates() {
         let d = DenseStore::default();
-        d.init(&[DenseTensor::new("w", vec![0.0])], Some(&sgd(1.0))).unwrap();
+        d.init(&[DenseTensor::new("w", vec![0.0])], Some(&sgd(1.0)))
+            .unwrap();
         let g = |v: f32| [DenseTensor::new("w", vec![v])];
         assert_eq!(d.push(&g(2.0), 0, 3, 0).unwrap(), 0);
         assert_eq!(d.push(&g(100.0), 0, 3, 0).unwrap(), 0, "duplicate ignored");
         assert_eq!(d.push(&g(4.0), 0, 3, 1).unwrap(), 0);
-        assert_eq!(d.pull(&[]).unwrap().0[0].values, vec![0.0], "not applied before N");
+        assert_eq!(
+            d.pull(&[]).unwrap().0[0].values,
+            vec![0.0],
+            "not applied before N"
+        );
         assert_eq!(d.push(&g(6.0), 0, 3, 2).unwrap(), 1);
-        assert_eq!(d.pull(&[]).unwrap(), (vec![DenseTensor::new("w", vec![-4.0])], 1));
+        assert_eq!(
+            d.pull(&[]).unwrap(),
+            (vec![DenseTensor::new("w", vec![-4.0])], 1)
+        );
         // A late retry for step 0 changes nothing.
         assert_eq!(d.push(&g(6.0), 0, 3, 2).unwrap(), 1);
         assert_eq!(d.pull(&[]).unwrap().0[0].values, vec![-4.0]);
@@ -343,7 +364,8 @@ mod tests {
     #[test]
     fn rejected_push_changes_nothing() {
         let d = DenseStore::default();
-        d.init(&[DenseTensor::new("w", vec![0.0, 0.0])], None).unwrap();
+        d.init(&[DenseTensor::new("w", vec![0.0, 0.0])], None)
+            .unwrap();
         let bad = [
             vec![DenseTensor::new("w", vec![1.0])],
             vec![DenseTensor::new("w", vec![1.0, f32::NAN])],
@@ -352,7 +374,10 @@ mod tests {
         for b in bad {
             assert!(d.push(&b, 0, 1, 0).is_err());
         }
-        assert_eq!(d.pull(&[]).unwrap(), (vec![DenseTensor::new("w", vec![0.0, 0.0])], 0));
+        assert_eq!(
+            d.pull(&[]).unwrap(),
+            (vec![DenseTensor::new("w", vec![0.0, 0.0])], 0)
+        );
     }
 
     #[tokio::test]
@@ -364,7 +389,8 @@ mod tests {
         let d2 = d.clone();
         let h = tokio::spawn(async move { d2.wait_step(1, Duration::from_secs(5)).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        d.push(&[DenseTensor::new("w", vec![1.0])], 0, 1, 0).unwrap();
+        d.push(&[DenseTensor::new("w", vec![1.0])], 0, 1, 0)
+            .unwrap();
         assert_eq!(h.await.unwrap().unwrap(), 1);
     }
 }

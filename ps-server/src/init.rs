@@ -95,7 +95,11 @@ mod tests {
             let other = Init { seed: 8, ..i };
             other.fill(42, &mut b);
             assert_ne!(a, b);
-            let bound = if kind == Kind::Uniform { 0.1 } else { 0.2 + 1e-6 };
+            let bound = if kind == Kind::Uniform {
+                0.1
+            } else {
+                0.2 + 1e-6
+            };
             if kind != Kind::Normal {
                 assert!(a.iter().all(|v| v.abs() <= bound));
             }
@@ -146,6 +150,9 @@ mod tests {
         }
         let mean = s / n;
         let var = s2 / n - mean * mean;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
     }
 }

@@ -54,7 +54,8 @@ pub fn install_exporter() -> Result<PrometheusHandle> {
         return Ok(h.clone());
     }
     let buckets = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        10.0,
     ];
     let h = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(REQUEST_SECONDS.to_string()), &buckets)
@@ -93,14 +94,20 @@ pub fn render(handle: &PrometheusHandle) -> String {
 }
 
 /// Serves `GET /metrics` (any path, in fact) until `shutdown` resolves.
-pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle, shutdown: impl Future<Output = ()>) {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => return,
             a = listener.accept() => a,
         };
-        let Ok((mut sock, _)) = accepted else { continue };
+        let Ok((mut sock, _)) = accepted else {
+            continue;
+        };
         let h = handle.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];

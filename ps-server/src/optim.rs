@@ -72,7 +72,9 @@ fn check(ok: bool, what: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(PsError::invalid(format!("malformed optimizer config: {what}")))
+        Err(PsError::invalid(format!(
+            "malformed optimizer config: {what}"
+        )))
     }
 }
 
@@ -90,12 +92,18 @@ impl Optimizer {
                 Optimizer::Sgd { lr: s.lr }
             }
             Kind::Adagrad(a) => {
-                check(fin(a.lr) && a.lr >= 0.0, "adagrad.lr must be finite and >= 0")?;
+                check(
+                    fin(a.lr) && a.lr >= 0.0,
+                    "adagrad.lr must be finite and >= 0",
+                )?;
                 check(
                     fin(a.initial_accumulator) && a.initial_accumulator >= 0.0,
                     "adagrad.initial_accumulator must be finite and >= 0",
                 )?;
-                check(fin(a.eps) && a.eps >= 0.0, "adagrad.eps must be finite and >= 0")?;
+                check(
+                    fin(a.eps) && a.eps >= 0.0,
+                    "adagrad.eps must be finite and >= 0",
+                )?;
                 Optimizer::Adagrad {
                     lr: a.lr,
                     init_acc: a.initial_accumulator,
@@ -108,7 +116,10 @@ impl Optimizer {
                     (0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2),
                     "adam.beta1/beta2 must be in [0, 1)",
                 )?;
-                check(fin(a.eps) && a.eps >= 0.0, "adam.eps must be finite and >= 0")?;
+                check(
+                    fin(a.eps) && a.eps >= 0.0,
+                    "adam.eps must be finite and >= 0",
+                )?;
                 Optimizer::Adam {
                     lr: a.lr,
                     beta1: if a.beta1 == 0.0 { ADAM_BETA1 } else { a.beta1 },
@@ -117,9 +128,17 @@ impl Optimizer {
                 }
             }
             Kind::Ftrl(f) => {
-                check(fin(f.alpha) && f.alpha > 0.0, "ftrl.alpha must be finite and > 0")?;
                 check(
-                    fin(f.beta) && f.beta >= 0.0 && fin(f.l1) && f.l1 >= 0.0 && fin(f.l2) && f.l2 >= 0.0,
+                    fin(f.alpha) && f.alpha > 0.0,
+                    "ftrl.alpha must be finite and > 0",
+                )?;
+                check(
+                    fin(f.beta)
+                        && f.beta >= 0.0
+                        && fin(f.l1)
+                        && f.l1 >= 0.0
+                        && fin(f.l2)
+                        && f.l2 >= 0.0,
                     "ftrl.beta/l1/l2 must be finite and >= 0",
                 )?;
                 Optimizer::Ftrl {
@@ -290,7 +309,10 @@ mod tests {
         o.step(&mut w, &mut [], &[0.2, -0.4]);
         close(w[0], 0.9);
         close(w[1], -1.8);
-        assert_eq!(Optimizer::from_config(None).unwrap(), Optimizer::Sgd { lr: 0.01 });
+        assert_eq!(
+            Optimizer::from_config(None).unwrap(),
+            Optimizer::Sgd { lr: 0.01 }
+        );
     }
 
     #[test]
@@ -310,7 +332,10 @@ mod tests {
         close(w[0], 1.0 - 0.2 / (5f32.sqrt() + 1e-3));
         o.step(&mut w, &mut s, &[-1.0]);
         close(s[0], 6.0);
-        close(w[0], 1.0 - 0.2 / (5f32.sqrt() + 1e-3) + 0.1 / (6f32.sqrt() + 1e-3));
+        close(
+            w[0],
+            1.0 - 0.2 / (5f32.sqrt() + 1e-3) + 0.1 / (6f32.sqrt() + 1e-3),
+        );
     }
 
     #[test]

@@ -90,7 +90,10 @@ impl ServerConfig {
             return Err(PsError::invalid("max_message_bytes must be >= 1024"));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(PsError::invalid(format!("log_format `{}` is not text or json", self.log_format)));
+            return Err(PsError::invalid(format!(
+                "log_format `{}` is not text or json",
+                self.log_format
+            )));
         }
         if self.checkpoint_on_exit.is_some() && self.checkpoint_dir.is_none() {
             return Err(PsError::invalid("checkpoint_on_exit needs checkpoint_dir"));
@@ -103,8 +106,9 @@ impl ServerConfig {
     pub fn resolve_token(&mut self) -> Result<()> {
         if self.auth_token.is_none() {
             if let Some(p) = &self.auth_token_file {
-                let t = std::fs::read_to_string(p)
-                    .map_err(|e| PsError::io(format!("reading auth token file {}", p.display()), e))?;
+                let t = std::fs::read_to_string(p).map_err(|e| {
+                    PsError::io(format!("reading auth token file {}", p.display()), e)
+                })?;
                 self.auth_token = Some(t.trim().to_string());
             } else if let Ok(t) = std::env::var("EMBER_AUTH_TOKEN") {
                 self.auth_token = Some(t.trim().to_string());
@@ -132,7 +136,9 @@ pub fn build_shard(config: &ServerConfig) -> Result<Arc<Shard>> {
     if config.restore {
         match shard.restore(0) {
             Ok((step, rows)) => tracing::info!(step, rows, "restored at start"),
-            Err(PsError::NoCheckpoint(m)) => tracing::warn!("--restore: no checkpoint {m}; starting empty"),
+            Err(PsError::NoCheckpoint(m)) => {
+                tracing::warn!("--restore: no checkpoint {m}; starting empty")
+            }
             Err(e) => return Err(e),
         }
     }
@@ -157,9 +163,14 @@ pub async fn serve_shard(
             "no auth token configured: admin RPCs (CreateTable, InitDense, LoadCounts, Checkpoint, Restore, Shutdown) are unauthenticated"
         );
     }
-    let svc = PsService::new(shard.clone(), token.is_some(), config.max_message_bytes, stop_tx);
+    let svc = PsService::new(
+        shard.clone(),
+        token.is_some(),
+        config.max_message_bytes,
+        stop_tx,
+    );
     let server = ParameterServerServer::new(svc)
-        .max_decoding_message_size(config.max_message_bytes)
+        .max_decoding_message_size(config.max_message_bytes.saturating_mul(2))
         .max_encoding_message_size(config.max_message_bytes);
     let svc = InterceptedService::new(server, AuthInterceptor::new(token));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -186,7 +197,11 @@ pub async fn serve_shard(
 
 /// Builds the shard of `config` (restoring if asked) and serves it on
 /// `listener` until `shutdown` resolves (see [`serve_shard`]).
-pub async fn serve(config: ServerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let shard = build_shard(&config)?;
     serve_shard(shard, &config, listener, shutdown).await
 }
@@ -238,7 +253,9 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningShard> {
             let ml = TcpListener::bind(ma)
                 .await
                 .map_err(|e| PsError::io(format!("binding metrics address {ma}"), e))?;
-            let bound = ml.local_addr().map_err(|e| PsError::io("local address of the metrics listener", e))?;
+            let bound = ml
+                .local_addr()
+                .map_err(|e| PsError::io("local address of the metrics listener", e))?;
             let mut rx = stop_rx.clone();
             tokio::spawn(crate::metrics::serve_metrics(ml, handle, async move {
                 let _ = rx.wait_for(|v| *v).await;

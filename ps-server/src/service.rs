@@ -70,7 +70,12 @@ pub struct PsService {
 impl PsService {
     /// A service over `shard`; `auth` says whether admin RPCs need the
     /// [`Authenticated`] mark; `shutdown` is set to true by the Shutdown RPC.
-    pub fn new(shard: Arc<Shard>, auth: bool, max_message_bytes: usize, shutdown: watch::Sender<bool>) -> Self {
+    pub fn new(
+        shard: Arc<Shard>,
+        auth: bool,
+        max_message_bytes: usize,
+        shutdown: watch::Sender<bool>,
+    ) -> Self {
         PsService {
             shard,
             auth,
@@ -99,6 +104,20 @@ impl PsService {
             .increment(1);
         metrics::histogram!(m::REQUEST_SECONDS, "method" => method, "shard" => shard)
             .record(start.elapsed().as_secs_f64());
+    }
+
+    /// RESOURCE_EXHAUSTED when a decoded request is over the configured
+    /// limit. (tonic's own decode limit, set to twice this, answers
+    /// OUT_OF_RANGE; this check gives the contract's code below that.)
+    fn size_ok<M: prost::Message>(&self, method: &str, msg: &M) -> Result<(), Status> {
+        let n = msg.encoded_len();
+        if n > self.max_message_bytes {
+            return Err(self.reject(PsError::TooLarge(format!(
+                "{method} request of {n} bytes exceeds the message limit of {} bytes",
+                self.max_message_bytes
+            ))));
+        }
+        Ok(())
     }
 
     fn decode_dense(&self, params: Vec<DenseParam>) -> Result<Vec<DenseTensor>, Status> {
@@ -135,7 +154,10 @@ fn dense_out(ts: Vec<DenseTensor>) -> Vec<DenseParam> {
 
 #[tonic::async_trait]
 impl ParameterServer for PsService {
-    async fn create_table(&self, req: Request<CreateTableRequest>) -> Result<Response<CreateTableResponse>, Status> {
+    async fn create_table(
+        &self,
+        req: Request<CreateTableRequest>,
+    ) -> Result<Response<CreateTableResponse>, Status> {
         let t0 = Instant::now();
         self.admin(&req, "CreateTable")?;
         let cfg = req.into_inner().config.unwrap_or_default();
@@ -145,7 +167,10 @@ impl ParameterServer for PsService {
         Ok(Response::new(CreateTableResponse { created }))
     }
 
-    async fn describe_table(&self, req: Request<DescribeTableRequest>) -> Result<Response<TableInfo>, Status> {
+    async fn describe_table(
+        &self,
+        req: Request<DescribeTableRequest>,
+    ) -> Result<Response<TableInfo>, Status> {
         let t0 = Instant::now();
         let name = req.into_inner().table;
         let info = self.shard.describe_table(&name)?;
@@ -153,7 +178,10 @@ impl ParameterServer for PsService {
         Ok(Response::new(info))
     }
 
-    async fn list_tables(&self, _req: Request<ListTablesRequest>) -> Result<Response<ListTablesResponse>, Status> {
+    async fn list_tables(
+        &self,
+        _req: Request<ListTablesRequest>,
+    ) -> Result<Response<ListTablesResponse>, Status> {
         let t0 = Instant::now();
         let tables = self.shard.list_tables();
         self.record("ListTables", "", t0);
@@ -163,8 +191,13 @@ impl ParameterServer for PsService {
     async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
         let t0 = Instant::now();
         let r = req.into_inner();
+        self.size_ok("Pull", &r)?;
         let ids = decode_u64("ids", &r.ids).map_err(|e| self.reject(e.into()))?;
-        let dim = self.shard.table(&r.table).map_err(|e| self.reject(e))?.dim();
+        let dim = self
+            .shard
+            .table(&r.table)
+            .map_err(|e| self.reject(e))?
+            .dim();
         let bytes = ids.len() * dim * 4;
         if bytes + 64 > self.max_message_bytes {
             return Err(self.reject(PsError::TooLarge(format!(
@@ -177,12 +210,16 @@ impl ParameterServer for PsService {
         let dim = self.shard.pull(&r.table, &ids, &mut out)?;
         let rows = encode_f32(&out);
         self.record("Pull", &r.table, t0);
-        Ok(Response::new(PullResponse { rows, dim: dim as u32 }))
+        Ok(Response::new(PullResponse {
+            rows,
+            dim: dim as u32,
+        }))
     }
 
     async fn push(&self, req: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let t0 = Instant::now();
         let r = req.into_inner();
+        self.size_ok("Push", &r)?;
         let ids = decode_u64("ids", &r.ids).map_err(|e| self.reject(e.into()))?;
         let grads = decode_f32("grads", &r.grads).map_err(|e| self.reject(e.into()))?;
         let counts = decode_u32("counts", &r.counts).map_err(|e| self.reject(e.into()))?;
@@ -194,21 +231,32 @@ impl ParameterServer for PsService {
         }))
     }
 
-    async fn init_dense(&self, req: Request<InitDenseRequest>) -> Result<Response<InitDenseResponse>, Status> {
+    async fn init_dense(
+        &self,
+        req: Request<InitDenseRequest>,
+    ) -> Result<Response<InitDenseResponse>, Status> {
         let t0 = Instant::now();
         self.admin(&req, "InitDense")?;
         let r = req.into_inner();
+        self.size_ok("InitDense", &r)?;
         let params = self.decode_dense(r.params)?;
         let created = self.shard.init_dense(&params, r.optimizer.as_ref())?;
         self.record("InitDense", "", t0);
         Ok(Response::new(InitDenseResponse { created }))
     }
 
-    async fn pull_dense(&self, req: Request<PullDenseRequest>) -> Result<Response<PullDenseResponse>, Status> {
+    async fn pull_dense(
+        &self,
+        req: Request<PullDenseRequest>,
+    ) -> Result<Response<PullDenseResponse>, Status> {
         let t0 = Instant::now();
         let r = req.into_inner();
         if r.min_step > 0 {
-            let ms = if r.timeout_ms == 0 { 30_000 } else { r.timeout_ms };
+            let ms = if r.timeout_ms == 0 {
+                30_000
+            } else {
+                r.timeout_ms
+            };
             self.shard
                 .wait_dense_step(r.min_step, Duration::from_millis(u64::from(ms)))
                 .await?;
@@ -221,27 +269,42 @@ impl ParameterServer for PsService {
         }))
     }
 
-    async fn push_dense(&self, req: Request<PushDenseRequest>) -> Result<Response<PushDenseResponse>, Status> {
+    async fn push_dense(
+        &self,
+        req: Request<PushDenseRequest>,
+    ) -> Result<Response<PushDenseResponse>, Status> {
         let t0 = Instant::now();
         let r = req.into_inner();
+        self.size_ok("PushDense", &r)?;
         let grads = self.decode_dense(r.grads)?;
-        let step = self.shard.push_dense(&grads, r.step, r.num_workers, r.worker_index)?;
+        let step = self
+            .shard
+            .push_dense(&grads, r.step, r.num_workers, r.worker_index)?;
         self.record("PushDense", "", t0);
         Ok(Response::new(PushDenseResponse { step }))
     }
 
-    async fn assign_dense(&self, req: Request<AssignDenseRequest>) -> Result<Response<AssignDenseResponse>, Status> {
+    async fn assign_dense(
+        &self,
+        req: Request<AssignDenseRequest>,
+    ) -> Result<Response<AssignDenseResponse>, Status> {
         let t0 = Instant::now();
-        let params = self.decode_dense(req.into_inner().params)?;
+        let r = req.into_inner();
+        self.size_ok("AssignDense", &r)?;
+        let params = self.decode_dense(r.params)?;
         self.shard.assign_dense(&params)?;
         self.record("AssignDense", "", t0);
         Ok(Response::new(AssignDenseResponse {}))
     }
 
-    async fn load_counts(&self, req: Request<LoadCountsRequest>) -> Result<Response<LoadCountsResponse>, Status> {
+    async fn load_counts(
+        &self,
+        req: Request<LoadCountsRequest>,
+    ) -> Result<Response<LoadCountsResponse>, Status> {
         let t0 = Instant::now();
         self.admin(&req, "LoadCounts")?;
         let r = req.into_inner();
+        self.size_ok("LoadCounts", &r)?;
         let ids = decode_u64("ids", &r.ids).map_err(|e| self.reject(e.into()))?;
         let counts = decode_u32("counts", &r.counts).map_err(|e| self.reject(e.into()))?;
         let counted_ids = self.shard.load_counts(&r.table, &ids, &counts, r.replace)?;
@@ -249,7 +312,10 @@ impl ParameterServer for PsService {
         Ok(Response::new(LoadCountsResponse { counted_ids }))
     }
 
-    async fn checkpoint(&self, req: Request<CheckpointRequest>) -> Result<Response<CheckpointResponse>, Status> {
+    async fn checkpoint(
+        &self,
+        req: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointResponse>, Status> {
         let t0 = Instant::now();
         self.admin(&req, "Checkpoint")?;
         let r = req.into_inner();
@@ -262,7 +328,10 @@ impl ParameterServer for PsService {
         }))
     }
 
-    async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<RestoreResponse>, Status> {
+    async fn restore(
+        &self,
+        req: Request<RestoreRequest>,
+    ) -> Result<Response<RestoreResponse>, Status> {
         let t0 = Instant::now();
         self.admin(&req, "Restore")?;
         let step = req.into_inner().step;
@@ -281,7 +350,10 @@ impl ParameterServer for PsService {
         Ok(Response::new(ListCheckpointsResponse { steps }))
     }
 
-    async fn health(&self, _req: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
         let c = self.shard.config();
         Ok(Response::new(HealthResponse {
             shard_index: c.shard_index,
@@ -299,7 +371,10 @@ impl ParameterServer for PsService {
         Ok(Response::new(s))
     }
 
-    async fn shutdown(&self, req: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {
+    async fn shutdown(
+        &self,
+        req: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
         self.admin(&req, "Shutdown")?;
         let step = req.into_inner().checkpoint_step;
         if step > 0 {

@@ -60,7 +60,9 @@ pub struct Shard {
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shard").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Shard")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,7 +74,10 @@ fn find_duplicate(ids: &[u64]) -> Option<u64> {
 impl Shard {
     /// An empty shard.
     pub fn new(cfg: ShardConfig) -> Result<Self> {
-        if cfg.num_shards == 0 || u64::from(cfg.num_shards) > NUM_BUCKETS || cfg.shard_index >= cfg.num_shards {
+        if cfg.num_shards == 0
+            || u64::from(cfg.num_shards) > NUM_BUCKETS
+            || cfg.shard_index >= cfg.num_shards
+        {
             return Err(PsError::invalid(format!(
                 "shard_index {} / num_shards {} out of range (1..={NUM_BUCKETS} shards)",
                 cfg.shard_index, cfg.num_shards
@@ -111,7 +116,8 @@ impl Shard {
     /// Counts a rejected request (called on every error returned to a client).
     pub fn note_rejected(&self, e: &PsError) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::REJECTED, "reason" => e.reason(), "shard" => self.shard_label.clone()).increment(1);
+        metrics::counter!(m::REJECTED, "reason" => e.reason(), "shard" => self.shard_label.clone())
+            .increment(1);
     }
 
     fn track<T>(&self, r: Result<T>) -> Result<T> {
@@ -136,7 +142,9 @@ impl Shard {
         }
         let salt = fnv1a64(table.as_bytes());
         for &id in ids {
-            let s = self.router.shard_of_bucket(splitmix64(id ^ salt) % NUM_BUCKETS);
+            let s = self
+                .router
+                .shard_of_bucket(splitmix64(id ^ salt) % NUM_BUCKETS);
             if s != self.cfg.shard_index {
                 return Err(PsError::FailedPrecondition(format!(
                     "id {id} of table `{table}` routes to shard {s}, this is shard {} of {}",
@@ -191,8 +199,12 @@ impl Shard {
 
     /// Every table on this shard, sorted by name.
     pub fn list_tables(&self) -> Vec<TableInfo> {
-        let mut ts: Vec<(String, Arc<Table>)> =
-            self.tables.read().iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        let mut ts: Vec<(String, Arc<Table>)> = self
+            .tables
+            .read()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
         ts.sort_by(|a, b| a.0.cmp(&b.0));
         ts.iter().map(|(n, t)| Self::info(n, t)).collect()
     }
@@ -208,7 +220,8 @@ impl Shard {
             Ok(t.dim())
         })();
         if r.is_ok() {
-            self.rows_pulled.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            self.rows_pulled
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
             metrics::counter!(m::ROWS_PULLED, "table" => table.to_string(), "shard" => self.shard_label.clone())
                 .increment(ids.len() as u64);
         }
@@ -218,7 +231,14 @@ impl Shard {
     /// Applies gradients (`ids.len() * dim` values) to unique `ids`:
     /// MBA / plain L2, then the table's optimizer, atomically per row.
     /// `counts` is empty (1 per id) or one count >= 1 per id.
-    pub fn push(&self, table: &str, ids: &[u64], grads: &[f32], counts: &[u32], step: u64) -> Result<PushOutcome> {
+    pub fn push(
+        &self,
+        table: &str,
+        ids: &[u64],
+        grads: &[f32],
+        counts: &[u32],
+        step: u64,
+    ) -> Result<PushOutcome> {
         let r = (|| {
             let t = self.table(table)?;
             let dim = t.dim();
@@ -238,7 +258,9 @@ impl Shard {
                 )));
             }
             if let Some(i) = counts.iter().position(|&c| c == 0) {
-                return Err(PsError::invalid(format!("counts[{i}] is 0 (counts must be >= 1)")));
+                return Err(PsError::invalid(format!(
+                    "counts[{i}] is 0 (counts must be >= 1)"
+                )));
             }
             if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
                 return Err(PsError::invalid(format!(
@@ -248,14 +270,19 @@ impl Shard {
                 )));
             }
             if let Some(id) = find_duplicate(ids) {
-                return Err(PsError::invalid(format!("duplicate id {id} in push (ids must be unique)")));
+                return Err(PsError::invalid(format!(
+                    "duplicate id {id} in push (ids must be unique)"
+                )));
             }
             self.check_route(table, ids)?;
             Ok(t.push(ids, grads, counts, step))
         })();
         if let Ok(o) = &r {
             self.rows_pushed.fetch_add(o.updated, Ordering::Relaxed);
-            let labels = [("table", table.to_string()), ("shard", self.shard_label.clone())];
+            let labels = [
+                ("table", table.to_string()),
+                ("shard", self.shard_label.clone()),
+            ];
             metrics::counter!(m::ROWS_PUSHED, &labels).increment(o.updated);
             if o.not_admitted > 0 {
                 metrics::counter!(m::NOT_ADMITTED, &labels).increment(o.not_admitted);
@@ -266,7 +293,13 @@ impl Shard {
 
     /// Loads exact feature counts n_j (`replace` forgets previous counts
     /// first). Returns the ids with a count for the table on this shard.
-    pub fn load_counts(&self, table: &str, ids: &[u64], counts: &[u32], replace: bool) -> Result<u64> {
+    pub fn load_counts(
+        &self,
+        table: &str,
+        ids: &[u64],
+        counts: &[u32],
+        replace: bool,
+    ) -> Result<u64> {
         let r = (|| {
             let t = self.table(table)?;
             if counts.len() != ids.len() {
@@ -284,7 +317,11 @@ impl Shard {
 
     /// Registers dense parameters (existing names of equal length keep their
     /// value). Returns the names created now.
-    pub fn init_dense(&self, params: &[DenseTensor], optimizer: Option<&OptimizerConfig>) -> Result<Vec<String>> {
+    pub fn init_dense(
+        &self,
+        params: &[DenseTensor],
+        optimizer: Option<&OptimizerConfig>,
+    ) -> Result<Vec<String>> {
         let r = (|| {
             if self.cfg.num_shards > 1 {
                 for p in params {
@@ -317,7 +354,13 @@ impl Shard {
 
     /// Pushes dense gradients for `step` (see `PushDenseRequest`); returns
     /// the dense step after the push.
-    pub fn push_dense(&self, grads: &[DenseTensor], step: u64, num_workers: u32, worker_index: u32) -> Result<u64> {
+    pub fn push_dense(
+        &self,
+        grads: &[DenseTensor],
+        step: u64,
+        num_workers: u32,
+        worker_index: u32,
+    ) -> Result<u64> {
         let r = self.dense.push(grads, step, num_workers, worker_index);
         if let Ok(s) = &r {
             metrics::gauge!(m::DENSE_STEP, "shard" => self.shard_label.clone()).set(*s as f64);
@@ -376,7 +419,8 @@ impl Shard {
                 &dense,
                 dense_step,
             )?;
-            let dropped = checkpoint::retain(&dir, self.cfg.shard_index, self.cfg.num_shards, keep)?;
+            let dropped =
+                checkpoint::retain(&dir, self.cfg.shard_index, self.cfg.num_shards, keep)?;
             if !dropped.is_empty() {
                 tracing::info!(?dropped, keep, "deleted old checkpoints");
             }
@@ -424,11 +468,16 @@ impl Shard {
                         Err(e) => tracing::warn!(step = s, error = %e, "skipping bad checkpoint"),
                     }
                 }
-                found.ok_or_else(|| PsError::NoCheckpoint(format!("(no good checkpoint in {})", dir.display())))?
+                found.ok_or_else(|| {
+                    PsError::NoCheckpoint(format!("(no good checkpoint in {})", dir.display()))
+                })?
             } else {
                 let p = checkpoint::step_path(&dir, step);
                 if !p.exists() {
-                    return Err(PsError::NoCheckpoint(format!("for step {step} ({} missing)", p.display())));
+                    return Err(PsError::NoCheckpoint(format!(
+                        "for step {step} ({} missing)",
+                        p.display()
+                    )));
                 }
                 checkpoint::read(&p, si, ns)?
             };
@@ -465,7 +514,10 @@ impl Shard {
     pub fn update_gauges(&self) {
         for t in self.sorted_tables() {
             let st = t.stats();
-            let labels = [("table", t.spec().name().to_string()), ("shard", self.shard_label.clone())];
+            let labels = [
+                ("table", t.spec().name().to_string()),
+                ("shard", self.shard_label.clone()),
+            ];
             metrics::gauge!(m::RESIDENT_ROWS, &labels).set(st.rows as f64);
             metrics::gauge!(m::RESIDENT_BYTES, &labels).set(st.resident_bytes as f64);
         }

@@ -108,13 +108,20 @@ impl TableSpec {
             return bad(format!("dim {} not in 1..={MAX_DIM}", config.dim));
         }
         let init_cfg = config.init.unwrap_or_default();
-        let kind = initializer::Kind::try_from(init_cfg.kind)
-            .map_err(|_| PsError::invalid(format!("malformed table config: unknown init.kind {}", init_cfg.kind)))?;
+        let kind = initializer::Kind::try_from(init_cfg.kind).map_err(|_| {
+            PsError::invalid(format!(
+                "malformed table config: unknown init.kind {}",
+                init_cfg.kind
+            ))
+        })?;
         if !init_cfg.scale.is_finite() || init_cfg.scale < 0.0 {
             return bad("init.scale must be finite and >= 0".into());
         }
         let count_mode = CountMode::try_from(config.count_mode).map_err(|_| {
-            PsError::invalid(format!("malformed table config: unknown count_mode {}", config.count_mode))
+            PsError::invalid(format!(
+                "malformed table config: unknown count_mode {}",
+                config.count_mode
+            ))
         })?;
         if !config.mba_lambda.is_finite() || config.mba_lambda < 0.0 {
             return bad("mba_lambda must be finite and >= 0".into());
@@ -314,7 +321,9 @@ impl Table {
         Table {
             spec,
             stride,
-            stripes: (0..NUM_STRIPES).map(|_| RwLock::new(Stripe::default())).collect(),
+            stripes: (0..NUM_STRIPES)
+                .map(|_| RwLock::new(Stripe::default()))
+                .collect(),
             evicted: AtomicU64::new(0),
             not_admitted: AtomicU64::new(0),
             max_step: AtomicU64::new(0),
@@ -406,7 +415,11 @@ impl Table {
                     }
                     None => {
                         let prior = stripe.pending.get(&id).copied().unwrap_or(0);
-                        let n = if online { prior.saturating_add(c) } else { prior };
+                        let n = if online {
+                            prior.saturating_add(c)
+                        } else {
+                            prior
+                        };
                         if admit > 1 && n < admit {
                             if online {
                                 stripe.pending.insert(id, n);
@@ -444,7 +457,8 @@ impl Table {
                 out.updated += 1;
             }
         }
-        self.not_admitted.fetch_add(out.not_admitted, Ordering::Relaxed);
+        self.not_admitted
+            .fetch_add(out.not_admitted, Ordering::Relaxed);
         if spec.config.ttl_steps > 0 {
             let p = self.pushes.fetch_add(1, Ordering::Relaxed) + 1;
             if p % SWEEP_EVERY_PUSHES == 0 {
@@ -682,7 +696,11 @@ impl StripeRows<'_> {
 /// Adds MBA (`λ/n_j · w`) and plain L2 (`l2 · w`) to a gradient, in place.
 #[inline]
 pub fn regularize(g: &mut [f32], w: &[f32], lambda: f32, nj: u32, l2: f32) {
-    let coef = if lambda > 0.0 { lambda / nj.max(1) as f32 } else { 0.0 } + l2;
+    let coef = if lambda > 0.0 {
+        lambda / nj.max(1) as f32
+    } else {
+        0.0
+    } + l2;
     if coef != 0.0 {
         for (g, w) in g.iter_mut().zip(w) {
             *g += coef * w;
@@ -768,7 +786,10 @@ mod tests {
         assert_eq!(n, 4, "exact counts are not changed by pushes");
         let e0 = 1.0 - 0.5 * (0.1 + 0.05 * 1.0);
         let e1 = -2.0 - 0.5 * (0.1 + 0.05 * -2.0);
-        assert!((v[0] - e0).abs() < 1e-6 && (v[1] - e1).abs() < 1e-6, "{v:?}");
+        assert!(
+            (v[0] - e0).abs() < 1e-6 && (v[1] - e1).abs() < 1e-6,
+            "{v:?}"
+        );
         // id 2 had no count: n_j treated as 1, w = 0 so MBA adds nothing.
         let (n2, _, v2) = t.get_row(2).unwrap();
         assert_eq!(n2, 0);
@@ -809,7 +830,10 @@ mod tests {
         t.push(&[1], &[0.3], &[], 1);
         // g = 0.3 + 0.4/2*1 = 0.5; acc = 0.25; w = 1 - 0.1*0.5/0.5 = 0.9
         let (_, _, v) = t.get_row(1).unwrap();
-        assert!((v[0] - 0.9).abs() < 1e-6 && (v[1] - 0.25).abs() < 1e-6, "{v:?}");
+        assert!(
+            (v[0] - 0.9).abs() < 1e-6 && (v[1] - 0.25).abs() < 1e-6,
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -821,7 +845,13 @@ mod tests {
         let mut init = Vec::new();
         t.pull(&[5], &mut init);
         let o = t.push(&[5], &[1.0, 1.0], &[2], 1);
-        assert_eq!(o, PushOutcome { updated: 0, not_admitted: 1 });
+        assert_eq!(
+            o,
+            PushOutcome {
+                updated: 0,
+                not_admitted: 1
+            }
+        );
         let mut out = Vec::new();
         t.pull(&[5], &mut out);
         assert_eq!(out, init);
