@@ -20,6 +20,7 @@ pub mod prepare;
 pub mod progress;
 pub mod reader;
 pub mod rng;
+pub mod synth;
 
 /// Errors of the data path.
 #[derive(Debug, thiserror::Error)]

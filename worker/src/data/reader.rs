@@ -674,7 +674,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn sample(k: u64) -> Sample {
-        let h: Vec<u64> = (0..k % 7).map(|j| 100 + k + j).collect();
+        let h: Vec<u64> = (0..1 + k % 7).map(|j| 100 + k + j).collect();
         Sample {
             label: (k % 2) as f32,
             user: k,
