@@ -24,4 +24,6 @@ pub use store::{PushOutcome, TableStats};
 pub mod server;
 pub mod service;
 
-pub use server::{serve, serve_shard, spawn, RunningShard, ServerConfig};
+pub mod bench;
+
+pub use server::{serve, serve_shard, spawn, RunningShard, ServerConfig, ShutdownHandle};

@@ -45,7 +45,7 @@ pub struct ServerConfig {
     pub restore: bool,
     /// Write a checkpoint with this step when the server stops.
     pub checkpoint_on_exit: Option<u64>,
-    /// Log format of the binary: "text" or "json" (library ignores it).
+    /// Log format of the binary: "text" or "compact" (library ignores it).
     pub log_format: String,
 }
 
@@ -89,9 +89,9 @@ impl ServerConfig {
         if self.max_message_bytes < 1024 {
             return Err(PsError::invalid("max_message_bytes must be >= 1024"));
         }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
+        if !matches!(self.log_format.as_str(), "text" | "compact") {
             return Err(PsError::invalid(format!(
-                "log_format `{}` is not text or json",
+                "log_format `{}` is not text or compact",
                 self.log_format
             )));
         }
@@ -219,7 +219,23 @@ pub struct RunningShard {
     pub join: JoinHandle<Result<()>>,
 }
 
+/// A cloneable handle that stops a [`RunningShard`].
+#[derive(Clone)]
+pub struct ShutdownHandle(watch::Sender<bool>);
+
+impl ShutdownHandle {
+    /// Asks the server to stop (in-flight requests finish).
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
+}
+
 impl RunningShard {
+    /// A handle that stops the server, usable after `join` is moved out.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.stop.clone())
+    }
+
     /// Asks the server to stop (in-flight requests finish) without waiting.
     pub fn request_shutdown(&self) {
         self.stop.send_replace(true);
