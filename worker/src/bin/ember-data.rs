@@ -1,0 +1,224 @@
+//! `ember-data`: prepare, count, synthesize and benchmark Ember's data.
+//!
+//! A thin front end over [`ember_worker::data`]; every subcommand is one
+//! library call.
+//!
+//! ```text
+//! scripts/fetch-ml100k.sh
+//! ember-data prepare --raw-dir data/ml-100k --out data/ml100k-din
+//! ember-data count --train data/ml100k-din/train.txt --out data/ml100k-din/counts.bin
+//! ember-data synth --ids 100000000 --users 1000000 --rows 1000000 --out data/synth.txt
+//! ember-data bench-reader --file data/ml100k-din/train.txt --batch 128
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ember_worker::data::counts::{count, CountOptions};
+use ember_worker::data::prepare::{prepare, PrepareOptions, Protocol};
+use ember_worker::data::reader::{bench_reader, ReaderOptions};
+use ember_worker::data::synth::{write_synth, SynthOptions};
+use ember_worker::data::DataError;
+
+/// Ember data tools.
+#[derive(Parser, Debug)]
+#[command(name = "ember-data", version, about)]
+struct Cli {
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Protocol names on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ProtocolArg {
+    /// All ratings positive, one sampled negative per position.
+    Din,
+    /// Label = rating >= 4, 80/20 split by user.
+    Rating4,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Raw ML-100k -> train/test sample files, sequences, id maps, meta.json.
+    Prepare {
+        /// Directory with ml-100k.inter and ml-100k.item.
+        #[arg(long, default_value = "data/ml-100k")]
+        raw_dir: PathBuf,
+        /// Output directory.
+        #[arg(long, default_value = "data/ml100k-din")]
+        out: PathBuf,
+        /// Seed (negatives, shuffle, split).
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+        /// Labelling protocol.
+        #[arg(long, value_enum, default_value = "din")]
+        protocol: ProtocolArg,
+        /// History truncation.
+        #[arg(long, default_value_t = 100)]
+        max_len: usize,
+        /// Do not write the DIEN negative-history columns.
+        #[arg(long)]
+        no_neg: bool,
+        /// Rating protocol: fraction of users in the test set.
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+    },
+    /// Counting pass: n_j per id per table over the training samples.
+    Count {
+        /// Training sample file(s).
+        #[arg(long, required = true, num_args = 1..)]
+        train: Vec<PathBuf>,
+        /// Output counts file.
+        #[arg(long)]
+        out: PathBuf,
+        /// History truncation (as the reader's max_len).
+        #[arg(long, default_value_t = 100)]
+        max_len: usize,
+        /// Also count DIEN negative-history ids.
+        #[arg(long)]
+        include_neg: bool,
+        /// Skip and count malformed lines.
+        #[arg(long)]
+        skip_malformed: bool,
+    },
+    /// Seeded synthetic data (Zipf item popularity, user interests).
+    Synth {
+        /// Item id space size.
+        #[arg(long)]
+        ids: u64,
+        /// Number of users.
+        #[arg(long)]
+        users: u64,
+        /// Number of rows.
+        #[arg(long)]
+        rows: u64,
+        /// Output sample file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed.
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+        /// Number of categories.
+        #[arg(long, default_value_t = 1000)]
+        cats: u64,
+        /// Write DIEN negative-history columns.
+        #[arg(long)]
+        with_neg: bool,
+    },
+    /// Reader throughput (samples/s into ready batches, one thread).
+    BenchReader {
+        /// Sample file.
+        #[arg(long)]
+        file: PathBuf,
+        /// Batch size.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// History truncation.
+        #[arg(long, default_value_t = 100)]
+        max_len: usize,
+        /// Shuffle buffer (samples; 0 = file order).
+        #[arg(long, default_value_t = 10_000)]
+        shuffle_buffer: usize,
+        /// Epochs to read.
+        #[arg(long, default_value_t = 1)]
+        epochs: u64,
+    },
+}
+
+fn run(cli: Cli) -> Result<String, DataError> {
+    let progress = !cli.quiet;
+    Ok(match cli.cmd {
+        Cmd::Prepare {
+            raw_dir,
+            out,
+            seed,
+            protocol,
+            max_len,
+            no_neg,
+            test_fraction,
+        } => prepare(&PrepareOptions {
+            raw_dir,
+            out_dir: out,
+            seed,
+            protocol: match protocol {
+                ProtocolArg::Din => Protocol::Din,
+                ProtocolArg::Rating4 => Protocol::Rating4,
+            },
+            max_len,
+            with_neg: !no_neg,
+            test_fraction,
+            progress,
+        })?
+        .to_string(),
+        Cmd::Count {
+            train,
+            out,
+            max_len,
+            include_neg,
+            skip_malformed,
+        } => count(&CountOptions {
+            train,
+            out,
+            max_len,
+            include_neg,
+            skip_malformed,
+            progress,
+        })?
+        .to_string(),
+        Cmd::Synth {
+            ids,
+            users,
+            rows,
+            out,
+            seed,
+            cats,
+            with_neg,
+        } => {
+            let opts = SynthOptions {
+                n_ids: ids,
+                n_users: users,
+                n_rows: rows,
+                seed,
+                n_cats: cats,
+                with_neg,
+                progress,
+                ..SynthOptions::default()
+            };
+            write_synth(&opts, &out)?.to_string()
+        }
+        Cmd::BenchReader {
+            file,
+            batch,
+            max_len,
+            shuffle_buffer,
+            epochs,
+        } => bench_reader(
+            &[file],
+            ReaderOptions {
+                batch_size: batch,
+                max_len,
+                shuffle_buffer,
+                epochs,
+                ..ReaderOptions::default()
+            },
+        )?
+        .to_string(),
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ember-data: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
