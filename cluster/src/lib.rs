@@ -5,6 +5,9 @@
 //! rolling the whole cluster back to the last complete checkpoint, and writes
 //! a metrics JSON and a PNG of the curves.
 
+pub mod bench;
+pub mod export;
+pub mod launcher;
 pub mod plot;
 pub mod procs;
 pub mod report;

@@ -1,2 +1,190 @@
 //! `ember`: the user-facing launcher.
-fn main() {}
+//!
+//! - `ember train --config configs/din_ml100k.toml [--resume]`: a local cluster
+//!   (shards + workers) trains, evaluates and checkpoints every epoch.
+//! - `ember eval --config ...`: scores the test set with a running or
+//!   checkpointed cluster's parameters.
+//! - `ember export --config ... --out DIR`: a self-contained model directory.
+//! - `ember predict --model DIR --input FILE --output FILE`: scores without a cluster.
+//! - `ember bench-e2e --config ...`: training throughput over loopback shards
+//!   against the in-process store.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use ember_cluster::launcher::{train, LaunchOptions};
+use ember_worker::train::config::JobConfig;
+
+/// Ember: a parameter-server trainer for deep-interest CTR models.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Train a job on a local cluster (shards and workers on this machine).
+    Train {
+        /// Job configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the last complete cluster checkpoint of this run.
+        #[arg(long)]
+        resume: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// Override `train.epochs`.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Override `train.seed`.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override `train.out_dir` (the run directory).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Export the latest (or a given) cluster checkpoint as a model directory.
+    Export {
+        /// Job configuration (TOML) of the run.
+        #[arg(long)]
+        config: PathBuf,
+        /// Checkpoint step (default: the latest complete one).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Score a sample file with an exported model; one probability per line.
+    Predict {
+        /// Exported model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Sample file (DIEN text format).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output file.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// End-to-end throughput: the same worker against loopback shards and the in-process store.
+    BenchE2e {
+        /// Job configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Training steps per measurement.
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        /// Shards for the loopback measurement.
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ember: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("ember: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Cmd::Train {
+            config,
+            resume,
+            quiet,
+            epochs,
+            seed,
+            out_dir,
+        } => {
+            let mut cfg = JobConfig::load(&config)?;
+            if let Some(e) = epochs {
+                cfg.train.epochs = e;
+            }
+            if let Some(s) = seed {
+                cfg.train.seed = s;
+            }
+            if let Some(o) = out_dir {
+                cfg.train.out_dir = Some(o);
+            }
+            cfg.validate()
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            let opts = LaunchOptions {
+                config_path: config.clone(),
+                resume,
+                quiet,
+            };
+            let report = train(cfg.clone(), &opts).await?;
+            println!("{}", report.summary_table());
+            if let Some(last) = report.epochs.last().and_then(|r| r.test.clone()) {
+                println!(
+                    "final test: AUC {:.4}  GAUC {:.4}  logloss {:.4}  ({} rows)",
+                    last.auc, last.gauc, last.logloss, last.rows
+                );
+            }
+            let out = cfg.out_dir();
+            println!(
+                "run directory: {} (metrics.json, curves.png, checkpoints/, logs/)",
+                out.display()
+            );
+        }
+        Cmd::Export { config, step, out } => {
+            let cfg = JobConfig::load(&config)?;
+            let m = ember_cluster::export::export(&cfg, &config, step, &out).await?;
+            println!(
+                "exported step {} ({} shards, {}) to {}",
+                m.step,
+                m.shards,
+                m.model,
+                out.display()
+            );
+        }
+        Cmd::Predict {
+            model,
+            input,
+            output,
+        } => {
+            let r = ember_cluster::export::predict(&model, &input, &output).await?;
+            println!(
+                "scored {} rows to {}: AUC {:.4}  GAUC {:.4}  logloss {:.4}",
+                r.rows,
+                output.display(),
+                r.auc,
+                r.gauc,
+                r.logloss
+            );
+        }
+        Cmd::BenchE2e {
+            config,
+            steps,
+            shards,
+        } => {
+            let cfg = JobConfig::load(&config)?;
+            let r = ember_cluster::bench::bench_e2e(&cfg, steps, shards).await?;
+            println!("{r}");
+        }
+    }
+    Ok(())
+}

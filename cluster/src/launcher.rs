@@ -1,0 +1,617 @@
+//! `ember train`: one command runs a whole job on this machine.
+//!
+//! 1. Start N shards (child `ps-server` processes on loopback ports, or
+//!    in-process gRPC shards, or use `cluster.shard_addrs`).
+//! 2. Create the sparse tables, load the exact feature counts n_j, register
+//!    the dense parameters, and checkpoint step 0 (so a failure in the first
+//!    epoch has a state to roll back to).
+//! 3. Per epoch: run M workers (child `worker` processes or in-process tasks)
+//!    for the same number of steps K; watch shards and workers; evaluate on the
+//!    test set; checkpoint every shard at the same step `epoch * K`; write the
+//!    metrics JSON and the PNG.
+//! 4. A shard or worker that dies mid-epoch: stop the workers, restart dead
+//!    shards from their checkpoints, roll every shard back to the last
+//!    complete cluster checkpoint (the previous epoch end) and rerun the epoch
+//!    from its start. Updates since that checkpoint are lost and recomputed.
+//!
+//! `--resume` continues from the last complete cluster checkpoint of a run.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ember_worker::train::backend::Backend;
+use ember_worker::train::client::{PsClient, RetryPolicy};
+use ember_worker::train::config::JobConfig;
+use ember_worker::train::eval::evaluate;
+use ember_worker::train::setup::{count_rows, setup_cluster};
+use ember_worker::train::worker::{run_epoch, Progress, WorkerJob, WorkerReport};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::procs::{binary, log_target, ShardProcess, ShardSpec};
+use crate::report::{EpochRecord, RunReport, TestMetrics, TimeSplit};
+use crate::ClusterError;
+
+/// Options of `ember train` beyond the job file.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// Path of the job file (passed on to worker processes).
+    pub config_path: PathBuf,
+    /// Continue from the last complete cluster checkpoint.
+    pub resume: bool,
+    /// No progress bar (logs only).
+    pub quiet: bool,
+}
+
+/// Addresses of a running cluster, written to `<run>/cluster.json` so that
+/// users and tests can scrape `/metrics` or kill a shard.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// gRPC address of each shard.
+    pub shards: Vec<String>,
+    /// Metrics address of each shard (empty when none).
+    pub metrics: Vec<String>,
+    /// Process id of each shard (0 for in-process shards).
+    pub pids: Vec<u32>,
+    /// Process id of the launcher.
+    pub launcher_pid: u32,
+}
+
+/// The shards of a run, however they are hosted.
+enum Shards {
+    /// Child processes.
+    Processes(Vec<ShardProcess>, Vec<ShardSpec>),
+    /// In-process gRPC servers.
+    InProcess(Vec<ember_ps::server::RunningShard>),
+    /// Someone else's shards.
+    External(Vec<String>),
+}
+
+impl Shards {
+    fn addrs(&self) -> Vec<String> {
+        match self {
+            Shards::Processes(p, _) => p.iter().map(|s| s.addr.clone()).collect(),
+            Shards::InProcess(r) => r.iter().map(|s| s.addr.to_string()).collect(),
+            Shards::External(a) => a.clone(),
+        }
+    }
+
+    fn info(&self) -> ClusterInfo {
+        let (metrics, pids) = match self {
+            Shards::Processes(p, _) => (
+                p.iter()
+                    .map(|s| s.metrics_addr.clone().unwrap_or_default())
+                    .collect(),
+                p.iter().map(|s| s.pid()).collect(),
+            ),
+            Shards::InProcess(r) => (
+                r.iter()
+                    .map(|s| s.metrics_addr.map(|a| a.to_string()).unwrap_or_default())
+                    .collect(),
+                vec![0; r.len()],
+            ),
+            Shards::External(a) => (vec![String::new(); a.len()], vec![0; a.len()]),
+        };
+        ClusterInfo {
+            shards: self.addrs(),
+            metrics,
+            pids,
+            launcher_pid: std::process::id(),
+        }
+    }
+
+    /// Indices of shard processes that died.
+    fn dead(&mut self) -> Vec<usize> {
+        match self {
+            Shards::Processes(p, _) => p
+                .iter_mut()
+                .filter_map(|s| (!s.is_alive()).then_some(s.index))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Restarts dead shard processes from their latest good checkpoint, on the same port.
+    fn restart_dead(&mut self) -> Result<Vec<usize>, ClusterError> {
+        let mut restarted = Vec::new();
+        if let Shards::Processes(p, specs) = self {
+            for (i, s) in p.iter_mut().enumerate() {
+                if s.is_alive() {
+                    continue;
+                }
+                let mut spec = specs[i].clone();
+                spec.listen = s.addr.clone();
+                spec.restore = true;
+                tracing::warn!(shard = i, addr = %s.addr, "restarting shard from its latest checkpoint");
+                *s = start_shard_retrying(&spec)?;
+                restarted.push(i);
+            }
+        }
+        Ok(restarted)
+    }
+}
+
+/// Starts a shard, retrying a few times (its old port may still be held briefly).
+fn start_shard_retrying(spec: &ShardSpec) -> Result<ShardProcess, ClusterError> {
+    let mut last = None;
+    for _ in 0..20 {
+        match ShardProcess::start(spec, Duration::from_secs(60)) {
+            Ok(p) => return Ok(p),
+            Err(e) => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ClusterError::Launch("shard did not start".into())))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+    move |e| ClusterError::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+/// Runs the whole job; returns the report of all epochs.
+pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, ClusterError> {
+    let out = cfg.out_dir();
+    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    let ckpt = cfg.checkpoint_dir();
+    if !opts.resume && ckpt.starts_with(&out) && ckpt.exists() && cfg.cluster.shard_addrs.is_empty()
+    {
+        tracing::info!(dir = %ckpt.display(), "fresh run: removing old checkpoints (use --resume to continue)");
+        std::fs::remove_dir_all(&ckpt).map_err(io_err(&ckpt))?;
+    }
+    std::fs::create_dir_all(&ckpt).map_err(io_err(&ckpt))?;
+
+    let mut shards = start_shards(&cfg, opts.resume).await?;
+    let addrs = shards.addrs();
+    let info = shards.info();
+    let info_path = out.join("cluster.json");
+    std::fs::write(
+        &info_path,
+        serde_json::to_string_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(io_err(&info_path))?;
+    tracing::info!(shards = ?addrs, metrics = ?info.metrics, "shards ready");
+
+    let token = std::env::var("EMBER_AUTH_TOKEN").ok();
+    let retry = RetryPolicy {
+        deadline: Duration::from_secs(cfg.cluster.retry_deadline_s),
+        ..RetryPolicy::default()
+    };
+    let ps = Backend::Remote(PsClient::new(&addrs, retry, token.as_deref())?);
+
+    // Steps per worker per epoch, equal for all workers.
+    let rows = count_rows(&cfg.data.train)?;
+    let per_worker = rows / cfg.cluster.workers as u64;
+    let mut k = per_worker.div_ceil(cfg.data.batch_size as u64).max(1);
+    if let Some(m) = cfg.train.max_steps_per_epoch {
+        k = k.min(m.max(1));
+    }
+
+    let report_path = out.join("metrics.json");
+    let mut report = RunReport {
+        name: cfg.name.clone(),
+        model: format!("{:?}", cfg.model.kind).to_lowercase(),
+        shards: addrs.len(),
+        workers: cfg.cluster.workers,
+        epochs: Vec::new(),
+    };
+    let mut last_ckpt;
+    if opts.resume {
+        let steps = ps.common_checkpoints().await?;
+        let Some(&s) = steps.last() else {
+            return Err(ClusterError::Launch(format!(
+                "--resume: no complete cluster checkpoint in {}",
+                ckpt.display()
+            )));
+        };
+        ps.restore(s).await?;
+        last_ckpt = s;
+        if let Ok(old) = RunReport::read_json(&report_path) {
+            report.epochs = old.epochs.into_iter().filter(|r| r.step <= s).collect();
+        }
+        tracing::info!(
+            step = s,
+            epochs_done = report.epochs.len(),
+            "resumed from cluster checkpoint"
+        );
+    } else {
+        setup_cluster(&cfg, &ps).await?;
+        ps.checkpoint(0, cfg.cluster.keep_checkpoints.max(2))
+            .await?;
+        last_ckpt = 0;
+    }
+
+    let first_epoch = report.epochs.len() + 1;
+    for epoch in first_epoch..=cfg.train.epochs {
+        let start_step = last_ckpt;
+        let mut restarts = 0u32;
+        let (reports, seconds) = loop {
+            let t = Instant::now();
+            let res = run_workers(&cfg, opts, &ps, &mut shards, &addrs, epoch, start_step, k).await;
+            match res {
+                Ok(r) => break (r, t.elapsed().as_secs_f64()),
+                Err(failure) => {
+                    restarts += 1;
+                    if restarts > cfg.cluster.max_restarts {
+                        return Err(ClusterError::Launch(format!(
+                            "epoch {epoch} failed {restarts} times, giving up; last failure: {failure}"
+                        )));
+                    }
+                    tracing::warn!(
+                        epoch,
+                        restarts,
+                        "{failure}; rolling the cluster back to step {last_ckpt}"
+                    );
+                    let restarted = shards.restart_dead()?;
+                    if !restarted.is_empty() {
+                        tracing::warn!(?restarted, "restarted shards");
+                    }
+                    ps.restore(last_ckpt).await?;
+                }
+            }
+        };
+        let end_step = start_step + k;
+        let test = evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples)
+            .await?
+            .0;
+        ps.checkpoint(end_step, cfg.cluster.keep_checkpoints.max(2))
+            .await?;
+        last_ckpt = end_step;
+        let rec = epoch_record(epoch, end_step, &reports, seconds, restarts, test);
+        tracing::info!(
+            epoch,
+            loss = rec.train_loss,
+            auc = rec.test.as_ref().map(|t| t.auc),
+            gauc = rec.test.as_ref().map(|t| t.gauc),
+            samples_per_s = rec.samples_per_s as u64,
+            "epoch done"
+        );
+        report.epochs.push(rec);
+        report.write_json(&report_path)?;
+        if let Err(e) = crate::plot::plot_curves(&out.join("curves.png"), &cfg.name, &report.epochs)
+        {
+            tracing::warn!("could not draw curves: {e}");
+        }
+    }
+    if let Shards::Processes(p, _) = &mut shards {
+        let _ = ps_shutdown(&ps).await;
+        for s in p.iter_mut() {
+            s.kill();
+        }
+    }
+    Ok(report)
+}
+
+async fn ps_shutdown(ps: &Backend) -> Result<(), ClusterError> {
+    if let Backend::Remote(c) = ps {
+        c.shutdown(0).await?;
+    }
+    Ok(())
+}
+
+async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterError> {
+    if !cfg.cluster.shard_addrs.is_empty() {
+        return Ok(Shards::External(cfg.cluster.shard_addrs.clone()));
+    }
+    let n = cfg.cluster.shards;
+    let ckpt = cfg.checkpoint_dir();
+    match cfg.cluster.mode.as_str() {
+        "inprocess" => {
+            let mut running = Vec::with_capacity(n);
+            for i in 0..n {
+                let sc = ember_ps::server::ServerConfig {
+                    listen: "127.0.0.1:0"
+                        .parse()
+                        .map_err(|e| ClusterError::Launch(format!("{e}")))?,
+                    shard_index: i as u32,
+                    num_shards: n as u32,
+                    checkpoint_dir: Some(ckpt.clone()),
+                    restore: resume,
+                    ..ember_ps::server::ServerConfig::default()
+                };
+                running.push(
+                    ember_ps::server::spawn(sc)
+                        .await
+                        .map_err(|e| ClusterError::Launch(format!("in-process shard {i}: {e}")))?,
+                );
+            }
+            Ok(Shards::InProcess(running))
+        }
+        _ => {
+            let logs = cfg.out_dir().join("logs");
+            let specs: Vec<ShardSpec> = (0..n)
+                .map(|i| ShardSpec {
+                    index: i,
+                    num_shards: n,
+                    listen: "127.0.0.1:0".into(),
+                    metrics: Some("127.0.0.1:0".into()),
+                    checkpoint_dir: ckpt.clone(),
+                    restore: resume,
+                    log_file: Some(logs.join(format!("shard-{i}.log"))),
+                })
+                .collect();
+            let mut procs = Vec::with_capacity(n);
+            for s in &specs {
+                procs.push(ShardProcess::start(s, Duration::from_secs(60))?);
+            }
+            // Restarts reuse the first port of each shard so workers reconnect.
+            Ok(Shards::Processes(procs, specs))
+        }
+    }
+}
+
+/// Why an epoch attempt failed.
+#[derive(Debug)]
+enum Failure {
+    /// A shard process died.
+    ShardDied(Vec<usize>),
+    /// A worker failed or died.
+    Worker(usize, String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::ShardDied(s) => write!(f, "shard(s) {s:?} died"),
+            Failure::Worker(w, e) => write!(f, "worker {w} failed: {e}"),
+        }
+    }
+}
+
+/// Messages from worker watchers to the epoch loop.
+enum Event {
+    Progress(Progress),
+    Done(WorkerReport),
+    Failed(usize, String),
+}
+
+fn progress_bar(quiet: bool, epoch: usize, total: u64) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "epoch {prefix} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} samples ({per_sec}, eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(epoch.to_string());
+    pb
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_workers(
+    cfg: &JobConfig,
+    opts: &LaunchOptions,
+    ps: &Backend,
+    shards: &mut Shards,
+    addrs: &[String],
+    epoch: usize,
+    start_step: u64,
+    steps: u64,
+) -> Result<Vec<WorkerReport>, Failure> {
+    let m = cfg.cluster.workers;
+    let pb = progress_bar(
+        opts.quiet,
+        epoch,
+        steps * m as u64 * cfg.data.batch_size as u64,
+    );
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut children: Vec<Child> = Vec::new();
+    let mut tasks = Vec::new();
+    let process_mode = cfg.cluster.mode == "process";
+    for w in 0..m {
+        let job = WorkerJob {
+            config: cfg.clone(),
+            worker_index: w,
+            num_workers: m,
+            epoch,
+            start_step,
+            steps: Some(steps),
+        };
+        if process_mode {
+            match spawn_worker_process(cfg, opts, addrs, &job, tx.clone()) {
+                Ok(c) => children.push(c),
+                Err(e) => return Err(Failure::Worker(w, e.to_string())),
+            }
+        } else {
+            let ps = ps.clone();
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let txp = std::sync::Mutex::new(tx.clone());
+                let emit = move |p: &Progress| {
+                    if let Ok(t) = txp.lock() {
+                        let _ = t.send(Event::Progress(p.clone()));
+                    }
+                };
+                match run_epoch(&job, &ps, &emit).await {
+                    Ok(r) => {
+                        let _ = tx.send(Event::Done(r));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Event::Failed(w, e.to_string()));
+                    }
+                }
+            }));
+        }
+    }
+    drop(tx);
+    let mut done: Vec<Option<WorkerReport>> = vec![None; m];
+    let mut samples = vec![0u64; m];
+    let mut losses = vec![f64::NAN; m];
+    let result = loop {
+        if done.iter().all(Option::is_some) {
+            break Ok(done.into_iter().flatten().collect());
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Event::Progress(p)) => {
+                if p.worker < m {
+                    samples[p.worker] = p.samples;
+                    losses[p.worker] = p.loss;
+                }
+                pb.set_position(samples.iter().sum());
+                let l: Vec<f64> = losses.iter().copied().filter(|x| x.is_finite()).collect();
+                if !l.is_empty() {
+                    pb.set_message(format!(
+                        "loss {:.4}",
+                        l.iter().sum::<f64>() / l.len() as f64
+                    ));
+                }
+            }
+            Ok(Event::Done(r)) => {
+                let w = r.worker;
+                if w < m {
+                    samples[w] = r.samples;
+                    pb.set_position(samples.iter().sum());
+                    done[w] = Some(r);
+                }
+            }
+            Ok(Event::Failed(w, e)) => break Err(Failure::Worker(w, e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if done.iter().any(Option::is_none) {
+                    break Err(Failure::Worker(
+                        done.iter().position(Option::is_none).unwrap_or(0),
+                        "exited without a report".into(),
+                    ));
+                }
+            }
+        }
+        let dead = shards.dead();
+        if !dead.is_empty() {
+            break Err(Failure::ShardDied(dead));
+        }
+        // Let in-process tasks make progress while we poll.
+        tokio::task::yield_now().await;
+    };
+    pb.finish_and_clear();
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    for t in tasks {
+        t.abort();
+    }
+    result
+}
+
+fn spawn_worker_process(
+    cfg: &JobConfig,
+    opts: &LaunchOptions,
+    addrs: &[String],
+    job: &WorkerJob,
+    tx: mpsc::Sender<Event>,
+) -> Result<Child, ClusterError> {
+    let bin = binary("worker")?;
+    let log = cfg
+        .out_dir()
+        .join("logs")
+        .join(format!("worker-{}.log", job.worker_index));
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--config")
+        .arg(&opts.config_path)
+        .arg("--shards")
+        .arg(addrs.join(","))
+        .arg("--worker-index")
+        .arg(job.worker_index.to_string())
+        .arg("--num-workers")
+        .arg(job.num_workers.to_string())
+        .arg("--epoch")
+        .arg(job.epoch.to_string())
+        .arg("--start-step")
+        .arg(job.start_step.to_string());
+    if let Some(s) = job.steps {
+        cmd.arg("--steps").arg(s.to_string());
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        cmd.env("RAYON_NUM_THREADS", "1");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_target(Some(&log))?);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ClusterError::Launch(format!("cannot start {}: {e}", bin.display())))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| ClusterError::Launch("no stdout of worker".into()))?;
+    let w = job.worker_index;
+    let log_s = log.display().to_string();
+    std::thread::spawn(move || {
+        let mut reported = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(j) = line.strip_prefix("EMBER_PROGRESS ") {
+                if let Ok(p) = serde_json::from_str::<Progress>(j) {
+                    let _ = tx.send(Event::Progress(p));
+                }
+            } else if let Some(j) = line.strip_prefix("EMBER_REPORT ") {
+                if let Ok(r) = serde_json::from_str::<WorkerReport>(j) {
+                    reported = true;
+                    let _ = tx.send(Event::Done(r));
+                }
+            }
+        }
+        if !reported {
+            let _ = tx.send(Event::Failed(
+                w,
+                format!("worker process exited without a report (log: {log_s})"),
+            ));
+        }
+    });
+    Ok(child)
+}
+
+fn epoch_record(
+    epoch: usize,
+    step: u64,
+    reports: &[WorkerReport],
+    seconds: f64,
+    restarts: u32,
+    test: ember_worker::train::eval::EvalResult,
+) -> EpochRecord {
+    let steps: u64 = reports.iter().map(|r| r.steps).sum();
+    let samples: u64 = reports.iter().map(|r| r.samples).sum();
+    let loss_sum: f64 = reports.iter().map(|r| r.loss_sum).sum();
+    let dedup: f64 = reports.iter().map(|r| r.dedup_sum).sum();
+    EpochRecord {
+        epoch,
+        step,
+        train_loss: if steps > 0 {
+            loss_sum / steps as f64
+        } else {
+            f64::NAN
+        },
+        samples,
+        seconds,
+        samples_per_s: if seconds > 0.0 {
+            samples as f64 / seconds
+        } else {
+            0.0
+        },
+        dedup_ratio: if steps > 0 { dedup / steps as f64 } else { 1.0 },
+        time: TimeSplit {
+            pull_s: reports.iter().map(|r| r.pull_s).sum(),
+            compute_s: reports.iter().map(|r| r.compute_s).sum(),
+            push_s: reports.iter().map(|r| r.push_s).sum(),
+            wait_s: reports.iter().map(|r| r.wait_s).sum(),
+        },
+        test: Some(TestMetrics {
+            auc: test.auc,
+            gauc: test.gauc,
+            logloss: test.logloss,
+            rows: test.rows,
+        }),
+        restarts,
+    }
+}
