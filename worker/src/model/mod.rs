@@ -49,7 +49,7 @@ pub mod base;
 pub mod config;
 pub mod dien;
 pub mod din;
-
+pub mod gru4rec;
 pub mod net;
 pub mod optim;
 pub mod testing;

@@ -159,6 +159,31 @@ impl DenseOptimizer {
     }
 }
 
+impl DenseOptimizer {
+    /// Applies the gradients in `grads` to the named `Var`s `params` (in-process
+    /// training of models that own all their parameters, e.g. GRU4Rec).
+    /// Parameters without a gradient are left unchanged.
+    pub fn apply_to_vars(
+        &mut self,
+        params: &[(String, candle_core::Var)],
+        grads: &candle_core::backprop::GradStore,
+    ) -> candle_core::Result<()> {
+        for (name, var) in params {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let t = var.as_tensor();
+            let mut p = crate::layer::params::to_f32_vec(t)?;
+            let g = crate::layer::params::to_f32_vec(g)?;
+            self.update(name, &mut p, &g);
+            let new =
+                candle_core::Tensor::from_vec(p, t.shape(), t.device())?.to_dtype(t.dtype())?;
+            var.set(&new)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
