@@ -14,10 +14,11 @@
 //! - with `include_neg`: also each of the last `max_len` DIEN negative items
 //!   (in `item`) and their categories (in `cat`).
 //!
-//! So, without negatives, `n_j` equals the sum of [`SparseIds::counts`]
-//! (crate::batch::SparseIds) over one epoch of DIN batches (and with
-//! `include_neg`, over one epoch of DIEN batches). Counts saturate at
-//! `u32::MAX`.
+//! So, without negatives, `n_j` equals the sum of
+//! [`SparseIds::counts`](crate::batch::SparseIds::counts) over one epoch of DIN batches (and with
+//! `include_neg`, over one epoch of DIEN batches; note that
+//! `Batch::from_samples` drops the negatives of a whole batch when one of its
+//! samples has an empty history). Counts saturate at `u32::MAX`.
 //!
 //! # File format (little endian)
 //! ```text
@@ -313,7 +314,7 @@ pub fn count(opts: &CountOptions) -> Result<CountSummary, DataError> {
     while let Some(s) = reader.read()? {
         counter.add(&s);
         reader.recycle(s);
-        if counter.samples % 4096 == 0 {
+        if counter.samples.is_multiple_of(4096) {
             bar.set_position(counter.samples);
         }
     }

@@ -698,7 +698,7 @@ mod tests {
     }
 
     fn users(reader: BatchReader) -> Vec<u64> {
-        reader.map(|b| b.unwrap().user_ids).flatten().collect()
+        reader.flat_map(|b| b.unwrap().user_ids).collect()
     }
 
     #[test]
@@ -766,7 +766,7 @@ mod tests {
             epochs: 2,
             ..ReaderOptions::default()
         };
-        let batches: Vec<Batch> = BatchReader::new(&[f.clone()], opts.clone())
+        let batches: Vec<Batch> = BatchReader::new(std::slice::from_ref(&f), opts.clone())
             .unwrap()
             .map(Result::unwrap)
             .collect();
@@ -860,7 +860,7 @@ mod tests {
                 shuffle_buffer: 0,
                 ..ReaderOptions::default()
             };
-            let mut r = BatchReader::new(&[p.clone()], opts.clone()).unwrap();
+            let mut r = BatchReader::new(std::slice::from_ref(&p), opts.clone()).unwrap();
             assert!(r.next_batch().unwrap().is_some());
             match r.next_batch() {
                 Err(DataError::Malformed {
