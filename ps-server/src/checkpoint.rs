@@ -302,13 +302,12 @@ fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File,
     Ok((f, step, body_len, u32_at(&t, 8)))
 }
 
+/// Good steps (ascending) and the files that failed their checks.
+pub type Listing = (Vec<u64>, Vec<(PathBuf, PsError)>);
+
 /// Steps of the good checkpoints (header and trailer verified) in `dir`,
 /// ascending, and the files that failed the check.
-pub fn list(
-    dir: &Path,
-    shard_index: u32,
-    num_shards: u32,
-) -> Result<(Vec<u64>, Vec<(PathBuf, PsError)>)> {
+pub fn list(dir: &Path, shard_index: u32, num_shards: u32) -> Result<Listing> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     let rd = match fs::read_dir(dir) {

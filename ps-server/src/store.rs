@@ -461,7 +461,7 @@ impl Table {
             .fetch_add(out.not_admitted, Ordering::Relaxed);
         if spec.config.ttl_steps > 0 {
             let p = self.pushes.fetch_add(1, Ordering::Relaxed) + 1;
-            if p % SWEEP_EVERY_PUSHES == 0 {
+            if p.is_multiple_of(SWEEP_EVERY_PUSHES) {
                 let s = ((p / SWEEP_EVERY_PUSHES) as usize) % NUM_STRIPES;
                 self.sweep_stripe(s);
             }
