@@ -66,8 +66,9 @@ enum Shards {
     Processes(Vec<ShardProcess>, Vec<ShardSpec>),
     /// In-process gRPC servers.
     InProcess(Vec<ember_ps::server::RunningShard>),
-    /// Someone else's shards.
-    External(Vec<String>),
+    /// Someone else's shards (restarted by their orchestrator), with the
+    /// uptime each reported last, to notice a restart.
+    External(Vec<String>, Vec<Option<u64>>),
 }
 
 impl Shards {
@@ -75,7 +76,7 @@ impl Shards {
         match self {
             Shards::Processes(p, _) => p.iter().map(|s| s.addr.clone()).collect(),
             Shards::InProcess(r) => r.iter().map(|s| s.addr.to_string()).collect(),
-            Shards::External(a) => a.clone(),
+            Shards::External(a, _) => a.clone(),
         }
     }
 
@@ -93,7 +94,7 @@ impl Shards {
                     .collect(),
                 vec![0; r.len()],
             ),
-            Shards::External(a) => (vec![String::new(); a.len()], vec![0; a.len()]),
+            Shards::External(a, _) => (vec![String::new(); a.len()], vec![0; a.len()]),
         };
         ClusterInfo {
             shards: self.addrs(),
@@ -103,15 +104,67 @@ impl Shards {
         }
     }
 
-    /// Indices of shard processes that died.
-    fn dead(&mut self) -> Vec<usize> {
+    /// Indices of shards that died (processes that exited; external shards
+    /// that do not answer Health or whose uptime went down, i.e. restarted).
+    async fn dead(&mut self, ps: &Backend) -> Vec<usize> {
         match self {
             Shards::Processes(p, _) => p
                 .iter_mut()
                 .filter_map(|s| (!s.is_alive()).then_some(s.index))
                 .collect(),
-            _ => Vec::new(),
+            Shards::External(_, seen) => {
+                let Backend::Remote(client) = ps else {
+                    return Vec::new();
+                };
+                let mut dead = Vec::new();
+                for (i, last) in seen.iter_mut().enumerate() {
+                    match client.health_once(i, Duration::from_secs(2)).await {
+                        Ok(h) => {
+                            if last.is_some_and(|l| h.uptime_s < l) {
+                                dead.push(i);
+                            }
+                            *last = Some(h.uptime_s);
+                        }
+                        Err(_) => {
+                            *last = None;
+                            dead.push(i);
+                        }
+                    }
+                }
+                dead
+            }
+            Shards::InProcess(_) => Vec::new(),
         }
+    }
+
+    /// Waits until every external shard answers Health again (their
+    /// orchestrator restarts them), recording their uptimes.
+    async fn wait_external(
+        &mut self,
+        ps: &Backend,
+        deadline: Duration,
+    ) -> Result<(), ClusterError> {
+        let (Shards::External(_, seen), Backend::Remote(client)) = (self, ps) else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        for (i, last) in seen.iter_mut().enumerate() {
+            loop {
+                match client.health_once(i, Duration::from_secs(2)).await {
+                    Ok(h) => {
+                        *last = Some(h.uptime_s);
+                        break;
+                    }
+                    Err(e) if start.elapsed() > deadline => {
+                        return Err(ClusterError::Launch(format!(
+                            "shard {i} did not come back: {e}"
+                        )));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Restarts dead shard processes from their latest good checkpoint, on the same port.
@@ -185,6 +238,9 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
         ..RetryPolicy::default()
     };
     let ps = Backend::Remote(PsClient::new(&addrs, retry, token.as_deref())?);
+    shards
+        .wait_external(&ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
+        .await?;
 
     // Steps per worker per epoch, equal for all workers.
     let rows = count_rows(&cfg.data.train)?;
@@ -253,6 +309,9 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
                     if !restarted.is_empty() {
                         tracing::warn!(?restarted, "restarted shards");
                     }
+                    shards
+                        .wait_external(&ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
+                        .await?;
                     ps.restore(last_ckpt).await?;
                 }
             }
@@ -298,7 +357,11 @@ async fn ps_shutdown(ps: &Backend) -> Result<(), ClusterError> {
 
 async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterError> {
     if !cfg.cluster.shard_addrs.is_empty() {
-        return Ok(Shards::External(cfg.cluster.shard_addrs.clone()));
+        let n = cfg.cluster.shard_addrs.len();
+        return Ok(Shards::External(
+            cfg.cluster.shard_addrs.clone(),
+            vec![None; n],
+        ));
     }
     let n = cfg.cluster.shards;
     let ckpt = cfg.checkpoint_dir();
@@ -448,6 +511,7 @@ async fn run_workers(
     let mut done: Vec<Option<WorkerReport>> = vec![None; m];
     let mut samples = vec![0u64; m];
     let mut losses = vec![f64::NAN; m];
+    let mut last_check = Instant::now();
     let result = loop {
         if done.iter().all(Option::is_some) {
             break Ok(done.into_iter().flatten().collect());
@@ -486,9 +550,12 @@ async fn run_workers(
                 }
             }
         }
-        let dead = shards.dead();
-        if !dead.is_empty() {
-            break Err(Failure::ShardDied(dead));
+        if last_check.elapsed() >= Duration::from_millis(500) {
+            last_check = Instant::now();
+            let dead = shards.dead(ps).await;
+            if !dead.is_empty() {
+                break Err(Failure::ShardDied(dead));
+            }
         }
         // Let in-process tasks make progress while we poll.
         tokio::task::yield_now().await;

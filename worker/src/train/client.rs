@@ -505,6 +505,32 @@ impl PsClient {
         try_join_all(futs).await
     }
 
+    /// Health of shard `s`, one attempt bounded by `timeout` (no retry): for
+    /// detecting a shard that restarted (its uptime went down) or is gone.
+    pub async fn health_once(
+        &self,
+        s: usize,
+        timeout: Duration,
+    ) -> Result<pb::HealthResponse, TrainError> {
+        let mut c = self.shards[s].clone();
+        let req = self.request(pb::HealthRequest {});
+        match tokio::time::timeout(timeout, c.health(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(TrainError::Ps {
+                shard: s,
+                addr: self.addrs[s].clone(),
+                what: "health",
+                status,
+            }),
+            Err(_) => Err(TrainError::Ps {
+                shard: s,
+                addr: self.addrs[s].clone(),
+                what: "health",
+                status: Status::deadline_exceeded("no answer"),
+            }),
+        }
+    }
+
     /// Statistics of every shard.
     pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>, TrainError> {
         let futs = (0..self.num_shards()).map(|s| {
