@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod fused_attention;
 pub mod gradcheck;
 pub mod gru;
+pub mod kernels;
 pub mod linear;
 pub mod loss;
 pub mod mlp;

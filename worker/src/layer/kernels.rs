@@ -1,0 +1,127 @@
+//! Small CPU helpers shared by the fused kernels: a float trait over `f32` /
+//! `f64`, storage access, and matrix products through candle's gemm.
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, WithDType};
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+/// The float types the fused kernels run in.
+pub trait Real:
+    WithDType
+    + Copy
+    + Default
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+{
+    /// `e^x`.
+    fn exp_(self) -> Self;
+    /// `tanh(x)`.
+    fn tanh_(self) -> Self;
+    /// 0.
+    fn zero_() -> Self {
+        Self::from_f64(0.0)
+    }
+    /// 1.
+    fn one_() -> Self {
+        Self::from_f64(1.0)
+    }
+    /// Logistic sigmoid.
+    fn sigmoid(self) -> Self {
+        Self::one_() / (Self::one_() + (-self).exp_())
+    }
+}
+
+impl Real for f32 {
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+    fn tanh_(self) -> Self {
+        self.tanh()
+    }
+}
+
+impl Real for f64 {
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+    fn tanh_(self) -> Self {
+        self.tanh()
+    }
+}
+
+/// Whether the fused kernels can run on `t` (CPU, f32 or f64).
+pub fn cpu_real(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous data of a storage as a slice of `T`.
+pub fn slice<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused kernel: non-contiguous input"),
+    }
+}
+
+/// Flat values of a tensor.
+pub fn values<T: Real>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+/// A CPU tensor of shape `shape` from `v`.
+pub fn tensor<T: Real>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// `op(A) op(B)` through candle's gemm, where `A` is `[m, k]` (or `[k, m]` with
+/// `ta`) and `B` is `[k, n]` (or `[n, k]` with `tb`). Returns `[m, n]` row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn mm<T: Real>(
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Vec<T>> {
+    let at = if ta {
+        Tensor::from_slice(a, (k, m), &Device::Cpu)?.t()?
+    } else {
+        Tensor::from_slice(a, (m, k), &Device::Cpu)?
+    };
+    let bt = if tb {
+        Tensor::from_slice(b, (n, k), &Device::Cpu)?.t()?
+    } else {
+        Tensor::from_slice(b, (k, n), &Device::Cpu)?
+    };
+    at.matmul(&bt)?.flatten_all()?.to_vec1::<T>()
+}
+
+/// Column sums of a row-major `[rows, cols]` matrix.
+pub fn col_sums<T: Real>(x: &[T], cols: usize) -> Vec<T> {
+    let mut s = vec![T::zero_(); cols];
+    for row in x.chunks_exact(cols) {
+        for (a, &v) in s.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+    s
+}
+
+/// Dispatches a generic kernel on the dtype of `t` (F32 or F64).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! dispatch_real {
+    ($dtype:expr, $f:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F64 => $f::<f64>($($arg),*),
+            d => candle_core::bail!("fused kernel: unsupported dtype {d:?}"),
+        }
+    };
+}
