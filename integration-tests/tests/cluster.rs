@@ -1,0 +1,221 @@
+//! Real multi-process clusters on loopback: `ember train` starts `ps-server`
+//! and `worker` child processes on free ports. Sized for a 2-core CI machine.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{bin, dataset, ember_train, popularity_baseline, report, write_job};
+
+fn epochs(r: &serde_json::Value) -> Vec<serde_json::Value> {
+    r["epochs"].as_array().cloned().unwrap_or_default()
+}
+
+fn f(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_f64().unwrap_or(f64::NAN)
+}
+
+/// A 2-shard, 2-worker cluster trains DIN (synchronous, pipelined) and beats
+/// the item-popularity baseline on the test set.
+#[test]
+fn two_shard_two_worker_din_beats_popularity() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let (pop_gauc, pop_auc) = popularity_baseline(&data);
+    let job = write_job(
+        dir.path(),
+        &data,
+        "kind = \"din\"",
+        "shards = 2\nworkers = 2\nmode = \"process\"\nsync = \"sync\"\nstaleness = 1",
+        "epochs = 1\nmax_steps_per_epoch = 250",
+    );
+    let out = ember_train(&job, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("final test"), "{stdout}");
+    let r = report(dir.path());
+    let e = epochs(&r);
+    assert_eq!(e.len(), 1);
+    let gauc = f(&e[0], &["test", "gauc"]);
+    let auc = f(&e[0], &["test", "auc"]);
+    eprintln!("DIN GAUC {gauc:.4} AUC {auc:.4}; popularity GAUC {pop_gauc:.4} AUC {pop_auc:.4} (real data: {})", data.real);
+    assert!(
+        gauc > pop_gauc,
+        "DIN GAUC {gauc} does not beat popularity {pop_gauc}"
+    );
+    assert_eq!(e[0]["samples"].as_u64(), Some(250 * 2 * 128));
+    assert!(f(&e[0], &["dedup_ratio"]) > 1.0);
+    // The run directory has the curves and the shards' checkpoints at steps 0 and 250.
+    assert!(dir.path().join("run/curves.png").exists());
+    let ckpt = dir
+        .path()
+        .join("run/checkpoints/shard-1-of-2/step-250.ckpt");
+    assert!(ckpt.exists(), "{} missing", ckpt.display());
+}
+
+/// Resuming from the epoch-1 checkpoint reproduces the uninterrupted run's
+/// epoch-2 loss and metrics (1 worker, staleness 0: deterministic).
+#[test]
+fn resume_continues_from_the_checkpoint_with_the_same_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cluster = "shards = 2\nworkers = 1\nmode = \"process\"\nstaleness = 0";
+    let train = "epochs = 2\nmax_steps_per_epoch = 30\nmax_eval_samples = 600";
+    let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
+    ember_train(&job, &[]);
+    let full = epochs(&report(dir.path()));
+    assert_eq!(full.len(), 2);
+
+    // Same job stopped after epoch 1, then resumed.
+    ember_train(&job, &["--epochs", "1"]);
+    assert_eq!(epochs(&report(dir.path())).len(), 1);
+    let out = ember_train(&job, &["--resume"]);
+    let resumed = epochs(&report(dir.path()));
+    assert_eq!(resumed.len(), 2, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(resumed[1]["step"], full[1]["step"]);
+    let (a, b) = (
+        f(&full[1], &["train_loss"]),
+        f(&resumed[1], &["train_loss"]),
+    );
+    assert!(
+        (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+        "epoch-2 loss {a} vs resumed {b}"
+    );
+    let (a, b) = (
+        f(&full[1], &["test", "gauc"]),
+        f(&resumed[1], &["test", "gauc"]),
+    );
+    assert!((a - b).abs() <= 1e-4, "epoch-2 GAUC {a} vs resumed {b}");
+}
+
+/// `kill -9` of a shard mid-epoch: the launcher restarts it from the last
+/// complete cluster checkpoint, rolls the other shard back to the same step,
+/// reruns the epoch, and ends with the same GAUC as an uninterrupted run.
+#[test]
+fn killed_shard_is_restarted_and_training_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cluster = "shards = 2\nworkers = 1\nmode = \"process\"\nstaleness = 0";
+    let train = "epochs = 2\nmax_steps_per_epoch = 60\nmax_eval_samples = 600";
+    let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
+    ember_train(&job, &[]);
+    let clean = epochs(&report(dir.path()));
+
+    let mut child = Command::new(bin("ember"))
+        .args(["train", "--quiet", "--config"])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for epoch 1 to finish (its record appears), then kill shard 1 during epoch 2.
+    let run = dir.path().join("run");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut killed = false;
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(run.join("metrics.json")) {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if epochs(&v).len() == 1 {
+                let info: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(run.join("cluster.json")).unwrap(),
+                )
+                .unwrap();
+                let pid = info["pids"][1].as_u64().unwrap();
+                let st = Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                killed = true;
+                break;
+            }
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(killed, "never saw epoch 1 finish");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = epochs(&report(dir.path()));
+    assert_eq!(rec.len(), 2);
+    assert!(
+        rec[1]["restarts"].as_u64().unwrap() >= 1,
+        "no restart recorded: {}",
+        rec[1]
+    );
+    let (a, b) = (
+        f(&clean[1], &["test", "gauc"]),
+        f(&rec[1], &["test", "gauc"]),
+    );
+    assert!(
+        (a - b).abs() <= 0.005,
+        "GAUC after recovery {b} vs uninterrupted {a}"
+    );
+}
+
+/// Export after training, then predict without a cluster: same metrics as
+/// the run's last evaluation, one score per test row.
+#[test]
+fn export_and_predict_without_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let job = write_job(
+        dir.path(),
+        &data,
+        "kind = \"din\"\nactivation = \"dice\"",
+        "shards = 2\nworkers = 1\nmode = \"inprocess\"\nstaleness = 0",
+        "epochs = 1\nmax_steps_per_epoch = 20",
+    );
+    ember_train(&job, &[]);
+    let r = epochs(&report(dir.path()));
+    let model = dir.path().join("model");
+    let out = Command::new(bin("ember"))
+        .args(["export", "--config"])
+        .arg(&job)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scores = dir.path().join("scores.txt");
+    let out = Command::new(bin("ember"))
+        .args(["predict", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&data.test)
+        .arg("--output")
+        .arg(&scores)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n_test = std::fs::read_to_string(&data.test).unwrap().lines().count();
+    let lines: Vec<f64> = std::fs::read_to_string(&scores)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(lines.len(), n_test);
+    assert!(lines.iter().all(|p| (0.0..=1.0).contains(p)));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let gauc = f(&r[0], &["test", "gauc"]);
+    assert!(
+        stdout.contains(&format!("GAUC {gauc:.4}")),
+        "predict said {stdout}, training evaluated GAUC {gauc:.4}"
+    );
+}
