@@ -1,0 +1,23 @@
+//! Every example job in `configs/` parses, validates and builds its model.
+
+use ember_worker::train::config::JobConfig;
+use ember_worker::train::worker::build_job_model;
+
+#[test]
+fn example_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let cfg = JobConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let model = build_job_model(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(!model.sparse_tables().is_empty());
+            for (name, dim) in model.sparse_tables() {
+                cfg.sparse.table(name, dim, cfg.train.seed).unwrap();
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "expected the example configs, found {n}");
+}
