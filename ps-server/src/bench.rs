@@ -3,7 +3,8 @@
 
 use crate::error::{PsError, Result};
 use crate::shard::{Shard, ShardConfig};
-use ember_proto::codec::{encode_f32, encode_u32, encode_u64};
+use bytes::Bytes;
+use ember_proto::codec::{decode_f32, decode_u64, encode_f32, encode_u64};
 use ember_proto::route::splitmix64;
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
 use ember_proto::v1::*;
@@ -33,6 +34,16 @@ pub struct BenchArgs {
     /// Directory for the scale-mode checkpoint (default: a temp dir).
     #[arg(long)]
     pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Load mode: `--clients` concurrent gRPC clients pull and push (SGD)
+    /// for `--seconds`, then the rows are checked against a serial replay.
+    #[arg(long)]
+    pub load: bool,
+    /// Clients of the load mode.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Id space of the load mode (`--rows` is for the other modes).
+    #[arg(long, default_value_t = 100_000)]
+    pub load_rows: u64,
 }
 
 struct Rng(u64);
@@ -120,6 +131,9 @@ fn fill(shard: &Shard, rows: u64, dim: usize) -> Result<Duration> {
 
 /// Runs the benchmarks and returns a Markdown report.
 pub async fn run(a: BenchArgs) -> Result<String> {
+    if a.load {
+        return run_load(&a).await;
+    }
     let dim = a.dim as usize;
     let mut out = String::new();
     let _ = writeln!(
@@ -235,14 +249,69 @@ pub async fn run(a: BenchArgs) -> Result<String> {
     }
     drop(t);
 
-    // (4) gRPC pull+push over loopback vs raw TCP of the same bytes.
-    let grpc_rate = grpc_bench(shard.clone(), &a).await?;
-    let tcp_rate = tcp_bench(&a).await?;
-    let _ = writeln!(out, "| (4) gRPC pull+push over loopback | {:.2} M rows/s | raw TCP same bytes {:.2} M rows/s | {:.2}x | >= 0.6x |", grpc_rate / 1e6, tcp_rate / 1e6, grpc_rate / tcp_rate);
+    // (4) gRPC pull+push over loopback vs raw TCP, like with like.
+    let batch = a.batch;
+    let grads = encode_f32(&vec![0.001f32; batch * dim]);
+    // (4a) Transport only: a table of `batch` rows (store cost tiny, rows in
+    // cache), the same ids every round; raw TCP moves the same bytes.
+    let tiny = Arc::new(Shard::new(ShardConfig::default())?);
+    tiny.create_table(table_cfg(a.dim))?;
+    fill(&tiny, batch as u64, dim)?;
+    let fixed: Vec<u64> = (0..batch as u64).collect();
+    let mut same = || fixed.clone();
+    let g_tiny = grpc_bench(tiny.clone(), a.seconds, dim, &grads, &mut same).await?;
+    let t_tiny = tcp_bench(None, a.seconds, dim, &grads, &mut same).await?;
+    let _ = writeln!(out, "| (4a) gRPC pull+push, {batch}-row table (transport) | {:.2} M rows/s | raw TCP same bytes {:.2} M rows/s | {:.2}x | >= 0.6x |", g_tiny / 1e6, t_tiny / 1e6, g_tiny / t_tiny);
+    // (4b) Full: random unique batches on the big table; the raw TCP server
+    // does the same store calls (decode, Shard::pull, Shard::push).
+    let mut rng = Rng(99);
+    let rows = a.rows;
+    let mut gen = || unique_batch(&mut rng, rows, batch, false);
+    let g_full = grpc_bench(shard.clone(), a.seconds, dim, &grads, &mut gen).await?;
+    let t_full = tcp_bench(Some(shard.clone()), a.seconds, dim, &grads, &mut gen).await?;
+    let _ = writeln!(out, "| (4b) gRPC pull+push, {rows}-row table (full) | {:.2} M rows/s | raw TCP same bytes + same store calls {:.2} M rows/s | {:.2}x | >= 0.6x |", g_full / 1e6, t_full / 1e6, g_full / t_full);
+    let _ = writeln!(out, "| (4) old comparison: full gRPC vs bytes-only raw TCP | {:.2} M rows/s | {:.2} M rows/s | {:.2}x | |", g_full / 1e6, t_tiny / 1e6, g_full / t_tiny);
     Ok(out)
 }
 
-async fn grpc_bench(shard: Arc<Shard>, a: &BenchArgs) -> Result<f64> {
+/// The `--load` mode: see [`crate::load`].
+async fn run_load(a: &BenchArgs) -> Result<String> {
+    let cfg = crate::load::LoadConfig {
+        clients: a.clients,
+        duration: Duration::from_secs_f64(a.seconds.max(0.0)),
+        rows: a.load_rows,
+        dim: a.dim,
+        batch: a.batch,
+        seed: 1,
+    };
+    let rss0 = rss_bytes();
+    let r = crate::load::run(cfg.clone()).await?;
+    let rss1 = rss_bytes();
+    let mut out = r.markdown(&cfg);
+    let _ = writeln!(
+        out,
+        "| process RSS before / after | {:.1} / {:.1} MB |",
+        rss0 as f64 / 1e6,
+        rss1 as f64 / 1e6
+    );
+    if r.mismatched_rows > 0 {
+        return Err(PsError::Internal(format!(
+            "{} rows differ from the serial replay\n{out}",
+            r.mismatched_rows
+        )));
+    }
+    Ok(out)
+}
+
+/// Serves `shard` over gRPC on a loopback port; returns its address and a
+/// stop switch.
+async fn start_grpc(
+    shard: Arc<Shard>,
+) -> Result<(
+    std::net::SocketAddr,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<()>>,
+)> {
     let cfg = crate::ServerConfig::local(0, 1);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -255,35 +324,46 @@ async fn grpc_bench(shard: Arc<Shard>, a: &BenchArgs) -> Result<f64> {
         })
         .await
     });
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| PsError::Internal(e.to_string()))?
-        .tcp_nodelay(true)
+    Ok((addr, tx, server))
+}
+
+/// gRPC pull + push of `next()`'s ids per round (`grads` holds a batch of
+/// `dim`-wide gradients, sliced per round); returns rows/s.
+async fn grpc_bench(
+    shard: Arc<Shard>,
+    seconds: f64,
+    dim: usize,
+    grads: &Bytes,
+    next: &mut dyn FnMut() -> Vec<u64>,
+) -> Result<f64> {
+    let (addr, tx, server) = start_grpc(shard).await?;
+    let ch = crate::client_endpoint(addr)?
         .connect()
         .await
         .map_err(|e| PsError::Internal(format!("connect: {e}")))?;
     let mut c = ParameterServerClient::new(ch)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
-    let dim = a.dim as usize;
-    let mut rng = Rng(99);
     let t0 = Instant::now();
     let mut rows = 0u64;
     let mut step = 1_000_000;
-    while t0.elapsed().as_secs_f64() < a.seconds {
-        let ids = unique_batch(&mut rng, a.rows, a.batch, false);
+    while t0.elapsed().as_secs_f64() < seconds {
+        let ids = next();
         let idb = encode_u64(&ids);
-        c.pull(PullRequest {
-            table: "bench".into(),
-            ids: idb.clone(),
-        })
-        .await
-        .map_err(|e| PsError::Internal(e.to_string()))?;
+        let r = c
+            .pull(PullRequest {
+                table: "bench".into(),
+                ids: idb.clone(),
+            })
+            .await
+            .map_err(|e| PsError::Internal(e.to_string()))?;
+        std::hint::black_box(r);
         step += 1;
         c.push(PushRequest {
             table: "bench".into(),
             ids: idb,
-            grads: encode_f32(&vec![0.001f32; ids.len() * dim]),
-            counts: encode_u32(&[]),
+            grads: grads.slice(..ids.len() * dim * 4),
+            counts: Bytes::new(),
             step,
         })
         .await
@@ -296,58 +376,108 @@ async fn grpc_bench(shard: Arc<Shard>, a: &BenchArgs) -> Result<f64> {
     Ok(rate)
 }
 
-/// Raw TCP: per batch the client sends ids (pull), gets rows back, sends
-/// ids + grads (push), gets a small ack: the same bytes as gRPC pull+push.
-async fn tcp_bench(a: &BenchArgs) -> Result<f64> {
+async fn read_u32(s: &mut tokio::net::TcpStream) -> std::io::Result<usize> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await?;
+    Ok(u32::from_le_bytes(b) as usize)
+}
+
+/// The raw-TCP server of [`tcp_bench`]: per round reads `[n u32][ids]`,
+/// answers `n * dim` f32 rows, reads `[n u32][ids][grads]`, answers a
+/// 16-byte ack. With a shard it decodes and calls `Shard::pull` /
+/// `Shard::push` like the gRPC service; without, it answers fixed bytes.
+async fn tcp_serve(
+    mut s: tokio::net::TcpStream,
+    shard: Option<Arc<Shard>>,
+    dim: usize,
+) -> std::io::Result<()> {
+    let _ = s.set_nodelay(true);
+    let mut ids = Vec::new();
+    let mut grads = Vec::new();
+    let mut step = 2_000_000;
+    let zeros = vec![0u8; 1 << 20];
+    loop {
+        let n = read_u32(&mut s).await?;
+        ids.resize(n * 8, 0);
+        s.read_exact(&mut ids).await?;
+        match &shard {
+            Some(sh) => {
+                let idv = decode_u64("ids", &ids).map_err(std::io::Error::other)?;
+                let mut out = Vec::new();
+                sh.pull("bench", &idv, &mut out)
+                    .map_err(std::io::Error::other)?;
+                s.write_all(&crate::service::rows_to_bytes(out)).await?;
+            }
+            None => {
+                let mut left = n * dim * 4;
+                while left > 0 {
+                    let k = left.min(zeros.len());
+                    s.write_all(&zeros[..k]).await?;
+                    left -= k;
+                }
+            }
+        }
+        let n = read_u32(&mut s).await?;
+        ids.resize(n * 8, 0);
+        s.read_exact(&mut ids).await?;
+        grads.resize(n * dim * 4, 0);
+        s.read_exact(&mut grads).await?;
+        if let Some(sh) = &shard {
+            let idv = decode_u64("ids", &ids).map_err(std::io::Error::other)?;
+            let g = decode_f32("grads", &grads).map_err(std::io::Error::other)?;
+            step += 1;
+            sh.push("bench", &idv, &g, &[], step)
+                .map_err(std::io::Error::other)?;
+        }
+        s.write_all(&[1u8; 16]).await?;
+    }
+}
+
+/// Raw TCP with the same bytes per round as gRPC pull + push (ids out, rows
+/// back, ids + grads out, small ack back); with `shard`, the server also
+/// does the same store work. Returns rows/s.
+async fn tcp_bench(
+    shard: Option<Arc<Shard>>,
+    seconds: f64,
+    dim: usize,
+    grads: &Bytes,
+    next: &mut dyn FnMut() -> Vec<u64>,
+) -> Result<f64> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| PsError::io("bind", e))?;
     let addr = l.local_addr().map_err(|e| PsError::io("addr", e))?;
-    let dim = a.dim as usize;
-    let batch = a.batch;
     let server = tokio::spawn(async move {
-        let Ok((mut s, _)) = l.accept().await else {
-            return;
-        };
-        let _ = s.set_nodelay(true);
-        let rows = vec![7u8; batch * dim * 4];
-        let mut ids = vec![0u8; batch * 8];
-        let mut grads = vec![0u8; batch * (8 + dim * 4)];
-        loop {
-            if s.read_exact(&mut ids).await.is_err() {
-                return;
-            }
-            if s.write_all(&rows).await.is_err() {
-                return;
-            }
-            if s.read_exact(&mut grads).await.is_err() {
-                return;
-            }
-            if s.write_all(&[1u8; 16]).await.is_err() {
-                return;
-            }
+        if let Ok((s, _)) = l.accept().await {
+            let _ = tcp_serve(s, shard, dim).await;
         }
     });
     let mut c = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| PsError::io("connect", e))?;
     let _ = c.set_nodelay(true);
-    let ids = vec![3u8; batch * 8];
-    let grads = vec![5u8; batch * (8 + dim * 4)];
-    let mut rows = vec![0u8; batch * dim * 4];
+    let mut rows = Vec::new();
     let mut ack = [0u8; 16];
     let t0 = Instant::now();
     let mut n = 0u64;
-    while t0.elapsed().as_secs_f64() < a.seconds {
+    while t0.elapsed().as_secs_f64() < seconds {
+        let ids = next();
+        let idb = encode_u64(&ids);
+        let len = (ids.len() as u32).to_le_bytes();
+        rows.resize(ids.len() * dim * 4, 0);
         let io = async {
-            c.write_all(&ids).await?;
+            c.write_all(&len).await?;
+            c.write_all(&idb).await?;
             c.read_exact(&mut rows).await?;
-            c.write_all(&grads).await?;
+            c.write_all(&len).await?;
+            c.write_all(&idb).await?;
+            c.write_all(&grads[..ids.len() * dim * 4]).await?;
             c.read_exact(&mut ack).await?;
             Ok::<_, std::io::Error>(())
         };
         io.await.map_err(|e| PsError::io("raw tcp", e))?;
-        n += batch as u64;
+        std::hint::black_box(&rows);
+        n += ids.len() as u64;
     }
     let rate = n as f64 / t0.elapsed().as_secs_f64();
     drop(c);

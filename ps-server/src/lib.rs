@@ -26,4 +26,7 @@ pub mod service;
 
 pub mod bench;
 
-pub use server::{serve, serve_shard, spawn, RunningShard, ServerConfig, ShutdownHandle};
+pub use server::{
+    client_endpoint, serve, serve_shard, spawn, RunningShard, ServerConfig, ShutdownHandle,
+};
+pub mod load;

@@ -19,6 +19,30 @@ use tonic::transport::server::TcpIncoming;
 
 /// Default gRPC message limit (both directions): 64 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// HTTP/2 per-stream flow-control window of the server and of
+/// [`client_endpoint`] (h2's default is 64 KiB, which makes a 0.5 MiB pull
+/// reply wait for several WINDOW_UPDATE round trips).
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// HTTP/2 per-connection flow-control window.
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest HTTP/2 DATA frame the server and [`client_endpoint`] accept
+/// (h2's default is 16 KiB).
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+
+/// A client endpoint for `http://addr` with the transport settings the
+/// server uses: TCP_NODELAY, large HTTP/2 windows and frames. Connect with
+/// `.connect().await` and raise the client's message limits to match the
+/// server's `max_message_bytes`.
+pub fn client_endpoint(addr: SocketAddr) -> Result<tonic::transport::Endpoint> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| PsError::invalid(format!("endpoint for {addr}: {e}")))?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .max_frame_size(MAX_FRAME_BYTES),
+    )
+}
 
 /// Everything a shard server needs. Deserializable from TOML (the
 /// `--config` file uses these field names); every field has a default.
@@ -181,6 +205,9 @@ pub async fn serve_shard(
         }
     };
     tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, signal)
         .await

@@ -208,7 +208,7 @@ impl ParameterServer for PsService {
         }
         let mut out = Vec::new();
         let dim = self.shard.pull(&r.table, &ids, &mut out)?;
-        let rows = encode_f32(&out);
+        let rows = rows_to_bytes(out);
         self.record("Pull", &r.table, t0);
         Ok(Response::new(PullResponse {
             rows,
@@ -389,4 +389,26 @@ impl ParameterServer for PsService {
 /// Encodes f32 rows as packed LE bytes (re-exported for clients and benches).
 pub fn encode_rows(rows: &[f32]) -> Bytes {
     encode_f32(rows)
+}
+
+/// Owner of a `Vec<f32>` viewed as its little-endian bytes.
+struct F32Bytes(Vec<f32>);
+
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: f32 has no padding and every byte pattern is a valid u8;
+        // the slice covers exactly the vector's initialized elements and
+        // lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 4) }
+    }
+}
+
+/// Packed LE bytes of `rows` without a copy on little-endian targets (the
+/// vector becomes the buffer of the `Bytes`), equal to `encode_f32(&rows)`.
+pub fn rows_to_bytes(rows: Vec<f32>) -> Bytes {
+    if cfg!(target_endian = "little") {
+        Bytes::from_owner(F32Bytes(rows))
+    } else {
+        encode_f32(&rows)
+    }
 }

@@ -9,11 +9,16 @@
 //!   (the key, the feature count n_j and the last-update step are stored as
 //!   raw bits in f32 slots), so a row costs exactly its payload plus 8 bytes
 //!   of step, and a lookup touches one place in memory after the index;
-//! * the **index** is a `hashbrown::HashTable<u32>` of slot numbers (4 bytes
-//!   plus 1 control byte per bucket); the key is compared in the arena row.
+//! * the **index** is a linear-probing table of 8-byte buckets
+//!   `slot << 32 | tag` (`tag` = low 32 bits of the id hash, which also give
+//!   the home bucket); the key itself is compared in the arena row.
 //!
-//! Batched operations group their ids by stripe and take each stripe lock
-//! once per batch. A push holds the stripe's write lock while it updates a
+//! Batched operations group their ids by stripe, take each stripe lock once
+//! per batch and work through each stripe's ids in three passes over blocks
+//! of [`PREFETCH_BLOCK`] ids: prefetch the home buckets, then read each
+//! candidate slot and prefetch its row, then do the real lookup and copy or
+//! update, so the cache misses of a block overlap instead of following each
+//! other. A push holds the stripe's write lock while it updates a
 //! row, so concurrent pushes to the same row are atomic per row.
 //! Ids with a count but no row (loaded counts, or ids held back by
 //! admission) live in a small per-stripe map of pending counts.
@@ -23,7 +28,6 @@ use crate::init::Init;
 use crate::optim::Optimizer;
 use ember_proto::route::splitmix64;
 use ember_proto::v1::{initializer, CountMode, TableConfig};
-use hashbrown::HashTable;
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +44,9 @@ pub const SWEEP_EVERY_PUSHES: u64 = 256;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Widest row.
 pub const MAX_DIM: u32 = 4096;
+
+/// Ids per prefetch block in batched pulls and pushes.
+pub const PREFETCH_BLOCK: usize = 64;
 
 const STORE_SALT: u64 = 0x5851_F42D_4C95_7F2D;
 
@@ -162,9 +169,165 @@ impl TableSpec {
     }
 }
 
+/// Empty bucket (slot `u32::MAX` is never handed out).
+const EMPTY: u64 = u64::MAX;
+/// Smallest non-empty bucket array.
+const MIN_BUCKETS: usize = 16;
+
+/// Hints the CPU to fetch the cache line at `p` (no-op off x86-64).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+    #[allow(unused_unsafe)]
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Prefetches `len` bytes from `p` (every cache line they touch).
+#[inline(always)]
+fn prefetch_span(p: *const f32, len: usize) {
+    let b = p as *const u8;
+    let mut off = 0;
+    while off < len {
+        prefetch(b.wrapping_add(off));
+        off += 64;
+    }
+    prefetch(b.wrapping_add(len.saturating_sub(1)));
+}
+
+/// The stripe index: linear probing over 8-byte buckets `slot << 32 | tag`,
+/// `tag` being the low 32 bits of the id hash (its low bits give the home
+/// bucket, so growing needs no access to the rows). Grows at 3/4 load.
+#[derive(Default)]
+struct Index {
+    buckets: Vec<u64>,
+    len: usize,
+}
+
+impl Index {
+    #[inline]
+    fn tag(h: u64) -> u32 {
+        h as u32
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.buckets.len().wrapping_sub(1)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn allocation_size(&self) -> usize {
+        self.buckets.capacity() * 8
+    }
+
+    /// Prefetches the home bucket of hash `h`.
+    #[inline]
+    fn prefetch(&self, h: u64) {
+        if !self.buckets.is_empty() {
+            let i = Self::tag(h) as usize & self.mask();
+            prefetch(self.buckets.as_ptr().wrapping_add(i));
+        }
+    }
+
+    /// Slots whose bucket tag matches `h`, in probe order, until an empty bucket.
+    #[inline]
+    fn probe(&self, h: u64) -> impl Iterator<Item = u32> + '_ {
+        let tag = Self::tag(h);
+        let mask = self.mask();
+        let mut i = tag as usize & mask;
+        let mut left = self.buckets.len();
+        std::iter::from_fn(move || {
+            while left > 0 {
+                let b = self.buckets[i];
+                if b == EMPTY {
+                    return None;
+                }
+                i = (i + 1) & mask;
+                left -= 1;
+                if b as u32 == tag {
+                    return Some((b >> 32) as u32);
+                }
+            }
+            None
+        })
+    }
+
+    /// First slot whose tag matches `h` (a likely hit, for prefetching).
+    #[inline]
+    fn candidate(&self, h: u64) -> Option<u32> {
+        self.probe(h).next()
+    }
+
+    /// The slot of hash `h` for which `eq(slot)` holds.
+    #[inline]
+    fn find(&self, h: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
+        self.probe(h).find(|&s| eq(s))
+    }
+
+    fn place(buckets: &mut [u64], entry: u64) {
+        let mask = buckets.len() - 1;
+        let mut i = entry as u32 as usize & mask;
+        while buckets[i] != EMPTY {
+            i = (i + 1) & mask;
+        }
+        buckets[i] = entry;
+    }
+
+    /// Inserts `slot` under hash `h` (the key must not be present).
+    fn insert_unique(&mut self, h: u64, slot: u32) {
+        if (self.len + 1) * 4 > self.buckets.len() * 3 {
+            let n = (self.buckets.len() * 2).max(MIN_BUCKETS);
+            let mut fresh = vec![EMPTY; n];
+            for &b in self.buckets.iter().filter(|&&b| b != EMPTY) {
+                Self::place(&mut fresh, b);
+            }
+            self.buckets = fresh;
+        }
+        Self::place(
+            &mut self.buckets,
+            (u64::from(slot) << 32) | u64::from(Self::tag(h)),
+        );
+        self.len += 1;
+    }
+
+    /// Every slot, in bucket order.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.buckets
+            .iter()
+            .filter(|&&b| b != EMPTY)
+            .map(|&b| (b >> 32) as u32)
+    }
+
+    /// Keeps the slots for which `keep` holds (rebuilds the buckets when
+    /// any is dropped, so probe chains stay intact).
+    fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
+        let kept: Vec<u64> = self
+            .buckets
+            .iter()
+            .filter(|&&b| b != EMPTY && keep((b >> 32) as u32))
+            .copied()
+            .collect();
+        if kept.len() == self.len {
+            return;
+        }
+        self.buckets.fill(EMPTY);
+        for &b in &kept {
+            Self::place(&mut self.buckets, b);
+        }
+        self.len = kept.len();
+    }
+}
+
 #[derive(Default)]
 struct Stripe {
-    index: HashTable<u32>,
+    index: Index,
     chunks: Vec<Vec<f32>>,
     /// Slots handed out so far (live + free).
     slots: u32,
@@ -186,13 +349,39 @@ impl Stripe {
     #[inline]
     fn find(&self, h: u64, id: u64, stride: usize) -> Option<u32> {
         let chunks = &self.chunks;
-        self.index
-            .find(h, |&slot| {
-                let s = slot as usize;
-                let off = (s % CHUNK_ROWS) * stride;
-                row_key(&chunks[s / CHUNK_ROWS][off..off + 2]) == id
+        self.index.find(h, |slot| {
+            let s = slot as usize;
+            let off = (s % CHUNK_ROWS) * stride;
+            chunks
+                .get(s / CHUNK_ROWS)
+                .and_then(|c| c.get(off..off + 2))
+                .is_some_and(|k| row_key(k) == id)
+        })
+    }
+
+    /// Address of row `slot` (for prefetching; never dereferenced).
+    #[inline]
+    fn row_ptr(&self, slot: u32, stride: usize) -> *const f32 {
+        let s = slot as usize;
+        self.chunks
+            .get(s / CHUNK_ROWS)
+            .map_or(std::ptr::null(), |c| {
+                c.as_ptr().wrapping_add((s % CHUNK_ROWS) * stride)
             })
-            .copied()
+    }
+
+    /// Prefetch passes for a block of ids: home buckets, then the first
+    /// `bytes` bytes of each candidate row.
+    #[inline]
+    fn prefetch_block(&self, hashes: &[u64], block: &[u32], stride: usize, bytes: usize) {
+        for &pos in block {
+            self.index.prefetch(hashes[pos as usize]);
+        }
+        for &pos in block {
+            if let Some(slot) = self.index.candidate(hashes[pos as usize]) {
+                prefetch_span(self.row_ptr(slot, stride), bytes);
+            }
+        }
     }
 
     /// Allocates a slot for a new row of key `id` (zeroed apart from the key).
@@ -201,6 +390,9 @@ impl Stripe {
             Some(s) => s,
             None => {
                 let s = self.slots;
+                if s == u32::MAX {
+                    return Err(PsError::Internal("stripe slot space exhausted".into()));
+                }
                 let ci = s as usize / CHUNK_ROWS;
                 if ci == self.chunks.len() {
                     let cap = if self.chunks.is_empty() {
@@ -222,12 +414,7 @@ impl Stripe {
                 s
             }
         };
-        let chunks = &self.chunks;
-        self.index.insert_unique(h, slot, |&sl| {
-            let s = sl as usize;
-            let off = (s % CHUNK_ROWS) * stride;
-            id_hash(row_key(&chunks[s / CHUNK_ROWS][off..off + 2]))
-        });
+        self.index.insert_unique(h, slot);
         let row = self.row_mut(slot, stride);
         row.fill(0.0);
         set_key(row, id);
@@ -356,15 +543,18 @@ impl Table {
                 continue;
             }
             let stripe = self.stripes[s].read();
-            for &pos in &g.order[a..b] {
-                let pos = pos as usize;
-                let id = ids[pos];
-                let dst = &mut out[pos * dim..(pos + 1) * dim];
-                match stripe.find(g.hashes[pos], id, stride) {
-                    Some(slot) => {
-                        dst.copy_from_slice(&stripe.row(slot, stride)[HEADER..HEADER + dim])
+            for block in g.order[a..b].chunks(PREFETCH_BLOCK) {
+                stripe.prefetch_block(&g.hashes, block, stride, (HEADER + dim) * 4);
+                for &pos in block {
+                    let pos = pos as usize;
+                    let id = ids[pos];
+                    let dst = &mut out[pos * dim..(pos + 1) * dim];
+                    match stripe.find(g.hashes[pos], id, stride) {
+                        Some(slot) => {
+                            dst.copy_from_slice(&stripe.row(slot, stride)[HEADER..HEADER + dim])
+                        }
+                        None => self.spec.init.fill(id, dst),
                     }
-                    None => self.spec.init.fill(id, dst),
                 }
             }
         }
@@ -396,65 +586,68 @@ impl Table {
             }
             let mut guard = self.stripes[s].write();
             let stripe = &mut *guard;
-            for &pos in &g.order[a..b] {
-                let pos = pos as usize;
-                let id = ids[pos];
-                let h = g.hashes[pos];
-                let c = counts.get(pos).copied().unwrap_or(1);
-                let slot = match stripe.find(h, id, stride) {
-                    Some(slot) => {
-                        if online {
+            for block in g.order[a..b].chunks(PREFETCH_BLOCK) {
+                stripe.prefetch_block(&g.hashes, block, stride, stride * 4);
+                for &pos in block {
+                    let pos = pos as usize;
+                    let id = ids[pos];
+                    let h = g.hashes[pos];
+                    let c = counts.get(pos).copied().unwrap_or(1);
+                    let slot = match stripe.find(h, id, stride) {
+                        Some(slot) => {
+                            if online {
+                                let row = stripe.row_mut(slot, stride);
+                                let old = row_count(row);
+                                set_count(row, old.saturating_add(c));
+                                if old == 0 {
+                                    stripe.counted_rows += 1;
+                                }
+                            }
+                            slot
+                        }
+                        None => {
+                            let prior = stripe.pending.get(&id).copied().unwrap_or(0);
+                            let n = if online {
+                                prior.saturating_add(c)
+                            } else {
+                                prior
+                            };
+                            if admit > 1 && n < admit {
+                                if online {
+                                    stripe.pending.insert(id, n);
+                                }
+                                out.not_admitted += 1;
+                                continue;
+                            }
+                            if prior > 0 {
+                                stripe.pending.remove(&id);
+                            }
+                            let Ok(slot) = stripe.alloc(h, id, stride) else {
+                                // Slot space of a stripe (2^32 rows) exhausted:
+                                // treat as not admitted rather than corrupting.
+                                out.not_admitted += 1;
+                                continue;
+                            };
                             let row = stripe.row_mut(slot, stride);
-                            let old = row_count(row);
-                            set_count(row, old.saturating_add(c));
-                            if old == 0 {
+                            set_count(row, n);
+                            spec.init.fill(id, &mut row[HEADER..HEADER + dim]);
+                            spec.opt.init_state(&mut row[HEADER + dim..]);
+                            if n > 0 {
                                 stripe.counted_rows += 1;
                             }
+                            slot
                         }
-                        slot
-                    }
-                    None => {
-                        let prior = stripe.pending.get(&id).copied().unwrap_or(0);
-                        let n = if online {
-                            prior.saturating_add(c)
-                        } else {
-                            prior
-                        };
-                        if admit > 1 && n < admit {
-                            if online {
-                                stripe.pending.insert(id, n);
-                            }
-                            out.not_admitted += 1;
-                            continue;
-                        }
-                        if prior > 0 {
-                            stripe.pending.remove(&id);
-                        }
-                        let Ok(slot) = stripe.alloc(h, id, stride) else {
-                            // Slot space of a stripe (2^32 rows) exhausted:
-                            // treat as not admitted rather than corrupting.
-                            out.not_admitted += 1;
-                            continue;
-                        };
-                        let row = stripe.row_mut(slot, stride);
-                        set_count(row, n);
-                        spec.init.fill(id, &mut row[HEADER..HEADER + dim]);
-                        spec.opt.init_state(&mut row[HEADER + dim..]);
-                        if n > 0 {
-                            stripe.counted_rows += 1;
-                        }
-                        slot
-                    }
-                };
-                let row = stripe.row_mut(slot, stride);
-                gbuf.copy_from_slice(&grads[pos * dim..(pos + 1) * dim]);
-                let (head, rest) = row.split_at_mut(HEADER);
-                let (w, state) = rest.split_at_mut(dim);
-                let nj = row_count(head).max(1);
-                regularize(&mut gbuf, w, lambda, nj, l2);
-                spec.opt.step(w, state, &gbuf);
-                set_step(head, step);
-                out.updated += 1;
+                    };
+                    let row = stripe.row_mut(slot, stride);
+                    gbuf.copy_from_slice(&grads[pos * dim..(pos + 1) * dim]);
+                    let (head, rest) = row.split_at_mut(HEADER);
+                    let (w, state) = rest.split_at_mut(dim);
+                    let nj = row_count(head).max(1);
+                    regularize(&mut gbuf, w, lambda, nj, l2);
+                    spec.opt.step(w, state, &gbuf);
+                    set_step(head, step);
+                    out.updated += 1;
+                }
             }
         }
         self.not_admitted
@@ -480,7 +673,7 @@ impl Table {
                 stripe.pending.clear();
                 stripe.counted_rows = 0;
                 let chunks = &mut stripe.chunks;
-                for &slot in stripe.index.iter() {
+                for slot in stripe.index.iter() {
                     let s = slot as usize;
                     let off = (s % CHUNK_ROWS) * stride;
                     set_count(&mut chunks[s / CHUNK_ROWS][off..off + stride], 0);
@@ -536,7 +729,7 @@ impl Table {
         let pending = &mut stripe.pending;
         let mut evicted = 0u64;
         let mut uncounted = 0u64;
-        stripe.index.retain(|&mut slot| {
+        stripe.index.retain(|slot| {
             let sl = slot as usize;
             let off = (sl % CHUNK_ROWS) * stride;
             let row = &chunks[sl / CHUNK_ROWS][off..off + HEADER];
@@ -585,7 +778,7 @@ impl Table {
     pub fn for_each_row(&self, mut f: impl FnMut(u64, u32, u64, &[f32])) {
         for stripe in self.stripes.iter() {
             let g = stripe.read();
-            for &slot in g.index.iter() {
+            for slot in g.index.iter() {
                 let row = g.row(slot, self.stride);
                 f(row_key(row), row_count(row), row_step(row), &row[HEADER..]);
             }
@@ -686,7 +879,7 @@ impl StripeRows<'_> {
 
     /// `(id, count, last_step, emb_and_state)` of every row.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u32, u64, &[f32])> + '_ {
-        self.guard.index.iter().map(move |&slot| {
+        self.guard.index.iter().map(move |slot| {
             let row = self.guard.row(slot, self.stride);
             (row_key(row), row_count(row), row_step(row), &row[HEADER..])
         })
