@@ -1,0 +1,578 @@
+//! Checks of the Kubernetes manifests in deploy/k8s, offline:
+//!
+//! - `k8s_manifests_are_consistent` (always runs): kustomization.yaml lists
+//!   every manifest; the job TOML in the ConfigMap parses as an Ember job and
+//!   its `cluster.shard_addrs` are exactly the StatefulSet's DNS names
+//!   `<statefulset>-<i>.<service>:<grpc port>` for i in 0..replicas; the
+//!   shards' `--num-shards` equals replicas; the headless Service selects the
+//!   shard pods; probes, resources and Prometheus annotations are present.
+//!   YAML is read with the small block-YAML reader below (the manifests use
+//!   plain block style; serde_yaml is not a dependency).
+//! - `k8s_manifests_validate_against_the_api_schemas`: installs the
+//!   `kubernetes-validate` package from PyPI into the target directory (once)
+//!   and validates every manifest strictly against the Kubernetes 1.28 (the
+//!   oldest version the manifests support: the pod-index label) and the
+//!   newest bundled API schemas. Returns early, saying why, when python3, pip
+//!   or the package is unavailable, or EMBER_SKIP_K8S_VALIDATE=1.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Map, Value};
+
+use integration_tests::{bin_dir, repo_root};
+
+// ------------------------------------------------------------- YAML reader
+
+/// Reads the block-style YAML subset the manifests use: mappings, sequences
+/// (including `- key: value` items), plain/quoted scalars, `|`/`|-` literal
+/// blocks, flow sequences of scalars, `{}`/`[]`, comments, `---` documents.
+struct Yaml<'a> {
+    lines: Vec<&'a str>,
+    i: usize,
+    /// Column of the current line's content when a `- ` before it was consumed.
+    virt: Option<usize>,
+}
+
+fn indent(l: &str) -> usize {
+    l.len() - l.trim_start_matches(' ').len()
+}
+
+fn is_blank_or_comment(l: &str) -> bool {
+    let t = l.trim();
+    t.is_empty() || t.starts_with('#')
+}
+
+/// Index of the `:` separating a mapping key, if `s` is a `key: value` line.
+fn key_colon(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    if b.first() == Some(&b'"') || b.first() == Some(&b'\'') {
+        let q = b[0];
+        i = 1;
+        while i < b.len() && b[i] != q {
+            i += 1;
+        }
+        i += 1;
+        return (i < b.len() && b[i] == b':' && (i + 1 == b.len() || b[i + 1] == b' '))
+            .then_some(i);
+    }
+    if matches!(b.first(), Some(b'[') | Some(b'{')) {
+        return None;
+    }
+    while i < b.len() {
+        if b[i] == b':' && (i + 1 == b.len() || b[i + 1] == b' ') {
+            return Some(i);
+        }
+        if b[i] == b' ' && b.get(i + 1) == Some(&b'#') {
+            return None;
+        }
+        i += 1;
+    }
+    None
+}
+
+fn strip_comment(s: &str) -> &str {
+    if s.starts_with('"') || s.starts_with('\'') {
+        let q = s.as_bytes()[0];
+        if let Some(end) = s[1..].bytes().position(|c| c == q) {
+            return &s[..end + 2];
+        }
+        return s;
+    }
+    match s.find(" #") {
+        Some(i) => s[..i].trim_end(),
+        None => s.trim_end(),
+    }
+}
+
+fn scalar(s: &str) -> Value {
+    let s = strip_comment(s.trim());
+    if let Some(inner) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        return Value::String(inner.replace("\\\"", "\"").replace("\\\\", "\\"));
+    }
+    if let Some(inner) = s.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
+        return Value::String(inner.replace("''", "'"));
+    }
+    if s == "{}" {
+        return Value::Object(Map::new());
+    }
+    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        let items = inner
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(scalar)
+            .collect();
+        return Value::Array(items);
+    }
+    match s {
+        "" | "~" | "null" => Value::Null,
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => s
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::String(s.to_string())),
+    }
+}
+
+impl<'a> Yaml<'a> {
+    /// The current line as (indent, content), skipping blanks and comments.
+    fn peek(&mut self) -> Option<(usize, &'a str)> {
+        if let Some(col) = self.virt {
+            return Some((col, self.lines[self.i][col..].trim_end()));
+        }
+        while self.i < self.lines.len() && is_blank_or_comment(self.lines[self.i]) {
+            self.i += 1;
+        }
+        let l = self.lines.get(self.i)?;
+        let ind = indent(l);
+        Some((ind, l[ind..].trim_end()))
+    }
+
+    fn advance(&mut self) {
+        self.virt = None;
+        self.i += 1;
+    }
+
+    fn node(&mut self, min_indent: usize) -> Value {
+        match self.peek() {
+            Some((ind, c)) if ind >= min_indent => {
+                if c == "-" || c.starts_with("- ") {
+                    self.seq(ind)
+                } else if key_colon(c).is_some() {
+                    self.map(ind)
+                } else {
+                    self.advance();
+                    scalar(c)
+                }
+            }
+            _ => Value::Null,
+        }
+    }
+
+    fn seq(&mut self, ind: usize) -> Value {
+        let mut items = Vec::new();
+        while let Some((i2, c)) = self.peek() {
+            if i2 != ind || !(c == "-" || c.starts_with("- ")) {
+                break;
+            }
+            let rest = c[1..].trim_start();
+            if rest.is_empty() {
+                self.advance();
+                items.push(self.node(ind + 1));
+            } else {
+                // Treat "- " as indentation of the item's first line.
+                let col = ind + (c.len() - rest.len());
+                self.virt = Some(col);
+                items.push(self.node(col));
+            }
+        }
+        Value::Array(items)
+    }
+
+    fn map(&mut self, ind: usize) -> Value {
+        let mut m = Map::new();
+        while let Some((i2, c)) = self.peek() {
+            if i2 != ind || c.starts_with("- ") || c == "-" {
+                break;
+            }
+            let Some(k) = key_colon(c) else { break };
+            let key = match scalar(&c[..k]) {
+                Value::String(s) => s,
+                v => v.to_string(),
+            };
+            let rest = c[k + 1..].trim();
+            let rest = if rest.starts_with('#') { "" } else { rest };
+            self.advance();
+            let value = if rest.starts_with('|') || rest.starts_with('>') {
+                self.block(ind, rest)
+            } else if rest.is_empty() {
+                match self.peek() {
+                    Some((i3, _)) if i3 > ind => self.node(i3),
+                    Some((i3, c3)) if i3 == ind && (c3 == "-" || c3.starts_with("- ")) => {
+                        self.seq(ind)
+                    }
+                    _ => Value::Null,
+                }
+            } else {
+                scalar(rest)
+            };
+            m.insert(key, value);
+        }
+        Value::Object(m)
+    }
+
+    /// A literal (`|`) or folded (`>`, read as literal) block after a key at `ind`.
+    fn block(&mut self, ind: usize, header: &str) -> Value {
+        let mut body: Vec<&str> = Vec::new();
+        let mut block_indent = None;
+        while self.i < self.lines.len() {
+            let l = self.lines[self.i];
+            if l.trim().is_empty() {
+                body.push("");
+                self.i += 1;
+                continue;
+            }
+            let li = indent(l);
+            if li <= ind {
+                break;
+            }
+            let bi = *block_indent.get_or_insert(li);
+            body.push(if l.len() >= bi { &l[bi..] } else { l.trim_start() });
+            self.i += 1;
+        }
+        while body.last() == Some(&"") {
+            body.pop();
+        }
+        let mut text = body.join("\n");
+        if !header.contains('-') {
+            text.push('\n');
+        }
+        Value::String(text)
+    }
+}
+
+/// Every document of a YAML file.
+fn yaml_docs(text: &str) -> Vec<Value> {
+    let mut docs = Vec::new();
+    let mut cur = Vec::new();
+    for l in text.lines() {
+        if l.trim_end() == "---" {
+            docs.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(l);
+        }
+    }
+    docs.push(cur);
+    docs.into_iter()
+        .filter(|d| d.iter().any(|l| !is_blank_or_comment(l)))
+        .map(|lines| {
+            let mut y = Yaml {
+                lines,
+                i: 0,
+                virt: None,
+            };
+            let v = y.node(0);
+            assert!(
+                y.peek().is_none(),
+                "YAML reader stopped early at line {}: {:?}",
+                y.i + 1,
+                y.lines.get(y.i)
+            );
+            v
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------- manifests
+
+fn k8s_dir() -> PathBuf {
+    repo_root().join("deploy/k8s")
+}
+
+/// (file, document) for every resource listed in kustomization.yaml.
+fn resources() -> Vec<(String, Value)> {
+    let kust = &yaml_docs(&std::fs::read_to_string(k8s_dir().join("kustomization.yaml")).unwrap())[0];
+    let files: Vec<String> = kust["resources"]
+        .as_array()
+        .expect("kustomization resources")
+        .iter()
+        .map(|v| v.as_str().expect("resource path").to_string())
+        .collect();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(k8s_dir().join(&f))
+            .unwrap_or_else(|e| panic!("{f} listed in kustomization.yaml: {e}"));
+        for d in yaml_docs(&text) {
+            out.push((f.clone(), d));
+        }
+    }
+    out
+}
+
+fn manifest_files() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(k8s_dir())
+        .expect("deploy/k8s")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn find<'a>(res: &'a [(String, Value)], kind: &str) -> Vec<&'a Value> {
+    res.iter().filter(|(_, d)| d["kind"] == kind).map(|(_, d)| d).collect()
+}
+
+fn arg_value<'a>(args: &'a [Value], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .filter_map(Value::as_str)
+        .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+}
+
+#[test]
+fn yaml_reader_reads_the_constructs_used() {
+    let docs = yaml_docs(
+        "# c\na: 1\nb:\n  - x\n  - name: y\n    port: 2\n    list: [\"p\", q]\nc: |\n  line 1\n  # kept\n\n  line 3\nd: \"q: x\" # comment\ne:\n- 1\n- 2\nf: {}\n---\ng: 'h'\n",
+    );
+    assert_eq!(docs.len(), 2);
+    let d = &docs[0];
+    assert_eq!(d["a"], 1);
+    assert_eq!(d["b"][0], "x");
+    assert_eq!(d["b"][1]["name"], "y");
+    assert_eq!(d["b"][1]["port"], 2);
+    assert_eq!(d["b"][1]["list"][1], "q");
+    assert_eq!(d["c"], "line 1\n# kept\n\nline 3\n");
+    assert_eq!(d["d"], "q: x");
+    assert_eq!(d["e"][1], 2);
+    assert!(d["f"].as_object().is_some_and(|m| m.is_empty()));
+    assert_eq!(docs[1]["g"], "h");
+}
+
+#[test]
+fn k8s_manifests_are_consistent() {
+    // kustomization.yaml lists every manifest file.
+    let res = resources();
+    let listed: std::collections::BTreeSet<String> = res.iter().map(|(f, _)| f.clone()).collect();
+    for p in manifest_files() {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(listed.contains(&name), "{name} is not listed in kustomization.yaml");
+    }
+
+    // The StatefulSet and its headless Service.
+    let sts = find(&res, "StatefulSet");
+    assert_eq!(sts.len(), 1, "one shard StatefulSet");
+    let sts = sts[0];
+    let sts_name = sts["metadata"]["name"].as_str().expect("statefulset name");
+    let svc_name = sts["spec"]["serviceName"].as_str().expect("serviceName");
+    let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
+    assert!(replicas >= 1);
+    let pod = &sts["spec"]["template"];
+    let c = &pod["spec"]["containers"][0];
+    let args = c["args"].as_array().expect("ps-server args");
+    let num_shards: u64 = arg_value(args, "--num-shards")
+        .expect("--num-shards")
+        .parse()
+        .expect("--num-shards is a number");
+    assert_eq!(num_shards, replicas, "--num-shards must equal spec.replicas");
+    assert_eq!(arg_value(args, "--shard-index"), Some("$(SHARD_INDEX)"));
+    let env = c["env"].as_array().expect("env");
+    let idx = env.iter().find(|e| e["name"] == "SHARD_INDEX").expect("SHARD_INDEX env");
+    assert_eq!(
+        idx["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    );
+    assert!(args.iter().any(|a| a == "--restore"), "shards must restore at start");
+    let listen = arg_value(args, "--listen").expect("--listen");
+    let port: u64 = listen.rsplit(':').next().unwrap().parse().expect("listen port");
+    let ports = c["ports"].as_array().expect("container ports");
+    let port_of = |name: &str| {
+        ports
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("container port {name}"))
+    };
+    assert_eq!(port_of("grpc"), port, "--listen port vs containerPort grpc");
+    let metrics_port = port_of("metrics");
+    let maddr = arg_value(args, "--metrics-addr").expect("--metrics-addr");
+    assert!(maddr.ends_with(&format!(":{metrics_port}")), "{maddr} vs {metrics_port}");
+    let ckdir = arg_value(args, "--checkpoint-dir").expect("--checkpoint-dir");
+    let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        .as_str()
+        .expect("volumeClaimTemplates");
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts")
+            .iter()
+            .any(|m| m["name"] == claim && m["mountPath"] == ckdir),
+        "the checkpoint PVC must be mounted at --checkpoint-dir"
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert!(c[probe].is_object(), "ps-server {probe}");
+    }
+    let ann = &pod["metadata"]["annotations"];
+    assert_eq!(ann["prometheus.io/scrape"], "true");
+    assert_eq!(ann["prometheus.io/port"], metrics_port.to_string());
+
+    let svc = find(&res, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == svc_name)
+        .unwrap_or_else(|| panic!("Service {svc_name} (the StatefulSet's serviceName)"));
+    assert_eq!(svc["spec"]["clusterIP"], "None", "the shard Service must be headless");
+    let labels = pod["metadata"]["labels"].as_object().expect("pod labels");
+    for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(labels.get(k), Some(v), "Service selector {k} vs pod labels");
+    }
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .expect("service ports")
+            .iter()
+            .any(|p| p["port"].as_u64() == Some(port)),
+        "Service exposes the gRPC port {port}"
+    );
+
+    // The ConfigMap's job file names exactly those shards.
+    let job = find(&res, "Job");
+    assert_eq!(job.len(), 1, "one trainer Job");
+    let job = job[0];
+    let tc = &job["spec"]["template"]["spec"]["containers"][0];
+    let targs: Vec<&str> = tc["args"]
+        .as_array()
+        .expect("trainer args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let cfg_path = targs
+        .windows(2)
+        .find(|w| w[0] == "--config")
+        .map(|w| w[1])
+        .expect("trainer --config");
+    let (cfg_dir, cfg_file) = cfg_path.rsplit_once('/').expect("absolute --config");
+    let mount = tc["volumeMounts"]
+        .as_array()
+        .expect("trainer volumeMounts")
+        .iter()
+        .find(|m| m["mountPath"] == cfg_dir)
+        .unwrap_or_else(|| panic!("nothing mounted at {cfg_dir}"));
+    let vol = job["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("trainer volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("config volume");
+    let cm_name = vol["configMap"]["name"].as_str().expect("config volume is a ConfigMap");
+    let cm = find(&res, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == cm_name)
+        .unwrap_or_else(|| panic!("ConfigMap {cm_name}"));
+    let toml_text = cm["data"][cfg_file].as_str().expect("job TOML in the ConfigMap");
+    let cfg = ember_worker::train::config::JobConfig::parse(toml_text, "ConfigMap ember-job")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<String> = (0..replicas)
+        .map(|i| format!("{sts_name}-{i}.{svc_name}:{port}"))
+        .collect();
+    assert_eq!(
+        cfg.cluster.shard_addrs, want,
+        "cluster.shard_addrs must be the StatefulSet's DNS names"
+    );
+    for path in [&cfg.data.train, &cfg.data.test] {
+        assert!(path.starts_with("/data"), "{} is not on the data volume", path.display());
+    }
+    assert!(cfg.out_dir().starts_with("/var/lib/ember/runs"), "out_dir on the runs volume");
+
+    // Every container has requests and limits.
+    for (f, d) in &res {
+        let spec = match d["kind"].as_str() {
+            Some("StatefulSet") | Some("Job") => &d["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        for c in spec["containers"].as_array().expect("containers") {
+            for k in ["requests", "limits"] {
+                assert!(
+                    !c["resources"][k]["cpu"].is_null() && !c["resources"][k]["memory"].is_null(),
+                    "{f}: container {} needs resources.{k}.cpu/memory",
+                    c["name"]
+                );
+            }
+        }
+    }
+}
+
+/// A Python path where `kubernetes_validate` imports, installing it there if needed.
+fn kubernetes_validate() -> Result<PathBuf, String> {
+    let dir = bin_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kubernetes-validate");
+    let imports = |d: &Path| {
+        Command::new("python3")
+            .args(["-c", "import kubernetes_validate"])
+            .env("PYTHONPATH", d)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if imports(&dir) {
+        return Ok(dir);
+    }
+    match Command::new("python3").arg("--version").output() {
+        Ok(o) if o.status.success() => {}
+        _ => return Err("python3 is not available".into()),
+    }
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg("kubernetes-validate")
+        .output()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`pip install kubernetes-validate` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    if imports(&dir) {
+        Ok(dir)
+    } else {
+        Err("kubernetes_validate does not import after installing it".into())
+    }
+}
+
+#[test]
+fn k8s_manifests_validate_against_the_api_schemas() {
+    if std::env::var("EMBER_SKIP_K8S_VALIDATE").is_ok_and(|v| v == "1") {
+        eprintln!("skipping kubernetes-validate: EMBER_SKIP_K8S_VALIDATE=1");
+        return;
+    }
+    let py_path = match kubernetes_validate() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("skipping kubernetes-validate: {why}");
+            return;
+        }
+    };
+    let files = manifest_files();
+    assert!(files.len() >= 5, "manifests in deploy/k8s: {files:?}");
+    // 1.28: the oldest version with the pod-index label; none: the newest schemas.
+    for version in [Some("1.28.0"), None] {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+            .env("PYTHONPATH", &py_path);
+        if let Some(v) = version {
+            cmd.args(["--kubernetes-version", v]);
+        }
+        let out = cmd.args(&files).output().expect("run kubernetes-validate");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && !text.contains("ERROR"),
+            "kubernetes-validate (version {}) failed:\n{text}",
+            version.unwrap_or("newest")
+        );
+        eprintln!(
+            "kubernetes-validate --strict (version {}): {} files passed",
+            version.unwrap_or("newest"),
+            files.len()
+        );
+    }
+}
