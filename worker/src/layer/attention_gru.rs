@@ -16,6 +16,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::fused_gru::{att_gru_states, gru_states, GateKind};
 use super::gru::Gru;
 use super::params::ParamBuilder;
 
@@ -60,6 +61,16 @@ impl AttentionGru {
             _ => x.clone(),
         };
         let gx = self.cell.input_proj(&x)?;
+        if self.cell.fused && super::kernels::cpu_real(&gx) {
+            let lens = super::gru::lens_of_mask(mask)?;
+            let w = self.cell.w_hh.as_tensor();
+            let states = match self.kind {
+                EvolveKind::Augru => att_gru_states(GateKind::Augru, &gx, att, w, &lens)?,
+                EvolveKind::Agru => att_gru_states(GateKind::Agru, &gx, att, w, &lens)?,
+                EvolveKind::Aigru | EvolveKind::Gru => gru_states(&gx, w, &lens)?,
+            };
+            return states.narrow(1, t - 1, 1)?.squeeze(1);
+        }
         let mut h = Tensor::zeros((b, self.cell.hidden), x.dtype(), x.device())?;
         for s in 0..t {
             let g = self.cell.gates(&gx.narrow(1, s, 1)?.squeeze(1)?, &h)?;

@@ -42,18 +42,29 @@ impl AuxNet {
     pub fn loss(&self, h: &Tensor, pos: &Tensor, neg: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t, hd) = h.dims3()?;
         let e = pos.dim(2)?;
-        if t < 2 {
+        // Valid pairs (b, t) with step t+1 inside the history: gather only those.
+        let m = mask.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let mut hi = Vec::new();
+        let mut ei = Vec::new();
+        for (bi, row) in m.iter().enumerate() {
+            for s in 0..t.saturating_sub(1) {
+                if row[s + 1] > 0.5 {
+                    hi.push((bi * t + s) as u32);
+                    ei.push((bi * t + s + 1) as u32);
+                }
+            }
+        }
+        if hi.is_empty() {
             return Tensor::zeros((), h.dtype(), h.device());
         }
-        let n = b * (t - 1);
-        let hs = h.narrow(1, 0, t - 1)?.reshape((n, hd))?;
-        let p = pos.narrow(1, 1, t - 1)?.reshape((n, e))?;
-        let q = neg.narrow(1, 1, t - 1)?.reshape((n, e))?;
-        let m = mask.narrow(1, 1, t - 1)?.reshape(n)?;
+        let n = hi.len();
+        let hi = Tensor::from_vec(hi, n, h.device())?;
+        let ei = Tensor::from_vec(ei, n, h.device())?;
+        let hs = h.reshape((b * t, hd))?.index_select(&hi, 0)?;
+        let p = pos.reshape((b * t, e))?.index_select(&ei, 0)?;
+        let q = neg.reshape((b * t, e))?.index_select(&ei, 0)?;
         let lp = softplus(&self.logits(&hs, &p)?.neg()?)?;
         let ln = softplus(&self.logits(&hs, &q)?)?;
-        let total = ((lp + ln)? * &m)?.sum_all()?;
-        let count = m.sum_all()?.maximum(1.0)?;
-        total / count
+        (lp.sum_all()? + ln.sum_all()?)? / n as f64
     }
 }

@@ -25,6 +25,16 @@ pub struct Gru {
     pub bias: Var,
     /// Hidden size H.
     pub hidden: usize,
+    /// Use the fused CPU recurrence ([`super::fused_gru`]) when possible.
+    pub fused: bool,
+}
+
+/// Valid lengths of a left-aligned `[B, T]` mask.
+pub fn lens_of_mask(mask: &Tensor) -> Result<Vec<usize>> {
+    let m = mask.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    Ok(m.iter()
+        .map(|r| r.iter().filter(|&&v| v > 0.5).count())
+        .collect())
 }
 
 /// Gate pre-activations of one step, used by the attentional variants.
@@ -46,6 +56,7 @@ impl Gru {
             w_hh: pb.var("w_hh", (hidden, 3 * hidden), Init::Uniform(b))?,
             bias: pb.var("bias", 3 * hidden, Init::Const(0.0))?,
             hidden,
+            fused: true,
         })
     }
 
@@ -73,6 +84,9 @@ impl Gru {
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let gx = self.input_proj(x)?;
+        if self.fused && super::kernels::cpu_real(&gx) {
+            return super::fused_gru::gru_states(&gx, self.w_hh.as_tensor(), &lens_of_mask(mask)?);
+        }
         let mut h = Tensor::zeros((b, self.hidden), x.dtype(), x.device())?;
         let mut out = Vec::with_capacity(t);
         for s in 0..t {

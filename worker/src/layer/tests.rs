@@ -210,25 +210,28 @@ fn fused_attention_matches_reference() -> Result<()> {
 fn gru_gradcheck_and_masking() -> Result<()> {
     let (bsz, t, i, hd) = (3, 4, 5, 3);
     let lens = [4, 2, 0];
-    let b = pb(17);
-    let gru = Gru::new(i, hd, &b)?;
-    let x = rand_var(&[bsz, t, i], 18, 1.0)?;
-    let mask = mask_of(&lens, t)?;
-    let mut vars = b.finish().params;
-    vars.push(("x".into(), x.clone()));
-    let f = || proj_loss(&gru.forward(x.as_tensor(), &mask)?, 19);
-    assert_ok("gru", &check(&vars, f, 60, H, TOL)?);
-    let g = f()?.backward()?;
-    let gx = g.get(x.as_tensor()).unwrap().to_vec3::<f64>()?;
-    for (bi, &l) in lens.iter().enumerate() {
-        for s in l..t {
-            assert!(gx[bi][s].iter().all(|&v| v == 0.0), "pad grad at {bi},{s}");
+    for fused in [false, true] {
+        let b = pb(17);
+        let mut gru = Gru::new(i, hd, &b)?;
+        gru.fused = fused;
+        let x = rand_var(&[bsz, t, i], 18, 1.0)?;
+        let mask = mask_of(&lens, t)?;
+        let mut vars = b.finish().params;
+        vars.push(("x".into(), x.clone()));
+        let f = || proj_loss(&gru.forward(x.as_tensor(), &mask)?, 19);
+        assert_ok("gru", &check(&vars, f, 60, H, TOL)?);
+        let g = f()?.backward()?;
+        let gx = g.get(x.as_tensor()).unwrap().to_vec3::<f64>()?;
+        for (bi, &l) in lens.iter().enumerate() {
+            for s in l..t {
+                assert!(gx[bi][s].iter().all(|&v| v == 0.0), "pad grad at {bi},{s}");
+            }
         }
+        // State carried past the valid length.
+        let hs = gru.forward(x.as_tensor(), &mask)?.to_vec3::<f64>()?;
+        assert_eq!(hs[1][1], hs[1][3]);
+        assert!(hs[2][3].iter().all(|&v| v == 0.0));
     }
-    // State carried past the valid length.
-    let hs = gru.forward(x.as_tensor(), &mask)?.to_vec3::<f64>()?;
-    assert_eq!(hs[1][1], hs[1][3]);
-    assert!(hs[2][3].iter().all(|&v| v == 0.0));
     Ok(())
 }
 
@@ -236,14 +239,18 @@ fn gru_gradcheck_and_masking() -> Result<()> {
 fn attention_grus_gradcheck() -> Result<()> {
     let (bsz, t, hd) = (3, 4, 3);
     let lens = [4, 3, 1];
-    for kind in [
+    for (kind, fused) in [
         EvolveKind::Augru,
         EvolveKind::Agru,
         EvolveKind::Aigru,
         EvolveKind::Gru,
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|k| [(k, false), (k, true)])
+    {
         let b = pb(20);
-        let g = AttentionGru::new(kind, hd, hd, &b)?;
+        let mut g = AttentionGru::new(kind, hd, hd, &b)?;
+        g.cell.fused = fused;
         let x = rand_var(&[bsz, t, hd], 21, 1.0)?;
         let a = rand_var(&[bsz, t], 22, 1.0)?;
         let mask = mask_of(&lens, t)?;
@@ -253,16 +260,27 @@ fn attention_grus_gradcheck() -> Result<()> {
             vars.push(("a".into(), a.clone()));
         }
         let f = || proj_loss(&g.forward(x.as_tensor(), a.as_tensor(), &mask)?, 23);
-        assert_ok(&format!("{kind:?}"), &check(&vars, f, 60, H, TOL)?);
+        assert_ok(
+            &format!("{kind:?} fused={fused}"),
+            &check(&vars, f, 60, H, TOL)?,
+        );
     }
     Ok(())
 }
 
 #[test]
 fn augru_attention_zero_freezes_and_one_is_gru() -> Result<()> {
+    for fused in [false, true] {
+        augru_freeze_case(fused)?;
+    }
+    Ok(())
+}
+
+fn augru_freeze_case(fused: bool) -> Result<()> {
     let (bsz, t, hd) = (2, 5, 4);
     let b = pb(24);
-    let g = AttentionGru::new(EvolveKind::Augru, hd, hd, &b)?;
+    let mut g = AttentionGru::new(EvolveKind::Augru, hd, hd, &b)?;
+    g.cell.fused = fused;
     let x = rand_var(&[bsz, t, hd], 25, 1.0)?;
     let mask = mask_of(&[5, 5], t)?;
     // a = 1 everywhere: the plain GRU with the same parameters.

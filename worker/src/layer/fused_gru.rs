@@ -1,0 +1,359 @@
+//! Fused CPU kernel for the masked GRU recurrence and its attentional
+//! variants (AUGRU, AGRU), with a hand-written backward through time.
+//!
+//! Input: the input projections `gx = x W + b` (`[B, T, 3H]`, computed with
+//! ordinary candle ops outside), the recurrent weights `U` (`[H, 3H]`, gates
+//! `[u | r | n]`) and, for the attentional kinds, `a` (`[B, T]`). Output: all
+//! states `[B, T, H]`. Per valid step (`t < len_b`; other steps carry the state):
+//! `gh = h_{t-1} U`, `u = sigmoid(gx_u + gh_u)`, `r = sigmoid(gx_r + gh_r)`,
+//! `n = tanh(gx_n + r * gh_n)`, `h_t = h_{t-1} + z * (n - h_{t-1})` with
+//! `z = u` (GRU), `z = a_t * u` (AUGRU) or `z = a_t` (AGRU).
+//! Backward, with `dh` the running state gradient:
+//! `dn = dh z`, `dz = dh (n - h_{t-1})`, `du = dz` / `a dz` / `0`,
+//! `da_t = sum(dz u)` (AUGRU) / `sum(dz)` (AGRU),
+//! `dgx_n = dn (1 - n^2)`, `dgh_n = dgx_n * r`, `dr = dgx_n * gh_n`,
+//! `dgx_r = dgh_r = dr r (1 - r)`, `dgx_u = dgh_u = du u (1 - u)`,
+//! `dh_{t-1} = dh (1 - z) + dgh U^T`, `dU = sum_t h_{t-1}^T dgh_t`.
+//! Only rows still inside their history are computed at each step.
+
+use std::any::Any;
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::kernels::{mm, slice, tensor, values, Real};
+use crate::dispatch_real;
+
+/// How the attention enters the state update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateKind {
+    /// Plain GRU (`z = u`).
+    Plain,
+    /// AUGRU (`z = a u`).
+    Augru,
+    /// AGRU (`z = a`).
+    Agru,
+}
+
+/// All states `[B, T, H]` of the masked recurrence over `gx` `[B, T, 3H]`.
+pub fn gru_states(gx: &Tensor, w_hh: &Tensor, lens: &[usize]) -> Result<Tensor> {
+    let op = GruSeq::new(GateKind::Plain, lens, w_hh.dim(0)?);
+    gx.contiguous()?.apply_op2(&w_hh.contiguous()?, op)
+}
+
+/// All states `[B, T, H]` of the attention-gated recurrence (`kind` AUGRU or AGRU).
+pub fn att_gru_states(
+    kind: GateKind,
+    gx: &Tensor,
+    att: &Tensor,
+    w_hh: &Tensor,
+    lens: &[usize],
+) -> Result<Tensor> {
+    let op = GruSeq::new(kind, lens, w_hh.dim(0)?);
+    gx.contiguous()?
+        .apply_op3(&att.contiguous()?, &w_hh.contiguous()?, op)
+}
+
+struct GruSeq {
+    kind: GateKind,
+    lens: Vec<usize>,
+    h: usize,
+    cache: Mutex<Option<Box<dyn Any + Send + Sync>>>,
+}
+
+/// Per valid step (in step-major order): gates and the previous state.
+struct Cache<T> {
+    /// (b, t) of each cached step, step-major.
+    steps: Vec<(usize, usize)>,
+    u: Vec<T>,
+    r: Vec<T>,
+    n: Vec<T>,
+    ghn: Vec<T>,
+    hprev: Vec<T>,
+}
+
+impl GruSeq {
+    fn new(kind: GateKind, lens: &[usize], h: usize) -> Self {
+        GruSeq {
+            kind,
+            lens: lens.to_vec(),
+            h,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn fwd<T: Real>(
+        &self,
+        gx: &[T],
+        att: Option<&[T]>,
+        w: &[T],
+        b: usize,
+        t: usize,
+    ) -> Result<(Vec<T>, Cache<T>)> {
+        let h = self.h;
+        let g3 = 3 * h;
+        let mut states = vec![T::zero_(); b * t * h];
+        let mut cur = vec![T::zero_(); b * h];
+        let mut c = Cache {
+            steps: Vec::new(),
+            u: Vec::new(),
+            r: Vec::new(),
+            n: Vec::new(),
+            ghn: Vec::new(),
+            hprev: Vec::new(),
+        };
+        for s in 0..t {
+            let rows: Vec<usize> = (0..b).filter(|&bi| s < self.lens[bi]).collect();
+            if !rows.is_empty() {
+                let mut hp = Vec::with_capacity(rows.len() * h);
+                for &bi in &rows {
+                    hp.extend_from_slice(&cur[bi * h..(bi + 1) * h]);
+                }
+                let gh = mm(&hp, false, w, false, rows.len(), h, g3)?;
+                for (k, &bi) in rows.iter().enumerate() {
+                    let gxr = &gx[(bi * t + s) * g3..(bi * t + s + 1) * g3];
+                    let ghr = &gh[k * g3..(k + 1) * g3];
+                    let a = att.map(|a| a[bi * t + s]);
+                    c.steps.push((bi, s));
+                    for j in 0..h {
+                        let u = (gxr[j] + ghr[j]).sigmoid();
+                        let r = (gxr[h + j] + ghr[h + j]).sigmoid();
+                        let n = (gxr[2 * h + j] + r * ghr[2 * h + j]).tanh_();
+                        let prev = hp[k * h + j];
+                        let z = match (self.kind, a) {
+                            (GateKind::Augru, Some(a)) => a * u,
+                            (GateKind::Agru, Some(a)) => a,
+                            _ => u,
+                        };
+                        cur[bi * h + j] = prev + z * (n - prev);
+                        c.u.push(u);
+                        c.r.push(r);
+                        c.n.push(n);
+                        c.ghn.push(ghr[2 * h + j]);
+                    }
+                    c.hprev.extend_from_slice(&hp[k * h..(k + 1) * h]);
+                }
+            }
+            for bi in 0..b {
+                states[(bi * t + s) * h..(bi * t + s + 1) * h]
+                    .copy_from_slice(&cur[bi * h..(bi + 1) * h]);
+            }
+        }
+        Ok((states, c))
+    }
+
+    /// Returns `(dgx [B,T,3H], datt [B,T], dU [H,3H])`.
+    fn bwd_t<T: Real>(
+        &self,
+        att: Option<&Tensor>,
+        w: &Tensor,
+        grad: &Tensor,
+        b: usize,
+        t: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let h = self.h;
+        let g3 = 3 * h;
+        let wv: Vec<T> = values(w)?;
+        let av: Option<Vec<T>> = att.map(values).transpose()?;
+        let gv: Vec<T> = values(grad)?;
+        let guard = self.cache.lock().expect("gru cache");
+        let c = guard
+            .as_ref()
+            .and_then(|c| c.downcast_ref::<Cache<T>>())
+            .ok_or_else(|| {
+                candle_core::Error::Msg("fused gru: backward without forward cache".into())
+            })?;
+        let mut dgx = vec![T::zero_(); b * t * g3];
+        let mut datt = vec![T::zero_(); b * t];
+        let mut dgh_all = vec![T::zero_(); c.steps.len() * g3];
+        let mut dh = vec![T::zero_(); b * h];
+        // Cached steps are step-major; walk them backwards grouped by step.
+        let mut end = c.steps.len();
+        for s in (0..t).rev() {
+            for bi in 0..b {
+                for j in 0..h {
+                    dh[bi * h + j] += gv[(bi * t + s) * h + j];
+                }
+            }
+            let mut start = end;
+            while start > 0 && c.steps[start - 1].1 == s {
+                start -= 1;
+            }
+            if start == end {
+                continue;
+            }
+            for idx in start..end {
+                let bi = c.steps[idx].0;
+                let a = av.as_ref().map(|a| a[bi * t + s]);
+                let mut da = T::zero_();
+                let dgxr = &mut dgx[(bi * t + s) * g3..(bi * t + s + 1) * g3];
+                let dghr = &mut dgh_all[idx * g3..(idx + 1) * g3];
+                for j in 0..h {
+                    let o = idx * h + j;
+                    let (u, r, n, ghn, prev) = (c.u[o], c.r[o], c.n[o], c.ghn[o], c.hprev[o]);
+                    let z = match (self.kind, a) {
+                        (GateKind::Augru, Some(a)) => a * u,
+                        (GateKind::Agru, Some(a)) => a,
+                        _ => u,
+                    };
+                    let d = dh[bi * h + j];
+                    let dn = d * z;
+                    let dz = d * (n - prev);
+                    let du = match (self.kind, a) {
+                        (GateKind::Augru, Some(a)) => {
+                            da += dz * u;
+                            a * dz
+                        }
+                        (GateKind::Agru, Some(_)) => {
+                            da += dz;
+                            T::zero_()
+                        }
+                        _ => dz,
+                    };
+                    let dzn = dn * (T::one_() - n * n);
+                    let dr = dzn * ghn;
+                    let dzr = dr * r * (T::one_() - r);
+                    let dzu = du * u * (T::one_() - u);
+                    dgxr[j] = dzu;
+                    dgxr[h + j] = dzr;
+                    dgxr[2 * h + j] = dzn;
+                    dghr[j] = dzu;
+                    dghr[h + j] = dzr;
+                    dghr[2 * h + j] = dzn * r;
+                    dh[bi * h + j] = d * (T::one_() - z);
+                }
+                datt[bi * t + s] = da;
+            }
+            // dh_{t-1} += dgh U^T for the active rows.
+            let na = end - start;
+            let back = mm(&dgh_all[start * g3..end * g3], false, &wv, true, na, g3, h)?;
+            for (k, idx) in (start..end).enumerate() {
+                let bi = c.steps[idx].0;
+                for j in 0..h {
+                    dh[bi * h + j] += back[k * h + j];
+                }
+            }
+            end = start;
+        }
+        let nsteps = c.steps.len();
+        let dw = if nsteps > 0 {
+            mm(&c.hprev, true, &dgh_all, false, h, nsteps, g3)?
+        } else {
+            vec![T::zero_(); h * g3]
+        };
+        Ok((
+            tensor(dgx, &[b, t, g3])?,
+            tensor(datt, &[b, t])?,
+            tensor(dw, &[h, g3])?,
+        ))
+    }
+
+    fn run<T: Real>(
+        &self,
+        gx: (&CpuStorage, &Layout),
+        att: Option<(&CpuStorage, &Layout)>,
+        w: (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, _) = gx.1.shape().dims3()?;
+        let gxs = slice::<T>(gx.0, gx.1)?;
+        let ws = slice::<T>(w.0, w.1)?;
+        let a = match att {
+            Some((s, l)) => Some(slice::<T>(s, l)?),
+            None => None,
+        };
+        let (states, cache) = self.fwd(gxs, a, ws, b, t)?;
+        *self.cache.lock().expect("gru cache") = Some(Box::new(cache));
+        Ok((T::to_cpu_storage_owned(states), Shape::from((b, t, self.h))))
+    }
+}
+
+fn run_plain<T: Real>(
+    op: &GruSeq,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    op.run::<T>((s1, l1), None, (s2, l2))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_att<T: Real>(
+    op: &GruSeq,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    op.run::<T>((s1, l1), Some((s2, l2)), (s3, l3))
+}
+
+impl CustomOp2 for GruSeq {
+    fn name(&self) -> &'static str {
+        "masked-gru"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch_real!(s1.dtype(), run_plain(self, s1, l1, s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        gx: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, t, _) = gx.dims3()?;
+        let (dgx, _, dw) = match gx.dtype() {
+            candle_core::DType::F32 => self.bwd_t::<f32>(None, w, grad, b, t)?,
+            candle_core::DType::F64 => self.bwd_t::<f64>(None, w, grad, b, t)?,
+            d => candle_core::bail!("fused gru: unsupported dtype {d:?}"),
+        };
+        Ok((Some(dgx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for GruSeq {
+    fn name(&self) -> &'static str {
+        "masked-attention-gru"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch_real!(s1.dtype(), run_att(self, s1, l1, s2, l2, s3, l3))
+    }
+
+    fn bwd(
+        &self,
+        gx: &Tensor,
+        att: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, _) = gx.dims3()?;
+        let (dgx, da, dw) = match gx.dtype() {
+            candle_core::DType::F32 => self.bwd_t::<f32>(Some(att), w, grad, b, t)?,
+            candle_core::DType::F64 => self.bwd_t::<f64>(Some(att), w, grad, b, t)?,
+            d => candle_core::bail!("fused gru: unsupported dtype {d:?}"),
+        };
+        Ok((Some(dgx), Some(da), Some(dw)))
+    }
+}
