@@ -11,6 +11,8 @@
 //! machine's peak FLOP rate (`--peak-gflops`, default one AVX2-FMA core:
 //! 2 FMA x 8 lanes x 2 flop x 2.45 GHz = 78.4 GFLOP/s).
 //!
+//! Calls `model::tune_allocator` first unless `--no-tune-alloc`.
+//!
 //! Run: `RAYON_NUM_THREADS=1 target/debug/model-bench [--models base,din,dien]`.
 
 use std::time::Instant;
@@ -48,6 +50,9 @@ struct Args {
     /// gemm/rayon threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Keep glibc's default allocator settings (no `tune_allocator`).
+    #[arg(long)]
+    no_tune_alloc: bool,
     /// Peak GFLOP/s used for the efficiency figure.
     #[arg(long, default_value_t = 78.4)]
     peak_gflops: f64,
@@ -110,6 +115,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::var("RAYON_NUM_THREADS").is_err() {
         std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     }
+    let tuned = !args.no_tune_alloc && ember_worker::model::tune_allocator();
     let mut rng = StdRng::seed_from_u64(7);
     let pool: Vec<Batch> = (0..8)
         .map(|_| Batch::from_samples(&samples(args.batch, args.max_len, &mut rng), args.max_len))
@@ -118,12 +124,13 @@ fn main() -> anyhow::Result<()> {
         / (pool.len() * args.batch) as f64;
     let mean_t = pool.iter().map(|b| b.max_len).sum::<usize>() as f64 / pool.len() as f64;
     println!(
-        "batch {} | mean valid length {:.1} | mean padded T {:.1} | fused {} | threads {}",
+        "batch {} | mean valid length {:.1} | mean padded T {:.1} | fused {} | threads {} | tuned allocator {}",
         args.batch,
         mean_len,
         mean_t,
         args.fused,
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_default()
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        tuned
     );
     println!(
         "{:<6} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",

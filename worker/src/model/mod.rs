@@ -45,6 +45,7 @@
 //! - DIEN: `gru.{w_ih,w_hh,bias}` (extractor), `evolve.{w_ih,w_hh,bias}`
 //!   (AUGRU/AGRU/AIGRU/GRU), `aux.fc{0,1,2}.{weight,bias}` (when aux loss on).
 
+pub mod alloc;
 pub mod base;
 pub mod config;
 pub mod dien;
@@ -63,6 +64,7 @@ use candle_core::{DType, Device};
 
 use crate::batch::Batch;
 
+pub use alloc::tune_allocator;
 pub use config::{ModelConfig, ModelKind};
 pub use net::CtrNet;
 pub use optim::{DenseOptimizer, OptimizerKind};
