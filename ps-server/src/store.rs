@@ -14,11 +14,11 @@
 //!   the home bucket); the key itself is compared in the arena row.
 //!
 //! Batched operations group their ids by stripe, take each stripe lock once
-//! per batch and work through each stripe's ids in three passes over blocks
-//! of [`PREFETCH_BLOCK`] ids: prefetch the home buckets, then read each
-//! candidate slot and prefetch its row, then do the real lookup and copy or
-//! update, so the cache misses of a block overlap instead of following each
-//! other. A push holds the stripe's write lock while it updates a
+//! per batch and work through each stripe's ids as a software pipeline over
+//! blocks of [`PREFETCH_BLOCK`] ids: while block `k` is looked up and copied
+//! or updated, the rows of block `k + 1` (found through their candidate
+//! slots) and the home buckets of block `k + 2` are prefetched, so the cache
+//! misses overlap instead of following each other. A push holds the stripe's write lock while it updates a
 //! row, so concurrent pushes to the same row are atomic per row.
 //! Ids with a count but no row (loaded counts, or ids held back by
 //! admission) live in a small per-stripe map of pending counts.
@@ -46,7 +46,15 @@ pub const MAX_NAME_BYTES: usize = 128;
 pub const MAX_DIM: u32 = 4096;
 
 /// Ids per prefetch block in batched pulls and pushes.
-pub const PREFETCH_BLOCK: usize = 64;
+pub const PREFETCH_BLOCK: usize = 16;
+
+/// Block `k` of `list` (empty past the end).
+#[inline]
+fn block(list: &[u32], k: usize) -> &[u32] {
+    let a = (k * PREFETCH_BLOCK).min(list.len());
+    let b = ((k + 1) * PREFETCH_BLOCK).min(list.len());
+    &list[a..b]
+}
 
 const STORE_SALT: u64 = 0x5851_F42D_4C95_7F2D;
 
@@ -370,18 +378,37 @@ impl Stripe {
             })
     }
 
-    /// Prefetch passes for a block of ids: home buckets, then the first
-    /// `bytes` bytes of each candidate row.
+    /// Prefetches the home buckets of a block of ids.
     #[inline]
-    fn prefetch_block(&self, hashes: &[u64], block: &[u32], stride: usize, bytes: usize) {
+    fn prefetch_index(&self, hashes: &[u64], block: &[u32]) {
         for &pos in block {
             self.index.prefetch(hashes[pos as usize]);
         }
+    }
+
+    /// Prefetches the first `bytes` bytes of each candidate row of a block
+    /// (its buckets should have been prefetched a block earlier).
+    #[inline]
+    fn prefetch_rows(&self, hashes: &[u64], block: &[u32], stride: usize, bytes: usize) {
         for &pos in block {
             if let Some(slot) = self.index.candidate(hashes[pos as usize]) {
                 prefetch_span(self.row_ptr(slot, stride), bytes);
             }
         }
+    }
+
+    /// The software pipeline step before working on block `k` of `list`:
+    /// rows of block `k + 1` and buckets of block `k + 2` (blocks 0 and 1
+    /// are started when `k == 0`).
+    #[inline]
+    fn prefetch_ahead(&self, hashes: &[u64], list: &[u32], k: usize, stride: usize, bytes: usize) {
+        if k == 0 {
+            self.prefetch_index(hashes, block(list, 0));
+            self.prefetch_index(hashes, block(list, 1));
+            self.prefetch_rows(hashes, block(list, 0), stride, bytes);
+        }
+        self.prefetch_rows(hashes, block(list, k + 1), stride, bytes);
+        self.prefetch_index(hashes, block(list, k + 2));
     }
 
     /// Allocates a slot for a new row of key `id` (zeroed apart from the key).
@@ -543,9 +570,10 @@ impl Table {
                 continue;
             }
             let stripe = self.stripes[s].read();
-            for block in g.order[a..b].chunks(PREFETCH_BLOCK) {
-                stripe.prefetch_block(&g.hashes, block, stride, (HEADER + dim) * 4);
-                for &pos in block {
+            let list = &g.order[a..b];
+            for k in 0..list.len().div_ceil(PREFETCH_BLOCK) {
+                stripe.prefetch_ahead(&g.hashes, list, k, stride, (HEADER + dim) * 4);
+                for &pos in block(list, k) {
                     let pos = pos as usize;
                     let id = ids[pos];
                     let dst = &mut out[pos * dim..(pos + 1) * dim];
@@ -586,9 +614,10 @@ impl Table {
             }
             let mut guard = self.stripes[s].write();
             let stripe = &mut *guard;
-            for block in g.order[a..b].chunks(PREFETCH_BLOCK) {
-                stripe.prefetch_block(&g.hashes, block, stride, stride * 4);
-                for &pos in block {
+            let list = &g.order[a..b];
+            for k in 0..list.len().div_ceil(PREFETCH_BLOCK) {
+                stripe.prefetch_ahead(&g.hashes, list, k, stride, stride * 4);
+                for &pos in block(list, k) {
                     let pos = pos as usize;
                     let id = ids[pos];
                     let h = g.hashes[pos];
