@@ -44,6 +44,9 @@ pub struct LaunchOptions {
     pub resume: bool,
     /// No progress bar (logs only).
     pub quiet: bool,
+    /// Serve the launcher's training metrics (per-worker samples and loss,
+    /// test AUC/GAUC, restarts) in Prometheus format on this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Addresses of a running cluster, written to `<run>/cluster.json` so that
@@ -58,6 +61,9 @@ pub struct ClusterInfo {
     pub pids: Vec<u32>,
     /// Process id of the launcher.
     pub launcher_pid: u32,
+    /// The launcher's own `/metrics` address (training progress), if served.
+    #[serde(default)]
+    pub launcher_metrics: String,
 }
 
 /// The shards of a run, however they are hosted.
@@ -101,6 +107,7 @@ impl Shards {
             metrics,
             pids,
             launcher_pid: std::process::id(),
+            launcher_metrics: String::new(),
         }
     }
 
@@ -223,7 +230,10 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
 
     let mut shards = start_shards(&cfg, opts.resume).await?;
     let addrs = shards.addrs();
-    let info = shards.info();
+    let mut info = shards.info();
+    if let Some(addr) = opts.metrics_addr {
+        info.launcher_metrics = serve_launcher_metrics(addr).await?.to_string();
+    }
     let info_path = out.join("cluster.json");
     std::fs::write(
         &info_path,
@@ -323,7 +333,7 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
         ps.checkpoint(end_step, cfg.cluster.keep_checkpoints.max(2))
             .await?;
         last_ckpt = end_step;
-        let rec = epoch_record(epoch, end_step, &reports, seconds, restarts, test);
+        let rec = epoch_record(epoch, end_step, &reports, seconds, restarts, test.clone());
         tracing::info!(
             epoch,
             loss = rec.train_loss,
@@ -332,6 +342,11 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
             samples_per_s = rec.samples_per_s as u64,
             "epoch done"
         );
+        metrics::gauge!("ember_train_epoch").set(epoch as f64);
+        metrics::gauge!("ember_test_auc").set(test.auc);
+        metrics::gauge!("ember_test_gauc").set(test.gauc);
+        metrics::gauge!("ember_test_logloss").set(test.logloss);
+        metrics::counter!("ember_train_restarts_total").increment(u64::from(restarts));
         report.epochs.push(rec);
         report.write_json(&report_path)?;
         if let Err(e) = crate::plot::plot_curves(&out.join("curves.png"), &cfg.name, &report.epochs)
@@ -346,6 +361,26 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
         }
     }
     Ok(report)
+}
+
+/// Serves the launcher's metrics (Prometheus text) on `addr`; returns the bound address.
+async fn serve_launcher_metrics(
+    addr: std::net::SocketAddr,
+) -> Result<std::net::SocketAddr, ClusterError> {
+    let handle = ember_ps::metrics::install_exporter()
+        .map_err(|e| ClusterError::Launch(format!("metrics exporter: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ClusterError::Launch(format!("cannot bind metrics address {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| ClusterError::Launch(e.to_string()))?;
+    tokio::spawn(ember_ps::metrics::serve_metrics(
+        listener,
+        handle,
+        std::future::pending(),
+    ));
+    Ok(bound)
 }
 
 async fn ps_shutdown(ps: &Backend) -> Result<(), ClusterError> {
@@ -512,6 +547,7 @@ async fn run_workers(
     let mut samples = vec![0u64; m];
     let mut losses = vec![f64::NAN; m];
     let mut last_check = Instant::now();
+    let mut reported = vec![0u64; m];
     let result = loop {
         if done.iter().all(Option::is_some) {
             break Ok(done.into_iter().flatten().collect());
@@ -521,6 +557,11 @@ async fn run_workers(
                 if p.worker < m {
                     samples[p.worker] = p.samples;
                     losses[p.worker] = p.loss;
+                    let w = p.worker.to_string();
+                    metrics::counter!("ember_train_samples_total", "worker" => w.clone())
+                        .increment(p.samples.saturating_sub(reported[p.worker]));
+                    reported[p.worker] = p.samples;
+                    metrics::gauge!("ember_train_loss", "worker" => w).set(p.loss);
                 }
                 pb.set_position(samples.iter().sum());
                 let l: Vec<f64> = losses.iter().copied().filter(|x| x.is_finite()).collect();

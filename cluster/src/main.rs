@@ -45,6 +45,10 @@ enum Cmd {
         /// Override `train.out_dir` (the run directory).
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Serve training metrics (samples, loss, AUC/GAUC per epoch) at
+        /// this address's `/metrics` (port 0 = any; see cluster.json).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Export the latest (or a given) cluster checkpoint as a model directory.
     Export {
@@ -118,6 +122,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             epochs,
             seed,
             out_dir,
+            metrics_addr,
         } => {
             let mut cfg = JobConfig::load(&config)?;
             if let Some(e) = epochs {
@@ -135,6 +140,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 config_path: config.clone(),
                 resume,
                 quiet,
+                metrics_addr,
             };
             let report = train(cfg.clone(), &opts).await?;
             println!("{}", report.summary_table());

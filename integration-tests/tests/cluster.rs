@@ -219,3 +219,48 @@ fn export_and_predict_without_a_cluster() {
         "predict said {stdout}, training evaluated GAUC {gauc:.4}"
     );
 }
+
+/// Distributed equivalence: the same job on 1 shard and on 4 shards
+/// (synchronous, staleness 0) gives the same loss curve and test metrics,
+/// because routing changes where a row lives, not its arithmetic.
+#[test]
+fn one_shard_and_four_shards_give_the_same_loss_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let mut curves = Vec::new();
+    for shards in [1, 4] {
+        let sub = dir.path().join(format!("s{shards}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let job = write_job(
+            &sub,
+            &data,
+            "kind = \"din\"",
+            &format!("shards = {shards}\nworkers = 1\nmode = \"inprocess\"\nstaleness = 0"),
+            "epochs = 2\nmax_steps_per_epoch = 25\nmax_eval_samples = 600",
+        );
+        ember_train(&job, &[]);
+        let e = epochs(&report(&sub));
+        curves.push(
+            e.iter()
+                .map(|r| {
+                    (
+                        f(r, &["train_loss"]),
+                        f(r, &["test", "gauc"]),
+                        f(r, &["test", "logloss"]),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(curves[0].len(), 2);
+    for (a, b) in curves[0].iter().zip(&curves[1]) {
+        assert!(
+            (a.0 - b.0).abs() < 1e-6,
+            "train loss {} (1 shard) vs {} (4 shards)",
+            a.0,
+            b.0
+        );
+        assert!((a.1 - b.1).abs() < 1e-6, "GAUC {} vs {}", a.1, b.1);
+        assert!((a.2 - b.2).abs() < 1e-6, "test logloss {} vs {}", a.2, b.2);
+    }
+}
