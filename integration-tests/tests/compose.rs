@@ -579,3 +579,74 @@ fn compose_trains_and_survives_a_shard_restart() {
     }
     eprintln!("compose test total {:.1?}", t0.elapsed());
 }
+
+/// Offline checks of the compose files, the Prometheus config and the Grafana
+/// dashboard (no Docker needed).
+#[test]
+fn compose_prometheus_and_dashboard_agree_with_the_shards() {
+    let root = repo_root();
+    let compose = std::fs::read_to_string(root.join("deploy/compose/docker-compose.yml"))
+        .expect("docker-compose.yml");
+    let job = std::fs::read_to_string(root.join("deploy/compose/job.toml")).expect("job.toml");
+    let cfg = ember_worker::train::config::JobConfig::parse(&job, "deploy/compose/job.toml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n = cfg.cluster.shard_addrs.len();
+    assert!(n >= 1);
+    let prom = std::fs::read_to_string(root.join("deploy/compose/prometheus.yml"))
+        .expect("prometheus.yml");
+    for (i, addr) in cfg.cluster.shard_addrs.iter().enumerate() {
+        let host = format!("ps-{i}");
+        assert_eq!(addr, &format!("{host}:50051"), "job.toml shard {i}");
+        assert!(compose.contains(&format!("\n  {host}:\n")), "service {host} in docker-compose.yml");
+        assert!(compose.contains(&format!("--shard-index={i}\n")), "{host}: --shard-index={i}");
+        assert!(prom.contains(&format!("\"{host}:9100\"")), "prometheus.yml scrapes {host}");
+    }
+    assert_eq!(
+        compose.matches(&format!("--num-shards={n}\n")).count(),
+        n,
+        "every shard service has --num-shards={n}"
+    );
+    assert_eq!(compose.matches("--restore\n").count(), n, "every shard restores at start");
+    assert_eq!(compose.matches("--metrics-addr=0.0.0.0:9100\n").count(), n);
+
+    // Dashboard: valid JSON; shard metrics exist in ps-server; the panels on
+    // metrics nobody exports yet say so.
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/ember-dashboard.json")).expect("dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let ps_metrics = std::fs::read_to_string(root.join("ps-server/src/metrics.rs")).expect("metrics.rs");
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut checked = 0;
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        let desc = p["description"].as_str().unwrap_or("");
+        assert!(!desc.is_empty(), "panel {} has no description", p["title"]);
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(i) = rest.find("ember_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                let base = name.strip_suffix("_bucket").unwrap_or(&name);
+                if base.starts_with("ember_ps_") {
+                    assert!(
+                        ps_metrics.contains(&format!("\"{base}\"")),
+                        "panel {}: {base} is not a ps-server metric",
+                        p["title"]
+                    );
+                } else {
+                    assert!(
+                        desc.contains("NOT EXPORTED YET"),
+                        "panel {}: {base} is not exported; say so in the description",
+                        p["title"]
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "dashboard queries checked: {checked}");
+}
