@@ -76,6 +76,7 @@ pub fn plot_curves(
         chart
             .configure_mesh()
             .x_desc("epoch")
+            .x_label_formatter(&epoch_label)
             .y_desc("logloss")
             .draw()
             .map_err(err)?;
@@ -130,6 +131,7 @@ pub fn plot_curves(
         chart
             .configure_mesh()
             .x_desc("epoch")
+            .x_label_formatter(&epoch_label)
             .y_desc("AUC")
             .draw()
             .map_err(err)?;
@@ -179,6 +181,15 @@ fn draw_line(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     Ok(())
+}
+
+/// Axis label of an epoch coordinate: integers only.
+fn epoch_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-6 {
+        format!("{}", x.round() as i64)
+    } else {
+        String::new()
+    }
 }
 
 /// A padded [lo, hi] range around `vals` (defaults when empty).
