@@ -96,6 +96,17 @@ fn rows(batch: &Batch, tables: &[(&'static str, usize)], rng: &mut StdRng) -> Sp
     r
 }
 
+/// CPU time (user + system) of this process in seconds, from /proc/self/stat
+/// (robust to other processes competing for the cores; 10 ms resolution).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields after the command: state(0) ... utime(11) stime(12).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Forward multiply-adds per sample given the mean valid length `l`.
 fn macs_per_sample(kind: ModelKind, l: f64) -> f64 {
     let e = 36.0;
@@ -133,8 +144,8 @@ fn main() -> anyhow::Result<()> {
         tuned
     );
     println!(
-        "{:<6} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
-        "model", "samples/s", "ms/batch", "fwd ms", "MAC/sample", "GFLOP/s", "%peak"
+        "{:<6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
+        "model", "samples/s", "ms/batch", "cpu ms", "fwd ms", "MAC/sample", "GFLOP/s", "%peak"
     );
     for name in args.models.split(',') {
         let kind = match name.trim() {
@@ -168,12 +179,14 @@ fn main() -> anyhow::Result<()> {
             step(&mut model, &mut opt, i)?;
         }
         let t0 = Instant::now();
+        let c0 = cpu_seconds();
         let mut n = 0;
         while t0.elapsed().as_secs_f64() < args.seconds || n < 3 {
             step(&mut model, &mut opt, n)?;
             n += 1;
         }
         let train_s = t0.elapsed().as_secs_f64() / n as f64;
+        let cpu_s = (cpu_seconds() - c0) / n as f64;
         // Forward only (eval mode).
         let t1 = Instant::now();
         let m = 3;
@@ -186,10 +199,11 @@ fn main() -> anyhow::Result<()> {
         let macs = macs_per_sample(kind, mean_len);
         let gflops = 2.0 * 3.0 * macs * sps / 1e9;
         println!(
-            "{:<6} {:>10.0} {:>10.1} {:>10.1} {:>12.0} {:>10.2} {:>7.1}%",
+            "{:<6} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>12.0} {:>10.2} {:>7.1}%",
             name,
             sps,
             train_s * 1e3,
+            cpu_s * 1e3,
             fwd_s * 1e3,
             macs,
             gflops,

@@ -20,6 +20,8 @@ use super::params::ParamBuilder;
 pub struct AuxNet {
     /// MLP on `[h_t, e]`.
     pub mlp: Mlp,
+    /// Use the fused CPU kernel ([`super::fused_aux`]) when possible.
+    pub fused: bool,
 }
 
 impl AuxNet {
@@ -27,6 +29,7 @@ impl AuxNet {
     pub fn new(hidden: usize, emb: usize, pb: &ParamBuilder) -> Result<Self> {
         Ok(AuxNet {
             mlp: Mlp::new(hidden + emb, &[100, 50], 1, Activation::Sigmoid, pb)?,
+            fused: true,
         })
     }
 
@@ -63,8 +66,19 @@ impl AuxNet {
         let hs = h.reshape((b * t, hd))?.index_select(&hi, 0)?;
         let p = pos.reshape((b * t, e))?.index_select(&ei, 0)?;
         let q = neg.reshape((b * t, e))?.index_select(&ei, 0)?;
-        let lp = softplus(&self.logits(&hs, &p)?.neg()?)?;
-        let ln = softplus(&self.logits(&hs, &q)?)?;
+        let (lp, ln) = if self.fused && self.mlp.layers.len() == 3 && super::kernels::cpu_real(&hs)
+        {
+            let f = super::fused_aux::aux_logits(self, &hs, &Tensor::cat(&[&p, &q], 0)?)?;
+            (
+                softplus(&f.narrow(0, 0, n)?.neg()?)?,
+                softplus(&f.narrow(0, n, n)?)?,
+            )
+        } else {
+            (
+                softplus(&self.logits(&hs, &p)?.neg()?)?,
+                softplus(&self.logits(&hs, &q)?)?,
+            )
+        };
         (lp.sum_all()? + ln.sum_all()?)? / n as f64
     }
 }

@@ -12,6 +12,7 @@ pub mod aux;
 pub mod dice;
 pub mod embedding;
 pub mod fused_attention;
+pub mod fused_aux;
 pub mod fused_gru;
 pub mod gradcheck;
 pub mod gru;

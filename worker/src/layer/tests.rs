@@ -321,24 +321,27 @@ fn augru_freeze_case(fused: bool) -> Result<()> {
 fn aux_loss_gradcheck() -> Result<()> {
     let (bsz, t, hd, e) = (3, 4, 3, 4);
     let lens = [4, 2, 1];
-    let b = pb(26);
-    let aux = AuxNet::new(hd, e, &b)?;
-    let h = rand_var(&[bsz, t, hd], 27, 1.0)?;
-    let pos = rand_var(&[bsz, t, e], 28, 1.0)?;
-    let neg = rand_var(&[bsz, t, e], 29, 1.0)?;
-    let mask = mask_of(&lens, t)?;
-    let mut vars = b.finish().params;
-    for (n, v) in [("h", &h), ("pos", &pos), ("neg", &neg)] {
-        vars.push((n.into(), v.clone()));
+    for fused in [false, true] {
+        let b = pb(26);
+        let mut aux = AuxNet::new(hd, e, &b)?;
+        aux.fused = fused;
+        let h = rand_var(&[bsz, t, hd], 27, 1.0)?;
+        let pos = rand_var(&[bsz, t, e], 28, 1.0)?;
+        let neg = rand_var(&[bsz, t, e], 29, 1.0)?;
+        let mask = mask_of(&lens, t)?;
+        let mut vars = b.finish().params;
+        for (n, v) in [("h", &h), ("pos", &pos), ("neg", &neg)] {
+            vars.push((n.into(), v.clone()));
+        }
+        let f = || aux.loss(h.as_tensor(), pos.as_tensor(), neg.as_tensor(), &mask);
+        assert_ok(&format!("aux fused={fused}"), &check(&vars, f, 40, H, TOL)?);
+        // Only pairs with t+1 < len count: row 2 (len 1) has none, so its
+        // behaviours get zero gradient; row 1 uses pos step 1 only.
+        let g = f()?.backward()?;
+        let gp = g.get(pos.as_tensor()).unwrap().to_vec3::<f64>()?;
+        assert!(gp[2].iter().flatten().all(|&v| v == 0.0));
+        assert!(gp[1][2].iter().chain(gp[1][3].iter()).all(|&v| v == 0.0));
+        assert!(gp[1][1].iter().any(|&v| v != 0.0));
     }
-    let f = || aux.loss(h.as_tensor(), pos.as_tensor(), neg.as_tensor(), &mask);
-    assert_ok("aux", &check(&vars, f, 40, H, TOL)?);
-    // Only pairs with t+1 < len count: row 2 (len 1) has none, so its
-    // behaviours get zero gradient; row 1 uses pos step 1 only.
-    let g = f()?.backward()?;
-    let gp = g.get(pos.as_tensor()).unwrap().to_vec3::<f64>()?;
-    assert!(gp[2].iter().flatten().all(|&v| v == 0.0));
-    assert!(gp[1][2].iter().chain(gp[1][3].iter()).all(|&v| v == 0.0));
-    assert!(gp[1][1].iter().any(|&v| v != 0.0));
     Ok(())
 }

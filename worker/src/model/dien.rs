@@ -52,7 +52,9 @@ impl Network for Dien {
         att.fused = cfg.fused;
         let evolve = AttentionGru::new(cfg.evolve, h, h, &pb.pp("evolve"))?;
         let aux = if cfg.aux_loss {
-            Some(AuxNet::new(h, e, &pb.pp("aux"))?)
+            let mut a = AuxNet::new(h, e, &pb.pp("aux"))?;
+            a.fused = cfg.fused;
+            Some(a)
         } else {
             None
         };
