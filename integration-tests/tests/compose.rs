@@ -114,7 +114,9 @@ fn environment() -> Result<Vec<String>, String> {
         return Err("EMBER_SKIP_DOCKER=1".into());
     }
     if !works("docker", &["info"]) {
-        return Err("docker is not installed or its daemon is not reachable (`docker info` failed)".into());
+        return Err(
+            "docker is not installed or its daemon is not reachable (`docker info` failed)".into(),
+        );
     }
     if !works("ldd", &["--version"]) {
         return Err("ldd is not available (scripts/build-image.sh needs it)".into());
@@ -339,10 +341,7 @@ impl Drop for Project {
                 let ok = run_bounded(
                     Command::new("docker")
                         .arg("cp")
-                        .arg(format!(
-                            "{}:/var/lib/ember/runs",
-                            self.container("trainer")
-                        ))
+                        .arg(format!("{}:/var/lib/ember/runs", self.container("trainer")))
                         .arg(dir.path()),
                     Duration::from_secs(30),
                 );
@@ -418,12 +417,17 @@ fn small_data(dir: &Path, train_rows: usize, test_rows: usize) -> PathBuf {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     let real = repo_root().join("data/ml100k-din");
-    let (train, test, counts) = if real.join("train.txt").exists() && real.join("counts.bin").exists() {
-        (real.join("train.txt"), real.join("test.txt"), real.join("counts.bin"))
-    } else {
-        let ds = integration_tests::dataset(&dir.join("src"));
-        (ds.train, ds.test, ds.counts)
-    };
+    let (train, test, counts) =
+        if real.join("train.txt").exists() && real.join("counts.bin").exists() {
+            (
+                real.join("train.txt"),
+                real.join("test.txt"),
+                real.join("counts.bin"),
+            )
+        } else {
+            let ds = integration_tests::dataset(&dir.join("src"));
+            (ds.train, ds.test, ds.counts)
+        };
     let head = |src: &Path, n: usize, dst: &Path| {
         use std::io::BufRead;
         let f = std::fs::File::open(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
@@ -498,7 +502,13 @@ fn compose_trains_and_survives_a_shard_restart() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let data = small_data(dir, 8000, 400);
-    let job_a = job(dir, "job-a.toml", "small", "", "epochs = 1\nmax_steps_per_epoch = 20");
+    let job_a = job(
+        dir,
+        "job-a.toml",
+        "small",
+        "",
+        "epochs = 1\nmax_steps_per_epoch = 20",
+    );
     // Long enough epochs to kill a shard in the middle of one; a short retry
     // deadline so that (without restart detection via Health) the workers give
     // up on the dead shard quickly and the coordinator rolls back.
@@ -517,7 +527,13 @@ fn compose_trains_and_survives_a_shard_restart() {
     // 1. A small job to completion; both shards served pulls and pushes.
     {
         let t = Instant::now();
-        let p = Project::up(&compose, &format!("embertesta{id}"), &image.tag, &job_a, &data);
+        let p = Project::up(
+            &compose,
+            &format!("embertesta{id}"),
+            &image.tag,
+            &job_a,
+            &data,
+        );
         let code = p.wait_trainer(Duration::from_secs(150));
         assert_eq!(code, 0, "trainer failed:\n{}", p.logs("trainer"));
         let report = p.report("small", dir);
@@ -531,7 +547,10 @@ fn compose_trains_and_survives_a_shard_restart() {
             let pushed = metric_sum(&text, "ember_ps_rows_pushed_total");
             let requests = metric_sum(&text, "ember_ps_requests_total");
             eprintln!("{svc}: rows pulled {pulled}, pushed {pushed}, requests {requests}");
-            assert!(pulled > 0.0 && pushed > 0.0 && requests > 0.0, "{svc} /metrics:\n{text}");
+            assert!(
+                pulled > 0.0 && pushed > 0.0 && requests > 0.0,
+                "{svc} /metrics:\n{text}"
+            );
         }
         eprintln!("small job done in {:.1?}", t.elapsed());
     }
@@ -539,7 +558,13 @@ fn compose_trains_and_survives_a_shard_restart() {
     // 2. Kill ps-1 in the middle of epoch 2; the run recovers.
     {
         let t = Instant::now();
-        let p = Project::up(&compose, &format!("embertestb{id}"), &image.tag, &job_b, &data);
+        let p = Project::up(
+            &compose,
+            &format!("embertestb{id}"),
+            &image.tag,
+            &job_b,
+            &data,
+        );
         assert!(
             p.wait_log(&["epoch done", "epoch=1 "], Duration::from_secs(120)),
             "epoch 1 did not finish:\n{}",
@@ -548,7 +573,10 @@ fn compose_trains_and_survives_a_shard_restart() {
         // Epoch 2's workers are starting; kill the shard while they train.
         std::thread::sleep(Duration::from_millis(1500));
         let ps1 = p.container("ps-1");
-        run_ok(Command::new("docker").args(["kill", &ps1]), Duration::from_secs(30));
+        run_ok(
+            Command::new("docker").args(["kill", &ps1]),
+            Duration::from_secs(30),
+        );
         eprintln!("killed ps-1 at {:.1?}", t.elapsed());
         // Docker does not restart a container stopped by `docker kill`
         // (restart policies only cover crashes), so the test plays the
@@ -557,7 +585,10 @@ fn compose_trains_and_survives_a_shard_restart() {
         if !p.wait_log(&["rolling the cluster back"], Duration::from_secs(60)) {
             eprintln!("note: no rollback logged within 60 s of the kill; starting ps-1 anyway");
         }
-        run_ok(Command::new("docker").args(["start", &ps1]), Duration::from_secs(60));
+        run_ok(
+            Command::new("docker").args(["start", &ps1]),
+            Duration::from_secs(60),
+        );
         eprintln!("restarted ps-1 at {:.1?}", t.elapsed());
         let code = p.wait_trainer(Duration::from_secs(180));
         assert_eq!(code, 0, "trainer failed:\n{}", p.logs("trainer"));
@@ -565,7 +596,10 @@ fn compose_trains_and_survives_a_shard_restart() {
         let epochs = report["epochs"].as_array().expect("epochs");
         assert_eq!(epochs.len(), 3, "{report}");
         let restarts: u64 = epochs.iter().filter_map(|e| e["restarts"].as_u64()).sum();
-        assert!(restarts >= 1, "no restart recorded in metrics.json: {report}");
+        assert!(
+            restarts >= 1,
+            "no restart recorded in metrics.json: {report}"
+        );
         for e in epochs {
             let auc = e["test"]["auc"].as_f64().unwrap_or(f64::NAN);
             assert!(auc.is_finite(), "epoch without a test AUC: {report}");
@@ -575,7 +609,10 @@ fn compose_trains_and_survives_a_shard_restart() {
             ps1_log.matches("EMBER_PS_READY").count() >= 2,
             "ps-1 did not start twice:\n{ps1_log}"
         );
-        eprintln!("restart job done in {:.1?} (restarts recorded: {restarts})", t.elapsed());
+        eprintln!(
+            "restart job done in {:.1?} (restarts recorded: {restarts})",
+            t.elapsed()
+        );
     }
     eprintln!("compose test total {:.1?}", t0.elapsed());
 }
@@ -597,25 +634,40 @@ fn compose_prometheus_and_dashboard_agree_with_the_shards() {
     for (i, addr) in cfg.cluster.shard_addrs.iter().enumerate() {
         let host = format!("ps-{i}");
         assert_eq!(addr, &format!("{host}:50051"), "job.toml shard {i}");
-        assert!(compose.contains(&format!("\n  {host}:\n")), "service {host} in docker-compose.yml");
-        assert!(compose.contains(&format!("--shard-index={i}\n")), "{host}: --shard-index={i}");
-        assert!(prom.contains(&format!("\"{host}:9100\"")), "prometheus.yml scrapes {host}");
+        assert!(
+            compose.contains(&format!("\n  {host}:\n")),
+            "service {host} in docker-compose.yml"
+        );
+        assert!(
+            compose.contains(&format!("--shard-index={i}\n")),
+            "{host}: --shard-index={i}"
+        );
+        assert!(
+            prom.contains(&format!("\"{host}:9100\"")),
+            "prometheus.yml scrapes {host}"
+        );
     }
     assert_eq!(
         compose.matches(&format!("--num-shards={n}\n")).count(),
         n,
         "every shard service has --num-shards={n}"
     );
-    assert_eq!(compose.matches("--restore\n").count(), n, "every shard restores at start");
+    assert_eq!(
+        compose.matches("--restore\n").count(),
+        n,
+        "every shard restores at start"
+    );
     assert_eq!(compose.matches("--metrics-addr=0.0.0.0:9100\n").count(), n);
 
     // Dashboard: valid JSON; shard metrics exist in ps-server; the panels on
     // metrics nobody exports yet say so.
     let dash: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("deploy/grafana/ember-dashboard.json")).expect("dashboard"),
+        &std::fs::read_to_string(root.join("deploy/grafana/ember-dashboard.json"))
+            .expect("dashboard"),
     )
     .expect("dashboard is JSON");
-    let ps_metrics = std::fs::read_to_string(root.join("ps-server/src/metrics.rs")).expect("metrics.rs");
+    let ps_metrics =
+        std::fs::read_to_string(root.join("ps-server/src/metrics.rs")).expect("metrics.rs");
     let panels = dash["panels"].as_array().expect("panels");
     let mut checked = 0;
     for p in panels.iter().filter(|p| p["type"] != "row") {

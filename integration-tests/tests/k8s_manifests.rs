@@ -12,7 +12,8 @@
 //!   `kubernetes-validate` package from PyPI into the target directory (once)
 //!   and validates every manifest strictly against the Kubernetes 1.28 (the
 //!   oldest version the manifests support: the pod-index label) and the
-//!   newest bundled API schemas. Returns early, saying why, when python3, pip
+//!   newest bundled API schemas (and the `kubectl kustomize` output when
+//!   kubectl is installed). Returns early, saying why, when python3, pip
 //!   or the package is unavailable, or EMBER_SKIP_K8S_VALIDATE=1.
 
 use std::path::{Path, PathBuf};
@@ -220,7 +221,11 @@ impl<'a> Yaml<'a> {
                 break;
             }
             let bi = *block_indent.get_or_insert(li);
-            body.push(if l.len() >= bi { &l[bi..] } else { l.trim_start() });
+            body.push(if l.len() >= bi {
+                &l[bi..]
+            } else {
+                l.trim_start()
+            });
             self.i += 1;
         }
         while body.last() == Some(&"") {
@@ -274,7 +279,8 @@ fn k8s_dir() -> PathBuf {
 
 /// (file, document) for every resource listed in kustomization.yaml.
 fn resources() -> Vec<(String, Value)> {
-    let kust = &yaml_docs(&std::fs::read_to_string(k8s_dir().join("kustomization.yaml")).unwrap())[0];
+    let kust =
+        &yaml_docs(&std::fs::read_to_string(k8s_dir().join("kustomization.yaml")).unwrap())[0];
     let files: Vec<String> = kust["resources"]
         .as_array()
         .expect("kustomization resources")
@@ -312,7 +318,10 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn find<'a>(res: &'a [(String, Value)], kind: &str) -> Vec<&'a Value> {
-    res.iter().filter(|(_, d)| d["kind"] == kind).map(|(_, d)| d).collect()
+    res.iter()
+        .filter(|(_, d)| d["kind"] == kind)
+        .map(|(_, d)| d)
+        .collect()
 }
 
 fn arg_value<'a>(args: &'a [Value], flag: &str) -> Option<&'a str> {
@@ -347,7 +356,10 @@ fn k8s_manifests_are_consistent() {
     let listed: std::collections::BTreeSet<String> = res.iter().map(|(f, _)| f.clone()).collect();
     for p in manifest_files() {
         let name = p.file_name().unwrap().to_string_lossy().to_string();
-        assert!(listed.contains(&name), "{name} is not listed in kustomization.yaml");
+        assert!(
+            listed.contains(&name),
+            "{name} is not listed in kustomization.yaml"
+        );
     }
 
     // The StatefulSet and its headless Service.
@@ -365,17 +377,31 @@ fn k8s_manifests_are_consistent() {
         .expect("--num-shards")
         .parse()
         .expect("--num-shards is a number");
-    assert_eq!(num_shards, replicas, "--num-shards must equal spec.replicas");
+    assert_eq!(
+        num_shards, replicas,
+        "--num-shards must equal spec.replicas"
+    );
     assert_eq!(arg_value(args, "--shard-index"), Some("$(SHARD_INDEX)"));
     let env = c["env"].as_array().expect("env");
-    let idx = env.iter().find(|e| e["name"] == "SHARD_INDEX").expect("SHARD_INDEX env");
+    let idx = env
+        .iter()
+        .find(|e| e["name"] == "SHARD_INDEX")
+        .expect("SHARD_INDEX env");
     assert_eq!(
         idx["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.labels['apps.kubernetes.io/pod-index']"
     );
-    assert!(args.iter().any(|a| a == "--restore"), "shards must restore at start");
+    assert!(
+        args.iter().any(|a| a == "--restore"),
+        "shards must restore at start"
+    );
     let listen = arg_value(args, "--listen").expect("--listen");
-    let port: u64 = listen.rsplit(':').next().unwrap().parse().expect("listen port");
+    let port: u64 = listen
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("listen port");
     let ports = c["ports"].as_array().expect("container ports");
     let port_of = |name: &str| {
         ports
@@ -387,7 +413,10 @@ fn k8s_manifests_are_consistent() {
     assert_eq!(port_of("grpc"), port, "--listen port vs containerPort grpc");
     let metrics_port = port_of("metrics");
     let maddr = arg_value(args, "--metrics-addr").expect("--metrics-addr");
-    assert!(maddr.ends_with(&format!(":{metrics_port}")), "{maddr} vs {metrics_port}");
+    assert!(
+        maddr.ends_with(&format!(":{metrics_port}")),
+        "{maddr} vs {metrics_port}"
+    );
     let ckdir = arg_value(args, "--checkpoint-dir").expect("--checkpoint-dir");
     let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
         .as_str()
@@ -411,7 +440,10 @@ fn k8s_manifests_are_consistent() {
         .into_iter()
         .find(|s| s["metadata"]["name"] == svc_name)
         .unwrap_or_else(|| panic!("Service {svc_name} (the StatefulSet's serviceName)"));
-    assert_eq!(svc["spec"]["clusterIP"], "None", "the shard Service must be headless");
+    assert_eq!(
+        svc["spec"]["clusterIP"], "None",
+        "the shard Service must be headless"
+    );
     let labels = pod["metadata"]["labels"].as_object().expect("pod labels");
     for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
         assert_eq!(labels.get(k), Some(v), "Service selector {k} vs pod labels");
@@ -454,12 +486,16 @@ fn k8s_manifests_are_consistent() {
         .iter()
         .find(|v| v["name"] == mount["name"])
         .expect("config volume");
-    let cm_name = vol["configMap"]["name"].as_str().expect("config volume is a ConfigMap");
+    let cm_name = vol["configMap"]["name"]
+        .as_str()
+        .expect("config volume is a ConfigMap");
     let cm = find(&res, "ConfigMap")
         .into_iter()
         .find(|c| c["metadata"]["name"] == cm_name)
         .unwrap_or_else(|| panic!("ConfigMap {cm_name}"));
-    let toml_text = cm["data"][cfg_file].as_str().expect("job TOML in the ConfigMap");
+    let toml_text = cm["data"][cfg_file]
+        .as_str()
+        .expect("job TOML in the ConfigMap");
     let cfg = ember_worker::train::config::JobConfig::parse(toml_text, "ConfigMap ember-job")
         .unwrap_or_else(|e| panic!("{e}"));
     let want: Vec<String> = (0..replicas)
@@ -470,9 +506,16 @@ fn k8s_manifests_are_consistent() {
         "cluster.shard_addrs must be the StatefulSet's DNS names"
     );
     for path in [&cfg.data.train, &cfg.data.test] {
-        assert!(path.starts_with("/data"), "{} is not on the data volume", path.display());
+        assert!(
+            path.starts_with("/data"),
+            "{} is not on the data volume",
+            path.display()
+        );
     }
-    assert!(cfg.out_dir().starts_with("/var/lib/ember/runs"), "out_dir on the runs volume");
+    assert!(
+        cfg.out_dir().starts_with("/var/lib/ember/runs"),
+        "out_dir on the runs volume"
+    );
 
     // Every container has requests and limits.
     for (f, d) in &res {
@@ -557,6 +600,29 @@ fn k8s_manifests_validate_against_the_api_schemas() {
     assert!(files.len() >= 5, "manifests in deploy/k8s: {files:?}");
     // Helper manifests outside the kustomization.
     files.extend(yaml_files(&k8s_dir().join("tools")));
+    // The kustomize output too, when kubectl (with its built-in kustomize) is here.
+    let rendered_dir = tempfile::tempdir().expect("tempdir");
+    match Command::new("kubectl")
+        .arg("kustomize")
+        .arg(k8s_dir())
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let p = rendered_dir.path().join("rendered.yaml");
+            std::fs::write(&p, &o.stdout).expect("write rendered manifests");
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                text.contains("namespace: ember"),
+                "kustomize sets the namespace"
+            );
+            files.push(p);
+        }
+        Ok(o) => panic!(
+            "kubectl kustomize deploy/k8s failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(_) => eprintln!("note: kubectl not found; not rendering the kustomization"),
+    }
     // 1.28: the oldest version with the pod-index label; none: the newest schemas.
     for version in [Some("1.28.0"), None] {
         let mut cmd = Command::new("python3");
