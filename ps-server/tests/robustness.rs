@@ -360,14 +360,15 @@ fn ragged(b: Bytes, cut: Option<usize>) -> Bytes {
     }
 }
 
-fn grpc_case() -> impl Strategy<
-    Value = (
-        u8,
-        (String, Vec<u64>, Vec<f32>, Vec<u32>),
-        Option<usize>,
-        Vec<DenseTensor>,
-    ),
-> {
+/// One gRPC case: request kind, push fields, byte cut, dense tensors.
+type GrpcCase = (
+    u8,
+    (String, Vec<u64>, Vec<f32>, Vec<u32>),
+    Option<usize>,
+    Vec<DenseTensor>,
+);
+
+fn grpc_case() -> impl Strategy<Value = GrpcCase> {
     (
         0u8..4,
         push_case(),
@@ -435,7 +436,7 @@ fn grpc_bad_inputs_never_panic_and_change_nothing() {
                     let (r, want): (Result<(), tonic::Status>, Option<Code>) = match kind {
                         0 => {
                             let idb = ragged(encode_u64(&ids), cut);
-                            let want = if idb.len() % 8 != 0 {
+                            let want = if !idb.len().is_multiple_of(8) {
                                 Some(Code::InvalidArgument)
                             } else if table != "t" {
                                 Some(Code::NotFound)
@@ -457,13 +458,14 @@ fn grpc_bad_inputs_never_panic_and_change_nothing() {
                         1 => {
                             let gb = ragged(encode_f32(&grads), cut.filter(|k| k % 2 == 0));
                             let idb = ragged(encode_u64(&ids), cut.filter(|k| k % 2 == 1));
-                            let want = if idb.len() % 8 != 0 || gb.len() % 4 != 0 {
-                                Some(Code::InvalidArgument)
-                            } else {
-                                let g = decode_f32("g", &gb).unwrap();
-                                let i: Vec<u64> = ids[..idb.len() / 8].to_vec();
-                                push_oracle(&table, &i, &g, &counts)
-                            };
+                            let want =
+                                if !idb.len().is_multiple_of(8) || !gb.len().is_multiple_of(4) {
+                                    Some(Code::InvalidArgument)
+                                } else {
+                                    let g = decode_f32("g", &gb).unwrap();
+                                    let i: Vec<u64> = ids[..idb.len() / 8].to_vec();
+                                    push_oracle(&table, &i, &g, &counts)
+                                };
                             let r = c
                                 .push(PushRequest {
                                     table: table.clone(),
@@ -495,7 +497,7 @@ fn grpc_bad_inputs_never_panic_and_change_nothing() {
                         }
                         _ => {
                             let idb = ragged(encode_u64(&ids), cut);
-                            let want = if idb.len() % 8 != 0 {
+                            let want = if !idb.len().is_multiple_of(8) {
                                 Some(Code::InvalidArgument)
                             } else if table != "t" {
                                 Some(Code::NotFound)
