@@ -91,7 +91,11 @@ impl PsClient {
             let ep = Endpoint::from_shared(uri)
                 .map_err(|e| TrainError::Config(format!("bad shard address {a:?}: {e}")))?
                 .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5));
+                .connect_timeout(Duration::from_secs(5))
+                // Large windows and frames: a pull reply of thousands of rows
+                // must not stall on HTTP/2 flow control (64 KiB by default).
+                .initial_stream_window_size(8 << 20)
+                .initial_connection_window_size(32 << 20);
             let client = ParameterServerClient::new(ep.connect_lazy())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
