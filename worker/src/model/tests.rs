@@ -427,3 +427,31 @@ fn din_learns_synthetic_signal() {
     );
     assert!(after.logloss < before.logloss);
 }
+
+#[test]
+fn dien_trains_end_to_end_in_process() {
+    let spec = SyntheticSpec {
+        hist_len: (2, 15),
+        ..Default::default()
+    };
+    let train = synthetic_samples(&spec, 3000, 11);
+    let test = synthetic_samples(&spec, 1000, 12);
+    let (tb, eb) = (batches(&train, 64, 50), batches(&test, 250, 50));
+    let mut model = build_model(&ModelConfig::of(ModelKind::Dien), &Device::Cpu).unwrap();
+    let mut store = InMemoryStore::new(&model.sparse_tables(), 0.05, 3);
+    let mut opt = DenseOptimizer::adam(2e-3);
+    for _ in 0..2 {
+        train_epoch(&mut *model, &mut store, &mut opt, &tb).unwrap();
+    }
+    let after = evaluate(&mut *model, &mut store, &eb).unwrap();
+    eprintln!("DIEN synthetic: {after:?}");
+    assert!(after.auc > 0.7, "held-out AUC {}", after.auc);
+}
+
+#[test]
+fn allocator_tuning_applies_on_glibc() {
+    let applied = tune_allocator();
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        assert!(applied);
+    }
+}
