@@ -11,6 +11,7 @@ pub mod launcher;
 pub mod plot;
 pub mod procs;
 pub mod report;
+pub mod seqrec;
 
 /// Errors of the launcher.
 #[derive(Debug, thiserror::Error)]

@@ -74,6 +74,15 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Next-item recommendation with GRU4Rec on user sequences (in-process).
+    Gru4rec {
+        /// GRU4Rec job (TOML: train, test, epochs, k, [model]).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override `epochs`.
+        #[arg(long)]
+        epochs: Option<usize>,
+    },
     /// End-to-end throughput: the same worker against loopback shards and the in-process store.
     BenchE2e {
         /// Job configuration (TOML).
@@ -181,6 +190,31 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 r.gauc,
                 r.logloss
             );
+        }
+        Cmd::Gru4rec { config, epochs } => {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            let mut job: ember_cluster::seqrec::SeqJob =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
+            if let Some(e) = epochs {
+                job.epochs = e;
+            }
+            let k = job.k;
+            let rows = tokio::task::block_in_place(|| ember_cluster::seqrec::run(&job))?;
+            println!(
+                "{:>5} {:>8} {:>10} {:>8} {:>6}",
+                "epoch",
+                "loss",
+                format!("Recall@{k}"),
+                format!("MRR@{k}"),
+                "users"
+            );
+            for r in rows {
+                println!(
+                    "{:>5} {:>8.4} {:>10.4} {:>8.4} {:>6}",
+                    r.epoch, r.loss, r.recall, r.mrr, r.users
+                );
+            }
         }
         Cmd::BenchE2e {
             config,

@@ -9,6 +9,14 @@ fn example_configs_are_valid() {
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("gru4rec") {
+            let job: ember_cluster::seqrec::SeqJob =
+                toml::from_str(&std::fs::read_to_string(&p).unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(job.epochs >= 1 && job.k >= 1);
+            continue;
+        }
         if p.extension().is_some_and(|x| x == "toml") {
             let cfg = JobConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             let model = build_job_model(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
