@@ -75,7 +75,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         deadline: Duration::from_secs(config.cluster.retry_deadline_s),
         ..RetryPolicy::default()
     };
-    let client = PsClient::new(&args.shards, retry, token.as_deref())?;
     let job = WorkerJob {
         config,
         worker_index: args.worker_index,
@@ -89,6 +88,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     let report = rt.block_on(async {
+        let client = PsClient::new(&args.shards, retry, token.as_deref())?;
         let emit = |p: &Progress| {
             if let Ok(j) = serde_json::to_string(p) {
                 let mut out = std::io::stdout().lock();
