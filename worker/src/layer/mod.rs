@@ -5,6 +5,13 @@
 //! `forward` taking a [`mode::Mode`] where behaviour differs between training
 //! and inference. All work in any float dtype on any candle device; gradient
 //! checks run in `f64` (see [`gradcheck`]).
+//!
+//! Hot layers have fused CPU kernels (candle `CustomOp`s with hand-written
+//! backward, `f32`/`f64`): [`fused_attention`] (DIN activation unit over the
+//! valid steps), [`fused_gru`] (masked GRU / AUGRU / AGRU recurrence with
+//! BPTT) and [`fused_aux`] (DIEN auxiliary net). Each layer keeps its composed
+//! candle version (used on other devices and with `fused = false`), and the
+//! tests check both against finite differences.
 
 pub mod attention;
 pub mod attention_gru;

@@ -38,6 +38,21 @@
 //!   (checkpoint and export them together with the parameters).
 //! * Errors are [`ModelError`]; a wrong row block names the table and sizes.
 //!
+//! * In-process training without a server: [`DenseOptimizer`] (SGD / Adagrad /
+//!   Adam on named slices or `Var`s) and, for tests and examples only,
+//!   [`testing::InMemoryStore`] (id -> row maps with SGD/Adagrad on pushed
+//!   sparse gradients) with [`testing::train_epoch`] / [`testing::evaluate`].
+//! * Call [`tune_allocator`] once at process start: candle allocates every
+//!   intermediate, and glibc's default mmap/trim thresholds cost 1.4-2x in
+//!   page faults (see `model::alloc`).
+//! * Speed: on CPU with `fused = true` (default) the DIN attention unit, the
+//!   GRU / AUGRU / AGRU recurrences and the DIEN auxiliary net run as fused
+//!   kernels with hand-written backward passes (`layer::fused_*`), computing
+//!   only valid history steps; other devices use the composed candle ops.
+//!   Both paths are gradient-checked against finite differences.
+//! * [`gru4rec::Gru4Rec`] is separate (next-item model with its own
+//!   session-parallel batcher over `Vec<Vec<u64>>` and in-process Adagrad).
+//!
 //! Dense parameter names per model (`l` = layer index, `mlp` hidden `[200, 80]`):
 //! - all: `mlp.fc{0,1,2}.{weight,bias}` (weights `[in, out]`),
 //!   `mlp.act{0,1}.alpha`; with Dice also state `mlp.act{0,1}.running_{mean,var}`;
