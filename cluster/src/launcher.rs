@@ -288,6 +288,17 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
             "resumed from cluster checkpoint"
         );
     } else {
+        // A fresh run needs fresh shards: a shard that already trained would
+        // ignore dense pushes for steps below its dense step.
+        for (i, st) in ps.stats().await?.iter().enumerate() {
+            if st.dense_step > 0 || st.rows_pushed > 0 {
+                return Err(ClusterError::Launch(format!(
+                    "shard {i} already holds a trained state (dense step {}, {} rows pushed): \
+                     continue it with --resume, or start the run on empty shards",
+                    st.dense_step, st.rows_pushed
+                )));
+            }
+        }
         setup_cluster(&cfg, &ps).await?;
         ps.checkpoint(0, cfg.cluster.keep_checkpoints.max(2))
             .await?;
