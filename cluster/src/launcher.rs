@@ -309,11 +309,29 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
     for epoch in first_epoch..=cfg.train.epochs {
         let start_step = last_ckpt;
         let mut restarts = 0u32;
-        let (reports, seconds) = loop {
+        let end_step = start_step + k;
+        // One attempt = train the epoch, evaluate, checkpoint every shard at
+        // `end_step`. A failure anywhere in it rolls the cluster back.
+        let (reports, seconds, test) = loop {
             let t = Instant::now();
-            let res = run_workers(&cfg, opts, &ps, &mut shards, &addrs, epoch, start_step, k).await;
-            match res {
-                Ok(r) => break (r, t.elapsed().as_secs_f64()),
+            let attempt = async {
+                let r =
+                    run_workers(&cfg, opts, &ps, &mut shards, &addrs, epoch, start_step, k).await?;
+                let seconds = t.elapsed().as_secs_f64();
+                let test = evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples)
+                    .await
+                    .map_err(|e| Failure::Coordinator(format!("evaluation: {e}")))?
+                    .0;
+                ps.checkpoint(end_step, cfg.cluster.keep_checkpoints.max(2))
+                    .await
+                    .map_err(|e| {
+                        Failure::Coordinator(format!("checkpoint at step {end_step}: {e}"))
+                    })?;
+                Ok::<_, Failure>((r, seconds, test))
+            }
+            .await;
+            match attempt {
+                Ok(done) => break done,
                 Err(failure) => {
                     restarts += 1;
                     if restarts > cfg.cluster.max_restarts {
@@ -330,19 +348,13 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
                     if !restarted.is_empty() {
                         tracing::warn!(?restarted, "restarted shards");
                     }
-                    shards
-                        .wait_external(&ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
-                        .await?;
+                    // An orchestrator may take a while to bring a shard back.
+                    let wait = Duration::from_secs(cfg.cluster.retry_deadline_s.max(120));
+                    shards.wait_external(&ps, wait).await?;
                     ps.restore(last_ckpt).await?;
                 }
             }
         };
-        let end_step = start_step + k;
-        let test = evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples)
-            .await?
-            .0;
-        ps.checkpoint(end_step, cfg.cluster.keep_checkpoints.max(2))
-            .await?;
         last_ckpt = end_step;
         let rec = epoch_record(epoch, end_step, &reports, seconds, restarts, test.clone());
         tracing::info!(
@@ -463,6 +475,8 @@ enum Failure {
     ShardDied(Vec<usize>),
     /// A worker failed or died.
     Worker(usize, String),
+    /// The coordinator's own calls (evaluation, checkpoint) failed.
+    Coordinator(String),
 }
 
 impl std::fmt::Display for Failure {
@@ -470,6 +484,7 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::ShardDied(s) => write!(f, "shard(s) {s:?} died"),
             Failure::Worker(w, e) => write!(f, "worker {w} failed: {e}"),
+            Failure::Coordinator(e) => write!(f, "{e}"),
         }
     }
 }

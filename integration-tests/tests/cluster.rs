@@ -264,3 +264,72 @@ fn one_shard_and_four_shards_give_the_same_loss_curve() {
         assert!((a.2 - b.2).abs() < 1e-6, "test logloss {} vs {}", a.2, b.2);
     }
 }
+
+/// `kill -9` of a worker process mid-epoch: the launcher notices, rolls the
+/// shards back to the last cluster checkpoint and reruns the epoch; the job
+/// completes (it never hangs) and records the restart.
+#[test]
+fn killed_worker_is_replaced_and_the_epoch_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cluster = "shards = 1\nworkers = 2\nmode = \"process\"\nstaleness = 1";
+    let train = "epochs = 1\nmax_steps_per_epoch = 80\nmax_eval_samples = 300\nlog_every = 1";
+    let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
+    let mut child = Command::new(bin("ember"))
+        .args(["train", "--quiet", "--config"])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Find worker 1 (a child process whose command line names this job) and kill it.
+    let job_s = job.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut killed = false;
+    while Instant::now() < deadline && !killed {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).to_string())
+                .collect();
+            let is_worker = args.first().is_some_and(|a| a.ends_with("/worker"))
+                && args.iter().any(|a| a == &job_s)
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "--worker-index" && w[1] == "1");
+            if is_worker {
+                std::thread::sleep(Duration::from_millis(1500));
+                let pid = e.file_name().to_string_lossy().to_string();
+                killed = Command::new("kill")
+                    .args(["-9", &pid])
+                    .status()
+                    .unwrap()
+                    .success();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(killed, "never found worker 1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = epochs(&report(dir.path()));
+    assert_eq!(rec.len(), 1);
+    assert!(
+        rec[0]["restarts"].as_u64().unwrap() >= 1,
+        "no restart recorded: {}",
+        rec[0]
+    );
+    assert_eq!(
+        rec[0]["samples"].as_u64(),
+        Some(80 * 2 * 128),
+        "the rerun epoch is complete"
+    );
+}

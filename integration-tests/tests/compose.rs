@@ -517,7 +517,7 @@ fn compose_trains_and_survives_a_shard_restart() {
         "job-b.toml",
         "restart",
         "retry_deadline_s = 15\nmax_restarts = 3",
-        "epochs = 3\nmax_steps_per_epoch = 50",
+        "epochs = 3\nmax_steps_per_epoch = 120",
     );
     readable_by_all(dir);
 

@@ -190,6 +190,24 @@ impl PsClient {
         }
     }
 
+    /// Sends `msg` to every shard in parallel through `call`, each with retries.
+    async fn each_shard<M, T, F, Fut>(
+        &self,
+        what: &'static str,
+        msg: M,
+        call: F,
+    ) -> Result<Vec<T>, TrainError>
+    where
+        M: Clone,
+        F: Fn(ParameterServerClient<Channel>, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let (call, msg) = (&call, &msg);
+        let futs = (0..self.num_shards())
+            .map(|s| self.with_retry(s, what, move |c| call(c, self.request(msg.clone()))));
+        try_join_all(futs).await
+    }
+
     /// Pulls rows of `ids` (any order, duplicates allowed) from `table`:
     /// returns `ids.len() * dim` values in request order, and `dim`.
     pub async fn pull(&self, table: &str, ids: &[u64]) -> Result<(Vec<f32>, usize), TrainError> {
@@ -298,15 +316,14 @@ impl PsClient {
 
     /// Creates a table on every shard (idempotent for an identical config).
     pub async fn create_table(&self, config: &pb::TableConfig) -> Result<(), TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "create_table", move |mut c| {
-                let req = self.request(pb::CreateTableRequest {
-                    config: Some(config.clone()),
-                });
-                async move { c.create_table(req).await }
-            })
-        });
-        try_join_all(futs).await?;
+        self.each_shard(
+            "create_table",
+            pb::CreateTableRequest {
+                config: Some(config.clone()),
+            },
+            |mut c, r| async move { c.create_table(r).await },
+        )
+        .await?;
         Ok(())
     }
 
@@ -384,17 +401,17 @@ impl PsClient {
         &self,
         min_step: u64,
     ) -> Result<(Vec<(String, Vec<f32>)>, u64), TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "pull_dense", move |mut c| {
-                let req = self.request(pb::PullDenseRequest {
+        let resps = self
+            .each_shard(
+                "pull_dense",
+                pb::PullDenseRequest {
                     names: vec![],
                     min_step,
                     timeout_ms: 0,
-                });
-                async move { c.pull_dense(req).await }
-            })
-        });
-        let resps = try_join_all(futs).await?;
+                },
+                |mut c, r| async move { c.pull_dense(r).await },
+            )
+            .await?;
         let mut out = Vec::new();
         let mut step = u64::MAX;
         for r in resps {
@@ -461,35 +478,33 @@ impl PsClient {
         step: u64,
         keep: u32,
     ) -> Result<Vec<pb::CheckpointResponse>, TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "checkpoint", move |mut c| {
-                let req = self.request(pb::CheckpointRequest { step, keep });
-                async move { c.checkpoint(req).await }
-            })
-        });
-        try_join_all(futs).await
+        self.each_shard(
+            "checkpoint",
+            pb::CheckpointRequest { step, keep },
+            |mut c, r| async move { c.checkpoint(r).await },
+        )
+        .await
     }
 
     /// Restores every shard to `step` (0 = each shard's latest good checkpoint).
     pub async fn restore(&self, step: u64) -> Result<Vec<pb::RestoreResponse>, TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "restore", move |mut c| {
-                let req = self.request(pb::RestoreRequest { step });
-                async move { c.restore(req).await }
-            })
-        });
-        try_join_all(futs).await
+        self.each_shard(
+            "restore",
+            pb::RestoreRequest { step },
+            |mut c, r| async move { c.restore(r).await },
+        )
+        .await
     }
 
     /// Steps for which every shard holds a good checkpoint, ascending.
     pub async fn common_checkpoints(&self) -> Result<Vec<u64>, TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "list_checkpoints", move |mut c| {
-                let req = self.request(pb::ListCheckpointsRequest {});
-                async move { c.list_checkpoints(req).await }
-            })
-        });
-        let lists = try_join_all(futs).await?;
+        let lists = self
+            .each_shard(
+                "list_checkpoints",
+                pb::ListCheckpointsRequest {},
+                |mut c, r| async move { c.list_checkpoints(r).await },
+            )
+            .await?;
         let mut common: Vec<u64> = lists.first().map(|l| l.steps.clone()).unwrap_or_default();
         for l in &lists[1..] {
             common.retain(|s| l.steps.contains(s));
@@ -500,13 +515,10 @@ impl PsClient {
 
     /// Health of every shard.
     pub async fn health(&self) -> Result<Vec<pb::HealthResponse>, TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "health", move |mut c| {
-                let req = self.request(pb::HealthRequest {});
-                async move { c.health(req).await }
-            })
-        });
-        try_join_all(futs).await
+        self.each_shard("health", pb::HealthRequest {}, |mut c, r| async move {
+            c.health(r).await
+        })
+        .await
     }
 
     /// Health of shard `s`, one attempt bounded by `timeout` (no retry): for
@@ -537,24 +549,20 @@ impl PsClient {
 
     /// Statistics of every shard.
     pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>, TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "stats", move |mut c| {
-                let req = self.request(pb::StatsRequest {});
-                async move { c.stats(req).await }
-            })
-        });
-        try_join_all(futs).await
+        self.each_shard("stats", pb::StatsRequest {}, |mut c, r| async move {
+            c.stats(r).await
+        })
+        .await
     }
 
     /// Asks every shard to stop (optionally checkpointing at `checkpoint_step` first).
     pub async fn shutdown(&self, checkpoint_step: u64) -> Result<(), TrainError> {
-        let futs = (0..self.num_shards()).map(|s| {
-            self.with_retry(s, "shutdown", move |mut c| {
-                let req = self.request(pb::ShutdownRequest { checkpoint_step });
-                async move { c.shutdown(req).await }
-            })
-        });
-        try_join_all(futs).await?;
+        self.each_shard(
+            "shutdown",
+            pb::ShutdownRequest { checkpoint_step },
+            |mut c, r| async move { c.shutdown(r).await },
+        )
+        .await?;
         Ok(())
     }
 }
