@@ -13,7 +13,8 @@
 //!
 //! Calls `model::tune_allocator` first unless `--no-tune-alloc`.
 //!
-//! Run: `RAYON_NUM_THREADS=1 target/debug/model-bench [--models base,din,dien]`.
+//! Run: `RAYON_NUM_THREADS=1 target/debug/model-bench [--models base,din,dien]`;
+//! on a GPU build (`--features cuda`) add `--device cuda`.
 
 use std::time::Instant;
 
@@ -56,6 +57,10 @@ struct Args {
     /// Peak GFLOP/s used for the efficiency figure.
     #[arg(long, default_value_t = 78.4)]
     peak_gflops: f64,
+    /// Device: cpu, or cuda (GPU 0; needs the `cuda` feature). The fused
+    /// kernels are CPU-only: on cuda the models take the reference path.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn samples(n: usize, max_len: usize, rng: &mut StdRng) -> Vec<Sample> {
@@ -126,6 +131,11 @@ fn main() -> anyhow::Result<()> {
     if std::env::var("RAYON_NUM_THREADS").is_err() {
         std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     }
+    let device = match args.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0)?,
+        other => anyhow::bail!("unknown device {other} (cpu or cuda)"),
+    };
     let tuned = !args.no_tune_alloc && ember_worker::model::tune_allocator();
     let mut rng = StdRng::seed_from_u64(7);
     let pool: Vec<Batch> = (0..8)
@@ -135,7 +145,8 @@ fn main() -> anyhow::Result<()> {
         / (pool.len() * args.batch) as f64;
     let mean_t = pool.iter().map(|b| b.max_len).sum::<usize>() as f64 / pool.len() as f64;
     println!(
-        "batch {} | mean valid length {:.1} | mean padded T {:.1} | fused {} | threads {} | tuned allocator {}",
+        "device {} | batch {} | mean valid length {:.1} | mean padded T {:.1} | fused {} | threads {} | tuned allocator {}",
+        args.device,
         args.batch,
         mean_len,
         mean_t,
@@ -159,7 +170,7 @@ fn main() -> anyhow::Result<()> {
         if args.dice {
             cfg.activation = ember_worker::layer::mlp::Activation::Dice;
         }
-        let mut model = build_model(&cfg, &candle_core::Device::Cpu)?;
+        let mut model = build_model(&cfg, &device)?;
         let tables = model.sparse_tables();
         let inputs: Vec<(Batch, SparseRows)> = pool
             .iter()
