@@ -30,7 +30,7 @@ macro_rules! packed {
 
         #[doc = concat!("Decodes packed little-endian `", stringify!($t), "`; `field` names the field in the error.")]
         pub fn $dec(field: &'static str, bytes: &[u8]) -> Result<Vec<$t>, CodecError> {
-            if bytes.len() % $n != 0 {
+            if !bytes.len().is_multiple_of($n) {
                 return Err(CodecError { field, len: bytes.len(), elem: $n, kind: $kind });
             }
             Ok(bytes
@@ -55,7 +55,7 @@ pub fn decode_f32_into(
     bytes: &[u8],
     out: &mut Vec<f32>,
 ) -> Result<(), CodecError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(CodecError {
             field,
             len: bytes.len(),
