@@ -275,7 +275,7 @@ fn killed_worker_is_replaced_and_the_epoch_rerun() {
     let cluster = "shards = 1\nworkers = 2\nmode = \"process\"\nstaleness = 1";
     let train = "epochs = 1\nmax_steps_per_epoch = 80\nmax_eval_samples = 300\nlog_every = 1";
     let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
-    let mut child = Command::new(bin("ember"))
+    let child = Command::new(bin("ember"))
         .args(["train", "--quiet", "--config"])
         .arg(&job)
         .stdout(Stdio::piped())
