@@ -254,9 +254,7 @@ impl PsClient {
                     pos.len()
                 )));
             }
-            for (k, &p) in pos.iter().enumerate() {
-                out[p * d..(p + 1) * d].copy_from_slice(&rows[k * d..(k + 1) * d]);
-            }
+            super::scatter_rows(&mut out, pos, &rows, d);
         }
         Ok((out, dim))
     }
@@ -289,12 +287,7 @@ impl PsClient {
             .enumerate()
             .filter(|(_, (sids, _))| !sids.is_empty())
             .map(|(s, (sids, pos))| {
-                let mut g = Vec::with_capacity(pos.len() * dim);
-                let mut c = Vec::with_capacity(pos.len());
-                for &p in pos {
-                    g.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
-                    c.push(counts[p]);
-                }
+                let (g, c) = super::gather_rows(grads, counts, pos, dim);
                 let (ids_b, grads_b, counts_b) = (encode_u64(sids), encode_f32(&g), encode_u32(&c));
                 async move {
                     self.with_retry(s, "push", |mut cl| {
@@ -365,19 +358,43 @@ impl PsClient {
         params: &[(String, Vec<f32>)],
         optimizer: &pb::OptimizerConfig,
     ) -> Result<(), TrainError> {
-        let by_shard = self.group_dense(params);
-        let futs = by_shard
+        let msg = |p| pb::InitDenseRequest {
+            params: p,
+            optimizer: Some(optimizer.clone()),
+        };
+        self.each_owner("init_dense", params, msg, |mut c, r| async move {
+            c.init_dense(r).await
+        })
+        .await
+    }
+
+    /// Sends each shard that owns some of `params` (by dense routing) the
+    /// message `msg` builds from its share, through `call`, with retries.
+    async fn each_owner<M, T, B, F, Fut>(
+        &self,
+        what: &'static str,
+        params: &[(String, Vec<f32>)],
+        msg: B,
+        call: F,
+    ) -> Result<(), TrainError>
+    where
+        M: Clone,
+        B: Fn(Vec<pb::DenseParam>) -> M,
+        F: Fn(ParameterServerClient<Channel>, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let call = &call;
+        let futs = self
+            .group_dense(params)
             .into_iter()
             .enumerate()
             .filter(|(_, p)| !p.is_empty())
             .map(|(s, p)| {
-                self.with_retry(s, "init_dense", move |mut c| {
-                    let req = self.request(pb::InitDenseRequest {
-                        params: p.clone(),
-                        optimizer: Some(optimizer.clone()),
-                    });
-                    async move { c.init_dense(req).await }
-                })
+                let m = msg(p);
+                async move {
+                    self.with_retry(s, what, move |c| call(c, self.request(m.clone())))
+                        .await
+                }
             });
         try_join_all(futs).await?;
         Ok(())
@@ -435,41 +452,25 @@ impl PsClient {
         num_workers: u32,
         worker_index: u32,
     ) -> Result<(), TrainError> {
-        let by_shard = self.group_dense(grads);
-        let futs = by_shard
-            .into_iter()
-            .enumerate()
-            .filter(|(_, p)| !p.is_empty())
-            .map(|(s, p)| {
-                self.with_retry(s, "push_dense", move |mut c| {
-                    let req = self.request(pb::PushDenseRequest {
-                        grads: p.clone(),
-                        step,
-                        num_workers,
-                        worker_index,
-                    });
-                    async move { c.push_dense(req).await }
-                })
-            });
-        try_join_all(futs).await?;
-        Ok(())
+        let msg = |p| pb::PushDenseRequest {
+            grads: p,
+            step,
+            num_workers,
+            worker_index,
+        };
+        self.each_owner("push_dense", grads, msg, |mut c, r| async move {
+            c.push_dense(r).await
+        })
+        .await
     }
 
     /// Overwrites dense state buffers (e.g. Dice running statistics).
     pub async fn assign_dense(&self, params: &[(String, Vec<f32>)]) -> Result<(), TrainError> {
-        let by_shard = self.group_dense(params);
-        let futs = by_shard
-            .into_iter()
-            .enumerate()
-            .filter(|(_, p)| !p.is_empty())
-            .map(|(s, p)| {
-                self.with_retry(s, "assign_dense", move |mut c| {
-                    let req = self.request(pb::AssignDenseRequest { params: p.clone() });
-                    async move { c.assign_dense(req).await }
-                })
-            });
-        try_join_all(futs).await?;
-        Ok(())
+        let msg = |p| pb::AssignDenseRequest { params: p };
+        self.each_owner("assign_dense", params, msg, |mut c, r| async move {
+            c.assign_dense(r).await
+        })
+        .await
     }
 
     /// Checkpoints every shard at `step` (a cluster checkpoint is all shards at one step).

@@ -66,9 +66,7 @@ impl LocalPs {
             if out.is_empty() {
                 out = vec![0.0; ids.len() * dim];
             }
-            for (k, &p) in pos.iter().enumerate() {
-                out[p * dim..(p + 1) * dim].copy_from_slice(&buf[k * dim..(k + 1) * dim]);
-            }
+            super::scatter_rows(&mut out, pos, &buf, dim);
         }
         Ok((out, dim))
     }
@@ -96,12 +94,7 @@ impl LocalPs {
             if sids.is_empty() {
                 continue;
             }
-            let mut g = Vec::with_capacity(pos.len() * dim);
-            let mut c = Vec::with_capacity(pos.len());
-            for &p in pos {
-                g.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
-                c.push(counts.get(p).copied().unwrap_or(1));
-            }
+            let (g, c) = super::gather_rows(grads, counts, pos, dim);
             self.shards[s]
                 .push(table, sids, &g, &c, step)
                 .map_err(local)?;

@@ -55,3 +55,28 @@ pub enum TrainError {
         source: std::io::Error,
     },
 }
+
+/// Copies one shard's answer into request order: `rows[k]` (width `dim`)
+/// goes to position `pos[k]` of `out`.
+pub(crate) fn scatter_rows(out: &mut [f32], pos: &[usize], rows: &[f32], dim: usize) {
+    for (k, &p) in pos.iter().enumerate() {
+        out[p * dim..(p + 1) * dim].copy_from_slice(&rows[k * dim..(k + 1) * dim]);
+    }
+}
+
+/// The gradients (width `dim`) and counts of the positions `pos` owned by one
+/// shard, in that order (a missing count is 1).
+pub(crate) fn gather_rows(
+    grads: &[f32],
+    counts: &[u32],
+    pos: &[usize],
+    dim: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut g = Vec::with_capacity(pos.len() * dim);
+    let mut c = Vec::with_capacity(pos.len());
+    for &p in pos {
+        g.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
+        c.push(counts.get(p).copied().unwrap_or(1));
+    }
+    (g, c)
+}
