@@ -4,6 +4,7 @@
 //! on this crate, so everything they must agree on lives here.
 
 pub mod codec;
+pub mod security;
 pub mod route;
 
 /// Generated protobuf messages and tonic client/server for `ember.v1`.
