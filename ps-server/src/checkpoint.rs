@@ -29,7 +29,7 @@ use ember_proto::v1::{OptimizerConfig, TableConfig};
 use prost::Message;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Cursor, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -131,7 +131,43 @@ fn header_bytes(shard_index: u32, num_shards: u32, step: u64) -> Vec<u8> {
     h
 }
 
+/// Prefix and suffix of the hidden temp file a checkpoint is written to.
+const TMP_PREFIX: &str = ".step-";
+const TMP_SUFFIX: &str = ".ckpt.tmp";
+
+/// Removes temp files left in `dir` by an interrupted write (a killed
+/// process). Only called while the caller holds the shard's checkpoint lock,
+/// so no write of this process is in progress. Best effort.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let stale = name
+            .to_str()
+            .is_some_and(|n| n.starts_with(TMP_PREFIX) && n.ends_with(TMP_SUFFIX));
+        if stale {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %entry.path().display(), "removed the temp file of an interrupted checkpoint")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale checkpoint temp file")
+                }
+            }
+        }
+    }
+}
+
 /// Writes a checkpoint atomically and returns what it holds.
+///
+/// The file is written to `.step-<step>.ckpt.tmp`, fsynced and renamed to
+/// `step-<step>.ckpt`. On any error (disk full, permission denied, ...) the
+/// temp file is removed, the error is logged, and the returned error names
+/// the file and the OS error; no `step-*.ckpt` is created or changed. Temp
+/// files left by an interrupted earlier write are removed first (the caller
+/// serializes writes to `dir`).
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     dir: &Path,
@@ -142,11 +178,70 @@ pub fn write(
     dense: &BTreeMap<String, DenseEntry>,
     dense_step: u64,
 ) -> Result<CheckpointInfo> {
-    fs::create_dir_all(dir).map_err(|e| PsError::io(format!("creating {}", dir.display()), e))?;
     let path = step_path(dir, step);
-    let tmp = dir.join(format!(".step-{step}.ckpt.tmp"));
+    let tmp = dir.join(format!("{TMP_PREFIX}{step}{TMP_SUFFIX}"));
+    let r = (|| {
+        fs::create_dir_all(dir)
+            .map_err(|e| PsError::io(format!("creating {}", dir.display()), e))?;
+        remove_stale_temps(dir);
+        let written = write_tmp(
+            &tmp,
+            shard_index,
+            num_shards,
+            step,
+            tables,
+            dense,
+            dense_step,
+        )
+        .and_then(|(body_len, rows)| {
+            fs::rename(&tmp, &path).map_err(|e| {
+                PsError::io(
+                    format!("renaming {} to {}", tmp.display(), path.display()),
+                    e,
+                )
+            })?;
+            Ok((body_len, rows))
+        });
+        let (body_len, rows) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                if let Err(rm) = fs::remove_file(&tmp) {
+                    if rm.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %tmp.display(), error = %rm, "cannot remove a failed checkpoint temp file");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| PsError::io(format!("fsync of directory {}", dir.display()), e))?;
+        Ok(CheckpointInfo {
+            path: path.clone(),
+            bytes: HEADER_LEN + body_len + TRAILER_LEN,
+            rows,
+        })
+    })();
+    if let Err(e) = &r {
+        tracing::error!(step, path = %path.display(), error = %e, "checkpoint failed");
+    }
+    r
+}
+
+/// Writes and fsyncs the whole checkpoint to `tmp`; returns `(body_len, rows)`.
+/// The file handle is closed on return, success or not.
+#[allow(clippy::too_many_arguments)]
+fn write_tmp(
+    tmp: &Path,
+    shard_index: u32,
+    num_shards: u32,
+    step: u64,
+    tables: &[Arc<Table>],
+    dense: &BTreeMap<String, DenseEntry>,
+    dense_step: u64,
+) -> Result<(u64, u64)> {
     let ctx = |what: &str| format!("{what} {}", tmp.display());
-    let file = File::create(&tmp).map_err(|e| PsError::io(ctx("creating"), e))?;
+    let file = File::create(tmp).map_err(|e| PsError::io(ctx("creating"), e))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     out.write_all(&header_bytes(shard_index, num_shards, step))
         .map_err(|e| PsError::io(ctx("writing"), e))?;
@@ -207,29 +302,15 @@ pub fn write(
     let crc = w.crc.finalize();
     let body_len = w.len;
     let mut out = w.inner;
-    let trailer = (|| -> std::io::Result<File> {
+    let trailer = (|| -> std::io::Result<()> {
         out.write_all(&body_len.to_le_bytes())?;
         out.write_all(&crc.to_le_bytes())?;
         out.write_all(END_MAGIC)?;
         let f = out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        Ok(f)
+        f.sync_all()
     })();
-    drop(trailer.map_err(|e| PsError::io(ctx("writing"), e))?);
-    fs::rename(&tmp, &path).map_err(|e| {
-        PsError::io(
-            format!("renaming {} to {}", tmp.display(), path.display()),
-            e,
-        )
-    })?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| PsError::io(format!("fsync of directory {}", dir.display()), e))?;
-    Ok(CheckpointInfo {
-        path,
-        bytes: HEADER_LEN + body_len + TRAILER_LEN,
-        rows,
-    })
+    trailer.map_err(|e| PsError::io(ctx("writing"), e))?;
+    Ok((body_len, rows))
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> PsError {
@@ -239,27 +320,42 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> PsError {
     }
 }
 
-/// Checks magic, version, header crc, shard identity, trailer and size.
-/// Returns `(file, step, body_len, body_crc)`.
-fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File, u64, u64, u32)> {
-    let mut f =
-        File::open(path).map_err(|e| PsError::io(format!("opening {}", path.display()), e))?;
-    let size = f
-        .metadata()
-        .map_err(|e| PsError::io(format!("stat of {}", path.display()), e))?
-        .len();
+/// Where a checkpoint's body is: its step, length and expected crc.
+struct Frame {
+    step: u64,
+    body_len: u64,
+    body_crc: u32,
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[i..i + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[i..i + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Checks magic, version, header crc, shard identity, trailer and size of a
+/// checkpoint of `size` bytes read from `f` (`path` labels errors) and leaves
+/// `f` at the start of the body.
+fn check_frame<R: Read + Seek>(
+    f: &mut R,
+    size: u64,
+    path: &Path,
+    shard_index: u32,
+    num_shards: u32,
+) -> Result<Frame> {
     if size < HEADER_LEN + TRAILER_LEN {
         return Err(corrupt(path, format!("truncated: {size} bytes")));
     }
     let mut h = [0u8; HEADER_LEN as usize];
-    f.read_exact(&mut h)
+    f.seek(SeekFrom::Start(0))
+        .and_then(|_| f.read_exact(&mut h))
         .map_err(|e| PsError::io(format!("reading {}", path.display()), e))?;
-    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let u64_at = |b: &[u8], i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
-        u64::from_le_bytes(a)
-    };
     if &h[0..8] != MAGIC {
         return Err(corrupt(path, "bad magic (not an Ember shard checkpoint)"));
     }
@@ -281,25 +377,42 @@ fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File,
         )));
     }
     let mut t = [0u8; TRAILER_LEN as usize];
-    f.seek(SeekFrom::End(-(TRAILER_LEN as i64)))
+    f.seek(SeekFrom::Start(size - TRAILER_LEN))
         .and_then(|_| f.read_exact(&mut t))
         .map_err(|e| PsError::io(format!("reading {}", path.display()), e))?;
     if &t[12..20] != END_MAGIC {
         return Err(corrupt(path, "truncated: end marker missing"));
     }
     let body_len = u64_at(&t, 0);
-    if HEADER_LEN + body_len + TRAILER_LEN != size {
+    let framed = body_len.checked_add(HEADER_LEN + TRAILER_LEN);
+    if framed != Some(size) {
         return Err(corrupt(
             path,
-            format!(
-                "truncated: {size} bytes, header says {}",
-                HEADER_LEN + body_len + TRAILER_LEN
-            ),
+            match framed {
+                Some(n) => format!("truncated: {size} bytes, header says {n}"),
+                None => format!("body length {body_len} in the trailer is impossible"),
+            },
         ));
     }
     f.seek(SeekFrom::Start(HEADER_LEN))
         .map_err(|e| PsError::io(format!("reading {}", path.display()), e))?;
-    Ok((f, step, body_len, u32_at(&t, 8)))
+    Ok(Frame {
+        step,
+        body_len,
+        body_crc: u32_at(&t, 8),
+    })
+}
+
+/// Opens `path` and checks its frame (see [`check_frame`]).
+fn open_checked(path: &Path, shard_index: u32, num_shards: u32) -> Result<(File, Frame)> {
+    let mut f =
+        File::open(path).map_err(|e| PsError::io(format!("opening {}", path.display()), e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| PsError::io(format!("stat of {}", path.display()), e))?
+        .len();
+    let frame = check_frame(&mut f, size, path, shard_index, num_shards)?;
+    Ok((f, frame))
 }
 
 /// Good steps (ascending) and the files that failed their checks.
@@ -327,8 +440,8 @@ pub fn list(dir: &Path, shard_index: u32, num_shards: u32) -> Result<Listing> {
         };
         let path = entry.path();
         match open_checked(&path, shard_index, num_shards) {
-            Ok((_, s, _, _)) if s == step => good.push(step),
-            Ok((_, s, _, _)) => bad.push((
+            Ok((_, Frame { step: s, .. })) if s == step => good.push(step),
+            Ok((_, Frame { step: s, .. })) => bad.push((
                 path.clone(),
                 corrupt(
                     &path,
@@ -347,8 +460,20 @@ struct Body<R: Read> {
     path: PathBuf,
 }
 
-impl<R: Read> Body<R> {
+impl<R: Read> Body<CrcReader<R>> {
+    /// Fails unless `n` more bytes are left in the body (checked before
+    /// allocating, so a huge length field never allocates).
+    fn need(&self, n: u64) -> Result<()> {
+        if n > self.r.left {
+            return Err(corrupt(
+                &self.path,
+                format!("body ends early: {n} bytes needed, {} left", self.r.left),
+            ));
+        }
+        Ok(())
+    }
     fn bytes(&mut self, n: usize) -> Result<Vec<u8>> {
+        self.need(n as u64)?;
         let mut b = vec![0u8; n];
         self.r
             .read_exact(&mut b)
@@ -356,7 +481,11 @@ impl<R: Read> Body<R> {
         Ok(b)
     }
     fn u8(&mut self) -> Result<u8> {
-        Ok(self.bytes(1)?[0])
+        let mut a = [0u8; 1];
+        self.r
+            .read_exact(&mut a)
+            .map_err(|e| corrupt(&self.path, format!("body ends early: {e}")))?;
+        Ok(a[0])
     }
     fn u32(&mut self) -> Result<u32> {
         let mut a = [0u8; 4];
@@ -373,6 +502,7 @@ impl<R: Read> Body<R> {
         Ok(u64::from_le_bytes(a))
     }
     fn f32s_into(&mut self, out: &mut Vec<f32>, n: usize, buf: &mut Vec<u8>) -> Result<()> {
+        self.need((n as u64).saturating_mul(4))?;
         buf.resize(n * 4, 0);
         self.r
             .read_exact(buf)
@@ -384,25 +514,49 @@ impl<R: Read> Body<R> {
         );
         Ok(())
     }
-    fn len_checked(&mut self, max: u64, what: &str) -> Result<usize> {
+    /// A u64 count of records of at least `min_record` bytes each, checked
+    /// against the bytes left in the body.
+    fn len_checked(&mut self, min_record: u64, what: &str) -> Result<usize> {
         let n = self.u64()?;
-        if n > max {
+        if n > self.r.left / min_record.max(1) {
             return Err(corrupt(
                 &self.path,
-                format!("{what} count {n} exceeds the file size"),
+                format!(
+                    "{what} count {n} exceeds the {} bytes left in the body",
+                    self.r.left
+                ),
             ));
         }
-        Ok(n as usize)
+        usize::try_from(n).map_err(|_| corrupt(&self.path, format!("{what} count {n} too large")))
     }
 }
 
 /// Reads and fully verifies a checkpoint. Nothing is changed anywhere; the
 /// caller swaps the result into a shard.
 pub fn read(path: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
-    let (f, step, body_len, want_crc) = open_checked(path, shard_index, num_shards)?;
+    let (f, frame) = open_checked(path, shard_index, num_shards)?;
+    decode_body(BufReader::with_capacity(1 << 20, f), &frame, path)
+}
+
+/// Decodes and fully verifies a whole checkpoint file held in memory (the
+/// same checks and decoder as [`read`], without touching the file system).
+/// `label` names the input in errors. Any malformed input, including one
+/// with huge length fields, is an error ([`PsError::CorruptCheckpoint`], or
+/// [`PsError::FailedPrecondition`] for another shard's checkpoint); memory
+/// use is bounded by a small multiple of `bytes.len()`.
+pub fn decode(bytes: &[u8], label: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
+    let mut c = Cursor::new(bytes);
+    let frame = check_frame(&mut c, bytes.len() as u64, label, shard_index, num_shards)?;
+    decode_body(c, &frame, label)
+}
+
+/// Decodes the body that follows the header in `r`, verifying its length
+/// and crc against `frame`.
+fn decode_body<R: Read>(r: R, frame: &Frame, path: &Path) -> Result<Loaded> {
+    let (step, body_len, want_crc) = (frame.step, frame.body_len, frame.body_crc);
     let mut b = Body {
         r: CrcReader {
-            inner: BufReader::with_capacity(1 << 20, f),
+            inner: r,
             crc: crc32fast::Hasher::new(),
             left: body_len,
         },
@@ -414,19 +568,26 @@ pub fn read(path: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
     let mut tables = Vec::new();
     let mut rows = 0u64;
     for _ in 0..n_tables {
-        let len = b.u32()? as u64;
-        if len > body_len {
-            return Err(corrupt(path, "table config length exceeds the file"));
-        }
-        let cfg_bytes = b.bytes(len as usize)?;
+        let len = b.u32()? as usize;
+        let cfg_bytes = b.bytes(len)?;
         let cfg = TableConfig::decode(cfg_bytes.as_slice())
             .map_err(|e| corrupt(path, format!("bad table config: {e}")))?;
         let spec = TableSpec::from_config(cfg)
             .map_err(|e| corrupt(path, format!("bad table config: {e}")))?;
+        if tables
+            .iter()
+            .any(|t: &Table| t.spec().name() == spec.name())
+        {
+            return Err(corrupt(
+                path,
+                format!("table `{}` appears twice", spec.name()),
+            ));
+        }
         let width = spec.stride() - crate::store::HEADER;
+        let row_bytes = 20 + 4 * width as u64;
         let table = Table::new(spec);
         for _ in 0..NUM_STRIPES {
-            let n = b.len_checked(body_len / 20, "row")?;
+            let n = b.len_checked(row_bytes, "row")?;
             for _ in 0..n {
                 let id = b.u64()?;
                 let count = b.u32()?;
@@ -436,7 +597,7 @@ pub fn read(path: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
                 rows += 1;
             }
         }
-        let n = b.len_checked(body_len / 12, "pending count")?;
+        let n = b.len_checked(12, "pending count")?;
         for _ in 0..n {
             let id = b.u64()?;
             let c = b.u32()?;
@@ -447,31 +608,35 @@ pub fn read(path: &Path, shard_index: u32, num_shards: u32) -> Result<Loaded> {
     let n_dense = b.u32()?;
     let mut dense = BTreeMap::new();
     for _ in 0..n_dense {
-        let len = b.u32()? as u64;
-        if len > body_len {
-            return Err(corrupt(path, "dense name length exceeds the file"));
-        }
-        let name = String::from_utf8(b.bytes(len as usize)?)
+        let len = b.u32()? as usize;
+        let name = String::from_utf8(b.bytes(len)?)
             .map_err(|_| corrupt(path, "dense name is not UTF-8"))?;
-        let opt_config = if b.u8()? == 1 {
-            let len = b.u32()? as u64;
-            if len > body_len {
-                return Err(corrupt(path, "optimizer config length exceeds the file"));
+        if dense.contains_key(&name) {
+            return Err(corrupt(path, format!("dense `{name}` appears twice")));
+        }
+        let opt_config = match b.u8()? {
+            0 => None,
+            1 => {
+                let len = b.u32()? as usize;
+                let bytes = b.bytes(len)?;
+                Some(
+                    OptimizerConfig::decode(bytes.as_slice())
+                        .map_err(|e| corrupt(path, format!("bad optimizer config: {e}")))?,
+                )
             }
-            let bytes = b.bytes(len as usize)?;
-            Some(
-                OptimizerConfig::decode(bytes.as_slice())
-                    .map_err(|e| corrupt(path, format!("bad optimizer config: {e}")))?,
-            )
-        } else {
-            None
+            x => {
+                return Err(corrupt(
+                    path,
+                    format!("dense `{name}`: optimizer flag {x} (expected 0 or 1)"),
+                ))
+            }
         };
         let opt = Optimizer::from_config(opt_config.as_ref())
             .map_err(|e| corrupt(path, format!("bad optimizer config: {e}")))?;
-        let n = b.len_checked(body_len / 4, "dense value")?;
+        let n = b.len_checked(4, "dense value")?;
         let mut values = Vec::new();
         b.f32s_into(&mut values, n, &mut buf)?;
-        let n = b.len_checked(body_len / 4, "dense state")?;
+        let n = b.len_checked(4, "dense state")?;
         let mut state = Vec::new();
         b.f32s_into(&mut state, n, &mut buf)?;
         if state.len() != opt.state_len(values.len()) {
