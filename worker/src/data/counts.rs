@@ -199,7 +199,9 @@ pub fn encode_counts(c: &TableCounts) -> Vec<u8> {
     b
 }
 
-/// Parses the file format; `path` labels errors.
+/// Parses the file format; `path` labels errors. Any malformed input is a
+/// [`DataError::Counts`], never a panic; lengths in the file are checked
+/// against the bytes actually present before anything is allocated.
 pub fn decode_counts(path: &Path, b: &[u8]) -> Result<TableCounts, DataError> {
     let bad = |reason: String| DataError::Counts {
         path: path.to_path_buf(),
@@ -215,52 +217,84 @@ pub fn decode_counts(path: &Path, b: &[u8]) -> Result<TableCounts, DataError> {
     if Sha256::digest(body).as_slice() != sum {
         return Err(bad("sha256 checksum mismatch (corrupt or truncated)".into()));
     }
-    let mut at = 8usize;
-    let mut take = |n: usize| -> Result<&[u8], DataError> {
-        let s = body
-            .get(at..at + n)
-            .ok_or_else(|| bad(format!("truncated at byte {at}")))?;
-        at += n;
-        Ok(s)
-    };
-    let u32_of = |s: &[u8]| u32::from_le_bytes(s.try_into().expect("4 bytes"));
-    let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes"));
-    let version = u32_of(take(4)?);
+    let mut r = BodyCursor { body, at: 8, path };
+    let version = u32::from_le_bytes(r.array()?);
     if version != VERSION {
         return Err(bad(format!("version {version}, expected {VERSION}")));
     }
-    let n_tables = u32_of(take(4)?);
-    let samples = u64_of(take(8)?);
-    let mut tables = Vec::with_capacity(n_tables as usize);
+    let n_tables = u32::from_le_bytes(r.array()?);
+    let samples = u64::from_le_bytes(r.array()?);
+    // Each table takes at least 10 bytes: never reserve more than fits.
+    let mut tables = Vec::with_capacity((n_tables as usize).min(r.left() / 10));
     for _ in 0..n_tables {
-        let len = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
-        let name = std::str::from_utf8(take(len)?)
+        let len = u16::from_le_bytes(r.array()?) as usize;
+        let name = std::str::from_utf8(r.take(len)?)
             .map_err(|_| bad("table name is not UTF-8".into()))?
             .to_string();
-        let count = u64_of(take(8)?);
+        let count = u64::from_le_bytes(r.array()?);
         let bytes = usize::try_from(count)
             .ok()
             .and_then(|c| c.checked_mul(12))
-            .ok_or_else(|| bad(format!("table {name}: count {count} too large")))?;
-        let raw = take(bytes)?;
-        let mut pairs = Vec::with_capacity(count as usize);
+            .filter(|&n| n <= r.left())
+            .ok_or_else(|| {
+                bad(format!(
+                    "table {name}: {count} ids do not fit in the {} bytes left",
+                    r.left()
+                ))
+            })?;
+        let raw = r.take(bytes)?;
+        let mut pairs = Vec::with_capacity(bytes / 12);
         let mut prev = 0u64;
         for rec in raw.chunks_exact(12) {
-            let id = u64_of(&rec[..8]);
+            let (id, n) = rec.split_at(8);
+            let id = u64::from_le_bytes(id.try_into().unwrap_or_default());
+            let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
             if id <= prev {
                 return Err(bad(format!(
                     "table {name}: ids not sorted, distinct and non-zero at id {id}"
                 )));
             }
             prev = id;
-            pairs.push((id, u32_of(&rec[8..])));
+            pairs.push((id, n));
         }
         tables.push((name, pairs));
     }
-    if at != body.len() {
-        return Err(bad(format!("{} trailing bytes", body.len() - at)));
+    if r.left() != 0 {
+        return Err(bad(format!("{} trailing bytes", r.left())));
     }
     Ok(TableCounts { samples, tables })
+}
+
+/// A cursor over the checksummed body of a counts file.
+struct BodyCursor<'a> {
+    body: &'a [u8],
+    at: usize,
+    path: &'a Path,
+}
+
+impl<'a> BodyCursor<'a> {
+    fn left(&self) -> usize {
+        self.body.len() - self.at
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DataError> {
+        let s = self
+            .at
+            .checked_add(n)
+            .and_then(|end| self.body.get(self.at..end))
+            .ok_or_else(|| DataError::Counts {
+                path: self.path.to_path_buf(),
+                reason: format!("truncated at byte {}: {n} more bytes needed", self.at),
+            })?;
+        self.at += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DataError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
 }
 
 /// Writes a counts file (atomically).

@@ -18,11 +18,13 @@
 //! - Malformed lines: [`DataError::Malformed`] with file, line and column.
 //!   By default the error is returned (and the reader stops); with
 //!   `skip_malformed` the line is skipped and counted
-//!   ([`BatchReader::skipped_malformed`]).
+//!   ([`BatchReader::skipped_malformed`]). A line longer than
+//!   [`MAX_LINE_BYTES`] is malformed (a file without newlines is never read
+//!   into memory whole).
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,10 @@ use super::format::{parse_sample_into, parse_u64, LineCtx, LIST_SEP};
 use super::rng::{derive_seed, SplitMix64};
 use super::DataError;
 use crate::batch::{Batch, Sample};
+
+/// Longest accepted sample line in bytes (without its `\n`); longer lines
+/// are malformed.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
 
 /// Options of [`BatchReader`].
 #[derive(Debug, Clone, PartialEq)]
@@ -112,7 +118,7 @@ pub struct DataPosition {
 pub struct SampleReader {
     files: Vec<PathBuf>,
     next_file: usize,
-    current: Option<(BufReader<File>, PathBuf)>,
+    current: Option<(Box<dyn BufRead + Send + Sync>, PathBuf)>,
     /// 1-based line number in the current file.
     line_in_file: u64,
     /// 0-based line number over all files.
@@ -155,6 +161,21 @@ impl SampleReader {
         })
     }
 
+    /// Reader of worker `worker_index` of `num_workers` over one already
+    /// open stream (in-memory data, a pipe) with the same line handling and
+    /// parser as [`SampleReader::open`]; `label` names the stream in errors.
+    pub fn from_reader(
+        label: impl Into<PathBuf>,
+        stream: impl BufRead + Send + Sync + 'static,
+        worker_index: usize,
+        num_workers: usize,
+        skip_malformed: bool,
+    ) -> Result<Self, DataError> {
+        let mut r = SampleReader::open(&[], worker_index, num_workers, skip_malformed)?;
+        r.current = Some((Box::new(stream), label.into()));
+        Ok(r)
+    }
+
     /// Malformed lines skipped so far.
     pub fn skipped(&self) -> u64 {
         self.skipped
@@ -175,15 +196,20 @@ impl SampleReader {
                     return Ok(None);
                 };
                 let f = File::open(path).map_err(|e| DataError::io(path, e))?;
-                self.current = Some((BufReader::with_capacity(1 << 20, f), path.clone()));
+                self.current = Some((Box::new(BufReader::with_capacity(1 << 20, f)), path.clone()));
                 self.next_file += 1;
                 self.line_in_file = 0;
             }
-            let (reader, path) = self.current.as_mut().expect("file open");
+            let Some((reader, path)) = self.current.as_mut() else {
+                continue;
+            };
             let mine = self.global_line % self.num_workers == self.worker_index;
             let n = if mine {
                 self.buf.clear();
-                reader.read_until(b'\n', &mut self.buf)
+                reader
+                    .by_ref()
+                    .take(MAX_LINE_BYTES as u64 + 1)
+                    .read_until(b'\n', &mut self.buf)
             } else {
                 reader.skip_until(b'\n')
             }
@@ -196,6 +222,27 @@ impl SampleReader {
             self.global_line += 1;
             if !mine {
                 continue;
+            }
+            if self.buf.len() > MAX_LINE_BYTES && self.buf.last() != Some(&b'\n') {
+                // Too long: drop the rest of the line without buffering it.
+                reader
+                    .skip_until(b'\n')
+                    .map_err(|e| DataError::io(&*path, e))?;
+                let e = DataError::Malformed {
+                    path: path.clone(),
+                    line: self.line_in_file,
+                    column: "line".into(),
+                    value: super::format::show(&self.buf),
+                    reason: format!("longer than {MAX_LINE_BYTES} bytes"),
+                };
+                if self.skip_malformed {
+                    self.skipped += 1;
+                    if self.skipped <= 10 {
+                        tracing::warn!("skipping malformed line: {e}");
+                    }
+                    continue;
+                }
+                return Err(e);
             }
             let line = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
             let mut s = self.spare.pop().unwrap_or_default();
@@ -416,7 +463,9 @@ impl BatchReader {
         if self.epoch_reader.is_none() {
             self.open_epoch()?;
         }
-        let (reader, buf, exhausted) = self.epoch_reader.as_mut().expect("epoch open");
+        let Some((reader, buf, exhausted)) = self.epoch_reader.as_mut() else {
+            return Ok(None);
+        };
         while !*exhausted {
             match reader.read()? {
                 Some(s) => {
@@ -892,6 +941,90 @@ mod tests {
             let n: usize = (&mut r).map(|b| b.unwrap().batch_size).sum();
             assert_eq!((n, r.skipped_malformed()), (3, 1), "case {k}");
         }
+    }
+
+    #[test]
+    fn malformed_line_message_names_file_line_column_and_problem() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("train.txt");
+        std::fs::write(&p, "1\t1\t2\t3\t4\t5\n1\t1\t2\t3\t4\x025\t1\n").unwrap();
+        let e = SampleReader::open(std::slice::from_ref(&p), 0, 1, false)
+            .unwrap()
+            .find_map(Result::err)
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:2: column hist_cat_ids: has 1 elements but hist_item_ids has 2 (value \"1\")",
+                p.display()
+            )
+        );
+    }
+
+    #[test]
+    fn in_memory_reader_matches_file_reader() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write_file(d.path(), "a", 0..40);
+        let text = std::fs::read(&f).unwrap();
+        for (i, m) in [(0, 1), (1, 3)] {
+            let from_file: Vec<Sample> = SampleReader::open(std::slice::from_ref(&f), i, m, false)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let from_mem: Vec<Sample> =
+                SampleReader::from_reader("mem", std::io::Cursor::new(text.clone()), i, m, false)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+            assert_eq!(from_mem, from_file);
+        }
+        let e = SampleReader::from_reader("mem.txt", &b"1\tx"[..], 0, 1, false)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("mem.txt:1: column line"), "{e}");
+    }
+
+    #[test]
+    fn overlong_line_is_malformed_and_skippable() {
+        let good = "1\t1\t2\t3\t4\x025\t1\x021\n";
+        let mut text = good.as_bytes().to_vec();
+        text.resize(text.len() + MAX_LINE_BYTES + 1, b'7');
+        text.push(b'\n');
+        text.extend_from_slice(good.as_bytes());
+        let mut r =
+            SampleReader::from_reader("big.txt", std::io::Cursor::new(text.clone()), 0, 1, false)
+                .unwrap();
+        assert!(r.next().unwrap().is_ok());
+        match r.next().unwrap() {
+            Err(DataError::Malformed {
+                line,
+                column,
+                reason,
+                ..
+            }) => {
+                assert_eq!((line, column.as_str()), (2, "line"));
+                assert!(reason.contains("longer than"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut r =
+            SampleReader::from_reader("big.txt", std::io::Cursor::new(text), 0, 1, true).unwrap();
+        let n = (&mut r).map(Result::unwrap).count();
+        assert_eq!((n, r.skipped()), (2, 1));
+        // A line of exactly the limit is read.
+        let mut exact = vec![b'1'; MAX_LINE_BYTES];
+        exact.push(b'\n');
+        let mut r =
+            SampleReader::from_reader("x", std::io::Cursor::new(exact), 0, 1, false).unwrap();
+        match r.next().unwrap() {
+            Err(DataError::Malformed { reason, .. }) => {
+                assert!(reason.contains("found 1"), "parsed, not too long: {reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(r.next().is_none());
     }
 
     #[test]
