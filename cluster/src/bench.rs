@@ -79,6 +79,7 @@ pub async fn bench_e2e(
         num_workers: 1,
         epoch: 1,
         start_step: 0,
+        skip_steps: 0,
         steps: Some(steps),
     };
     let quiet = |_: &ember_worker::train::worker::Progress| {};
@@ -106,7 +107,11 @@ pub async fn bench_e2e(
         deadline: Duration::from_secs(10),
         ..RetryPolicy::default()
     };
-    let remote = Backend::Remote(PsClient::new(&addrs, retry, None)?);
+    let remote = Backend::Remote(PsClient::new(
+        &addrs,
+        retry,
+        &ember_proto::security::ClientSecurity::insecure(),
+    )?);
     setup_cluster(&cfg, &remote).await?;
     let remote_report = run_epoch(&job(&cfg), &remote, &quiet).await?;
     for r in running {

@@ -8,6 +8,8 @@
 //! - `ember predict --model DIR --input FILE --output FILE`: scores without a cluster.
 //! - `ember bench-e2e --config ...`: training throughput over loopback shards
 //!   against the in-process store.
+//! - `ember certs --out DIR --host NAME...`: a test CA, server and client
+//!   certificates and a bearer token for TLS deployments.
 
 use std::path::PathBuf;
 
@@ -82,6 +84,17 @@ enum Cmd {
         /// Override `epochs`.
         #[arg(long)]
         epochs: Option<usize>,
+    },
+    /// Make a test CA, a server certificate for the given hosts, a client
+    /// certificate (mTLS) and a random bearer token (keys/token mode 0600).
+    Certs {
+        /// Output directory (ca.pem, ca.key, server.pem, server.key, client.pem, client.key, token).
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names, wildcards (*.ps.ember.svc.cluster.local) or IP addresses
+        /// the server certificate is valid for (repeat or comma-separate).
+        #[arg(long = "host", value_delimiter = ',', default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
     },
     /// End-to-end throughput: the same worker against loopback shards and the in-process store.
     BenchE2e {
@@ -217,6 +230,21 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     r.epoch, r.loss, r.recall, r.mrr, r.users
                 );
             }
+        }
+        Cmd::Certs { out, hosts } => {
+            let files = ember_proto::pki::write_test_pki(&out, &hosts)?;
+            let token = out.join("token");
+            ember_proto::pki::write_token(&token)?;
+            println!(
+                "wrote {} (CA), {} + {} (server: {}), {} + {} (client), {} (token)",
+                files.ca.display(),
+                files.server_cert.display(),
+                files.server_key.display(),
+                hosts.join(", "),
+                files.client_cert.display(),
+                files.client_key.display(),
+                token.display()
+            );
         }
         Cmd::BenchE2e {
             config,

@@ -71,6 +71,8 @@ pub struct ShardSpec {
     pub restore: bool,
     /// Where the shard's log (stderr) goes.
     pub log_file: Option<PathBuf>,
+    /// TLS/token flags (`--tls-cert ... --auth-token-file ...` or `--insecure`).
+    pub security_args: Vec<std::ffi::OsString>,
 }
 
 impl ShardProcess {
@@ -92,6 +94,7 @@ impl ShardProcess {
         if spec.restore {
             cmd.arg("--restore");
         }
+        cmd.args(&spec.security_args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_target(spec.log_file.as_deref())?);

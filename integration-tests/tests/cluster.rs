@@ -53,6 +53,23 @@ fn two_shard_two_worker_din_beats_popularity() {
         .path()
         .join("run/checkpoints/shard-1-of-2/step-250.ckpt");
     assert!(ckpt.exists(), "{} missing", ckpt.display());
+    // security.mode = "auto": the run had its own CA and token, every shard
+    // served TLS with a token (no INSECURE warning), and the token file is
+    // private and never appears in a log.
+    let secrets = dir.path().join("run/secrets");
+    assert!(secrets.join("ca.pem").exists());
+    let token = std::fs::read_to_string(secrets.join("token")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(secrets.join("token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "token file mode {mode:o}");
+    for log in ["shard-0.log", "shard-1.log", "worker-0.log", "worker-1.log"] {
+        let text = std::fs::read_to_string(dir.path().join("run/logs").join(log)).unwrap();
+        assert!(!text.contains("INSECURE"), "{log}: {text}");
+        assert!(!text.contains(token.trim()), "{log} contains the token");
+    }
 }
 
 /// Resuming from the epoch-1 checkpoint reproduces the uninterrupted run's

@@ -4,6 +4,8 @@
 //! on this crate, so everything they must agree on lives here.
 
 pub mod codec;
+#[cfg(feature = "pki")]
+pub mod pki;
 pub mod security;
 pub mod route;
 

@@ -50,9 +50,22 @@ struct ServeFlags {
     /// Largest gRPC message in bytes (default 64 MiB).
     #[arg(long)]
     max_message_bytes: Option<usize>,
-    /// File with the bearer token for admin RPCs (else env EMBER_AUTH_TOKEN).
+    /// File with the shared bearer token required on every RPC (else env EMBER_AUTH_TOKEN).
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key the server speaks TLS only.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA whose client certificates are accepted; makes client certificates mandatory (mTLS).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS and/or without a token (logs a warning). Without this
+    /// flag the server refuses to start unless both are configured.
+    #[arg(long)]
+    insecure: bool,
     /// Write a checkpoint with this step on exit (SIGTERM/SIGINT/Shutdown RPC).
     #[arg(long)]
     checkpoint_on_exit: Option<u64>,
@@ -102,8 +115,19 @@ fn config_from(f: ServeFlags) -> anyhow::Result<ServerConfig> {
     if let Some(v) = f.log_format {
         c.log_format = v;
     }
+    if f.tls_cert.is_some() {
+        c.tls_cert = f.tls_cert;
+        c.tls_key = f.tls_key;
+    }
+    if f.tls_client_ca.is_some() {
+        c.tls_client_ca = f.tls_client_ca;
+    }
+    if f.insecure {
+        c.insecure = true;
+    }
     c.resolve_token()?;
     c.validate()?;
+    c.check_secure()?;
     Ok(c)
 }
 

@@ -3,8 +3,9 @@
 //! [`RunningShard`] with the bound addresses, for launchers and tests.
 
 use crate::error::{PsError, Result};
-use crate::service::{AuthInterceptor, PsService};
+use crate::service::PsService;
 use crate::shard::{Shard, ShardConfig};
+use ember_proto::security::{ServerSecurity, ServerTlsFiles};
 use ember_proto::v1::parameter_server_server::ParameterServerServer;
 use serde::Deserialize;
 use std::future::Future;
@@ -61,7 +62,7 @@ pub struct ServerConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Largest gRPC message in either direction.
     pub max_message_bytes: usize,
-    /// Shared bearer token for admin RPCs (`None` = admin RPCs unauthenticated).
+    /// Shared bearer token required on every RPC (`None` = no authentication).
     pub auth_token: Option<String>,
     /// File holding the token (read by [`ServerConfig::resolve_token`]).
     pub auth_token_file: Option<PathBuf>,
@@ -71,6 +72,15 @@ pub struct ServerConfig {
     pub checkpoint_on_exit: Option<u64>,
     /// Log format of the binary: "text" or "compact" (library ignores it).
     pub log_format: String,
+    /// TLS certificate chain (PEM); with `tls_key`, the server speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA for client certificates: when set, clients need one (mTLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow serving without TLS or without a token (the binary refuses to
+    /// start otherwise; the library only warns).
+    pub insecure: bool,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +97,10 @@ impl Default for ServerConfig {
             restore: false,
             checkpoint_on_exit: None,
             log_format: "text".into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            insecure: false,
         }
     }
 }
@@ -122,23 +136,77 @@ impl ServerConfig {
         if self.checkpoint_on_exit.is_some() && self.checkpoint_dir.is_none() {
             return Err(PsError::invalid("checkpoint_on_exit needs checkpoint_dir"));
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(PsError::invalid(
+                "tls_cert and tls_key must be given together",
+            ));
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(PsError::invalid(
+                "tls_client_ca (mTLS) needs tls_cert and tls_key",
+            ));
+        }
         Ok(())
     }
 
+    /// The TLS files, when TLS is configured.
+    pub fn tls_files(&self) -> Option<ServerTlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Loads the TLS files and takes the (resolved) token. Errors name the file.
+    pub fn security(&self) -> Result<ServerSecurity> {
+        let tls = self
+            .tls_files()
+            .map(|f| f.load())
+            .transpose()
+            .map_err(|e| PsError::invalid(e.to_string()))?;
+        Ok(ServerSecurity {
+            tls,
+            token: self.auth_token.as_deref().map(Arc::from),
+        })
+    }
+
+    /// The binary's policy: TLS and a token, or an explicit `insecure`.
+    /// Returns what is missing (empty = secure), or an error naming it when
+    /// something is missing and `insecure` is off.
+    pub fn check_secure(&self) -> Result<Vec<&'static str>> {
+        let mut missing = Vec::new();
+        if self.tls_cert.is_none() {
+            missing.push("TLS (--tls-cert/--tls-key)");
+        }
+        if self.auth_token.is_none() {
+            missing.push("an auth token (--auth-token-file or EMBER_AUTH_TOKEN)");
+        }
+        if !missing.is_empty() && !self.insecure {
+            return Err(PsError::invalid(format!(
+                "refusing to serve without {}; pass --insecure to allow it (testing or a trusted private network only)",
+                missing.join(" and ")
+            )));
+        }
+        Ok(missing)
+    }
+
     /// Fills `auth_token` from `auth_token_file` (or the `EMBER_AUTH_TOKEN`
-    /// environment variable when neither is set). Trailing whitespace is trimmed.
+    /// environment variable when neither is set). Surrounding whitespace is
+    /// trimmed; an empty token is an error naming its source.
     pub fn resolve_token(&mut self) -> Result<()> {
         if self.auth_token.is_none() {
-            if let Some(p) = &self.auth_token_file {
-                let t = std::fs::read_to_string(p).map_err(|e| {
-                    PsError::io(format!("reading auth token file {}", p.display()), e)
-                })?;
-                self.auth_token = Some(t.trim().to_string());
-            } else if let Ok(t) = std::env::var("EMBER_AUTH_TOKEN") {
-                self.auth_token = Some(t.trim().to_string());
-            }
+            self.auth_token = ember_proto::security::read_token(self.auth_token_file.as_deref())
+                .map_err(|e| PsError::invalid(e.to_string()))?;
         }
-        if self.auth_token.as_deref() == Some("") {
+        if self
+            .auth_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
             return Err(PsError::invalid("auth token is empty"));
         }
         Ok(())
@@ -151,6 +219,36 @@ impl ServerConfig {
             checkpoint_dir: self.checkpoint_dir.clone(),
         }
     }
+}
+
+/// Loads and checks the TLS files (a bad certificate or key fails here, before
+/// the server reports ready, with an error naming the file), then logs a
+/// warning when `config` serves without TLS or without a token.
+fn check_security(config: &ServerConfig) -> Result<()> {
+    config
+        .security()?
+        .apply(tonic::transport::Server::builder(), "the shard server")
+        .map_err(|e| {
+            PsError::invalid(format!(
+                "{e} (files: {:?}, {:?})",
+                config.tls_cert, config.tls_key
+            ))
+        })?;
+    let mut missing = Vec::new();
+    if config.tls_cert.is_none() {
+        missing.push("TLS");
+    }
+    if config.auth_token.is_none() {
+        missing.push("an auth token");
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            shard = config.shard_index,
+            "INSECURE: serving without {} (every RPC, admin RPCs included, is open to anyone who can reach the port)",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
 }
 
 /// Builds the shard of a config, restoring the latest checkpoint if asked.
@@ -180,23 +278,17 @@ pub async fn serve_shard(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let token: Option<Arc<str>> = config.auth_token.as_deref().map(Arc::from);
-    if token.is_none() {
-        tracing::warn!(
-            shard = config.shard_index,
-            "no auth token configured: admin RPCs (CreateTable, InitDense, LoadCounts, Checkpoint, Restore, Shutdown) are unauthenticated"
-        );
-    }
+    let security = config.security()?;
     let svc = PsService::new(
         shard.clone(),
-        token.is_some(),
+        security.token.is_some(),
         config.max_message_bytes,
         stop_tx,
     );
     let server = ParameterServerServer::new(svc)
         .max_decoding_message_size(config.max_message_bytes.saturating_mul(2))
         .max_encoding_message_size(config.max_message_bytes);
-    let svc = InterceptedService::new(server, AuthInterceptor::new(token));
+    let svc = InterceptedService::new(server, security.interceptor());
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let signal = async move {
         tokio::select! {
@@ -204,7 +296,10 @@ pub async fn serve_shard(
             _ = stop_rx.wait_for(|v| *v) => {},
         }
     };
-    tonic::transport::Server::builder()
+    let builder = security
+        .apply(tonic::transport::Server::builder(), "the shard server")
+        .map_err(|e| PsError::invalid(e.to_string()))?;
+    builder
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
@@ -229,6 +324,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    check_security(&config)?;
     let shard = build_shard(&config)?;
     serve_shard(shard, &config, listener, shutdown).await
 }
@@ -282,6 +378,7 @@ impl RunningShard {
 /// clients may connect right away. Installs the process-wide metrics
 /// exporter when `metrics_addr` is set (idempotent across shards).
 pub async fn spawn(config: ServerConfig) -> Result<RunningShard> {
+    check_security(&config)?;
     let shard = build_shard(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await

@@ -15,48 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-/// Request extension set by [`AuthInterceptor`] when the bearer token matched.
-#[derive(Debug, Clone, Copy)]
-pub struct Authenticated;
-
-/// Interceptor that checks `authorization: Bearer <token>` and marks the
-/// request [`Authenticated`]. Non-admin RPCs never need the mark; admin RPCs
-/// need it when a token is configured.
-#[derive(Clone, Default)]
-pub struct AuthInterceptor {
-    token: Option<Arc<str>>,
-}
-
-impl AuthInterceptor {
-    /// An interceptor for an optional token (`None` = auth disabled).
-    pub fn new(token: Option<Arc<str>>) -> Self {
-        AuthInterceptor { token }
-    }
-}
-
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(tok) = &self.token {
-            let ok = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|v| ct_eq(v.as_bytes(), tok.as_bytes()));
-            if ok {
-                req.extensions_mut().insert(Authenticated);
-            }
-        }
-        Ok(req)
-    }
-}
+use ember_proto::security::Authenticated;
 
 /// The gRPC service over one shard.
 #[derive(Clone)]
@@ -69,7 +28,7 @@ pub struct PsService {
 
 impl PsService {
     /// A service over `shard`; `auth` says whether admin RPCs need the
-    /// [`Authenticated`] mark; `shutdown` is set to true by the Shutdown RPC.
+    /// [`Authenticated`] mark (set by the token interceptor); `shutdown` is set to true by the Shutdown RPC.
     pub fn new(
         shard: Arc<Shard>,
         auth: bool,

@@ -234,7 +234,7 @@ async fn wrong_shard_is_failed_precondition() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_rpcs_need_the_token() {
+async fn every_rpc_needs_the_token() {
     let mut cfg = ServerConfig::local(0, 1);
     cfg.auth_token = Some("s3cret".into());
     let (rs, mut c) = start(cfg).await;
@@ -263,8 +263,40 @@ async fn admin_rpcs_need_the_token() {
     ok.metadata_mut()
         .insert("authorization", "Bearer s3cret".parse().unwrap());
     assert!(c.create_table(ok).await.unwrap().into_inner().created);
-    // Data-path RPCs need no token.
-    assert_eq!(pull(&mut c, "item", &[1]).await.len(), 2);
+    // Data-path RPCs need the token too, and a rejected push changes nothing.
+    let pull_req = || PullRequest {
+        table: "item".into(),
+        ids: encode_u64(&[1]),
+    };
+    assert_eq!(
+        c.pull(pull_req()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut authed = tonic::Request::new(pull_req());
+    authed
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let before = c.pull(authed).await.unwrap().into_inner().rows;
+    let e = c
+        .push(PushRequest {
+            table: "item".into(),
+            ids: encode_u64(&[1]),
+            grads: encode_f32(&[1.0, 1.0]),
+            counts: Bytes::new(),
+            step: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut authed = tonic::Request::new(pull_req());
+    authed
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    assert_eq!(c.pull(authed).await.unwrap().into_inner().rows, before);
+    assert_eq!(
+        c.health(HealthRequest {}).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
     rs.shutdown().await.unwrap();
 }
 

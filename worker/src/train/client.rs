@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use ember_proto::codec::{decode_f32, encode_f32, encode_u32, encode_u64};
 use ember_proto::route::Router;
+use ember_proto::security::ClientSecurity;
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
 use ember_proto::v1::{self as pb};
 use futures_util::future::try_join_all;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::TrainError;
@@ -76,20 +77,16 @@ impl PsClient {
     pub fn new(
         addrs: &[String],
         retry: RetryPolicy,
-        token: Option<&str>,
+        security: &ClientSecurity,
     ) -> Result<Self, TrainError> {
         if addrs.is_empty() {
             return Err(TrainError::Config("no shard addresses given".into()));
         }
         let mut shards = Vec::with_capacity(addrs.len());
         for a in addrs {
-            let uri = if a.starts_with("http://") || a.starts_with("https://") {
-                a.clone()
-            } else {
-                format!("http://{a}")
-            };
-            let ep = Endpoint::from_shared(uri)
-                .map_err(|e| TrainError::Config(format!("bad shard address {a:?}: {e}")))?
+            let ep = security
+                .endpoint(a)
+                .map_err(|e| TrainError::Config(format!("shard address: {e}")))?
                 .tcp_nodelay(true)
                 .connect_timeout(Duration::from_secs(5))
                 // Large windows and frames: a pull reply of thousands of rows
@@ -101,14 +98,7 @@ impl PsClient {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             shards.push(client);
         }
-        let token = match token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| TrainError::Config("auth token is not valid ASCII".into()))?,
-            ),
-            None => None,
-        };
+        let token = security.token.clone();
         Ok(PsClient {
             shards,
             addrs: addrs.to_vec(),
