@@ -1,6 +1,7 @@
 //! End-to-end training throughput: one worker training with the in-process
 //! store (shards called directly) against the same worker training with
-//! shards served over gRPC on loopback, measured in the same process.
+//! shards served over gRPC on loopback, plaintext and with TLS + token,
+//! measured in the same process.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,8 +21,10 @@ use crate::ClusterError;
 pub struct E2eBench {
     /// Worker with the in-process store.
     pub local: WorkerReport,
-    /// Worker with loopback gRPC shards.
+    /// Worker with loopback gRPC shards (plaintext).
     pub remote: WorkerReport,
+    /// Worker with loopback gRPC shards over TLS with a bearer token.
+    pub remote_tls: WorkerReport,
     /// Shards in the loopback run.
     pub shards: usize,
 }
@@ -44,6 +47,7 @@ impl fmt::Display for E2eBench {
         for (name, r) in [
             ("in-process store", &self.local),
             ("loopback gRPC shards", &self.remote),
+            ("loopback gRPC shards, TLS + token", &self.remote_tls),
         ] {
             writeln!(
                 f,
@@ -56,11 +60,16 @@ impl fmt::Display for E2eBench {
                 r.wait_s
             )?;
         }
-        write!(
+        writeln!(
             f,
             "ratio (loopback, {} shards / in-process): {:.2}x",
             self.shards,
             rate(&self.remote) / rate(&self.local).max(1e-9)
+        )?;
+        write!(
+            f,
+            "ratio (TLS + token / plaintext loopback): {:.2}x",
+            rate(&self.remote_tls) / rate(&self.remote).max(1e-9)
         )
     }
 }
@@ -88,12 +97,38 @@ pub async fn bench_e2e(
     setup_cluster(&cfg, &local).await?;
     let local_report = run_epoch(&job(&cfg), &local, &quiet).await?;
 
+    let remote_report = loopback(&cfg, &job(&cfg), shards, None).await?;
+    let dir = std::env::temp_dir().join(format!("ember-bench-pki-{}", std::process::id()));
+    let pki = ember_proto::pki::write_test_pki(&dir, &["127.0.0.1".into()])
+        .map_err(|e| ClusterError::Launch(e.to_string()))?;
+    let tls_report = loopback(&cfg, &job(&cfg), shards, Some(&pki)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(E2eBench {
+        local: local_report,
+        remote: remote_report,
+        remote_tls: tls_report?,
+        shards,
+    })
+}
+
+/// One worker against `shards` loopback shards, plaintext or TLS + token.
+async fn loopback(
+    cfg: &JobConfig,
+    job: &WorkerJob,
+    shards: usize,
+    tls: Option<&ember_proto::pki::PkiFiles>,
+) -> Result<WorkerReport, ClusterError> {
+    const TOKEN: &str = "bench-token";
     let mut running = Vec::new();
     for i in 0..shards {
         let sc = ember_ps::server::ServerConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             shard_index: i as u32,
             num_shards: shards as u32,
+            tls_cert: tls.map(|p| p.server_cert.clone()),
+            tls_key: tls.map(|p| p.server_key.clone()),
+            auth_token: tls.map(|_| TOKEN.to_string()),
+            insecure: tls.is_none(),
             ..ember_ps::server::ServerConfig::default()
         };
         running.push(
@@ -107,19 +142,27 @@ pub async fn bench_e2e(
         deadline: Duration::from_secs(10),
         ..RetryPolicy::default()
     };
-    let remote = Backend::Remote(PsClient::new(
-        &addrs,
-        retry,
-        &ember_proto::security::ClientSecurity::insecure(),
-    )?);
-    setup_cluster(&cfg, &remote).await?;
-    let remote_report = run_epoch(&job(&cfg), &remote, &quiet).await?;
+    let security = match tls {
+        Some(p) => {
+            let files = ember_proto::security::ClientTlsFiles {
+                ca: p.ca.clone(),
+                domain: None,
+                identity: None,
+            };
+            let t = files
+                .load()
+                .map_err(|e| ClusterError::Launch(e.to_string()))?;
+            ember_proto::security::ClientSecurity::new(Some(t), Some(TOKEN))
+                .map_err(|e| ClusterError::Launch(e.to_string()))?
+        }
+        None => ember_proto::security::ClientSecurity::insecure(),
+    };
+    let remote = Backend::Remote(PsClient::new(&addrs, retry, &security)?);
+    setup_cluster(cfg, &remote).await?;
+    let quiet = |_: &ember_worker::train::worker::Progress| {};
+    let report = run_epoch(job, &remote, &quiet).await;
     for r in running {
         let _ = r.shutdown().await;
     }
-    Ok(E2eBench {
-        local: local_report,
-        remote: remote_report,
-        shards,
-    })
+    Ok(report?)
 }
