@@ -31,6 +31,9 @@ use ember_worker::train::worker::{run_epoch, Progress, WorkerJob, WorkerReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::coordinator::{
+    Coordinator, CoordinatorSettings, RunningCoordinator, WorkerEvent as Event,
+};
 use crate::procs::{binary, log_target, ShardProcess, ShardSpec};
 use crate::report::{EpochRecord, RunReport, TestMetrics, TimeSplit};
 use crate::ClusterError;
@@ -64,6 +67,9 @@ pub struct ClusterInfo {
     /// The launcher's own `/metrics` address (training progress), if served.
     #[serde(default)]
     pub launcher_metrics: String,
+    /// The coordinator's gRPC address (`worker_mode = "external"`; empty otherwise).
+    #[serde(default)]
+    pub coordinator: String,
 }
 
 /// The shards of a run, however they are hosted.
@@ -108,6 +114,7 @@ impl Shards {
             pids,
             launcher_pid: std::process::id(),
             launcher_metrics: String::new(),
+            coordinator: String::new(),
         }
     }
 
@@ -217,9 +224,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
 }
 
 /// Runs the whole job; returns the report of all epochs.
-pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, ClusterError> {
+pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, ClusterError> {
     let out = cfg.out_dir();
     std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    resolve_security(&mut cfg)?;
     let ckpt = cfg.checkpoint_dir();
     if !opts.resume && ckpt.starts_with(&out) && ckpt.exists() && cfg.cluster.shard_addrs.is_empty()
     {
@@ -234,6 +242,10 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
     if let Some(addr) = opts.metrics_addr {
         info.launcher_metrics = serve_launcher_metrics(addr).await?.to_string();
     }
+    let coordinator = start_coordinator(&cfg).await?;
+    if let Some(c) = &coordinator {
+        info.coordinator = c.server.addr.to_string();
+    }
     let info_path = out.join("cluster.json");
     std::fs::write(
         &info_path,
@@ -242,12 +254,11 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
     .map_err(io_err(&info_path))?;
     tracing::info!(shards = ?addrs, metrics = ?info.metrics, "shards ready");
 
-    let token = std::env::var("EMBER_AUTH_TOKEN").ok();
     let retry = RetryPolicy {
         deadline: Duration::from_secs(cfg.cluster.retry_deadline_s),
         ..RetryPolicy::default()
     };
-    let ps = Backend::Remote(PsClient::new(&addrs, retry, token.as_deref())?);
+    let ps = Backend::Remote(PsClient::new(&addrs, retry, &cfg.security.client()?)?);
     shards
         .wait_external(&ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
         .await?;
@@ -315,8 +326,19 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
         let (reports, seconds, test) = loop {
             let t = Instant::now();
             let attempt = async {
-                let r =
-                    run_workers(&cfg, opts, &ps, &mut shards, &addrs, epoch, start_step, k).await?;
+                let coord = coordinator.as_ref().map(|c| &c.coord);
+                let r = run_workers(
+                    &cfg,
+                    opts,
+                    &ps,
+                    &mut shards,
+                    &addrs,
+                    coord,
+                    epoch,
+                    start_step,
+                    k,
+                )
+                .await?;
                 let seconds = t.elapsed().as_secs_f64();
                 let test = evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples)
                     .await
@@ -377,6 +399,9 @@ pub async fn train(cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport, Cl
             tracing::warn!("could not draw curves: {e}");
         }
     }
+    if let Some(c) = &coordinator {
+        finish_external_workers(&c.coord).await;
+    }
     if let Shards::Processes(p, _) = &mut shards {
         let _ = ps_shutdown(&ps).await;
         for s in p.iter_mut() {
@@ -413,6 +438,40 @@ async fn ps_shutdown(ps: &Backend) -> Result<(), ClusterError> {
     Ok(())
 }
 
+/// Resolves `security.mode = "auto"`: for shards this launcher starts, a
+/// fresh CA, server certificate (localhost, 127.0.0.1) and bearer token under
+/// `<out_dir>/secrets/` (keys and token mode 0600), and `tls` everywhere. With
+/// external shards `auto` is an error: their certificates are the
+/// deployment's. `insecure` is kept (the client warns).
+fn resolve_security(cfg: &mut JobConfig) -> Result<(), ClusterError> {
+    if cfg.security.mode() != "auto" {
+        return Ok(());
+    }
+    if !cfg.cluster.shard_addrs.is_empty() {
+        return Err(ClusterError::Launch(
+            "security.mode = \"auto\" only works for shards that `ember train` starts; with \
+             cluster.shard_addrs set security.mode = \"tls\" (ca, token_file) or \"insecure\""
+                .into(),
+        ));
+    }
+    let dir = cfg.out_dir().join("secrets");
+    let files = ember_proto::pki::write_test_pki(&dir, &["localhost".into(), "127.0.0.1".into()])
+        .map_err(|e| ClusterError::Launch(format!("security.mode = \"auto\": {e}")))?;
+    let token = dir.join("token");
+    ember_proto::pki::write_token(&token)
+        .map_err(|e| ClusterError::Launch(format!("security.mode = \"auto\": {e}")))?;
+    cfg.security = ember_worker::train::config::SecurityConfig {
+        mode: "tls".into(),
+        ca: Some(files.ca),
+        cert: Some(files.server_cert),
+        key: Some(files.server_key),
+        token_file: Some(token),
+        ..Default::default()
+    };
+    tracing::info!(dir = %dir.display(), "TLS + token: a fresh CA, certificate and token for this run");
+    Ok(())
+}
+
 async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterError> {
     if !cfg.cluster.shard_addrs.is_empty() {
         let n = cfg.cluster.shard_addrs.len();
@@ -435,6 +494,15 @@ async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterEr
                     num_shards: n as u32,
                     checkpoint_dir: Some(ckpt.clone()),
                     restore: resume,
+                    tls_cert: cfg.security.cert.clone(),
+                    tls_key: cfg.security.key.clone(),
+                    tls_client_ca: if cfg.security.mtls {
+                        cfg.security.ca.clone()
+                    } else {
+                        None
+                    },
+                    auth_token: cfg.security.server()?.token.map(|t| t.to_string()),
+                    insecure: cfg.security.mode() == "insecure",
                     ..ember_ps::server::ServerConfig::default()
                 };
                 running.push(
@@ -456,6 +524,7 @@ async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterEr
                     checkpoint_dir: ckpt.clone(),
                     restore: resume,
                     log_file: Some(logs.join(format!("shard-{i}.log"))),
+                    security_args: cfg.security.process_args(true),
                 })
                 .collect();
             let mut procs = Vec::with_capacity(n);
@@ -489,11 +558,65 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Messages from worker watchers to the epoch loop.
-enum Event {
-    Progress(Progress),
-    Done(WorkerReport),
-    Failed(usize, String),
+/// The coordinator of external workers and its server.
+struct ExternalWorkers {
+    coord: Coordinator,
+    server: RunningCoordinator,
+}
+
+/// Starts the coordinator service when `cluster.worker_mode = "external"`,
+/// with the same TLS/token settings as the shards.
+async fn start_coordinator(cfg: &JobConfig) -> Result<Option<ExternalWorkers>, ClusterError> {
+    if !cfg.cluster.external_workers() {
+        return Ok(None);
+    }
+    let coord = Coordinator::new(CoordinatorSettings {
+        num_workers: cfg.cluster.workers,
+        worker_timeout: Duration::from_secs(cfg.cluster.worker_timeout_s),
+        start_timeout: Duration::from_secs(cfg.cluster.worker_start_timeout_s),
+        wait_ms: 500,
+    });
+    let security = cfg.security.server()?;
+    let server =
+        crate::coordinator::serve(coord.clone(), &cfg.cluster.coordinator_listen, &security)
+            .await?;
+    Ok(Some(ExternalWorkers { coord, server }))
+}
+
+/// Training is over: NextTask answers DONE; wait (up to 30 s) until every
+/// worker index has seen it, so that the workers (e.g. an Indexed Job's
+/// pods) exit successfully before the coordinator goes away.
+async fn finish_external_workers(coord: &Coordinator) {
+    coord.finish();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !coord.all_saw_done() {
+        if Instant::now() > until {
+            tracing::warn!("not every external worker asked for a task after training ended");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::info!("every external worker was told that training is done");
+}
+
+/// After a failed attempt of external workers: wait until every worker that
+/// still held the attempt has let go of it (its next heartbeat is answered
+/// `keep_going = false`; it then asks NextTask) or gone silent, so that no
+/// stale push lands after the rollback. Bounded by `worker_timeout_s` (60 s at most).
+async fn settle_external_workers(coord: &Coordinator, cfg: &JobConfig) {
+    let grace = Duration::from_secs(5);
+    let until = Instant::now() + Duration::from_secs(cfg.cluster.worker_timeout_s.min(60));
+    loop {
+        let busy = coord.unsettled(Instant::now(), grace);
+        if busy.is_empty() {
+            return;
+        }
+        if Instant::now() > until {
+            tracing::warn!(workers = ?busy, "workers still hold the abandoned attempt; rolling back anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn progress_bar(quiet: bool, epoch: usize, total: u64) -> ProgressBar {
@@ -519,6 +642,7 @@ async fn run_workers(
     ps: &Backend,
     shards: &mut Shards,
     addrs: &[String],
+    coord: Option<&Coordinator>,
     epoch: usize,
     start_step: u64,
     steps: u64,
@@ -533,13 +657,33 @@ async fn run_workers(
     let mut children: Vec<Child> = Vec::new();
     let mut tasks = Vec::new();
     let process_mode = cfg.cluster.mode == "process";
-    for w in 0..m {
+    if let Some(c) = coord {
+        // External workers pull this attempt's task from the coordinator.
+        let attempt = c.publish(
+            epoch,
+            start_step,
+            steps,
+            0,
+            addrs,
+            tx.clone(),
+            Instant::now(),
+        );
+        tracing::info!(
+            epoch,
+            attempt,
+            start_step,
+            steps,
+            "epoch published to external workers"
+        );
+    }
+    for w in (0..m).filter(|_| coord.is_none()) {
         let job = WorkerJob {
             config: cfg.clone(),
             worker_index: w,
             num_workers: m,
             epoch,
             start_step,
+            skip_steps: 0,
             steps: Some(steps),
         };
         if process_mode {
@@ -600,6 +744,14 @@ async fn run_workers(
             }
             Ok(Event::Done(r)) => {
                 let w = r.worker;
+                if coord.is_some() {
+                    tracing::info!(
+                        worker = w,
+                        steps = r.steps,
+                        samples = r.samples,
+                        "external worker done"
+                    );
+                }
                 if w < m {
                     samples[w] = r.samples;
                     pb.set_position(samples.iter().sum());
@@ -623,11 +775,22 @@ async fn run_workers(
             if !dead.is_empty() {
                 break Err(Failure::ShardDied(dead));
             }
+            if let Some((w, e)) = coord.and_then(|c| c.check_timeouts(Instant::now())) {
+                break Err(Failure::Worker(w, e));
+            }
         }
         // Let in-process tasks make progress while we poll.
         tokio::task::yield_now().await;
     };
     pb.finish_and_clear();
+    if let Some(c) = coord {
+        // The attempt is over either way; after a failure make sure its
+        // workers stopped before the launcher rolls the shards back.
+        c.pause();
+        if result.is_err() {
+            settle_external_workers(c, cfg).await;
+        }
+    }
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
@@ -666,6 +829,8 @@ fn spawn_worker_process(
     if let Some(s) = job.steps {
         cmd.arg("--steps").arg(s.to_string());
     }
+    // TLS/token paths of the resolved [security] (never the token itself).
+    cmd.args(cfg.security.process_args(false));
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         cmd.env("RAYON_NUM_THREADS", "1");
     }

@@ -6,6 +6,7 @@
 //! a metrics JSON and a PNG of the curves.
 
 pub mod bench;
+pub mod coordinator;
 pub mod export;
 pub mod launcher;
 pub mod plot;

@@ -3,14 +3,18 @@
 //! 1. `scripts/build-image.sh` packages the binaries of this build (the target
 //!    directory this test was built in) into a uniquely tagged local image,
 //!    without pulling anything.
-//! 2. A compose project (unique name) with shards ps-0, ps-1 and the trainer
-//!    runs a small DIN job to completion; each shard's `/metrics` (published
-//!    on a free host port, fetched with a plain TCP GET) shows nonzero
-//!    pulled/pushed row counters.
+//! 2. A compose project (unique name) with shards ps-0, ps-1, the trainer
+//!    (coordinator) and the workers worker-0, worker-1 as their own
+//!    containers runs a small DIN job to completion; each shard's `/metrics`
+//!    (published on a free host port, fetched with a plain TCP GET) shows
+//!    nonzero pulled/pushed row counters, and both workers exit 0 (DONE).
 //! 3. A second project runs a longer job; after epoch 1, ps-1 is
 //!    `docker kill`ed mid-epoch and, once the coordinator started its
 //!    rollback, `docker start`ed again (it restores its checkpoint from its
-//!    volume); the job completes and metrics.json records `restarts >= 1`.
+//!    volume); in epoch 3, worker-1 is killed while it runs its task
+//!    (SIGINT: a crash, so `restart: on-failure` restarts it), the coordinator
+//!    reruns the epoch; the job completes and metrics.json records the
+//!    restarts of epochs 2 and 3.
 //!
 //! Everything the test creates (containers, networks, volumes, the image) is
 //! removed at the end, also when it fails (drop guards). It returns early,
@@ -251,7 +255,28 @@ impl Project {
 
     /// Waits until the trainer container exits; returns its exit code.
     fn wait_trainer(&self, timeout: Duration) -> i32 {
-        let id = self.container("trainer");
+        self.wait_exit("trainer", timeout)
+    }
+
+    /// How often Docker restarted the container of `service`.
+    fn restart_count(&self, service: &str) -> u64 {
+        run_ok(
+            Command::new("docker").args([
+                "inspect",
+                "-f",
+                "{{.RestartCount}}",
+                &self.container(service),
+            ]),
+            Duration::from_secs(30),
+        )
+        .trim()
+        .parse()
+        .unwrap_or(0)
+    }
+
+    /// Waits until the container of `service` exits; returns its exit code.
+    fn wait_exit(&self, service: &str, timeout: Duration) -> i32 {
+        let id = self.container(service);
         let start = Instant::now();
         loop {
             let s = run_ok(
@@ -269,8 +294,8 @@ impl Project {
             }
             assert!(
                 start.elapsed() < timeout,
-                "trainer still running after {timeout:?}:\n{}",
-                self.logs("trainer")
+                "{service} still running after {timeout:?}:\n{}",
+                self.logs(service)
             );
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -278,10 +303,15 @@ impl Project {
 
     /// Waits until the trainer's log contains every one of `needles` on one line.
     fn wait_log(&self, needles: &[&str], timeout: Duration) -> bool {
+        self.wait_log_of("trainer", needles, timeout)
+    }
+
+    /// Waits until the log of `service` contains every one of `needles` on one line.
+    fn wait_log_of(&self, service: &str, needles: &[&str], timeout: Duration) -> bool {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if self
-                .logs("trainer")
+                .logs(service)
                 .lines()
                 .any(|l| needles.iter().all(|n| l.contains(n)))
             {
@@ -336,28 +366,6 @@ impl Drop for Project {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
-            // Worker logs live in the trainer's run directory.
-            if let Ok(dir) = tempfile::tempdir() {
-                let ok = run_bounded(
-                    Command::new("docker")
-                        .arg("cp")
-                        .arg(format!("{}:/var/lib/ember/runs", self.container("trainer")))
-                        .arg(dir.path()),
-                    Duration::from_secs(30),
-                );
-                if ok.status.success() {
-                    for e in walk(&dir.path().join("runs")) {
-                        if e.extension().is_some_and(|x| x == "log") {
-                            let t = std::fs::read_to_string(&e).unwrap_or_default();
-                            let tail: Vec<&str> = t.lines().rev().take(20).collect();
-                            eprintln!("---- {} (tail) ----", e.display());
-                            for l in tail.into_iter().rev() {
-                                eprintln!("{l}");
-                            }
-                        }
-                    }
-                }
-            }
         }
         let _ = run_bounded(
             self.cmd()
@@ -365,21 +373,6 @@ impl Drop for Project {
             Duration::from_secs(120),
         );
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// `GET /metrics` over a plain TCP connection; returns the body.
@@ -458,12 +451,16 @@ max_len = 50
 [cluster]
 shard_addrs = ["ps-0:50051", "ps-1:50051"]
 workers = 2
+worker_mode = "external"
+coordinator_listen = "0.0.0.0:50060"
 {cluster}
 [train]
 out_dir = "/var/lib/ember/runs/{name}"
 max_eval_samples = 300
 log_every = 5
 {train}
+[security]
+mode = "insecure"
 "#
     );
     let p = dir.join(file);
@@ -536,6 +533,12 @@ fn compose_trains_and_survives_a_shard_restart() {
         );
         let code = p.wait_trainer(Duration::from_secs(150));
         assert_eq!(code, 0, "trainer failed:\n{}", p.logs("trainer"));
+        // The workers ran in their own containers and stopped at DONE.
+        for w in ["worker-0", "worker-1"] {
+            let code = p.wait_exit(w, Duration::from_secs(60));
+            assert_eq!(code, 0, "{w} failed:\n{}", p.logs(w));
+            assert!(p.logs(w).contains("task done"), "{w}:\n{}", p.logs(w));
+        }
         let report = p.report("small", dir);
         let epochs = report["epochs"].as_array().expect("epochs");
         assert_eq!(epochs.len(), 1, "{report}");
@@ -590,7 +593,40 @@ fn compose_trains_and_survives_a_shard_restart() {
             Duration::from_secs(60),
         );
         eprintln!("restarted ps-1 at {:.1?}", t.elapsed());
-        let code = p.wait_trainer(Duration::from_secs(180));
+        // Epoch 3: kill worker-1 while it runs its task. SIGINT is not the
+        // stop signal, so Docker treats it as a crash and `restart:
+        // on-failure` brings the container back; the restarted worker asks
+        // for a task while the coordinator still counts it as busy, which
+        // fails the attempt and reruns the epoch.
+        assert!(
+            p.wait_log_of(
+                "worker-1",
+                &["running task", "epoch=3 "],
+                Duration::from_secs(180)
+            ),
+            "worker-1 never ran epoch 3:\n{}",
+            p.logs("worker-1")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let w1 = p.container("worker-1");
+        run_ok(
+            Command::new("docker").args(["kill", "--signal", "SIGINT", &w1]),
+            Duration::from_secs(30),
+        );
+        eprintln!("killed worker-1 at {:.1?}", t.elapsed());
+        let start = Instant::now();
+        while p.restart_count("worker-1") == 0 && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let restarted_by_docker = p.restart_count("worker-1") > 0;
+        if !restarted_by_docker {
+            eprintln!("note: Docker did not restart worker-1 within 30 s; starting it");
+            run_ok(
+                Command::new("docker").args(["start", &w1]),
+                Duration::from_secs(60),
+            );
+        }
+        let code = p.wait_trainer(Duration::from_secs(240));
         assert_eq!(code, 0, "trainer failed:\n{}", p.logs("trainer"));
         let report = p.report("restart", dir);
         let epochs = report["epochs"].as_array().expect("epochs");
@@ -603,6 +639,18 @@ fn compose_trains_and_survives_a_shard_restart() {
         for e in epochs {
             let auc = e["test"]["auc"].as_f64().unwrap_or(f64::NAN);
             assert!(auc.is_finite(), "epoch without a test AUC: {report}");
+        }
+        assert!(
+            epochs[2]["restarts"].as_u64().unwrap_or(0) >= 1,
+            "the killed worker did not make epoch 3 rerun: {report}"
+        );
+        assert!(
+            restarted_by_docker,
+            "restart: on-failure did not restart the crashed worker-1"
+        );
+        for w in ["worker-0", "worker-1"] {
+            let code = p.wait_exit(w, Duration::from_secs(60));
+            assert_eq!(code, 0, "{w} failed:\n{}", p.logs(w));
         }
         let ps1_log = p.logs("ps-1");
         assert!(
@@ -658,6 +706,41 @@ fn compose_prometheus_and_dashboard_agree_with_the_shards() {
         "every shard restores at start"
     );
     assert_eq!(compose.matches("--metrics-addr=0.0.0.0:9100\n").count(), n);
+
+    // Workers: one service per index, each pointed at the trainer's
+    // coordinator port, restarted when it crashes.
+    assert_eq!(cfg.cluster.worker_mode, "external", "job.toml worker_mode");
+    let port = cfg
+        .cluster
+        .coordinator_listen
+        .rsplit(':')
+        .next()
+        .expect("coordinator_listen port");
+    assert!(
+        compose.contains(&format!("expose: [\"{port}\"")),
+        "the trainer exposes the coordinator port {port}"
+    );
+    for i in 0..cfg.cluster.workers {
+        assert!(
+            compose.contains(&format!("\n  worker-{i}:\n")),
+            "service worker-{i} in docker-compose.yml"
+        );
+        assert!(
+            compose.contains(&format!("--worker-index={i}\n")),
+            "worker-{i}: --worker-index={i}"
+        );
+    }
+    assert_eq!(
+        compose
+            .matches(&format!("--coordinator=trainer:{port}\n"))
+            .count(),
+        cfg.cluster.workers,
+        "every worker service finds the coordinator at trainer:{port}"
+    );
+    assert!(
+        compose.contains("x-worker: &worker\n  <<: *ember\n  restart: on-failure\n"),
+        "workers are restarted on failure"
+    );
 
     // Dashboard: valid JSON; shard metrics exist in ps-server; the panels on
     // metrics nobody exports yet say so.

@@ -5,7 +5,10 @@
 //!   its `cluster.shard_addrs` are exactly the StatefulSet's DNS names
 //!   `<statefulset>-<i>.<service>:<grpc port>` for i in 0..replicas; the
 //!   shards' `--num-shards` equals replicas; the headless Service selects the
-//!   shard pods; probes, resources and Prometheus annotations are present.
+//!   shard pods; probes, resources and Prometheus annotations are present;
+//!   the workers are an Indexed Job with completions = parallelism =
+//!   `cluster.workers`, whose pods take their index from JOB_COMPLETION_INDEX
+//!   and reach the coordinator through the trainer's Service.
 //!   YAML is read with the small block-YAML reader below (the manifests use
 //!   plain block style; serde_yaml is not a dependency).
 //! - `k8s_manifests_validate_against_the_api_schemas`: installs the
@@ -458,9 +461,18 @@ fn k8s_manifests_are_consistent() {
     );
 
     // The ConfigMap's job file names exactly those shards.
-    let job = find(&res, "Job");
-    assert_eq!(job.len(), 1, "one trainer Job");
-    let job = job[0];
+    let jobs = find(&res, "Job");
+    assert_eq!(jobs.len(), 2, "a trainer Job and a workers Job");
+    let job = jobs
+        .iter()
+        .copied()
+        .find(|j| j["spec"]["completionMode"] != "Indexed")
+        .expect("the trainer Job (not indexed)");
+    let workers = jobs
+        .iter()
+        .copied()
+        .find(|j| j["spec"]["completionMode"] == "Indexed")
+        .expect("the workers: an Indexed Job");
     let tc = &job["spec"]["template"]["spec"]["containers"][0];
     let targs: Vec<&str> = tc["args"]
         .as_array()
@@ -515,6 +527,120 @@ fn k8s_manifests_are_consistent() {
     assert!(
         cfg.out_dir().starts_with("/var/lib/ember/runs"),
         "out_dir on the runs volume"
+    );
+
+    // The workers: one pod per index of an Indexed Job, as many as the job's
+    // cluster.workers, all running at once (synchronous training needs them).
+    assert_eq!(
+        cfg.cluster.worker_mode, "external",
+        "the ConfigMap's job must set cluster.worker_mode = \"external\""
+    );
+    let m = cfg.cluster.workers as u64;
+    assert_eq!(
+        workers["spec"]["completions"].as_u64(),
+        Some(m),
+        "workers Job completions vs cluster.workers"
+    );
+    assert_eq!(
+        workers["spec"]["parallelism"].as_u64(),
+        Some(m),
+        "workers Job parallelism vs cluster.workers"
+    );
+    let wpod = &workers["spec"]["template"]["spec"];
+    assert_eq!(
+        wpod["restartPolicy"], "Never",
+        "podFailurePolicy and backoffLimitPerIndex need restartPolicy Never"
+    );
+    let wc = &wpod["containers"][0];
+    assert_eq!(wc["command"][0], "worker");
+    let wargs = wc["args"].as_array().expect("worker args");
+    assert_eq!(
+        arg_value(wargs, "--worker-index"),
+        Some("$(JOB_COMPLETION_INDEX)"),
+        "the worker index is the completion index"
+    );
+    let wenv = wc["env"].as_array().expect("worker env");
+    let jci = wenv
+        .iter()
+        .find(|e| e["name"] == "JOB_COMPLETION_INDEX")
+        .expect("JOB_COMPLETION_INDEX env");
+    assert_eq!(
+        jci["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    );
+    // The worker reads the same job file from the same ConfigMap.
+    let wcfg = arg_value(wargs, "--config").expect("worker --config");
+    assert_eq!(wcfg, cfg_path, "worker and trainer read the same job file");
+    let wmount = wc["volumeMounts"]
+        .as_array()
+        .expect("worker volumeMounts")
+        .iter()
+        .find(|mt| mt["mountPath"] == cfg_dir)
+        .expect("worker: job file mount");
+    let wvol = wpod["volumes"]
+        .as_array()
+        .expect("worker volumes")
+        .iter()
+        .find(|v| v["name"] == wmount["name"])
+        .expect("worker config volume");
+    assert_eq!(wvol["configMap"]["name"], cm_name);
+    for path in [&cfg.data.train, &cfg.data.test] {
+        let dir = path.parent().expect("data dir");
+        assert!(
+            wc["volumeMounts"]
+                .as_array()
+                .expect("worker volumeMounts")
+                .iter()
+                .filter_map(|mt| mt["mountPath"].as_str())
+                .any(|mp| dir.starts_with(mp)),
+            "worker pods must mount {}",
+            dir.display()
+        );
+    }
+    // --coordinator=<service>:<port> resolves to the trainer pod's
+    // coordinator port, which is where cluster.coordinator_listen binds.
+    let coord = arg_value(wargs, "--coordinator").expect("worker --coordinator");
+    let (chost, cport) = coord.rsplit_once(':').expect("--coordinator host:port");
+    let cport: u64 = cport.parse().expect("coordinator port");
+    let tsvc = find(&res, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == chost)
+        .unwrap_or_else(|| panic!("no Service {chost:?} for --coordinator={coord}"));
+    let tlabels = job["spec"]["template"]["metadata"]["labels"]
+        .as_object()
+        .expect("trainer pod labels");
+    for (k, v) in tsvc["spec"]["selector"]
+        .as_object()
+        .expect("trainer selector")
+    {
+        assert_eq!(
+            tlabels.get(k),
+            Some(v),
+            "Service {chost} selector {k} vs trainer pod labels"
+        );
+    }
+    let sport = tsvc["spec"]["ports"]
+        .as_array()
+        .expect("trainer Service ports")
+        .iter()
+        .find(|p| p["port"].as_u64() == Some(cport))
+        .unwrap_or_else(|| panic!("Service {chost} has no port {cport}"));
+    let tports = tc["ports"].as_array().expect("trainer container ports");
+    let target = tports
+        .iter()
+        .find(|p| p["name"] == sport["targetPort"] || p["containerPort"] == sport["targetPort"])
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("trainer has no container port {}", sport["targetPort"]));
+    let listen_port: u64 = cfg
+        .cluster
+        .coordinator_listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("coordinator_listen port");
+    assert_eq!(
+        target, listen_port,
+        "the trainer Service's target port vs cluster.coordinator_listen"
     );
 
     // Every container has requests and limits.

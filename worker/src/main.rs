@@ -23,15 +23,23 @@ struct Args {
     /// Job configuration (TOML).
     #[arg(long)]
     config: PathBuf,
-    /// Comma-separated shard addresses `host:port`, shard 0 first.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Comma-separated shard addresses `host:port`, shard 0 first (not with
+    /// --coordinator: its tasks name the shards).
+    #[arg(long, value_delimiter = ',', required_unless_present = "coordinator")]
     shards: Vec<String>,
-    /// This worker's index, 0-based (0 is the chief).
-    #[arg(long, default_value_t = 0)]
+    /// External-worker mode: pull tasks from the coordinator of `ember train`
+    /// (`[cluster] worker_mode = "external"`) at `host:port` until it says
+    /// DONE, instead of running one epoch (see ember_worker::train::remote).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// This worker's index, 0-based (0 is the chief); an Indexed Job's
+    /// JOB_COMPLETION_INDEX when the flag is absent.
+    #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
     worker_index: usize,
-    /// Number of workers.
-    #[arg(long, default_value_t = 1)]
-    num_workers: usize,
+    /// Number of workers (default: 1, or the config's cluster.workers with
+    /// --coordinator).
+    #[arg(long)]
+    num_workers: Option<usize>,
     /// Epoch number, from 1 (varies the shuffle).
     #[arg(long, default_value_t = 1)]
     epoch: usize,
@@ -41,9 +49,49 @@ struct Args {
     /// Steps to run (default: the whole split).
     #[arg(long)]
     steps: Option<u64>,
-    /// File holding the shards' bearer token (or set EMBER_AUTH_TOKEN).
+    /// File holding the bearer token (else security.token_file, else the
+    /// EMBER_AUTH_TOKEN variable). Never pass the token itself on a command line.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) of the shards and coordinator: speak TLS
+    /// (overrides the config's [security]).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Name to verify the servers' certificates against (default: each address's host).
+    #[arg(long)]
+    tls_domain: Option<String>,
+    /// Client certificate (PEM) for servers that require mTLS.
+    #[arg(long, requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
+    /// Plaintext gRPC (logs a warning); overrides the config's [security].
+    #[arg(long, conflicts_with = "tls_ca")]
+    insecure: bool,
+}
+
+/// The config's `[security]` with the command-line overrides applied.
+fn security_of(config: &JobConfig, args: &Args) -> ember_worker::train::config::SecurityConfig {
+    let mut s = config.security.clone();
+    if args.insecure {
+        s.mode = "insecure".into();
+    }
+    if let Some(ca) = &args.tls_ca {
+        s.mode = "tls".into();
+        s.ca = Some(ca.clone());
+    }
+    if args.tls_domain.is_some() {
+        s.domain = args.tls_domain.clone();
+    }
+    if args.tls_client_cert.is_some() {
+        s.client_cert = args.tls_client_cert.clone();
+        s.client_key = args.tls_client_key.clone();
+    }
+    if args.auth_token_file.is_some() {
+        s.token_file = args.auth_token_file.clone();
+    }
+    s
 }
 
 fn main() {
@@ -64,25 +112,21 @@ fn main() {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let config = JobConfig::load(&args.config)?;
-    let token = match &args.auth_token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| format!("{}: {e}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var("EMBER_AUTH_TOKEN").ok(),
-    };
+    let security = security_of(&config, &args).client()?;
     let retry = RetryPolicy {
         deadline: Duration::from_secs(config.cluster.retry_deadline_s),
         ..RetryPolicy::default()
     };
+    if let Some(coordinator) = &args.coordinator {
+        return run_external(&config, &args, coordinator, retry, &security);
+    }
     let job = WorkerJob {
         config,
         worker_index: args.worker_index,
-        num_workers: args.num_workers,
+        num_workers: args.num_workers.unwrap_or(1),
         epoch: args.epoch,
         start_step: args.start_step,
+        skip_steps: 0,
         steps: args.steps,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -90,7 +134,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     let report = rt.block_on(async {
-        let client = PsClient::new(&args.shards, retry, token.as_deref())?;
+        let client = PsClient::new(&args.shards, retry, &security)?;
         let emit = |p: &Progress| {
             if let Ok(j) = serde_json::to_string(p) {
                 let mut out = std::io::stdout().lock();
@@ -103,5 +147,32 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "EMBER_REPORT {}", serde_json::to_string(&report)?)?;
     out.flush()?;
+    Ok(())
+}
+
+/// `--coordinator`: run tasks from the coordinator until it says DONE.
+fn run_external(
+    config: &JobConfig,
+    args: &Args,
+    coordinator: &str,
+    retry: RetryPolicy,
+    security: &ember_proto::security::ClientSecurity,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use ember_worker::train::remote;
+    let opts = remote::RemoteOptions {
+        coordinator: coordinator.to_string(),
+        worker_index: args.worker_index,
+        num_workers: args.num_workers.unwrap_or(config.cluster.workers),
+        worker_id: remote::default_worker_id(),
+        unreachable_deadline: Duration::from_secs(config.cluster.retry_deadline_s.max(60)),
+        heartbeat: Duration::from_secs(1),
+    };
+    remote::run_remote_blocking(config, &opts, security, |addrs| {
+        Ok(Backend::Remote(PsClient::new(
+            addrs,
+            retry.clone(),
+            security,
+        )?))
+    })?;
     Ok(())
 }

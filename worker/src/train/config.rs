@@ -48,6 +48,9 @@ pub struct JobConfig {
     /// Epochs, seed, output.
     #[serde(default)]
     pub train: TrainSettings,
+    /// TLS and the bearer token of every gRPC connection.
+    #[serde(default)]
+    pub security: SecurityConfig,
 }
 
 fn default_name() -> String {
@@ -344,6 +347,25 @@ pub struct ClusterConfig {
     /// Restarts of the cluster after a shard or worker failure before giving up.
     #[serde(default = "d_restarts")]
     pub max_restarts: u32,
+    /// Who starts the workers. "process": `ember train` starts them itself
+    /// (child processes, or tasks with `mode = "inprocess"`), per epoch;
+    /// "external": they are started elsewhere (Compose services, a Kubernetes
+    /// Indexed Job, `worker --coordinator URL`) and pull their tasks from the
+    /// coordinator service `ember train` serves on `coordinator_listen`.
+    #[serde(default = "d_worker_mode")]
+    pub worker_mode: String,
+    /// Address of the coordinator service (`worker_mode = "external"`).
+    #[serde(default = "d_coordinator_listen")]
+    pub coordinator_listen: String,
+    /// An external worker that holds a task and has not reported (progress or
+    /// heartbeat) for this many seconds counts as failed.
+    #[serde(default = "d_worker_timeout")]
+    pub worker_timeout_s: u64,
+    /// An external worker that has not asked for its task this many seconds
+    /// after the coordinator published it counts as failed (it covers
+    /// scheduling and image pulls, so it is longer than `worker_timeout_s`).
+    #[serde(default = "d_worker_start_timeout")]
+    pub worker_start_timeout_s: u64,
 }
 
 fn d_shards() -> usize {
@@ -370,6 +392,18 @@ fn d_retry() -> u64 {
 fn d_restarts() -> u32 {
     3
 }
+fn d_worker_mode() -> String {
+    "process".into()
+}
+fn d_coordinator_listen() -> String {
+    "0.0.0.0:50060".into()
+}
+fn d_worker_timeout() -> u64 {
+    60
+}
+fn d_worker_start_timeout() -> u64 {
+    600
+}
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -384,6 +418,10 @@ impl Default for ClusterConfig {
             keep_checkpoints: d_keep(),
             retry_deadline_s: d_retry(),
             max_restarts: d_restarts(),
+            worker_mode: d_worker_mode(),
+            coordinator_listen: d_coordinator_listen(),
+            worker_timeout_s: d_worker_timeout(),
+            worker_start_timeout_s: d_worker_start_timeout(),
         }
     }
 }
@@ -392,6 +430,12 @@ impl ClusterConfig {
     /// True in synchronous mode.
     pub fn is_sync(&self) -> bool {
         self.sync == "sync"
+    }
+
+    /// True when the workers are started elsewhere and pull their tasks from
+    /// the coordinator (`worker_mode = "external"`).
+    pub fn external_workers(&self) -> bool {
+        self.worker_mode == "external"
     }
 }
 
@@ -442,6 +486,200 @@ impl Default for TrainSettings {
     }
 }
 
+/// Transport security of the cluster (shards and coordinator):
+///
+/// ```toml
+/// [security]
+/// mode = "tls"                  # "auto" (default), "tls" or "insecure"
+/// ca = "certs/ca.pem"           # CA that signed the servers' certificates
+/// cert = "certs/server.pem"     # server certificate of the shards / coordinator
+/// key = "certs/server.key"      #   that the launcher starts
+/// token_file = "certs/token"    # bearer token (else env EMBER_AUTH_TOKEN)
+/// ```
+///
+/// `auto`: the launcher makes a fresh CA, server certificate and token for
+/// each run of a local (`process`) cluster under `<out_dir>/secrets/` and
+/// uses TLS + token everywhere; with external shards it needs `tls` or
+/// `insecure`. `insecure` (plaintext, token optional) logs a warning.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// "auto", "tls" or "insecure" (empty = "auto").
+    pub mode: String,
+    /// CA certificate (PEM) that clients trust.
+    pub ca: Option<PathBuf>,
+    /// Server certificate chain (PEM) for servers the launcher starts.
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require mTLS.
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub client_key: Option<PathBuf>,
+    /// Require client certificates signed by `ca` on the servers (mTLS).
+    pub mtls: bool,
+    /// Name to verify server certificates against (default: each address's host).
+    pub domain: Option<String>,
+    /// File holding the bearer token (else the EMBER_AUTH_TOKEN variable).
+    pub token_file: Option<PathBuf>,
+}
+
+impl SecurityConfig {
+    /// The mode with the default applied: "auto", "tls" or "insecure".
+    pub fn mode(&self) -> &str {
+        if self.mode.is_empty() {
+            "auto"
+        } else {
+            &self.mode
+        }
+    }
+
+    /// Checks the fields; the error names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if !matches!(self.mode(), "auto" | "tls" | "insecure") {
+            return Err(format!(
+                "security.mode = {:?}: expected auto, tls or insecure",
+                self.mode
+            ));
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("security.cert and security.key must be given together".into());
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(
+                "security.client_cert and security.client_key must be given together".into(),
+            );
+        }
+        if self.mode() == "tls" && self.ca.is_none() {
+            return Err("security.mode = \"tls\" needs security.ca".into());
+        }
+        if self.mtls && (self.ca.is_none() || self.client_cert.is_none()) {
+            return Err(
+                "security.mtls needs security.ca and security.client_cert/client_key".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Client-side settings (workers, launcher, tools). `auto` must have been
+    /// resolved by the launcher first (it is an error here); `insecure` warns.
+    pub fn client(&self) -> Result<ember_proto::security::ClientSecurity, TrainError> {
+        use ember_proto::security::{ClientSecurity, ClientTlsFiles};
+        let err = |e: ember_proto::security::SecurityError| TrainError::Config(e.to_string());
+        match self.mode() {
+            "tls" => {
+                let ca = self.ca.clone().ok_or_else(|| {
+                    TrainError::Config("security.mode = \"tls\" needs security.ca".into())
+                })?;
+                let files = ClientTlsFiles {
+                    ca,
+                    domain: self.domain.clone(),
+                    identity: self.client_cert.clone().zip(self.client_key.clone()),
+                };
+                let sec = ClientSecurity::load(Some(&files), self.token_file.as_deref())
+                    .map_err(err)?;
+                if sec.token.is_none() {
+                    return Err(TrainError::Config(
+                        "security.mode = \"tls\" needs a token: security.token_file or EMBER_AUTH_TOKEN"
+                            .into(),
+                    ));
+                }
+                Ok(sec)
+            }
+            "insecure" => {
+                tracing::warn!(
+                    "INSECURE: security.mode = \"insecure\": gRPC traffic is plaintext (use only on a trusted network)"
+                );
+                ClientSecurity::load(None, self.token_file.as_deref()).map_err(err)
+            }
+            other => Err(TrainError::Config(format!(
+                "security.mode = {other:?} has not been resolved: a worker or tool needs \"tls\" (with security.ca) or \"insecure\"; `ember train` resolves \"auto\" for the clusters it starts"
+            ))),
+        }
+    }
+
+    /// Server-side settings (the coordinator). Same rules as [`Self::client`];
+    /// `tls` needs `cert` and `key`.
+    pub fn server(&self) -> Result<ember_proto::security::ServerSecurity, TrainError> {
+        use ember_proto::security::{ServerSecurity, ServerTlsFiles};
+        let err = |e: ember_proto::security::SecurityError| TrainError::Config(e.to_string());
+        match self.mode() {
+            "tls" => {
+                let (cert, key) = self.cert.clone().zip(self.key.clone()).ok_or_else(|| {
+                    TrainError::Config(
+                        "security.mode = \"tls\" on a server needs security.cert and security.key"
+                            .into(),
+                    )
+                })?;
+                let files = ServerTlsFiles {
+                    cert,
+                    key,
+                    client_ca: if self.mtls { self.ca.clone() } else { None },
+                };
+                let sec =
+                    ServerSecurity::load(Some(&files), self.token_file.as_deref()).map_err(err)?;
+                if sec.token.is_none() {
+                    return Err(TrainError::Config(
+                        "security.mode = \"tls\" needs a token: security.token_file or EMBER_AUTH_TOKEN"
+                            .into(),
+                    ));
+                }
+                Ok(sec)
+            }
+            "insecure" => ServerSecurity::load(None, self.token_file.as_deref()).map_err(err),
+            other => Err(TrainError::Config(format!(
+                "security.mode = {other:?} has not been resolved (expected tls or insecure)"
+            ))),
+        }
+    }
+
+    /// The flags for a `ps-server` or `worker` process started with these
+    /// settings (paths only: the token travels in a file or the inherited
+    /// environment, never on the command line). `server` selects the shard
+    /// flags (`--tls-cert/--tls-key`) instead of the client ones (`--tls-ca`).
+    pub fn process_args(&self, server: bool) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let flag = |a: &mut Vec<std::ffi::OsString>, k: &str, v: &Path| {
+            a.push(k.into());
+            a.push(v.as_os_str().to_owned());
+        };
+        if self.mode() == "insecure" {
+            if let Some(t) = &self.token_file {
+                flag(&mut a, "--auth-token-file", t);
+            }
+            a.push("--insecure".into());
+            return a;
+        }
+        if server {
+            if let (Some(c), Some(k)) = (&self.cert, &self.key) {
+                flag(&mut a, "--tls-cert", c);
+                flag(&mut a, "--tls-key", k);
+            }
+            if self.mtls {
+                if let Some(ca) = &self.ca {
+                    flag(&mut a, "--tls-client-ca", ca);
+                }
+            }
+        } else {
+            if let Some(ca) = &self.ca {
+                flag(&mut a, "--tls-ca", ca);
+            }
+            if let Some(d) = &self.domain {
+                a.push("--tls-domain".into());
+                a.push(d.into());
+            }
+            if let (Some(c), Some(k)) = (&self.client_cert, &self.client_key) {
+                flag(&mut a, "--tls-client-cert", c);
+                flag(&mut a, "--tls-client-key", k);
+            }
+        }
+        if let Some(t) = &self.token_file {
+            flag(&mut a, "--auth-token-file", t);
+        }
+        a
+    }
+}
+
 impl JobConfig {
     /// Reads and validates a TOML job file. Relative data paths are taken
     /// relative to the current directory.
@@ -485,6 +723,28 @@ impl JobConfig {
                 self.cluster.mode
             ));
         }
+        if !matches!(self.cluster.worker_mode.as_str(), "process" | "external") {
+            return Err(format!(
+                "cluster.worker_mode = {:?}: expected process or external",
+                self.cluster.worker_mode
+            ));
+        }
+        if self.cluster.external_workers() {
+            if self
+                .cluster
+                .coordinator_listen
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+            {
+                return Err(format!(
+                    "cluster.coordinator_listen = {:?}: expected ip:port",
+                    self.cluster.coordinator_listen
+                ));
+            }
+            if self.cluster.worker_timeout_s == 0 {
+                return Err("cluster.worker_timeout_s must be >= 1".into());
+            }
+        }
         if !matches!(self.cluster.sync.as_str(), "sync" | "async") {
             return Err(format!(
                 "cluster.sync = {:?}: expected sync or async",
@@ -494,6 +754,7 @@ impl JobConfig {
         if self.train.epochs == 0 {
             return Err("train.epochs must be >= 1".into());
         }
+        self.security.validate()?;
         self.sparse
             .optimizer
             .to_proto("sparse.optimizer")
@@ -580,6 +841,12 @@ mod tests {
         let e =
             JobConfig::parse(&format!("{MINIMAL}[cluster]\nshardz = 3\n"), "job.toml").unwrap_err();
         assert!(e.to_string().contains("shardz"), "{e}");
+        let e = JobConfig::parse(
+            &format!("{MINIMAL}[cluster]\nworker_mode = \"remote\"\n"),
+            "job.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cluster.worker_mode"), "{e}");
         let e = JobConfig::parse("[data]\ntrain = \"a\"\n", "job.toml").unwrap_err();
         assert!(e.to_string().contains("test"), "{e}");
     }

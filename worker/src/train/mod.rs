@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod eval;
 pub mod local;
+pub mod remote;
 pub mod setup;
 pub mod worker;
 

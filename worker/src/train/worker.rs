@@ -18,6 +18,7 @@
 //! pushed with `num_workers = 1`, applied as they arrive.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,7 +30,7 @@ use super::backend::Backend;
 use super::config::JobConfig;
 use super::TrainError;
 use crate::batch::{Batch, SparseIds};
-use crate::data::reader::{BatchReader, ReaderOptions};
+use crate::data::reader::{BatchReader, DataPosition, ReaderOptions};
 use crate::model::{build_model, CtrModel, SparseRows};
 
 /// What one worker does in one epoch.
@@ -45,6 +46,11 @@ pub struct WorkerJob {
     pub epoch: usize,
     /// Global step at the start of the epoch.
     pub start_step: u64,
+    /// Steps of this epoch already done before this job (a mid-epoch
+    /// segment): the reader skips `skip_steps * batch_size` samples of the
+    /// split (exact resume of the epoch's shuffle) and the first step is
+    /// `start_step + skip_steps`. 0 = from the epoch start.
+    pub skip_steps: u64,
     /// Run exactly this many steps (synchronous mode needs every worker to
     /// run the same number); None = the whole split.
     pub steps: Option<u64>,
@@ -169,12 +175,42 @@ pub fn load_dense(
     Ok(())
 }
 
+/// A spawned task that is aborted when dropped (an abandoned epoch leaves no
+/// prefetch or push running behind it).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    /// Waits for the task.
+    async fn join(&mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs one epoch of one worker. `on_progress` is called every
 /// `train.log_every` steps.
 pub async fn run_epoch(
     job: &WorkerJob,
     ps: &Backend,
     on_progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<WorkerReport, TrainError> {
+    run_epoch_cancellable(job, ps, on_progress, &AtomicBool::new(false)).await
+}
+
+/// [`run_epoch`] that stops before the next step once `cancel` is set: it
+/// then aborts its outstanding pushes and prefetch and returns the report of
+/// the steps done so far (the caller knows it cancelled). Dropping the
+/// returned future also aborts everything it spawned.
+pub async fn run_epoch_cancellable(
+    job: &WorkerJob,
+    ps: &Backend,
+    on_progress: &(dyn Fn(&Progress) + Send + Sync),
+    cancel: &AtomicBool,
 ) -> Result<WorkerReport, TrainError> {
     let cfg = &job.config;
     let started = Instant::now();
@@ -197,10 +233,17 @@ pub async fn run_epoch(
         skip_malformed: cfg.data.skip_malformed,
         drop_last: false,
     };
-    let mut reader = Some(
-        BatchReader::new(std::slice::from_ref(&cfg.data.train), opts)
-            .map_err(|e| TrainError::Data(e.to_string()))?,
-    );
+    let files = std::slice::from_ref(&cfg.data.train);
+    let reader = if job.skip_steps > 0 {
+        let pos = DataPosition {
+            epoch: 0,
+            samples: job.skip_steps.saturating_mul(cfg.data.batch_size as u64),
+        };
+        BatchReader::resume(files, opts, pos)
+    } else {
+        BatchReader::new(files, opts)
+    };
+    let mut reader = Some(reader.map_err(|e| TrainError::Data(e.to_string()))?);
     let limit = match (job.steps, cfg.train.max_steps_per_epoch) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -261,14 +304,23 @@ pub async fn run_epoch(
             }
             reader_task.skipped_malformed()
         }))
+        .map(AbortOnDrop)
     } else {
         drop(tx);
         None
     };
 
-    let mut pushes: VecDeque<tokio::task::JoinHandle<Result<f64, TrainError>>> = VecDeque::new();
+    let mut pushes: VecDeque<AbortOnDrop<Result<f64, TrainError>>> = VecDeque::new();
+    let first_step = job.start_step + job.skip_steps;
     loop {
-        let step = job.start_step + report.steps;
+        if cancel.load(Ordering::Relaxed) {
+            // Abandoned: drop (abort) outstanding pushes and the prefetch.
+            pushes.clear();
+            drop(prefetch);
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        let step = first_step + report.steps;
         // 1. Next batch with its rows.
         let wait = Instant::now();
         let ready = if prefetch.is_some() {
@@ -349,7 +401,7 @@ pub async fn run_epoch(
         if staleness == 0 {
             report.push_s += push.await?;
         } else {
-            pushes.push_back(tokio::spawn(push));
+            pushes.push_back(AbortOnDrop(tokio::spawn(push)));
             while pushes.len() > staleness {
                 if let Some(h) = pushes.pop_front() {
                     let t = Instant::now();
@@ -374,7 +426,8 @@ pub async fn run_epoch(
         report.wait_s += t.elapsed().as_secs_f64();
     }
     report.skipped = match prefetch {
-        Some(h) => h
+        Some(mut h) => h
+            .join()
             .await
             .map_err(|e| TrainError::Data(format!("prefetch task failed: {e}")))?,
         None => reader.as_ref().map(|r| r.skipped_malformed()).unwrap_or(0),
@@ -398,7 +451,8 @@ pub async fn run_epoch(
     Ok(report)
 }
 
-async fn join(h: tokio::task::JoinHandle<Result<f64, TrainError>>) -> Result<f64, TrainError> {
-    h.await
+async fn join(mut h: AbortOnDrop<Result<f64, TrainError>>) -> Result<f64, TrainError> {
+    h.join()
+        .await
         .map_err(|e| TrainError::Protocol(format!("push task failed: {e}")))?
 }
