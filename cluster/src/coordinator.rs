@@ -408,7 +408,7 @@ impl Coordinator {
         }
         slot.finished = true;
         slot.last_seen = Some(now);
-        let report = report_from_proto(i, &req.report.clone().unwrap_or_default());
+        let report = report_from_proto(i, &req.report.unwrap_or_default());
         s.emit(WorkerEvent::Done(report));
         Ok(pb::ReportDoneResponse { accepted: true })
     }

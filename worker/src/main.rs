@@ -5,6 +5,11 @@
 //! global step `--start-step`, and prints machine-readable lines on stdout:
 //! `EMBER_PROGRESS {json}` every `train.log_every` steps and one
 //! `EMBER_REPORT {json}` at the end. Logs go to stderr.
+//!
+//! With `--coordinator HOST:PORT` (the job's `cluster.worker_mode =
+//! "external"`: Compose services, a Kubernetes Indexed Job) it instead pulls
+//! its tasks from the coordinator that `ember train` serves, epoch after
+//! epoch, until it answers DONE (see `ember_worker::train::remote`).
 
 use std::io::Write;
 use std::path::PathBuf;

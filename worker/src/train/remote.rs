@@ -315,7 +315,7 @@ where
                         };
                         let ack = retrying(&addr, "ReportDone", opts.unreachable_deadline, || {
                             let mut c = client.clone();
-                            let r = req.clone();
+                            let r = req;
                             async move { c.report_done(r).await }
                         })
                         .await?;

@@ -265,7 +265,7 @@ pub async fn run_epoch_cancellable(
             .take()
             .ok_or_else(|| TrainError::Data("reader already taken".into()))?;
         let tables = tables.clone();
-        Some(tokio::spawn(async move {
+        Some(AbortOnDrop(tokio::spawn(async move {
             let mut n = 0u64;
             loop {
                 if limit.is_some_and(|l| n >= l) {
@@ -303,8 +303,7 @@ pub async fn run_epoch_cancellable(
                 n += 1;
             }
             reader_task.skipped_malformed()
-        }))
-        .map(AbortOnDrop)
+        })))
     } else {
         drop(tx);
         None
