@@ -316,44 +316,69 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
         last_ckpt = 0;
     }
 
-    let first_epoch = report.epochs.len() + 1;
+    // Checkpoint cadence: every `checkpoint_every_steps` steps of an epoch
+    // (a segment) and always at its end; 0 = at epoch ends only.
+    let seg = match cfg.cluster.checkpoint_every_steps {
+        0 => k,
+        n => n.min(k),
+    };
+    // A resumed run may start inside an epoch (a mid-epoch checkpoint).
+    let first_epoch = (last_ckpt / k) as usize + 1;
     for epoch in first_epoch..=cfg.train.epochs {
-        let start_step = last_ckpt;
+        let epoch_start = (epoch as u64 - 1) * k;
+        let end_step = epoch_start + k;
         let mut restarts = 0u32;
-        let end_step = start_step + k;
-        // One attempt = train the epoch, evaluate, checkpoint every shard at
-        // `end_step`. A failure anywhere in it rolls the cluster back.
-        let (reports, seconds, test) = loop {
+        let mut reports: Vec<WorkerReport> = Vec::new();
+        let mut seconds = 0.0;
+        let mut test = None;
+        // Each attempt trains one segment from the last cluster checkpoint
+        // (its data position is `last_ckpt - epoch_start` steps into the
+        // epoch), evaluates at the epoch's end, and checkpoints every shard.
+        // A failure anywhere in it rolls the cluster back to `last_ckpt`.
+        while last_ckpt < end_step {
+            let done_steps = last_ckpt - epoch_start;
+            let len = seg.min(k - done_steps);
+            let seg_end = last_ckpt + len;
             let t = Instant::now();
             let attempt = async {
                 let coord = coordinator.as_ref().map(|c| &c.coord);
-                let r = run_workers(
-                    &cfg,
-                    opts,
-                    &ps,
-                    &mut shards,
-                    &addrs,
-                    coord,
+                let part = Segment {
                     epoch,
-                    start_step,
-                    k,
-                )
-                .await?;
-                let seconds = t.elapsed().as_secs_f64();
-                let test = evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples)
-                    .await
-                    .map_err(|e| Failure::Coordinator(format!("evaluation: {e}")))?
-                    .0;
-                ps.checkpoint(end_step, cfg.cluster.keep_checkpoints.max(2))
+                    start_step: epoch_start,
+                    skip_steps: done_steps,
+                    steps: len,
+                    epoch_steps: k,
+                };
+                let r = run_workers(&cfg, opts, &ps, &mut shards, &addrs, coord, &part).await?;
+                let secs = t.elapsed().as_secs_f64();
+                let test = if seg_end == end_step {
+                    Some(
+                        evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples)
+                            .await
+                            .map_err(|e| Failure::Coordinator(format!("evaluation: {e}")))?
+                            .0,
+                    )
+                } else {
+                    None
+                };
+                ps.checkpoint(seg_end, cfg.cluster.keep_checkpoints.max(2))
                     .await
                     .map_err(|e| {
-                        Failure::Coordinator(format!("checkpoint at step {end_step}: {e}"))
+                        Failure::Coordinator(format!("checkpoint at step {seg_end}: {e}"))
                     })?;
-                Ok::<_, Failure>((r, seconds, test))
+                Ok::<_, Failure>((r, secs, test))
             }
             .await;
             match attempt {
-                Ok(done) => break done,
+                Ok((r, secs, t)) => {
+                    reports.extend(r);
+                    seconds += secs;
+                    test = t;
+                    last_ckpt = seg_end;
+                    if seg_end < end_step {
+                        tracing::info!(epoch, step = seg_end, "mid-epoch cluster checkpoint");
+                    }
+                }
                 Err(failure) => {
                     restarts += 1;
                     if restarts > cfg.cluster.max_restarts {
@@ -376,8 +401,12 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
                     ps.restore(last_ckpt).await?;
                 }
             }
+        }
+        let Some(test) = test else {
+            return Err(ClusterError::Launch(format!(
+                "epoch {epoch} ended without an evaluation (resumed at its end step?)"
+            )));
         };
-        last_ckpt = end_step;
         let rec = epoch_record(epoch, end_step, &reports, seconds, restarts, test.clone());
         tracing::info!(
             epoch,
@@ -619,6 +648,21 @@ async fn settle_external_workers(coord: &Coordinator, cfg: &JobConfig) {
     }
 }
 
+/// The part of an epoch one `run_workers` call trains.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Epoch number, from 1.
+    epoch: usize,
+    /// Global step at the epoch's start.
+    start_step: u64,
+    /// Steps of the epoch already trained (the data position to resume at).
+    skip_steps: u64,
+    /// Steps to train now.
+    steps: u64,
+    /// Steps of the whole epoch (for the progress bar).
+    epoch_steps: u64,
+}
+
 fn progress_bar(quiet: bool, epoch: usize, total: u64) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
@@ -643,16 +687,21 @@ async fn run_workers(
     shards: &mut Shards,
     addrs: &[String],
     coord: Option<&Coordinator>,
-    epoch: usize,
-    start_step: u64,
-    steps: u64,
+    part: &Segment,
 ) -> Result<Vec<WorkerReport>, Failure> {
-    let m = cfg.cluster.workers;
-    let pb = progress_bar(
-        opts.quiet,
+    let Segment {
         epoch,
-        steps * m as u64 * cfg.data.batch_size as u64,
-    );
+        start_step,
+        skip_steps,
+        steps,
+        epoch_steps,
+    } = *part;
+    let m = cfg.cluster.workers;
+    let per_step = m as u64 * cfg.data.batch_size as u64;
+    let pb = progress_bar(opts.quiet, epoch, epoch_steps * per_step);
+    // Samples of this epoch already trained before this segment.
+    let base = skip_steps * per_step;
+    pb.set_position(base);
     let (tx, rx) = mpsc::channel::<Event>();
     let mut children: Vec<Child> = Vec::new();
     let mut tasks = Vec::new();
@@ -663,7 +712,7 @@ async fn run_workers(
             epoch,
             start_step,
             steps,
-            0,
+            skip_steps,
             addrs,
             tx.clone(),
             Instant::now(),
@@ -683,7 +732,7 @@ async fn run_workers(
             num_workers: m,
             epoch,
             start_step,
-            skip_steps: 0,
+            skip_steps,
             steps: Some(steps),
         };
         if process_mode {
@@ -733,7 +782,7 @@ async fn run_workers(
                     reported[p.worker] = p.samples;
                     metrics::gauge!("ember_train_loss", "worker" => w).set(p.loss);
                 }
-                pb.set_position(samples.iter().sum());
+                pb.set_position(base + samples.iter().sum::<u64>());
                 let l: Vec<f64> = losses.iter().copied().filter(|x| x.is_finite()).collect();
                 if !l.is_empty() {
                     pb.set_message(format!(
@@ -754,7 +803,7 @@ async fn run_workers(
                 }
                 if w < m {
                     samples[w] = r.samples;
-                    pb.set_position(samples.iter().sum());
+                    pb.set_position(base + samples.iter().sum::<u64>());
                     done[w] = Some(r);
                 }
             }
@@ -825,7 +874,9 @@ fn spawn_worker_process(
         .arg("--epoch")
         .arg(job.epoch.to_string())
         .arg("--start-step")
-        .arg(job.start_step.to_string());
+        .arg(job.start_step.to_string())
+        .arg("--skip-steps")
+        .arg(job.skip_steps.to_string());
     if let Some(s) = job.steps {
         cmd.arg("--steps").arg(s.to_string());
     }

@@ -178,6 +178,92 @@ fn killed_shard_is_restarted_and_training_recovers() {
     );
 }
 
+/// `cluster.checkpoint_every_steps`: every shard is checkpointed inside the
+/// epoch; the segmented run equals the unsegmented one (workers resume at the
+/// exact data position), and a shard killed after a mid-epoch checkpoint rolls
+/// the cluster back to that step, not to the epoch start, with the same result.
+#[test]
+fn mid_epoch_checkpoints_resume_at_the_data_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let base = "shards = 2\nworkers = 1\nmode = \"process\"\nstaleness = 0";
+    let train = "epochs = 1\nmax_steps_per_epoch = 60\nmax_eval_samples = 600";
+    let job = write_job(dir.path(), &data, "kind = \"din\"", base, train);
+    ember_train(&job, &[]);
+    let whole = epochs(&report(dir.path()));
+
+    let cluster = format!("{base}\ncheckpoint_every_steps = 20");
+    let job = write_job(dir.path(), &data, "kind = \"din\"", &cluster, train);
+    ember_train(&job, &[]);
+    let seg = epochs(&report(dir.path()));
+    let run = dir.path().join("run");
+    for step in [20, 40, 60] {
+        let c = run.join(format!("checkpoints/shard-0-of-2/step-{step}.ckpt"));
+        assert!(c.exists(), "{} missing", c.display());
+    }
+    let (a, b) = (f(&whole[0], &["train_loss"]), f(&seg[0], &["train_loss"]));
+    assert!(
+        (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+        "loss {a} vs segmented {b}"
+    );
+    assert_eq!(whole[0]["samples"], seg[0]["samples"]);
+    let (a, b) = (
+        f(&whole[0], &["test", "gauc"]),
+        f(&seg[0], &["test", "gauc"]),
+    );
+    assert!((a - b).abs() <= 1e-4, "GAUC {a} vs segmented {b}");
+
+    // Again, killing shard 1 once the step-20 checkpoint exists.
+    let mut child = Command::new(bin("ember"))
+        .args(["train", "--quiet", "--config"])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ck = |step: u64| run.join(format!("checkpoints/shard-1-of-2/step-{step}.ckpt"));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut killed = false;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        if ck(20).exists() && !ck(60).exists() {
+            if let Ok(text) = std::fs::read_to_string(run.join("cluster.json")) {
+                let info: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                if let Some(pid) = info["pids"][1].as_u64() {
+                    let st = Command::new("kill")
+                        .args(["-9", &pid.to_string()])
+                        .status()
+                        .unwrap();
+                    killed = st.success();
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        killed,
+        "never saw the step-20 checkpoint before the end: {stderr}"
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rolling the cluster back to step 20")
+            || stderr.contains("rolling the cluster back to step 40"),
+        "expected a rollback to a mid-epoch checkpoint: {stderr}"
+    );
+    let rec = epochs(&report(dir.path()));
+    assert!(rec[0]["restarts"].as_u64().unwrap() >= 1, "{}", rec[0]);
+    let (a, b) = (
+        f(&whole[0], &["test", "gauc"]),
+        f(&rec[0], &["test", "gauc"]),
+    );
+    assert!(
+        (a - b).abs() <= 0.005,
+        "GAUC after recovery {b} vs uninterrupted {a}"
+    );
+}
+
 /// Export after training, then predict without a cluster: same metrics as
 /// the run's last evaluation, one score per test row.
 #[test]

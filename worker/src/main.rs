@@ -51,6 +51,12 @@ struct Args {
     /// Global step at the start of this epoch.
     #[arg(long, default_value_t = 0)]
     start_step: u64,
+    /// Steps of this epoch already trained (resume at a mid-epoch
+    /// checkpoint): the first `skip_steps * batch_size` samples of this
+    /// worker's split are skipped and training starts at global step
+    /// `start_step + skip_steps`.
+    #[arg(long, default_value_t = 0)]
+    skip_steps: u64,
     /// Steps to run (default: the whole split).
     #[arg(long)]
     steps: Option<u64>,
@@ -131,7 +137,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         num_workers: args.num_workers.unwrap_or(1),
         epoch: args.epoch,
         start_step: args.start_step,
-        skip_steps: 0,
+        skip_steps: args.skip_steps,
         steps: args.steps,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

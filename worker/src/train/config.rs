@@ -341,6 +341,11 @@ pub struct ClusterConfig {
     /// Newest checkpoints kept per shard.
     #[serde(default = "d_keep")]
     pub keep_checkpoints: u32,
+    /// Also checkpoint every shard every this many steps inside an epoch
+    /// (0 = only at epoch ends). A failure then loses at most this many
+    /// steps: workers resume at the checkpoint's data position.
+    #[serde(default)]
+    pub checkpoint_every_steps: u64,
     /// Give up on an unreachable shard after this many seconds.
     #[serde(default = "d_retry")]
     pub retry_deadline_s: u64,
@@ -416,6 +421,7 @@ impl Default for ClusterConfig {
             staleness: d_staleness(),
             checkpoint_dir: None,
             keep_checkpoints: d_keep(),
+            checkpoint_every_steps: 0,
             retry_deadline_s: d_retry(),
             max_restarts: d_restarts(),
             worker_mode: d_worker_mode(),
