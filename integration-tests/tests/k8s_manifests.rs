@@ -643,6 +643,60 @@ fn k8s_manifests_are_consistent() {
         "the trainer Service's target port vs cluster.coordinator_listen"
     );
 
+    // TLS + token everywhere: the shards get certificate, key and token files,
+    // never --insecure; the job's [security] is "tls"; every file they name
+    // lies under a mount of the same Secret in the pod that reads it.
+    assert!(
+        !args.iter().any(|a| a == "--insecure"),
+        "shards must not run --insecure"
+    );
+    assert_eq!(cfg.security.mode(), "tls", "job.toml [security] mode");
+    let secret_mount = |pod: &Value, what: &str, path: &str| -> String {
+        let vols = pod["volumes"].as_array().expect("volumes");
+        let mounts = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts");
+        let m = mounts
+            .iter()
+            .find(|m| {
+                m["mountPath"]
+                    .as_str()
+                    .is_some_and(|mp| path.starts_with(&format!("{mp}/")))
+            })
+            .unwrap_or_else(|| panic!("{what}: nothing mounted over {path}"));
+        let v = vols
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap_or_else(|| panic!("{what}: no volume {}", m["name"]));
+        v["secret"]["secretName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {path} is not from a Secret"))
+            .to_string()
+    };
+    let mut secrets = std::collections::BTreeSet::new();
+    for flag in ["--tls-cert", "--tls-key", "--auth-token-file"] {
+        let path = arg_value(args, flag).unwrap_or_else(|| panic!("shards need {flag}"));
+        secrets.insert(secret_mount(&pod["spec"], "shard", path));
+    }
+    let sec = &cfg.security;
+    let files = [&sec.ca, &sec.cert, &sec.key, &sec.token_file];
+    for f in files {
+        let path = f
+            .as_ref()
+            .expect("[security] ca, cert, key and token_file")
+            .to_str()
+            .unwrap();
+        secrets.insert(secret_mount(
+            &job["spec"]["template"]["spec"],
+            "trainer",
+            path,
+        ));
+        if f != &sec.cert && f != &sec.key {
+            secrets.insert(secret_mount(wpod, "worker", path));
+        }
+    }
+    assert_eq!(secrets.len(), 1, "one TLS Secret for everyone: {secrets:?}");
+
     // Every container has requests and limits.
     for (f, d) in &res {
         let spec = match d["kind"].as_str() {
