@@ -1,18 +1,25 @@
-//! `ember train`: one command runs a whole job on this machine.
+//! `ember train`: one command runs a whole job.
 //!
+//! 0. Security: `security.mode = "auto"` makes a CA, certificate and token
+//!    for this run (`<out_dir>/secrets/`); every connection below is TLS with
+//!    the token.
 //! 1. Start N shards (child `ps-server` processes on loopback ports, or
 //!    in-process gRPC shards, or use `cluster.shard_addrs`).
 //! 2. Create the sparse tables, load the exact feature counts n_j, register
 //!    the dense parameters, and checkpoint step 0 (so a failure in the first
 //!    epoch has a state to roll back to).
-//! 3. Per epoch: run M workers (child `worker` processes or in-process tasks)
-//!    for the same number of steps K; watch shards and workers; evaluate on the
-//!    test set; checkpoint every shard at the same step `epoch * K`; write the
-//!    metrics JSON and the PNG.
-//! 4. A shard or worker that dies mid-epoch: stop the workers, restart dead
-//!    shards from their checkpoints, roll every shard back to the last
-//!    complete cluster checkpoint (the previous epoch end) and rerun the epoch
-//!    from its start. Updates since that checkpoint are lost and recomputed.
+//! 3. Per epoch (K steps per worker), per segment of
+//!    `cluster.checkpoint_every_steps` steps (the whole epoch when 0): run M
+//!    workers (child `worker` processes, in-process tasks, or — with
+//!    `worker_mode = "external"` — workers elsewhere that pull the segment
+//!    from the coordinator service, `crate::coordinator`) from the segment's
+//!    data position; watch shards and workers; at the epoch end evaluate on
+//!    the test set; checkpoint every shard at the segment's end step; write
+//!    the metrics JSON and the PNG.
+//! 4. A shard or worker that dies: stop the workers, restart dead shards from
+//!    their checkpoints, roll every shard back to the last complete cluster
+//!    checkpoint and rerun from its step and data position. Updates since
+//!    that checkpoint are lost and recomputed.
 //!
 //! `--resume` continues from the last complete cluster checkpoint of a run.
 
