@@ -94,6 +94,23 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// GET http://host:port/path over a plain TCP socket; "" on any error.
+fn scrape(url: &str) -> String {
+    use std::io::{Read, Write};
+    let (hostport, path) = url.split_once('/').unwrap_or((url, "metrics"));
+    let Ok(mut s) = std::net::TcpStream::connect(hostport) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -109,6 +126,7 @@ fn worker(dir: &Path, job: &Path, coord: &str, index: usize, tag: &str) -> Proc 
         Command::new(bin("worker"))
             .arg("--config")
             .arg(job)
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--coordinator", coord, "--worker-index", &index.to_string()])
             .arg("--tls-ca")
             .arg(secrets.join("ca.pem"))
@@ -167,6 +185,29 @@ fn external_workers_recover_from_a_killed_worker() {
 
     let mut w0 = worker(dir.path(), &job, &coord, 0, "a");
     let mut w1 = worker(dir.path(), &job, &coord, 1, "a");
+    // Each worker serves its own /metrics: worker 0's step counter shows up.
+    let url = {
+        let mut url = String::new();
+        wait_for(
+            "worker 0's metrics address",
+            Duration::from_secs(30),
+            || {
+                url = w0
+                    .log()
+                    .lines()
+                    .find_map(|l| l.split("metrics at http://").nth(1))
+                    .map(|u| u.trim().to_string())
+                    .unwrap_or_default();
+                !url.is_empty()
+            },
+        );
+        url
+    };
+    wait_for(
+        "worker 0 counting samples in /metrics",
+        Duration::from_secs(60),
+        || scrape(&url).contains("ember_worker_samples_total{worker=\"0\"}"),
+    );
     // Kill worker 1 while it runs its epoch-1 task, then replace it.
     wait_for("worker 1 running its task", Duration::from_secs(60), || {
         w1.log().contains("running task")

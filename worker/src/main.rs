@@ -77,6 +77,10 @@ struct Args {
     /// Client private key (PEM).
     #[arg(long, requires = "tls_client_cert")]
     tls_client_key: Option<PathBuf>,
+    /// Serve this worker's Prometheus metrics (ember_worker_samples_total,
+    /// _steps_total, _loss, _step) at this address's `/metrics` (port 0 = any).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Plaintext gRPC (logs a warning); overrides the config's [security].
     #[arg(long, conflicts_with = "tls_ca")]
     insecure: bool,
@@ -124,6 +128,10 @@ fn main() {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let config = JobConfig::load(&args.config)?;
     let security = security_of(&config, &args).client()?;
+    if let Some(addr) = args.metrics_addr {
+        let bound = serve_worker_metrics(addr)?;
+        eprintln!("worker: metrics at http://{bound}/metrics");
+    }
     let retry = RetryPolicy {
         deadline: Duration::from_secs(config.cluster.retry_deadline_s),
         ..RetryPolicy::default()
@@ -186,4 +194,33 @@ fn run_external(
         )?))
     })?;
     Ok(())
+}
+
+/// Serves the process's Prometheus exporter on `addr` from a small thread of
+/// its own (both worker modes build their runtimes later); returns the bound
+/// address.
+fn serve_worker_metrics(
+    addr: std::net::SocketAddr,
+) -> Result<std::net::SocketAddr, Box<dyn std::error::Error>> {
+    let handle = ember_ps::metrics::install_exporter()?;
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| format!("cannot bind metrics address {addr}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        ember_ps::metrics::serve_metrics(l, handle, std::future::pending()).await
+                    }
+                    Err(e) => tracing::warn!("metrics listener: {e}"),
+                }
+            })
+        })?;
+    Ok(bound)
 }

@@ -384,6 +384,14 @@ pub async fn run_epoch_cancellable(
         report.samples += batch.batch_size as u64;
         report.loss_sum += f64::from(out.loss);
         report.dedup_sum += batch.dedup_ratio();
+        // Per-worker Prometheus series (no-ops unless the process installed
+        // an exporter: `worker --metrics-addr`, or the launcher's).
+        let wl = job.worker_index.to_string();
+        metrics::counter!("ember_worker_steps_total", "worker" => wl.clone()).increment(1);
+        metrics::counter!("ember_worker_samples_total", "worker" => wl.clone())
+            .increment(batch.batch_size as u64);
+        metrics::gauge!("ember_worker_loss", "worker" => wl.clone()).set(f64::from(out.loss));
+        metrics::gauge!("ember_worker_step", "worker" => wl).set((step + 1) as f64);
         window.0 += 1;
         window.1 += f64::from(out.loss);
         let ps2 = ps_arc.clone();
