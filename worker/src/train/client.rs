@@ -350,7 +350,7 @@ impl PsClient {
     ) -> Result<(), TrainError> {
         let msg = |p| pb::InitDenseRequest {
             params: p,
-            optimizer: Some(optimizer.clone()),
+            optimizer: Some(*optimizer),
         };
         self.each_owner("init_dense", params, msg, |mut c, r| async move {
             c.init_dense(r).await

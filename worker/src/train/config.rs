@@ -859,8 +859,10 @@ mod tests {
 
     #[test]
     fn table_config_carries_settings() {
-        let mut s = SparseConfig::default();
-        s.mba_lambda = 0.01;
+        let s = SparseConfig {
+            mba_lambda: 0.01,
+            ..Default::default()
+        };
         let t = s.table("item", 18, 7).unwrap();
         assert_eq!(t.dim, 18);
         assert_eq!(t.count_mode, pb::CountMode::CountExact as i32);
