@@ -6,8 +6,8 @@
 pub mod codec;
 #[cfg(feature = "pki")]
 pub mod pki;
-pub mod security;
 pub mod route;
+pub mod security;
 
 /// Generated protobuf messages and tonic client/server for `ember.v1`.
 #[allow(missing_docs, clippy::all)]
