@@ -20,6 +20,43 @@ fn f(v: &serde_json::Value, path: &[&str]) -> f64 {
 
 /// A 2-shard, 2-worker cluster trains DIN (synchronous, pipelined) and beats
 /// the item-popularity baseline on the test set.
+/// Runs `ember train --quiet` on `job` and `kill -9`s shard 1 (pid from
+/// `<run>/cluster.json`) the first time `ready(run)` holds while the run is
+/// going. Returns whether it killed the shard, and the run's output.
+fn train_killing_shard_1(
+    job: &std::path::Path,
+    run: &std::path::Path,
+    ready: impl Fn(&std::path::Path) -> bool,
+) -> (bool, std::process::Output) {
+    let mut child = Command::new(bin("ember"))
+        .args(["train", "--quiet", "--config"])
+        .arg(job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut killed = false;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        if ready(run) {
+            let info: serde_json::Value = std::fs::read_to_string(run.join("cluster.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            if let Some(pid) = info["pids"][1].as_u64() {
+                let st = Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                killed = st.success();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (killed, child.wait_with_output().unwrap())
+}
+
 #[test]
 fn two_shard_two_worker_din_beats_popularity() {
     let dir = tempfile::tempdir().unwrap();
@@ -120,41 +157,14 @@ fn killed_shard_is_restarted_and_training_recovers() {
     ember_train(&job, &[]);
     let clean = epochs(&report(dir.path()));
 
-    let mut child = Command::new(bin("ember"))
-        .args(["train", "--quiet", "--config"])
-        .arg(&job)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait for epoch 1 to finish (its record appears), then kill shard 1 during epoch 2.
     let run = dir.path().join("run");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut killed = false;
-    while Instant::now() < deadline {
-        if let Ok(text) = std::fs::read_to_string(run.join("metrics.json")) {
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            if epochs(&v).len() == 1 {
-                let info: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(run.join("cluster.json")).unwrap(),
-                )
-                .unwrap();
-                let pid = info["pids"][1].as_u64().unwrap();
-                let st = Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-                killed = true;
-                break;
-            }
-        }
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let (killed, out) = train_killing_shard_1(&job, &run, |run| {
+        std::fs::read_to_string(run.join("metrics.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| epochs(&v).len() == 1)
+    });
     assert!(killed, "never saw epoch 1 finish");
     assert!(
         out.status.success(),
@@ -214,33 +224,11 @@ fn mid_epoch_checkpoints_resume_at_the_data_position() {
     assert!((a - b).abs() <= 1e-4, "GAUC {a} vs segmented {b}");
 
     // Again, killing shard 1 once the step-20 checkpoint exists.
-    let mut child = Command::new(bin("ember"))
-        .args(["train", "--quiet", "--config"])
-        .arg(&job)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ck = |step: u64| run.join(format!("checkpoints/shard-1-of-2/step-{step}.ckpt"));
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut killed = false;
-    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        if ck(20).exists() && !ck(60).exists() {
-            if let Ok(text) = std::fs::read_to_string(run.join("cluster.json")) {
-                let info: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                if let Some(pid) = info["pids"][1].as_u64() {
-                    let st = Command::new("kill")
-                        .args(["-9", &pid.to_string()])
-                        .status()
-                        .unwrap();
-                    killed = st.success();
-                    break;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let ck = |run: &std::path::Path, step: u64| {
+        run.join(format!("checkpoints/shard-1-of-2/step-{step}.ckpt"))
+            .exists()
+    };
+    let (killed, out) = train_killing_shard_1(&job, &run, |run| ck(run, 20) && !ck(run, 60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         killed,
