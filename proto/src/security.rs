@@ -225,6 +225,32 @@ impl tonic::service::Interceptor for TokenCheck {
     }
 }
 
+/// Debug output of a security setting: whether TLS and a token are set, never
+/// the secrets.
+fn debug_settings(
+    f: &mut std::fmt::Formatter<'_>,
+    name: &str,
+    tls: bool,
+    token: bool,
+) -> std::fmt::Result {
+    f.debug_struct(name)
+        .field("tls", &tls)
+        .field("token", &token)
+        .finish()
+}
+
+/// What a side lacks to be secure ("TLS", "auth token"); empty = secure.
+fn missing_parts(tls: bool, token: bool) -> Vec<&'static str> {
+    let mut m = Vec::new();
+    if !tls {
+        m.push("TLS");
+    }
+    if !token {
+        m.push("auth token");
+    }
+    m
+}
+
 /// Security of a gRPC server: optional TLS and optional token.
 #[derive(Clone, Default)]
 pub struct ServerSecurity {
@@ -236,10 +262,12 @@ pub struct ServerSecurity {
 
 impl std::fmt::Debug for ServerSecurity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerSecurity")
-            .field("tls", &self.tls.is_some())
-            .field("token", &self.token.is_some())
-            .finish()
+        debug_settings(
+            f,
+            "ServerSecurity",
+            self.tls.is_some(),
+            self.token.is_some(),
+        )
     }
 }
 
@@ -254,14 +282,7 @@ impl ServerSecurity {
 
     /// What is missing for a secure server ("TLS", "auth token"); empty = secure.
     pub fn missing(&self) -> Vec<&'static str> {
-        let mut m = Vec::new();
-        if self.tls.is_none() {
-            m.push("TLS");
-        }
-        if self.token.is_none() {
-            m.push("auth token");
-        }
-        m
+        missing_parts(self.tls.is_some(), self.token.is_some())
     }
 
     /// The interceptor to wrap every service in.
@@ -298,10 +319,12 @@ pub struct ClientSecurity {
 
 impl std::fmt::Debug for ClientSecurity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientSecurity")
-            .field("tls", &self.tls.is_some())
-            .field("token", &self.token.is_some())
-            .finish()
+        debug_settings(
+            f,
+            "ClientSecurity",
+            self.tls.is_some(),
+            self.token.is_some(),
+        )
     }
 }
 
@@ -335,14 +358,7 @@ impl ClientSecurity {
 
     /// What is missing for a secure client ("TLS", "auth token"); empty = secure.
     pub fn missing(&self) -> Vec<&'static str> {
-        let mut m = Vec::new();
-        if self.tls.is_none() {
-            m.push("TLS");
-        }
-        if self.token.is_none() {
-            m.push("auth token");
-        }
-        m
+        missing_parts(self.tls.is_some(), self.token.is_some())
     }
 
     /// An endpoint for `addr` (`host:port`, or with an `http://`/`https://`
