@@ -170,17 +170,19 @@ fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<std::process::Exit
     let stdout = child.stdout.take().unwrap();
     let mut first = String::new();
     let _ = BufReader::new(stdout).read_line(&mut first);
-    if first.starts_with("EMBER_PS_READY") {
+    // Started: stop it. Otherwise it exits on its own with an error.
+    let started = first.starts_with("EMBER_PS_READY");
+    if started {
         let _ = child.kill();
-        let _ = child.wait();
-        let mut err = String::new();
-        let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-        return (None, format!("{first}{err}"));
     }
     let status = child.wait().unwrap();
     let mut err = String::new();
     let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-    (Some(status), err)
+    if started {
+        (None, format!("{first}{err}"))
+    } else {
+        (Some(status), err)
+    }
 }
 
 #[test]
