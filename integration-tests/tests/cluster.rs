@@ -57,6 +57,20 @@ fn train_killing_shard_1(
     (killed, child.wait_with_output().unwrap())
 }
 
+/// An epoch record of a run that survived a failure: at least one restart,
+/// and a GAUC within 0.005 of the uninterrupted run's same epoch.
+fn assert_recovered(clean: &serde_json::Value, rec: &serde_json::Value) {
+    assert!(
+        rec["restarts"].as_u64().unwrap() >= 1,
+        "no restart recorded: {rec}"
+    );
+    let (a, b) = (f(clean, &["test", "gauc"]), f(rec, &["test", "gauc"]));
+    assert!(
+        (a - b).abs() <= 0.005,
+        "GAUC after recovery {b} vs uninterrupted {a}"
+    );
+}
+
 #[test]
 fn two_shard_two_worker_din_beats_popularity() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,19 +187,7 @@ fn killed_shard_is_restarted_and_training_recovers() {
     );
     let rec = epochs(&report(dir.path()));
     assert_eq!(rec.len(), 2);
-    assert!(
-        rec[1]["restarts"].as_u64().unwrap() >= 1,
-        "no restart recorded: {}",
-        rec[1]
-    );
-    let (a, b) = (
-        f(&clean[1], &["test", "gauc"]),
-        f(&rec[1], &["test", "gauc"]),
-    );
-    assert!(
-        (a - b).abs() <= 0.005,
-        "GAUC after recovery {b} vs uninterrupted {a}"
-    );
+    assert_recovered(&clean[1], &rec[1]);
 }
 
 /// `cluster.checkpoint_every_steps`: every shard is checkpointed inside the
@@ -241,15 +243,7 @@ fn mid_epoch_checkpoints_resume_at_the_data_position() {
         "expected a rollback to a mid-epoch checkpoint: {stderr}"
     );
     let rec = epochs(&report(dir.path()));
-    assert!(rec[0]["restarts"].as_u64().unwrap() >= 1, "{}", rec[0]);
-    let (a, b) = (
-        f(&whole[0], &["test", "gauc"]),
-        f(&rec[0], &["test", "gauc"]),
-    );
-    assert!(
-        (a - b).abs() <= 0.005,
-        "GAUC after recovery {b} vs uninterrupted {a}"
-    );
+    assert_recovered(&whole[0], &rec[0]);
 }
 
 /// Export after training, then predict without a cluster: same metrics as
