@@ -539,6 +539,7 @@ async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterEr
                     },
                     auth_token: cfg.security.server()?.token.map(|t| t.to_string()),
                     insecure: cfg.security.mode() == "insecure",
+                    max_bytes: cfg.cluster.shard_max_bytes,
                     ..ember_ps::server::ServerConfig::default()
                 };
                 running.push(
@@ -561,6 +562,7 @@ async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterEr
                     restore: resume,
                     log_file: Some(logs.join(format!("shard-{i}.log"))),
                     security_args: cfg.security.process_args(true),
+                    max_bytes: cfg.cluster.shard_max_bytes,
                 })
                 .collect();
             let mut procs = Vec::with_capacity(n);

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod coordinator;
 pub mod export;
 pub mod launcher;
+pub mod plan;
 pub mod plot;
 pub mod procs;
 pub mod report;

@@ -8,6 +8,8 @@
 //! - `ember predict --model DIR --input FILE --output FILE`: scores without a cluster.
 //! - `ember bench-e2e --config ...`: training throughput over loopback shards
 //!   against the in-process store.
+//! - `ember plan --ids N --dim D --optimizer X --precision P [--shards S |
+//!   --memory-per-shard B]`: bytes per row and shard, shards needed.
 //! - `ember certs --out DIR --host NAME...`: a test CA, server and client
 //!   certificates and a bearer token for TLS deployments.
 
@@ -95,6 +97,28 @@ enum Cmd {
         /// the server certificate is valid for (repeat or comma-separate).
         #[arg(long = "host", value_delimiter = ',', default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         hosts: Vec<String>,
+    },
+    /// Size a table: bytes per row, bytes per shard, and how many shards a
+    /// job needs (from the store's own layout and growth rules).
+    Plan {
+        /// Distinct ids the table will hold.
+        #[arg(long)]
+        ids: u64,
+        /// Embedding width.
+        #[arg(long, default_value_t = 18)]
+        dim: usize,
+        /// Optimizer: sgd, adagrad, adam, ftrl, rowwise_adagrad, rowwise_adam.
+        #[arg(long, default_value = "rowwise_adagrad")]
+        optimizer: String,
+        /// Weight precision: f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        precision: String,
+        /// Size for this many shards.
+        #[arg(long, conflicts_with = "memory_per_shard")]
+        shards: Option<u32>,
+        /// Find the fewest shards whose process fits in this much memory (8GiB, 500M, bytes).
+        #[arg(long, value_parser = ember_ps::server::parse_bytes)]
+        memory_per_shard: Option<u64>,
     },
     /// End-to-end throughput: the same worker against loopback shards and the in-process store.
     BenchE2e {
@@ -245,6 +269,25 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 files.client_key.display(),
                 token.display()
             );
+        }
+        Cmd::Plan {
+            ids,
+            dim,
+            optimizer,
+            precision,
+            shards,
+            memory_per_shard,
+        } => {
+            let req = ember_cluster::plan::PlanRequest {
+                ids,
+                dim,
+                optimizer,
+                precision,
+                shards,
+                memory_per_shard,
+            };
+            let (_, text) = ember_cluster::plan::run(&req)?;
+            print!("{text}");
         }
         Cmd::BenchE2e {
             config,

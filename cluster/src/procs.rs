@@ -73,6 +73,8 @@ pub struct ShardSpec {
     pub log_file: Option<PathBuf>,
     /// TLS/token flags (`--tls-cert ... --auth-token-file ...` or `--insecure`).
     pub security_args: Vec<std::ffi::OsString>,
+    /// Memory budget of the shard's tables in bytes (0 = none): `--max-bytes`.
+    pub max_bytes: u64,
 }
 
 impl ShardProcess {
@@ -93,6 +95,9 @@ impl ShardProcess {
         }
         if spec.restore {
             cmd.arg("--restore");
+        }
+        if spec.max_bytes > 0 {
+            cmd.arg("--max-bytes").arg(spec.max_bytes.to_string());
         }
         cmd.args(&spec.security_args);
         cmd.stdin(Stdio::null())

@@ -48,6 +48,52 @@ pub struct BenchArgs {
     /// Id space of the load mode (`--rows` is for the other modes).
     #[arg(long, default_value_t = 100_000)]
     pub load_rows: u64,
+    /// Weight precision of the benchmark table: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// Optimizer of the benchmark table: adagrad, rowwise_adagrad, adam,
+    /// rowwise_adam or sgd.
+    #[arg(long, default_value = "adagrad")]
+    pub optimizer: String,
+}
+
+/// The benchmark table with the precision and optimizer of the flags.
+fn table_cfg_for(a: &BenchArgs) -> Result<TableConfig> {
+    let mut c = table_cfg(a.dim);
+    c.precision = match a.precision.as_str() {
+        "f32" => Precision::F32,
+        "f16" => Precision::F16,
+        "bf16" => Precision::Bf16,
+        p => {
+            return Err(PsError::invalid(format!(
+                "--precision {p}: expected f32, f16 or bf16"
+            )))
+        }
+    } as i32;
+    let adagrad = Adagrad {
+        lr: 0.05,
+        initial_accumulator: 0.1,
+        eps: 1e-8,
+    };
+    let adam = Adam {
+        lr: 0.001,
+        ..Default::default()
+    };
+    c.optimizer = Some(OptimizerConfig {
+        kind: Some(match a.optimizer.as_str() {
+            "adagrad" => optimizer_config::Kind::Adagrad(adagrad),
+            "rowwise_adagrad" => optimizer_config::Kind::RowwiseAdagrad(adagrad),
+            "adam" => optimizer_config::Kind::Adam(adam),
+            "rowwise_adam" => optimizer_config::Kind::RowwiseAdam(adam),
+            "sgd" => optimizer_config::Kind::Sgd(Sgd { lr: 0.05 }),
+            o => {
+                return Err(PsError::invalid(format!(
+                    "--optimizer {o}: expected adagrad, rowwise_adagrad, adam, rowwise_adam or sgd"
+                )))
+            }
+        }),
+    });
+    Ok(c)
 }
 
 struct Rng(u64);
@@ -142,8 +188,8 @@ pub async fn run(a: BenchArgs) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "rows={} dim={} batch={} seconds/measure={}\n",
-        a.rows, a.dim, a.batch, a.seconds
+        "rows={} dim={} batch={} seconds/measure={} precision={} optimizer={}\n",
+        a.rows, a.dim, a.batch, a.seconds, a.precision, a.optimizer
     );
     let _ = writeln!(
         out,
@@ -158,7 +204,7 @@ pub async fn run(a: BenchArgs) -> Result<String> {
         checkpoint_dir: Some(dir.clone()),
         ..Default::default()
     })?);
-    shard.create_table(table_cfg(a.dim))?;
+    shard.create_table(table_cfg_for(&a)?)?;
     let fill_t = fill(&shard, a.rows, dim)?;
     let rss1 = rss_bytes();
     let t = shard.table("bench")?;

@@ -9,6 +9,8 @@
 //!                   u32 len + TableConfig (protobuf),
 //!                   64 stripe blocks of (u64 rows, rows of
 //!                     [id u64, count u32, last_step u64, f32 * (dim + state)]),
+//!                   (values as f32 whatever the table's precision: the
+//!                   config names it, and restore rounds back exactly),
 //!                   u64 pending, pending of [id u64, count u32]
 //!                 u32 dense params, per param:
 //!                   u32 len + name, u8 has_opt, [u32 len + OptimizerConfig],
@@ -261,13 +263,20 @@ fn write_tmp(
             for s in 0..NUM_STRIPES {
                 let view = t.stripe_rows(s);
                 w.write_all(&(view.len() as u64).to_le_bytes())?;
-                for (id, count, last, vals) in view.iter() {
-                    w.write_all(&id.to_le_bytes())?;
-                    w.write_all(&count.to_le_bytes())?;
-                    w.write_all(&last.to_le_bytes())?;
-                    put_f32s(&mut w, vals, &mut scratch)?;
+                let mut res = Ok(());
+                view.for_each(|id, count, last, vals| {
+                    if res.is_err() {
+                        return;
+                    }
+                    res = (|| {
+                        w.write_all(&id.to_le_bytes())?;
+                        w.write_all(&count.to_le_bytes())?;
+                        w.write_all(&last.to_le_bytes())?;
+                        put_f32s(&mut w, vals, &mut scratch)
+                    })();
                     rows += 1;
-                }
+                });
+                res?;
             }
             let mut pending = Vec::new();
             t.for_each_pending(|id, c| pending.push((id, c)));
@@ -583,7 +592,7 @@ fn decode_body<R: Read>(r: R, frame: &Frame, path: &Path) -> Result<Loaded> {
                 format!("table `{}` appears twice", spec.name()),
             ));
         }
-        let width = spec.stride() - crate::store::HEADER;
+        let width = spec.values_per_row();
         let row_bytes = 20 + 4 * width as u64;
         let table = Table::new(spec);
         for _ in 0..NUM_STRIPES {

@@ -114,6 +114,11 @@ impl DenseStore {
         opt: Option<&OptimizerConfig>,
     ) -> Result<Vec<String>> {
         let optimizer = Optimizer::from_config(opt)?;
+        if optimizer.is_rowwise() {
+            return Err(PsError::invalid(
+                "malformed optimizer config: row-wise optimizers are for sparse tables; dense parameters take sgd, adagrad, adam or ftrl",
+            ));
+        }
         check_unique(params.iter().map(|p| p.name.as_str()))?;
         let mut g = self.inner.lock();
         for p in params {

@@ -8,8 +8,11 @@
 //! [`optim::Optimizer`] (updates over `&mut [f32]`).
 
 pub mod error;
+pub mod index;
 pub mod init;
 pub mod optim;
+pub mod row;
+pub mod sizing;
 pub mod store;
 
 pub use error::{PsError, Result};

@@ -72,6 +72,13 @@ struct ServeFlags {
     /// Log format on stderr: text or compact.
     #[arg(long)]
     log_format: Option<String>,
+    /// Memory budget of the sparse tables (bytes, or with a unit: 8GiB,
+    /// 500M); past it new rows replace cold ones. 0 = unlimited.
+    #[arg(long, value_parser = ember_ps::server::parse_bytes)]
+    max_bytes: Option<u64>,
+    /// Half-life in steps of a row's count in the eviction score.
+    #[arg(long)]
+    evict_half_life_steps: Option<u64>,
 }
 
 fn config_from(f: ServeFlags) -> anyhow::Result<ServerConfig> {
@@ -124,6 +131,12 @@ fn config_from(f: ServeFlags) -> anyhow::Result<ServerConfig> {
     }
     if f.insecure {
         c.insecure = true;
+    }
+    if let Some(v) = f.max_bytes {
+        c.max_bytes = v;
+    }
+    if let Some(v) = f.evict_half_life_steps {
+        c.evict_half_life_steps = v;
     }
     c.resolve_token()?;
     c.validate()?;

@@ -34,8 +34,16 @@ pub const RESIDENT_ROWS: &str = "ember_ps_resident_rows";
 pub const RESIDENT_BYTES: &str = "ember_ps_resident_bytes";
 /// Ids held back by admission, labels `table`, `shard`.
 pub const NOT_ADMITTED: &str = "ember_ps_not_admitted_total";
-/// Rows evicted by TTL, labels `table`, `shard`.
+/// Rows evicted, labels `table`, `shard`, `reason` (`ttl` or `budget`).
 pub const EVICTED: &str = "ember_ps_evicted_total";
+/// Allocated bytes per stored row, all-in (gauge), labels `table`, `shard`.
+pub const BYTES_PER_ROW: &str = "ember_ps_bytes_per_row";
+/// Arena bytes of one row (gauge), labels `table`, `shard`.
+pub const ROW_BYTES: &str = "ember_ps_row_bytes";
+/// Bytes charged to the shard's memory budget (gauge), label `shard`.
+pub const BUDGET_USED_BYTES: &str = "ember_ps_budget_used_bytes";
+/// The shard's memory budget (gauge, only when set), label `shard`.
+pub const BUDGET_MAX_BYTES: &str = "ember_ps_budget_max_bytes";
 /// Dense step (gauge), label `shard`.
 pub const DENSE_STEP: &str = "ember_ps_dense_step";
 

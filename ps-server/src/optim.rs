@@ -10,6 +10,12 @@
 //! | Adagrad | `dim` (acc) | `acc += g²; w -= lr * g / (sqrt(acc) + eps)` |
 //! | Adam | `2*dim + 2` (m, v, β1^t, β2^t) | lazy Adam, bias correction by the row's own update count t |
 //! | FTRL | `2*dim` (z, n) | FTRL-Proximal per coordinate (McMahan et al. 2013) |
+//! | row-wise Adagrad | `1` (acc) | `acc += mean(g²); w -= lr * g / (sqrt(acc) + eps)` (FBGEMM/TorchRec) |
+//! | row-wise Adam | `dim + 3` (m, v, β1^t, β2^t) | `m` per coordinate, `v += (1-β2)(mean(g²) - v)` per row |
+//!
+//! The row-wise variants keep one second moment per row instead of one per
+//! coordinate: 4 bytes of state for a row of any width, which is what makes
+//! 10^8+ rows fit (see `store`). They are for sparse tables only.
 
 use crate::error::{PsError, Result};
 use ember_proto::v1::{optimizer_config::Kind, OptimizerConfig};
@@ -55,6 +61,26 @@ pub enum Optimizer {
         /// Denominator epsilon.
         eps: f32,
     },
+    /// Row-wise Adagrad: one accumulator per row.
+    RowwiseAdagrad {
+        /// Learning rate.
+        lr: f32,
+        /// Initial accumulator value.
+        init_acc: f32,
+        /// Denominator epsilon.
+        eps: f32,
+    },
+    /// Partial row-wise Adam: first moment per coordinate, second moment per row.
+    RowwiseAdam {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Denominator epsilon.
+        eps: f32,
+    },
     /// FTRL-Proximal.
     Ftrl {
         /// Learning-rate alpha.
@@ -91,42 +117,28 @@ impl Optimizer {
                 check(fin(s.lr) && s.lr >= 0.0, "sgd.lr must be finite and >= 0")?;
                 Optimizer::Sgd { lr: s.lr }
             }
-            Kind::Adagrad(a) => {
-                check(
-                    fin(a.lr) && a.lr >= 0.0,
-                    "adagrad.lr must be finite and >= 0",
-                )?;
-                check(
-                    fin(a.initial_accumulator) && a.initial_accumulator >= 0.0,
-                    "adagrad.initial_accumulator must be finite and >= 0",
-                )?;
-                check(
-                    fin(a.eps) && a.eps >= 0.0,
-                    "adagrad.eps must be finite and >= 0",
-                )?;
-                Optimizer::Adagrad {
-                    lr: a.lr,
-                    init_acc: a.initial_accumulator,
-                    eps: if a.eps == 0.0 { ADAGRAD_EPS } else { a.eps },
+            Kind::RowwiseAdagrad(a) => match Self::adagrad(a, "rowwise_adagrad")? {
+                Optimizer::Adagrad { lr, init_acc, eps } => {
+                    Optimizer::RowwiseAdagrad { lr, init_acc, eps }
                 }
-            }
-            Kind::Adam(a) => {
-                check(fin(a.lr) && a.lr >= 0.0, "adam.lr must be finite and >= 0")?;
-                check(
-                    (0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2),
-                    "adam.beta1/beta2 must be in [0, 1)",
-                )?;
-                check(
-                    fin(a.eps) && a.eps >= 0.0,
-                    "adam.eps must be finite and >= 0",
-                )?;
+                other => other,
+            },
+            Kind::RowwiseAdam(a) => match Self::adam(a, "rowwise_adam")? {
                 Optimizer::Adam {
-                    lr: a.lr,
-                    beta1: if a.beta1 == 0.0 { ADAM_BETA1 } else { a.beta1 },
-                    beta2: if a.beta2 == 0.0 { ADAM_BETA2 } else { a.beta2 },
-                    eps: if a.eps == 0.0 { ADAM_EPS } else { a.eps },
-                }
-            }
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                } => Optimizer::RowwiseAdam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                },
+                other => other,
+            },
+            Kind::Adagrad(a) => Self::adagrad(a, "adagrad")?,
+            Kind::Adam(a) => Self::adam(a, "adam")?,
             Kind::Ftrl(f) => {
                 check(
                     fin(f.alpha) && f.alpha > 0.0,
@@ -151,6 +163,60 @@ impl Optimizer {
         })
     }
 
+    /// Validates Adagrad hyper-parameters; `name` prefixes the field in errors.
+    fn adagrad(a: &ember_proto::v1::Adagrad, name: &str) -> Result<Self> {
+        let fin = |x: f32| x.is_finite();
+        check(
+            fin(a.lr) && a.lr >= 0.0,
+            &format!("{name}.lr must be finite and >= 0"),
+        )?;
+        check(
+            fin(a.initial_accumulator) && a.initial_accumulator >= 0.0,
+            &format!("{name}.initial_accumulator must be finite and >= 0"),
+        )?;
+        check(
+            fin(a.eps) && a.eps >= 0.0,
+            &format!("{name}.eps must be finite and >= 0"),
+        )?;
+        Ok(Optimizer::Adagrad {
+            lr: a.lr,
+            init_acc: a.initial_accumulator,
+            eps: if a.eps == 0.0 { ADAGRAD_EPS } else { a.eps },
+        })
+    }
+
+    /// Validates Adam hyper-parameters; `name` prefixes the field in errors.
+    fn adam(a: &ember_proto::v1::Adam, name: &str) -> Result<Self> {
+        let fin = |x: f32| x.is_finite();
+        check(
+            fin(a.lr) && a.lr >= 0.0,
+            &format!("{name}.lr must be finite and >= 0"),
+        )?;
+        check(
+            (0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2),
+            &format!("{name}.beta1/beta2 must be in [0, 1)"),
+        )?;
+        check(
+            fin(a.eps) && a.eps >= 0.0,
+            &format!("{name}.eps must be finite and >= 0"),
+        )?;
+        Ok(Optimizer::Adam {
+            lr: a.lr,
+            beta1: if a.beta1 == 0.0 { ADAM_BETA1 } else { a.beta1 },
+            beta2: if a.beta2 == 0.0 { ADAM_BETA2 } else { a.beta2 },
+            eps: if a.eps == 0.0 { ADAM_EPS } else { a.eps },
+        })
+    }
+
+    /// Whether this optimizer keeps per-row (not per-coordinate) statistics,
+    /// which only makes sense for sparse embedding rows.
+    pub fn is_rowwise(&self) -> bool {
+        matches!(
+            self,
+            Optimizer::RowwiseAdagrad { .. } | Optimizer::RowwiseAdam { .. }
+        )
+    }
+
     /// Number of f32 state values per row of width `dim`.
     pub fn state_len(&self, dim: usize) -> usize {
         match self {
@@ -158,6 +224,8 @@ impl Optimizer {
             Optimizer::Adagrad { .. } => dim,
             Optimizer::Adam { .. } => 2 * dim + 2,
             Optimizer::Ftrl { .. } => 2 * dim,
+            Optimizer::RowwiseAdagrad { .. } => 1,
+            Optimizer::RowwiseAdam { .. } => dim + 3,
         }
     }
 
@@ -165,8 +233,10 @@ impl Optimizer {
     pub fn init_state(&self, state: &mut [f32]) {
         match self {
             Optimizer::Sgd { .. } => {}
-            Optimizer::Adagrad { init_acc, .. } => state.fill(*init_acc),
-            Optimizer::Adam { .. } => {
+            Optimizer::Adagrad { init_acc, .. } | Optimizer::RowwiseAdagrad { init_acc, .. } => {
+                state.fill(*init_acc)
+            }
+            Optimizer::Adam { .. } | Optimizer::RowwiseAdam { .. } => {
                 state.fill(0.0);
                 let n = state.len();
                 if n >= 2 {
@@ -203,6 +273,22 @@ impl Optimizer {
                 let c1 = 1.0 - pows[0];
                 let c2 = 1.0 - pows[1];
                 adam(w, m, v, g, lr, beta1, beta2, eps, c1, c2);
+            }
+            Optimizer::RowwiseAdagrad { lr, eps, .. } => {
+                rowwise_adagrad(w, &mut state[0], g, lr, eps)
+            }
+            Optimizer::RowwiseAdam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                let (m, rest) = state.split_at_mut(d);
+                rest[1] *= beta1;
+                rest[2] *= beta2;
+                let c1 = 1.0 - rest[1];
+                let c2 = 1.0 - rest[2];
+                rowwise_adam(w, m, &mut rest[0], g, lr, beta1, beta2, eps, c1, c2);
             }
             Optimizer::Ftrl {
                 alpha,
@@ -256,6 +342,50 @@ pub fn adam(
         let mhat = *m / c1;
         let vhat = *v / c2;
         *w -= lr * mhat / (vhat.sqrt() + eps);
+    }
+}
+
+/// Mean of `g²` over a row (0 for an empty row).
+#[inline]
+fn mean_sq(g: &[f32]) -> f32 {
+    if g.is_empty() {
+        return 0.0;
+    }
+    g.iter().map(|x| x * x).sum::<f32>() / g.len() as f32
+}
+
+/// Row-wise Adagrad: `acc += mean(g²); w -= lr * g / (sqrt(acc) + eps)`.
+#[inline]
+pub fn rowwise_adagrad(w: &mut [f32], acc: &mut f32, g: &[f32], lr: f32, eps: f32) {
+    *acc += mean_sq(g);
+    let scale = lr / (acc.sqrt() + eps);
+    for (w, g) in w.iter_mut().zip(g) {
+        *w -= scale * g;
+    }
+}
+
+/// Partial row-wise Adam with bias corrections `c1 = 1 - β1^t`, `c2 = 1 - β2^t`:
+/// `m = β1 m + (1-β1) g` per coordinate; `v = β2 v + (1-β2) mean(g²)` per row;
+/// `w -= lr * (m/c1) / (sqrt(v/c2) + eps)`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn rowwise_adam(
+    w: &mut [f32],
+    m: &mut [f32],
+    v: &mut f32,
+    g: &[f32],
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    c1: f32,
+    c2: f32,
+) {
+    *v = beta2 * *v + (1.0 - beta2) * mean_sq(g);
+    let denom = (*v / c2).sqrt() + eps;
+    for ((w, m), g) in w.iter_mut().zip(m.iter_mut()).zip(g) {
+        *m = beta1 * *m + (1.0 - beta1) * g;
+        *w -= lr * (*m / c1) / denom;
     }
 }
 
@@ -406,6 +536,50 @@ mod tests {
     }
 
     #[test]
+    fn rowwise_adagrad_hand_computed() {
+        let o = opt(Kind::RowwiseAdagrad(Adagrad {
+            lr: 0.1,
+            initial_accumulator: 0.5,
+            eps: 1e-3,
+        }));
+        assert_eq!(o.state_len(4), 1);
+        assert!(o.is_rowwise());
+        let mut w = [1.0f32, -1.0];
+        let mut s = [0.0f32];
+        o.init_state(&mut s);
+        assert_eq!(s, [0.5]);
+        // mean(g²) = (4 + 16)/2 = 10; acc = 10.5; w -= 0.1 * g / (sqrt(10.5) + 1e-3)
+        o.step(&mut w, &mut s, &[2.0, 4.0]);
+        let den = 10.5f32.sqrt() + 1e-3;
+        close(s[0], 10.5);
+        close(w[0], 1.0 - 0.2 / den);
+        close(w[1], -1.0 - 0.4 / den);
+    }
+
+    #[test]
+    fn rowwise_adam_hand_computed_with_bias_correction() {
+        let o = opt(Kind::RowwiseAdam(Adam {
+            lr: 0.1,
+            beta1: 0.5,
+            beta2: 0.75,
+            eps: 1e-8,
+        }));
+        assert_eq!(o.state_len(2), 5);
+        let mut w = [1.0f32, 1.0];
+        let mut s = [9.0f32; 5];
+        o.init_state(&mut s);
+        assert_eq!(s, [0.0, 0.0, 0.0, 1.0, 1.0]);
+        // t=1: m = (1, -1)·0.5·2... g = (2, -2): m = (1, -1); v = 0.25 * mean(4, 4) = 1
+        // mhat = m / 0.5 = (2, -2); vhat = 1 / 0.25 = 4; w = 1 -+ 0.1 * 2 / 2
+        o.step(&mut w, &mut s, &[2.0, -2.0]);
+        close(s[0], 1.0);
+        close(s[1], -1.0);
+        close(s[2], 1.0);
+        close(w[0], 0.9);
+        close(w[1], 1.1);
+    }
+
+    #[test]
     fn rejects_malformed() {
         let bad = [
             Kind::Sgd(Sgd { lr: f32::NAN }),
@@ -417,6 +591,10 @@ mod tests {
             }),
             Kind::Ftrl(Ftrl {
                 alpha: 0.0,
+                ..Default::default()
+            }),
+            Kind::RowwiseAdagrad(Adagrad {
+                lr: -1.0,
                 ..Default::default()
             }),
         ];

@@ -45,6 +45,44 @@ pub fn client_endpoint(addr: SocketAddr) -> Result<tonic::transport::Endpoint> {
     )
 }
 
+/// The smallest non-zero `max_bytes`: one row of the narrowest table (a
+/// dim-1 row and its index bucket). Tables check their own row size on creation.
+pub const MIN_MAX_BYTES: u64 = 32;
+
+/// Parses a byte size: a plain number of bytes or one with a suffix
+/// `K`/`M`/`G`/`T` (powers of 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024).
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}` (use B, K, M, G, T, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte size (e.g. 8GiB, 500M, 1048576)"))?;
+    let bytes = v * mult;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
 /// Everything a shard server needs. Deserializable from TOML (the
 /// `--config` file uses these field names); every field has a default.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -81,6 +119,11 @@ pub struct ServerConfig {
     /// Allow serving without TLS or without a token (the binary refuses to
     /// start otherwise; the library only warns).
     pub insecure: bool,
+    /// Memory budget of the sparse tables in bytes (0 = unlimited); past it
+    /// new rows replace cold ones instead of growing the shard.
+    pub max_bytes: u64,
+    /// Half-life in steps of a row's count in the eviction score (0 = default).
+    pub evict_half_life_steps: u64,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +144,8 @@ impl Default for ServerConfig {
             tls_key: None,
             tls_client_ca: None,
             insecure: false,
+            max_bytes: 0,
+            evict_half_life_steps: 0,
         }
     }
 }
@@ -126,6 +171,12 @@ impl ServerConfig {
         }
         if self.max_message_bytes < 1024 {
             return Err(PsError::invalid("max_message_bytes must be >= 1024"));
+        }
+        if self.max_bytes > 0 && self.max_bytes < MIN_MAX_BYTES {
+            return Err(PsError::invalid(format!(
+                "max_bytes {} is smaller than one row (use 0 for no budget, or at least {MIN_MAX_BYTES})",
+                self.max_bytes
+            )));
         }
         if !matches!(self.log_format.as_str(), "text" | "compact") {
             return Err(PsError::invalid(format!(
@@ -217,6 +268,8 @@ impl ServerConfig {
             shard_index: self.shard_index,
             num_shards: self.num_shards,
             checkpoint_dir: self.checkpoint_dir.clone(),
+            max_bytes: self.max_bytes,
+            evict_half_life_steps: self.evict_half_life_steps,
         }
     }
 }

@@ -6,7 +6,7 @@ use crate::checkpoint::{self, CheckpointInfo};
 use crate::dense::{DenseStore, DenseTensor};
 use crate::error::{PsError, Result};
 use crate::metrics as m;
-use crate::store::{PushOutcome, Table, TableSpec, TableStats};
+use crate::store::{Budget, PushOutcome, Table, TableSpec, TableStats};
 use ember_proto::route::{fnv1a64, splitmix64};
 use ember_proto::v1::{OptimizerConfig, StatsResponse, TableConfig, TableInfo};
 use ember_proto::{Router, NUM_BUCKETS};
@@ -27,6 +27,12 @@ pub struct ShardConfig {
     /// Root checkpoint directory (the shard writes under
     /// `<dir>/shard-<i>-of-<n>/`); `None` disables checkpoints.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Memory budget of the sparse tables in bytes (0 = unlimited): past it
+    /// new rows replace cold ones (see `store`).
+    pub max_bytes: u64,
+    /// Half-life in steps of a row's count in the eviction score (0 = the
+    /// default, `store::DEFAULT_EVICT_HALF_LIFE`).
+    pub evict_half_life_steps: u64,
 }
 
 impl Default for ShardConfig {
@@ -35,6 +41,8 @@ impl Default for ShardConfig {
             shard_index: 0,
             num_shards: 1,
             checkpoint_dir: None,
+            max_bytes: 0,
+            evict_half_life_steps: 0,
         }
     }
 }
@@ -48,6 +56,7 @@ pub struct Shard {
     router: Router,
     shard_label: String,
     tables: RwLock<FxHashMap<String, Arc<Table>>>,
+    budget: Arc<Budget>,
     dense: DenseStore,
     started: Instant,
     checkpoint_step: AtomicU64,
@@ -64,6 +73,52 @@ impl std::fmt::Debug for Shard {
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
     }
+}
+
+/// The fields in which two table configs differ, as `field: a -> b`.
+fn config_diff(a: &TableConfig, b: &TableConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut f = |name: &str, x: String, y: String| {
+        if x != y {
+            out.push(format!("{name}: existing {x}, requested {y}"));
+        }
+    };
+    let prec = |v: i32| {
+        crate::store::WeightPrecision::from_proto(v)
+            .map(|p| p.name().to_string())
+            .unwrap_or_else(|_| v.to_string())
+    };
+    f("precision", prec(a.precision), prec(b.precision));
+    f("dim", a.dim.to_string(), b.dim.to_string());
+    f(
+        "optimizer",
+        format!("{:?}", a.optimizer),
+        format!("{:?}", b.optimizer),
+    );
+    f("init", format!("{:?}", a.init), format!("{:?}", b.init));
+    f("seed", a.seed.to_string(), b.seed.to_string());
+    f(
+        "mba_lambda",
+        a.mba_lambda.to_string(),
+        b.mba_lambda.to_string(),
+    );
+    f(
+        "count_mode",
+        a.count_mode.to_string(),
+        b.count_mode.to_string(),
+    );
+    f(
+        "admit_min_count",
+        a.admit_min_count.to_string(),
+        b.admit_min_count.to_string(),
+    );
+    f(
+        "ttl_steps",
+        a.ttl_steps.to_string(),
+        b.ttl_steps.to_string(),
+    );
+    f("plain_l2", a.plain_l2.to_string(), b.plain_l2.to_string());
+    out
 }
 
 fn find_duplicate(ids: &[u64]) -> Option<u64> {
@@ -84,6 +139,7 @@ impl Shard {
             )));
         }
         Ok(Shard {
+            budget: Budget::new(cfg.max_bytes),
             router: Router::new(cfg.num_shards),
             shard_label: cfg.shard_index.to_string(),
             cfg,
@@ -166,16 +222,40 @@ impl Shard {
                     return Ok(false);
                 }
                 return Err(PsError::invalid(format!(
-                    "table `{}` exists with a different config: existing {:?}, requested {:?}",
+                    "table `{}` exists with a different config ({}): existing {:?}, requested {:?}",
                     spec.name(),
+                    config_diff(&t.spec().config, &spec.config).join(", "),
                     t.spec().config,
                     spec.config
                 )));
             }
-            g.insert(spec.name().to_string(), Arc::new(Table::new(spec)));
+            let row = spec.layout().bytes() as u64 + crate::index::BUCKET_BYTES as u64;
+            if self.budget.is_limited() && self.budget.max_bytes() < row {
+                return Err(PsError::invalid(format!(
+                    "max_bytes {} of shard {} is smaller than one row of table `{}` ({row} B)",
+                    self.budget.max_bytes(),
+                    self.shard_label,
+                    spec.name()
+                )));
+            }
+            let t = Table::with_budget(spec, self.budget.clone());
+            self.configure_table(&t);
+            g.insert(t.spec().name().to_string(), Arc::new(t));
             Ok(true)
         })();
         self.track(r)
+    }
+
+    /// Applies the shard's eviction settings to a table of this shard.
+    fn configure_table(&self, t: &Table) {
+        if self.cfg.evict_half_life_steps > 0 {
+            t.set_evict_half_life(self.cfg.evict_half_life_steps);
+        }
+    }
+
+    /// The shard's memory budget (shared by its tables).
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     fn info(name: &str, t: &Table) -> TableInfo {
@@ -188,6 +268,8 @@ impl Shard {
             counted_ids: st.counted_ids,
             evicted: st.evicted,
             not_admitted: st.not_admitted,
+            evicted_budget: st.evicted_budget,
+            row_bytes: st.row_bytes,
         }
     }
 
@@ -286,6 +368,10 @@ impl Shard {
             metrics::counter!(m::ROWS_PUSHED, &labels).increment(o.updated);
             if o.not_admitted > 0 {
                 metrics::counter!(m::NOT_ADMITTED, &labels).increment(o.not_admitted);
+            }
+            if o.evicted_budget > 0 {
+                metrics::counter!(m::EVICTED, "table" => table.to_string(), "shard" => self.shard_label.clone(), "reason" => "budget")
+                    .increment(o.evicted_budget);
             }
         }
         self.track(r)
@@ -405,7 +491,7 @@ impl Shard {
             for t in &tables {
                 let n = t.sweep();
                 if n > 0 {
-                    metrics::counter!(m::EVICTED, "table" => t.spec().name().to_string(), "shard" => self.shard_label.clone())
+                    metrics::counter!(m::EVICTED, "table" => t.spec().name().to_string(), "shard" => self.shard_label.clone(), "reason" => "ttl")
                         .increment(n);
                 }
             }
@@ -486,7 +572,11 @@ impl Shard {
             let map: FxHashMap<String, Arc<Table>> = loaded
                 .tables
                 .into_iter()
-                .map(|t| (t.spec().name().to_string(), Arc::new(t)))
+                .map(|t| {
+                    t.set_budget(self.budget.clone());
+                    self.configure_table(&t);
+                    (t.spec().name().to_string(), Arc::new(t))
+                })
                 .collect();
             *self.tables.write() = map;
             self.dense.replace(loaded.dense, loaded.dense_step);
@@ -507,6 +597,11 @@ impl Shard {
             rows_pulled: self.rows_pulled.load(Ordering::Relaxed),
             rows_pushed: self.rows_pushed.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            max_bytes: if self.budget.is_limited() {
+                self.budget.max_bytes()
+            } else {
+                0
+            },
         }
     }
 
@@ -520,6 +615,20 @@ impl Shard {
             ];
             metrics::gauge!(m::RESIDENT_ROWS, &labels).set(st.rows as f64);
             metrics::gauge!(m::RESIDENT_BYTES, &labels).set(st.resident_bytes as f64);
+            let per_row = if st.rows > 0 {
+                st.resident_bytes as f64 / st.rows as f64
+            } else {
+                0.0
+            };
+            metrics::gauge!(m::BYTES_PER_ROW, &labels).set(per_row);
+            metrics::gauge!(m::ROW_BYTES, &labels).set(st.row_bytes as f64);
+        }
+        let shard = self.shard_label.clone();
+        metrics::gauge!(m::BUDGET_USED_BYTES, "shard" => shard.clone())
+            .set(self.budget.used() as f64);
+        if self.budget.is_limited() {
+            metrics::gauge!(m::BUDGET_MAX_BYTES, "shard" => shard)
+                .set(self.budget.max_bytes() as f64);
         }
         let (_, step) = self.dense_info();
         metrics::gauge!(m::DENSE_STEP, "shard" => self.shard_label.clone()).set(step as f64);

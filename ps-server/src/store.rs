@@ -3,47 +3,72 @@
 //! A [`Table`] is split into [`NUM_STRIPES`] stripes, each a
 //! `parking_lot::RwLock` over an index and an arena:
 //!
-//! * the **arena** is a list of contiguous `Vec<f32>` chunks of
-//!   [`CHUNK_ROWS`] rows; every row is one fixed-stride record
-//!   `[key_lo, key_hi, count, step_lo, step_hi, emb[dim], opt_state[s]]`
-//!   (the key, the feature count n_j and the last-update step are stored as
-//!   raw bits in f32 slots), so a row costs exactly its payload plus 8 bytes
-//!   of step, and a lookup touches one place in memory after the index;
-//! * the **index** is a linear-probing table of 8-byte buckets
-//!   `slot << 32 | tag` (`tag` = low 32 bits of the id hash, which also give
-//!   the home bucket); the key itself is compared in the arena row.
+//! * the **arena** is a list of contiguous `Vec<u32>` chunks of
+//!   up to [`CHUNK_ROWS`] rows (a chunk starts at 16 rows and doubles); every row is one fixed-stride record laid out by
+//!   [`RowLayout`]: key, count n_j, last-update step (u32), f32 optimizer
+//!   state, then the weights in the table's [`WeightPrecision`] (f32, f16 or
+//!   bf16). Dim 18 with f16 weights and row-wise Adagrad is 56 bytes;
+//! * the **index** ([`crate::index`]) maps the id hash to the arena slot with
+//!   5 bytes per bucket (a tag byte and the slot), growing by 1.5x at 7/8
+//!   load; the key is compared in the arena row.
+//!
+//! Bytes per stored row, all-in: `RowLayout::bytes()` + the index (5 bytes /
+//! load, 5.7..8.6 B) + chunk slack; [`Table::stats`] reports the exact
+//! allocated bytes and `ember plan` predicts them.
 //!
 //! Batched operations group their ids by stripe, take each stripe lock once
 //! per batch and work through each stripe's ids as a software pipeline over
 //! blocks of [`PREFETCH_BLOCK`] ids: while block `k` is looked up and copied
 //! or updated, the rows of block `k + 1` (found through their candidate
 //! slots) and the home buckets of block `k + 2` are prefetched, so the cache
-//! misses overlap instead of following each other. A push holds the stripe's write lock while it updates a
-//! row, so concurrent pushes to the same row are atomic per row.
-//! Ids with a count but no row (loaded counts, or ids held back by
-//! admission) live in a small per-stripe map of pending counts.
+//! misses overlap instead of following each other. A push holds the stripe's
+//! write lock while it updates a row, so concurrent pushes to the same row
+//! are atomic per row.
+//!
+//! **Memory budget.** Every table of a shard charges its allocated bytes to
+//! one [`Budget`]. Below it the store behaves as without one. When a new row
+//! would make the stripe allocate (a new arena chunk, a larger index) past
+//! the budget, the stripe instead evicts one of its rows and reuses the slot:
+//! sampled LFU with decay — of [`EVICT_SAMPLES`] random rows of the stripe,
+//! the one with the lowest `log2(1 + n_j) - age / half_life` goes (n_j the
+//! row's count, age the steps since its last update; a table without counts
+//! is pure LRU). So the shard never grows past the budget and keeps serving;
+//! an evicted row's next pull gets its initial value again and its count is
+//! forgotten. TTL eviction (`ttl_steps`) stays and keeps the count.
+//!
+//! Ids with a count but no row (loaded counts, ids held back by admission or
+//! TTL-evicted) live in a small per-stripe map of pending counts.
 
 use crate::error::{PsError, Result};
+use crate::index::Index;
 use crate::init::Init;
 use crate::optim::Optimizer;
+use crate::row::{noise_seed, FREE_STEP, HEADER_WORDS, MAX_ROW_STEP};
+pub use crate::row::{RowLayout, WeightPrecision};
 use ember_proto::route::splitmix64;
 use ember_proto::v1::{initializer, CountMode, TableConfig};
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Number of lock stripes per table.
 pub const NUM_STRIPES: usize = 64;
 /// Rows per arena chunk (the first chunk of a stripe grows up to this size).
 pub const CHUNK_ROWS: usize = 4096;
-/// f32 slots of the row header: key (2), count (1), last step (2).
-pub const HEADER: usize = 5;
 /// A TTL sweep of one stripe runs every this many pushes to a table.
 pub const SWEEP_EVERY_PUSHES: u64 = 256;
 /// Longest table name in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
 /// Widest row.
 pub const MAX_DIM: u32 = 4096;
+/// Rows sampled per budget eviction.
+pub const EVICT_SAMPLES: usize = 8;
+/// Share of a limited budget the tombstone lists of a table may take before
+/// they are dropped (and the next checkpoint must be a full one).
+pub const TOMBSTONE_BUDGET_SHARE: f64 = 0.02;
+/// Default half-life (in steps) of a row's count in the eviction score.
+pub const DEFAULT_EVICT_HALF_LIFE: u64 = 10_000;
 
 /// Ids per prefetch block in batched pulls and pushes.
 pub const PREFETCH_BLOCK: usize = 16;
@@ -71,30 +96,73 @@ fn stripe_of(h: u64) -> usize {
 }
 
 #[inline]
-fn row_key(row: &[f32]) -> u64 {
-    u64::from(row[0].to_bits()) | (u64::from(row[1].to_bits()) << 32)
+fn row_key(row: &[u32]) -> u64 {
+    u64::from(row[0]) | (u64::from(row[1]) << 32)
 }
 #[inline]
-fn row_count(row: &[f32]) -> u32 {
-    row[2].to_bits()
+fn row_count(row: &[u32]) -> u32 {
+    row[2]
 }
 #[inline]
-fn row_step(row: &[f32]) -> u64 {
-    u64::from(row[3].to_bits()) | (u64::from(row[4].to_bits()) << 32)
+fn row_step(row: &[u32]) -> u64 {
+    u64::from(row[3])
 }
 #[inline]
-fn set_key(row: &mut [f32], id: u64) {
-    row[0] = f32::from_bits(id as u32);
-    row[1] = f32::from_bits((id >> 32) as u32);
+fn set_key(row: &mut [u32], id: u64) {
+    row[0] = id as u32;
+    row[1] = (id >> 32) as u32;
 }
 #[inline]
-fn set_count(row: &mut [f32], c: u32) {
-    row[2] = f32::from_bits(c);
+fn set_count(row: &mut [u32], c: u32) {
+    row[2] = c;
 }
 #[inline]
-fn set_step(row: &mut [f32], s: u64) {
-    row[3] = f32::from_bits(s as u32);
-    row[4] = f32::from_bits((s >> 32) as u32);
+fn set_step(row: &mut [u32], s: u64) {
+    row[3] = s.min(MAX_ROW_STEP) as u32;
+}
+
+/// A shard's memory budget for its sparse tables, shared by them.
+#[derive(Debug)]
+pub struct Budget {
+    max: u64,
+    used: AtomicU64,
+}
+
+impl Budget {
+    /// A budget of `max_bytes` (0 = unlimited).
+    pub fn new(max_bytes: u64) -> Arc<Self> {
+        Arc::new(Budget {
+            max: if max_bytes == 0 { u64::MAX } else { max_bytes },
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// The limit in bytes (`u64::MAX` when unlimited).
+    pub fn max_bytes(&self) -> u64 {
+        self.max
+    }
+
+    /// Whether a limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.max != u64::MAX
+    }
+
+    /// Bytes charged by the tables.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn fits(&self, more: usize) -> bool {
+        self.used().saturating_add(more as u64) <= self.max
+    }
+
+    fn adjust(&self, from: usize, to: usize) {
+        if to > from {
+            self.used.fetch_add((to - from) as u64, Ordering::Relaxed);
+        } else if from > to {
+            self.used.fetch_sub((from - to) as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A validated table configuration.
@@ -110,6 +178,8 @@ pub struct TableSpec {
     pub opt: Optimizer,
     /// Source of n_j.
     pub count_mode: CountMode,
+    /// Storage precision of the weights.
+    pub precision: WeightPrecision,
 }
 
 impl TableSpec {
@@ -147,6 +217,7 @@ impl TableSpec {
         if !config.plain_l2.is_finite() || config.plain_l2 < 0.0 {
             return bad("plain_l2 must be finite and >= 0".into());
         }
+        let precision = WeightPrecision::from_proto(config.precision)?;
         let opt = Optimizer::from_config(config.optimizer.as_ref())?;
         Ok(TableSpec {
             dim: config.dim as usize,
@@ -157,6 +228,7 @@ impl TableSpec {
             },
             opt,
             count_mode,
+            precision,
             config,
         })
     }
@@ -166,25 +238,32 @@ impl TableSpec {
         &self.config.name
     }
 
-    /// f32 values per stored row (header + embedding + optimizer state).
-    pub fn stride(&self) -> usize {
-        HEADER + self.dim + self.opt.state_len(self.dim)
+    /// The row layout of this table.
+    pub fn layout(&self) -> RowLayout {
+        RowLayout::new(self.dim, self.opt.state_len(self.dim), self.precision)
+    }
+
+    /// f32 values a row exchanges with checkpoints and tools: the weights
+    /// followed by the optimizer state.
+    pub fn values_per_row(&self) -> usize {
+        self.dim + self.opt.state_len(self.dim)
     }
 
     /// Whether pushes accumulate per-id counts (every mode but EXACT).
     fn counts_online(&self) -> bool {
         self.count_mode != CountMode::CountExact
     }
-}
 
-/// Empty bucket (slot `u32::MAX` is never handed out).
-const EMPTY: u64 = u64::MAX;
-/// Smallest non-empty bucket array.
-const MIN_BUCKETS: usize = 16;
+    /// The initial weights of `id`, rounded to the storage precision.
+    fn initial(&self, id: u64, out: &mut [f32]) {
+        self.init.fill(id, out);
+        self.precision.round_nearest(out);
+    }
+}
 
 /// Hints the CPU to fetch the cache line at `p` (no-op off x86-64).
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint; it never faults, whatever the address.
     #[allow(unused_unsafe)]
@@ -197,7 +276,7 @@ fn prefetch<T>(p: *const T) {
 
 /// Prefetches `len` bytes from `p` (every cache line they touch).
 #[inline(always)]
-fn prefetch_span(p: *const f32, len: usize) {
+fn prefetch_span(p: *const u32, len: usize) {
     let b = p as *const u8;
     let mut off = 0;
     while off < len {
@@ -207,136 +286,12 @@ fn prefetch_span(p: *const f32, len: usize) {
     prefetch(b.wrapping_add(len.saturating_sub(1)));
 }
 
-/// The stripe index: linear probing over 8-byte buckets `slot << 32 | tag`,
-/// `tag` being the low 32 bits of the id hash (its low bits give the home
-/// bucket, so growing needs no access to the rows). Grows at 3/4 load.
-#[derive(Default)]
-struct Index {
-    buckets: Vec<u64>,
-    len: usize,
-}
-
-impl Index {
-    #[inline]
-    fn tag(h: u64) -> u32 {
-        h as u32
-    }
-
-    #[inline]
-    fn mask(&self) -> usize {
-        self.buckets.len().wrapping_sub(1)
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn allocation_size(&self) -> usize {
-        self.buckets.capacity() * 8
-    }
-
-    /// Prefetches the home bucket of hash `h`.
-    #[inline]
-    fn prefetch(&self, h: u64) {
-        if !self.buckets.is_empty() {
-            let i = Self::tag(h) as usize & self.mask();
-            prefetch(self.buckets.as_ptr().wrapping_add(i));
-        }
-    }
-
-    /// Slots whose bucket tag matches `h`, in probe order, until an empty bucket.
-    #[inline]
-    fn probe(&self, h: u64) -> impl Iterator<Item = u32> + '_ {
-        let tag = Self::tag(h);
-        let mask = self.mask();
-        let mut i = tag as usize & mask;
-        let mut left = self.buckets.len();
-        std::iter::from_fn(move || {
-            while left > 0 {
-                let b = self.buckets[i];
-                if b == EMPTY {
-                    return None;
-                }
-                i = (i + 1) & mask;
-                left -= 1;
-                if b as u32 == tag {
-                    return Some((b >> 32) as u32);
-                }
-            }
-            None
-        })
-    }
-
-    /// First slot whose tag matches `h` (a likely hit, for prefetching).
-    #[inline]
-    fn candidate(&self, h: u64) -> Option<u32> {
-        self.probe(h).next()
-    }
-
-    /// The slot of hash `h` for which `eq(slot)` holds.
-    #[inline]
-    fn find(&self, h: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
-        self.probe(h).find(|&s| eq(s))
-    }
-
-    fn place(buckets: &mut [u64], entry: u64) {
-        let mask = buckets.len() - 1;
-        let mut i = entry as u32 as usize & mask;
-        while buckets[i] != EMPTY {
-            i = (i + 1) & mask;
-        }
-        buckets[i] = entry;
-    }
-
-    /// Inserts `slot` under hash `h` (the key must not be present).
-    fn insert_unique(&mut self, h: u64, slot: u32) {
-        if (self.len + 1) * 4 > self.buckets.len() * 3 {
-            let n = (self.buckets.len() * 2).max(MIN_BUCKETS);
-            let mut fresh = vec![EMPTY; n];
-            for &b in self.buckets.iter().filter(|&&b| b != EMPTY) {
-                Self::place(&mut fresh, b);
-            }
-            self.buckets = fresh;
-        }
-        Self::place(
-            &mut self.buckets,
-            (u64::from(slot) << 32) | u64::from(Self::tag(h)),
-        );
-        self.len += 1;
-    }
-
-    /// Every slot, in bucket order.
-    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.buckets
-            .iter()
-            .filter(|&&b| b != EMPTY)
-            .map(|&b| (b >> 32) as u32)
-    }
-
-    /// Keeps the slots for which `keep` holds (rebuilds the buckets when
-    /// any is dropped, so probe chains stay intact).
-    fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
-        let kept: Vec<u64> = self
-            .buckets
-            .iter()
-            .filter(|&&b| b != EMPTY && keep((b >> 32) as u32))
-            .copied()
-            .collect();
-        if kept.len() == self.len {
-            return;
-        }
-        self.buckets.fill(EMPTY);
-        for &b in &kept {
-            Self::place(&mut self.buckets, b);
-        }
-        self.len = kept.len();
-    }
-}
-
 #[derive(Default)]
 struct Stripe {
     index: Index,
-    chunks: Vec<Vec<f32>>,
+    chunks: Vec<Vec<u32>>,
+    /// Bytes allocated by `chunks`.
+    arena_bytes: usize,
     /// Slots handed out so far (live + free).
     slots: u32,
     free: Vec<u32>,
@@ -344,22 +299,41 @@ struct Stripe {
     pending: FxHashMap<u64, u32>,
     /// Rows whose count is > 0.
     counted_rows: u64,
+    /// Ids whose rows were removed since the last `take_tombstones`
+    /// (only while tombstones are tracked).
+    tombstones: Vec<u64>,
+    /// The tombstone list passed its limit and was dropped.
+    tombs_overflowed: bool,
+    /// Bytes last charged to the budget.
+    charged: usize,
+    /// Eviction sampler state.
+    rng: u64,
 }
+
+/// Bytes of one pending-count entry (hash map slot + control byte).
+const PENDING_ENTRY_BYTES: usize = std::mem::size_of::<(u64, u32)>() + 1;
 
 impl Stripe {
     #[inline]
-    fn row(&self, slot: u32, stride: usize) -> &[f32] {
+    fn row(&self, slot: u32, words: usize) -> &[u32] {
         let s = slot as usize;
-        let off = (s % CHUNK_ROWS) * stride;
-        &self.chunks[s / CHUNK_ROWS][off..off + stride]
+        let off = (s % CHUNK_ROWS) * words;
+        &self.chunks[s / CHUNK_ROWS][off..off + words]
     }
 
     #[inline]
-    fn find(&self, h: u64, id: u64, stride: usize) -> Option<u32> {
+    fn row_mut(&mut self, slot: u32, words: usize) -> &mut [u32] {
+        let s = slot as usize;
+        let off = (s % CHUNK_ROWS) * words;
+        &mut self.chunks[s / CHUNK_ROWS][off..off + words]
+    }
+
+    #[inline]
+    fn find(&self, h: u64, id: u64, words: usize) -> Option<u32> {
         let chunks = &self.chunks;
         self.index.find(h, |slot| {
             let s = slot as usize;
-            let off = (s % CHUNK_ROWS) * stride;
+            let off = (s % CHUNK_ROWS) * words;
             chunks
                 .get(s / CHUNK_ROWS)
                 .and_then(|c| c.get(off..off + 2))
@@ -369,12 +343,12 @@ impl Stripe {
 
     /// Address of row `slot` (for prefetching; never dereferenced).
     #[inline]
-    fn row_ptr(&self, slot: u32, stride: usize) -> *const f32 {
+    fn row_ptr(&self, slot: u32, words: usize) -> *const u32 {
         let s = slot as usize;
         self.chunks
             .get(s / CHUNK_ROWS)
             .map_or(std::ptr::null(), |c| {
-                c.as_ptr().wrapping_add((s % CHUNK_ROWS) * stride)
+                c.as_ptr().wrapping_add((s % CHUNK_ROWS) * words)
             })
     }
 
@@ -389,10 +363,10 @@ impl Stripe {
     /// Prefetches the first `bytes` bytes of each candidate row of a block
     /// (its buckets should have been prefetched a block earlier).
     #[inline]
-    fn prefetch_rows(&self, hashes: &[u64], block: &[u32], stride: usize, bytes: usize) {
+    fn prefetch_rows(&self, hashes: &[u64], block: &[u32], words: usize, bytes: usize) {
         for &pos in block {
             if let Some(slot) = self.index.candidate(hashes[pos as usize]) {
-                prefetch_span(self.row_ptr(slot, stride), bytes);
+                prefetch_span(self.row_ptr(slot, words), bytes);
             }
         }
     }
@@ -401,18 +375,36 @@ impl Stripe {
     /// rows of block `k + 1` and buckets of block `k + 2` (blocks 0 and 1
     /// are started when `k == 0`).
     #[inline]
-    fn prefetch_ahead(&self, hashes: &[u64], list: &[u32], k: usize, stride: usize, bytes: usize) {
+    fn prefetch_ahead(&self, hashes: &[u64], list: &[u32], k: usize, words: usize, bytes: usize) {
         if k == 0 {
             self.prefetch_index(hashes, block(list, 0));
             self.prefetch_index(hashes, block(list, 1));
-            self.prefetch_rows(hashes, block(list, 0), stride, bytes);
+            self.prefetch_rows(hashes, block(list, 0), words, bytes);
         }
-        self.prefetch_rows(hashes, block(list, k + 1), stride, bytes);
+        self.prefetch_rows(hashes, block(list, k + 1), words, bytes);
         self.prefetch_index(hashes, block(list, k + 2));
     }
 
+    /// Bytes the next [`Stripe::alloc`] would allocate (0 when it fits).
+    fn alloc_growth(&self, words: usize) -> usize {
+        let index = self.index.growth_bytes();
+        if !self.free.is_empty() {
+            return index;
+        }
+        let s = self.slots as usize;
+        let ci = s / CHUNK_ROWS;
+        let arena = match self.chunks.get(ci) {
+            None => 16 * words * 4,
+            Some(c) if c.len() + words > c.capacity() => {
+                ((c.capacity() * 2).min(CHUNK_ROWS * words) - c.capacity()) * 4
+            }
+            Some(_) => 0,
+        };
+        index + arena
+    }
+
     /// Allocates a slot for a new row of key `id` (zeroed apart from the key).
-    fn alloc(&mut self, h: u64, id: u64, stride: usize) -> Result<u32> {
+    fn alloc(&mut self, h: u64, id: u64, words: usize) -> Result<u32> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -422,43 +414,119 @@ impl Stripe {
                 }
                 let ci = s as usize / CHUNK_ROWS;
                 if ci == self.chunks.len() {
-                    let cap = if self.chunks.is_empty() {
-                        16 * stride
-                    } else {
-                        CHUNK_ROWS * stride
-                    };
+                    // Every chunk starts at 16 rows and doubles up to
+                    // CHUNK_ROWS, so a stripe wastes at most half a chunk.
+                    let cap = 16 * words;
                     self.chunks.push(Vec::with_capacity(cap));
+                    self.arena_bytes += cap * 4;
                 }
                 let chunk = &mut self.chunks[ci];
-                if chunk.len() + stride > chunk.capacity() {
-                    let want = (chunk.capacity() * 2).min(CHUNK_ROWS * stride);
+                if chunk.len() + words > chunk.capacity() {
+                    let before = chunk.capacity();
+                    let want = (before * 2).min(CHUNK_ROWS * words);
                     chunk.reserve_exact(want - chunk.len());
+                    self.arena_bytes += (chunk.capacity() - before) * 4;
                 }
-                chunk.resize(chunk.len() + stride, 0.0);
+                chunk.resize(chunk.len() + words, 0);
                 self.slots = s
                     .checked_add(1)
                     .ok_or_else(|| PsError::Internal("stripe slot space exhausted".into()))?;
                 s
             }
         };
-        self.index.insert_unique(h, slot);
-        let row = self.row_mut(slot, stride);
-        row.fill(0.0);
-        set_key(row, id);
+        self.place(h, id, slot, words);
         Ok(slot)
     }
 
-    #[inline]
-    fn row_mut(&mut self, slot: u32, stride: usize) -> &mut [f32] {
-        let s = slot as usize;
-        let off = (s % CHUNK_ROWS) * stride;
-        &mut self.chunks[s / CHUNK_ROWS][off..off + stride]
+    /// Keys `slot` (free or just evicted) as the zeroed row of `id` and
+    /// indexes it.
+    fn place(&mut self, h: u64, id: u64, slot: u32, words: usize) {
+        let chunks = &self.chunks;
+        let hash_of = |s: u32| {
+            let s = s as usize;
+            let off = (s % CHUNK_ROWS) * words;
+            id_hash(row_key(&chunks[s / CHUNK_ROWS][off..off + 2]))
+        };
+        self.index.insert(h, slot, &hash_of);
+        let row = self.row_mut(slot, words);
+        row.fill(0);
+        set_key(row, id);
     }
 
-    fn resident_bytes(&self) -> u64 {
-        let arena: usize = self.chunks.iter().map(|c| c.capacity() * 4).sum();
-        let pending = self.pending.capacity() * (std::mem::size_of::<(u64, u32)>() + 1);
-        (arena + self.index.allocation_size() + pending + self.free.capacity() * 4) as u64
+    /// Records the removal of `id` for delta checkpoints, or marks the list
+    /// overflowed (and frees it) past `limit` entries.
+    fn tombstone(&mut self, id: u64, limit: usize) {
+        if self.tombs_overflowed {
+            return;
+        }
+        if self.tombstones.len() >= limit {
+            self.tombstones = Vec::new();
+            self.tombs_overflowed = true;
+        } else {
+            self.tombstones.push(id);
+        }
+    }
+
+    /// Picks a victim among [`EVICT_SAMPLES`] random live rows by the lowest
+    /// `log2(1 + n_j) - age / half_life`, unindexes it and returns its slot.
+    fn evict_one(
+        &mut self,
+        words: usize,
+        now: u64,
+        half_life: u64,
+        track: Option<usize>,
+    ) -> Option<u32> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let mut best: Option<(f64, u32)> = None;
+        let mut found = 0;
+        for _ in 0..EVICT_SAMPLES * 8 {
+            self.rng = splitmix64(self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15));
+            let slot = (self.rng % u64::from(self.slots)) as u32;
+            let row = self.row(slot, words);
+            if row[3] == FREE_STEP {
+                continue;
+            }
+            let age = now.saturating_sub(row_step(row)) as f64;
+            let score = (1.0 + f64::from(row_count(row))).log2() - age / half_life.max(1) as f64;
+            if best.is_none_or(|(b, _)| score < b) {
+                best = Some((score, slot));
+            }
+            found += 1;
+            if found == EVICT_SAMPLES {
+                break;
+            }
+        }
+        let (_, slot) = best?;
+        let row = self.row(slot, words);
+        let (id, c) = (row_key(row), row_count(row));
+        if !self.index.remove(id_hash(id), slot) {
+            return None;
+        }
+        if c > 0 {
+            self.counted_rows -= 1;
+        }
+        if let Some(limit) = track {
+            self.tombstone(id, limit);
+        }
+        self.row_mut(slot, words)[3] = FREE_STEP;
+        Some(slot)
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.arena_bytes
+            + self.index.allocation_size()
+            + self.pending.capacity() * PENDING_ENTRY_BYTES
+            + self.free.capacity() * 4
+            + self.tombstones.capacity() * 8
+    }
+
+    /// Charges the change of this stripe's bytes since the last call.
+    fn charge(&mut self, budget: &Budget) {
+        let now = self.resident_bytes();
+        budget.adjust(self.charged, now);
+        self.charged = now;
     }
 }
 
@@ -467,8 +535,11 @@ impl Stripe {
 pub struct PushOutcome {
     /// Rows updated (created or existing).
     pub updated: u64,
-    /// Ids held back by admission.
+    /// Ids held back by admission (or, under a full budget, ids whose stripe
+    /// had no row to evict).
     pub not_admitted: u64,
+    /// Rows evicted to stay within the memory budget.
+    pub evicted_budget: u64,
 }
 
 /// This shard's statistics for one table.
@@ -476,7 +547,7 @@ pub struct PushOutcome {
 pub struct TableStats {
     /// Rows stored.
     pub rows: u64,
-    /// Bytes of arena + index + pending counts (allocated capacity).
+    /// Bytes allocated: arena, index, pending counts, free list, tombstones.
     pub resident_bytes: u64,
     /// Ids with a count (rows with count > 0 plus pending counts).
     pub counted_ids: u64,
@@ -484,17 +555,32 @@ pub struct TableStats {
     pub evicted: u64,
     /// Pushed ids held back by admission since start.
     pub not_admitted: u64,
+    /// Rows evicted to stay within the memory budget since start.
+    pub evicted_budget: u64,
+    /// Bytes of one row in the arena.
+    pub row_bytes: u64,
 }
 
 /// One sparse table's slice on this shard.
 pub struct Table {
     spec: TableSpec,
-    stride: usize,
+    layout: RowLayout,
     stripes: Box<[RwLock<Stripe>]>,
+    budget: RwLock<Arc<Budget>>,
+    half_life: AtomicU64,
+    track_tombstones: AtomicBool,
     evicted: AtomicU64,
+    evicted_budget: AtomicU64,
     not_admitted: AtomicU64,
     max_step: AtomicU64,
     pushes: AtomicU64,
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let charged: usize = self.stripes.iter().map(|s| s.read().charged).sum();
+        self.budget.read().adjust(charged, 0);
+    }
 }
 
 /// Ids of a batch grouped by stripe: `order[start[s]..start[s+1]]` are the
@@ -529,19 +615,108 @@ fn group(ids: &[u64]) -> Groups {
 }
 
 impl Table {
-    /// An empty table.
+    /// An empty table with a budget of its own (unlimited).
     pub fn new(spec: TableSpec) -> Self {
-        let stride = spec.stride();
+        Self::with_budget(spec, Budget::new(0))
+    }
+
+    /// An empty table charging its bytes to `budget`.
+    pub fn with_budget(spec: TableSpec, budget: Arc<Budget>) -> Self {
+        let layout = spec.layout();
         Table {
             spec,
-            stride,
+            layout,
             stripes: (0..NUM_STRIPES)
-                .map(|_| RwLock::new(Stripe::default()))
+                .map(|s| {
+                    RwLock::new(Stripe {
+                        rng: s as u64,
+                        ..Stripe::default()
+                    })
+                })
                 .collect(),
+            budget: RwLock::new(budget),
+            half_life: AtomicU64::new(DEFAULT_EVICT_HALF_LIFE),
+            track_tombstones: AtomicBool::new(false),
             evicted: AtomicU64::new(0),
+            evicted_budget: AtomicU64::new(0),
             not_admitted: AtomicU64::new(0),
             max_step: AtomicU64::new(0),
             pushes: AtomicU64::new(0),
+        }
+    }
+
+    /// Moves this table's charge to `budget` (a restored table joins its
+    /// shard's budget).
+    pub fn set_budget(&self, budget: Arc<Budget>) {
+        let mut g = self.budget.write();
+        let charged: usize = self.stripes.iter().map(|s| s.read().charged).sum();
+        g.adjust(charged, 0);
+        budget.adjust(0, charged);
+        *g = budget;
+    }
+
+    /// Sets the half-life (steps) of a row's count in the eviction score.
+    pub fn set_evict_half_life(&self, steps: u64) {
+        self.half_life.store(steps.max(1), Ordering::Relaxed);
+    }
+
+    /// Starts or stops recording the ids of removed rows for
+    /// [`Table::take_tombstones`] (delta checkpoints). Stopping drops the list.
+    pub fn set_track_tombstones(&self, on: bool) {
+        self.track_tombstones.store(on, Ordering::Relaxed);
+        if !on {
+            let budget = self.budget.read().clone();
+            for st in self.stripes.iter() {
+                let mut g = st.write();
+                g.tombstones = Vec::new();
+                g.charge(&budget);
+            }
+        }
+    }
+
+    /// Ids whose rows were removed (TTL or budget eviction) since the
+    /// previous call, while tombstones are tracked; `None` when the list
+    /// passed its memory limit ([`TOMBSTONE_BUDGET_SHARE`] of a limited
+    /// budget) and was dropped, so the caller must write a full checkpoint.
+    pub fn take_tombstones(&self) -> Option<Vec<u64>> {
+        let budget = self.budget.read().clone();
+        let mut out = Vec::new();
+        let mut overflowed = false;
+        for st in self.stripes.iter() {
+            let mut g = st.write();
+            out.append(&mut g.tombstones);
+            g.tombstones = Vec::new();
+            overflowed |= std::mem::take(&mut g.tombs_overflowed);
+            g.charge(&budget);
+        }
+        (!overflowed).then_some(out)
+    }
+
+    /// Tombstones a stripe may hold while tracked (`None`: not tracked).
+    fn tombstone_limit(&self, budget: &Budget) -> Option<usize> {
+        if !self.track_tombstones.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(if budget.is_limited() {
+            let bytes = budget.max_bytes() as f64 * TOMBSTONE_BUDGET_SHARE;
+            ((bytes / 8.0) as usize / NUM_STRIPES).max(64)
+        } else {
+            usize::MAX
+        })
+    }
+
+    /// Drops every row and pending count and frees their memory.
+    pub fn clear(&self) {
+        let budget = self.budget.read().clone();
+        for (s, st) in self.stripes.iter().enumerate() {
+            let mut g = st.write();
+            let charged = g.charged;
+            *g = Stripe {
+                rng: s as u64,
+                charged,
+                ..Stripe::default()
+            };
+            g.charge(&budget);
         }
     }
 
@@ -555,12 +730,18 @@ impl Table {
         self.spec.dim
     }
 
+    /// The row layout.
+    pub fn layout(&self) -> RowLayout {
+        self.layout
+    }
+
     /// Writes the rows of `ids` (duplicates allowed) into `out`
     /// (`ids.len() * dim` values, row-major). Unseen ids get their initial
     /// value and are not stored.
     pub fn pull(&self, ids: &[u64], out: &mut Vec<f32>) {
         let dim = self.spec.dim;
-        let stride = self.stride;
+        let lay = self.layout;
+        let words = lay.words;
         out.clear();
         out.resize(ids.len() * dim, 0.0);
         let g = group(ids);
@@ -572,16 +753,14 @@ impl Table {
             let stripe = self.stripes[s].read();
             let list = &g.order[a..b];
             for k in 0..list.len().div_ceil(PREFETCH_BLOCK) {
-                stripe.prefetch_ahead(&g.hashes, list, k, stride, (HEADER + dim) * 4);
+                stripe.prefetch_ahead(&g.hashes, list, k, words, words * 4);
                 for &pos in block(list, k) {
                     let pos = pos as usize;
                     let id = ids[pos];
                     let dst = &mut out[pos * dim..(pos + 1) * dim];
-                    match stripe.find(g.hashes[pos], id, stride) {
-                        Some(slot) => {
-                            dst.copy_from_slice(&stripe.row(slot, stride)[HEADER..HEADER + dim])
-                        }
-                        None => self.spec.init.fill(id, dst),
+                    match stripe.find(g.hashes[pos], id, words) {
+                        Some(slot) => lay.read_weights(stripe.row(slot, words), dst),
+                        None => self.spec.initial(id, dst),
                     }
                 }
             }
@@ -598,14 +777,20 @@ impl Table {
     pub fn push(&self, ids: &[u64], grads: &[f32], counts: &[u32], step: u64) -> PushOutcome {
         let spec = &self.spec;
         let dim = spec.dim;
-        let stride = self.stride;
+        let lay = self.layout;
+        let words = lay.words;
         let online = spec.counts_online();
         let lambda = spec.config.mba_lambda;
         let l2 = spec.config.plain_l2;
         let admit = spec.config.admit_min_count;
+        let budget = self.budget.read().clone();
+        let limited = budget.is_limited();
+        let half_life = self.half_life.load(Ordering::Relaxed);
+        let track = self.tombstone_limit(&budget);
         let mut out = PushOutcome::default();
         let mut gbuf = vec![0.0f32; dim];
-        self.max_step.fetch_max(step, Ordering::Relaxed);
+        let mut wbuf = vec![0.0f32; dim];
+        let now = self.max_step.fetch_max(step, Ordering::Relaxed).max(step);
         let g = group(ids);
         for s in 0..NUM_STRIPES {
             let (a, b) = (g.start[s] as usize, g.start[s + 1] as usize);
@@ -616,16 +801,16 @@ impl Table {
             let stripe = &mut *guard;
             let list = &g.order[a..b];
             for k in 0..list.len().div_ceil(PREFETCH_BLOCK) {
-                stripe.prefetch_ahead(&g.hashes, list, k, stride, stride * 4);
+                stripe.prefetch_ahead(&g.hashes, list, k, words, words * 4);
                 for &pos in block(list, k) {
                     let pos = pos as usize;
                     let id = ids[pos];
                     let h = g.hashes[pos];
                     let c = counts.get(pos).copied().unwrap_or(1);
-                    let slot = match stripe.find(h, id, stride) {
+                    let slot = match stripe.find(h, id, words) {
                         Some(slot) => {
                             if online {
-                                let row = stripe.row_mut(slot, stride);
+                                let row = stripe.row_mut(slot, words);
                                 let old = row_count(row);
                                 set_count(row, old.saturating_add(c));
                                 if old == 0 {
@@ -648,39 +833,74 @@ impl Table {
                                 out.not_admitted += 1;
                                 continue;
                             }
+                            let growth = if limited {
+                                stripe.alloc_growth(words)
+                            } else {
+                                0
+                            };
+                            let slot = if growth > 0 && !budget.fits(growth) {
+                                // Full: replace a cold row of this stripe.
+                                match stripe.evict_one(words, now, half_life, track) {
+                                    Some(victim) => {
+                                        stripe.place(h, id, victim, words);
+                                        out.evicted_budget += 1;
+                                        victim
+                                    }
+                                    None => {
+                                        out.not_admitted += 1;
+                                        continue;
+                                    }
+                                }
+                            } else {
+                                let Ok(slot) = stripe.alloc(h, id, words) else {
+                                    // Slot space of a stripe (2^32 rows) exhausted:
+                                    // treat as not admitted rather than corrupting.
+                                    out.not_admitted += 1;
+                                    continue;
+                                };
+                                if growth > 0 {
+                                    stripe.charge(&budget);
+                                }
+                                slot
+                            };
                             if prior > 0 {
                                 stripe.pending.remove(&id);
                             }
-                            let Ok(slot) = stripe.alloc(h, id, stride) else {
-                                // Slot space of a stripe (2^32 rows) exhausted:
-                                // treat as not admitted rather than corrupting.
-                                out.not_admitted += 1;
-                                continue;
-                            };
-                            let row = stripe.row_mut(slot, stride);
+                            let row = stripe.row_mut(slot, words);
                             set_count(row, n);
-                            spec.init.fill(id, &mut row[HEADER..HEADER + dim]);
-                            spec.opt.init_state(&mut row[HEADER + dim..]);
+                            spec.initial(id, &mut wbuf);
+                            lay.write_weights(row, &wbuf, None);
+                            spec.opt.init_state(lay.state_mut(row));
                             if n > 0 {
                                 stripe.counted_rows += 1;
                             }
                             slot
                         }
                     };
-                    let row = stripe.row_mut(slot, stride);
+                    let row = stripe.row_mut(slot, words);
                     gbuf.copy_from_slice(&grads[pos * dim..(pos + 1) * dim]);
-                    let (head, rest) = row.split_at_mut(HEADER);
-                    let (w, state) = rest.split_at_mut(dim);
-                    let nj = row_count(head).max(1);
-                    regularize(&mut gbuf, w, lambda, nj, l2);
-                    spec.opt.step(w, state, &gbuf);
-                    set_step(head, step);
+                    let nj = row_count(row).max(1);
+                    if lay.precision == WeightPrecision::F32 {
+                        let (state, w) = lay.split_f32_mut(row);
+                        regularize(&mut gbuf, w, lambda, nj, l2);
+                        spec.opt.step(w, state, &gbuf);
+                    } else {
+                        lay.read_weights(row, &mut wbuf);
+                        regularize(&mut gbuf, &wbuf, lambda, nj, l2);
+                        spec.opt.step(&mut wbuf, lay.state_mut(row), &gbuf);
+                        let seed = noise_seed(spec.init.seed, id, step);
+                        lay.write_weights(row, &wbuf, Some(seed));
+                    }
+                    set_step(row, step);
                     out.updated += 1;
                 }
             }
+            stripe.charge(&budget);
         }
         self.not_admitted
             .fetch_add(out.not_admitted, Ordering::Relaxed);
+        self.evicted_budget
+            .fetch_add(out.evicted_budget, Ordering::Relaxed);
         if spec.config.ttl_steps > 0 {
             let p = self.pushes.fetch_add(1, Ordering::Relaxed) + 1;
             if p.is_multiple_of(SWEEP_EVERY_PUSHES) {
@@ -694,19 +914,21 @@ impl Table {
     /// Loads exact counts (`replace` forgets all previous counts first).
     /// Returns the number of counted ids after the load.
     pub fn load_counts(&self, ids: &[u64], counts: &[u32], replace: bool) -> u64 {
-        let stride = self.stride;
+        let words = self.layout.words;
+        let budget = self.budget.read().clone();
         if replace {
             for st in self.stripes.iter() {
                 let mut guard = st.write();
                 let stripe = &mut *guard;
-                stripe.pending.clear();
+                stripe.pending = FxHashMap::default();
                 stripe.counted_rows = 0;
                 let chunks = &mut stripe.chunks;
                 for slot in stripe.index.iter() {
                     let s = slot as usize;
-                    let off = (s % CHUNK_ROWS) * stride;
-                    set_count(&mut chunks[s / CHUNK_ROWS][off..off + stride], 0);
+                    let off = (s % CHUNK_ROWS) * words;
+                    set_count(&mut chunks[s / CHUNK_ROWS][off..off + words], 0);
                 }
+                stripe.charge(&budget);
             }
         }
         let g = group(ids);
@@ -720,9 +942,9 @@ impl Table {
             for &pos in &g.order[a..b] {
                 let pos = pos as usize;
                 let (id, c) = (ids[pos], counts[pos]);
-                match stripe.find(g.hashes[pos], id, stride) {
+                match stripe.find(g.hashes[pos], id, words) {
                     Some(slot) => {
-                        let row = stripe.row_mut(slot, stride);
+                        let row = stripe.row_mut(slot, words);
                         let old = row_count(row);
                         set_count(row, c);
                         match (old > 0, c > 0) {
@@ -740,6 +962,7 @@ impl Table {
                     }
                 }
             }
+            stripe.charge(&budget);
         }
         self.stats().counted_ids
     }
@@ -749,33 +972,47 @@ impl Table {
         if ttl == 0 {
             return 0;
         }
-        let now = self.max_step.load(Ordering::Relaxed);
-        let stride = self.stride;
+        let now = self.max_step.load(Ordering::Relaxed).min(MAX_ROW_STEP);
+        let words = self.layout.words;
+        let budget = self.budget.read().clone();
+        let track = self.tombstone_limit(&budget);
         let mut guard = self.stripes[s].write();
         let stripe = &mut *guard;
-        let chunks = &stripe.chunks;
+        let chunks = &mut stripe.chunks;
         let free = &mut stripe.free;
         let pending = &mut stripe.pending;
+        let mut removed = Vec::new();
         let mut evicted = 0u64;
         let mut uncounted = 0u64;
         stripe.index.retain(|slot| {
             let sl = slot as usize;
-            let off = (sl % CHUNK_ROWS) * stride;
-            let row = &chunks[sl / CHUNK_ROWS][off..off + HEADER];
+            let off = (sl % CHUNK_ROWS) * words;
+            let row = &mut chunks[sl / CHUNK_ROWS][off..off + HEADER_WORDS];
             if now.saturating_sub(row_step(row)) <= ttl {
                 return true;
             }
             let c = row_count(row);
+            let id = row_key(row);
             if c > 0 {
                 // Remember n_j of evicted rows (MBA, admission).
-                pending.insert(row_key(row), c);
+                pending.insert(id, c);
                 uncounted += 1;
             }
+            if track.is_some() {
+                removed.push(id);
+            }
+            row[3] = FREE_STEP;
             free.push(slot);
             evicted += 1;
             false
         });
         stripe.counted_rows -= uncounted;
+        if let Some(limit) = track {
+            for id in removed {
+                stripe.tombstone(id, limit);
+            }
+        }
+        stripe.charge(&budget);
         self.evicted.fetch_add(evicted, Ordering::Relaxed);
         evicted
     }
@@ -790,28 +1027,37 @@ impl Table {
     pub fn stats(&self) -> TableStats {
         let mut st = TableStats {
             evicted: self.evicted.load(Ordering::Relaxed),
+            evicted_budget: self.evicted_budget.load(Ordering::Relaxed),
             not_admitted: self.not_admitted.load(Ordering::Relaxed),
+            row_bytes: self.layout.bytes() as u64,
             ..Default::default()
         };
         for stripe in self.stripes.iter() {
             let g = stripe.read();
             st.rows += g.index.len() as u64;
-            st.resident_bytes += g.resident_bytes();
+            st.resident_bytes += g.resident_bytes() as u64;
             st.counted_ids += g.counted_rows + g.pending.len() as u64;
         }
         st
     }
 
-    /// Visits every stored row: `(id, count, last_step, emb_and_state)`,
-    /// one stripe lock at a time.
+    /// Visits every stored row: `(id, count, last_step, values)` with the
+    /// values decoded to f32 (weights then optimizer state), one stripe
+    /// lock at a time.
     pub fn for_each_row(&self, mut f: impl FnMut(u64, u32, u64, &[f32])) {
-        for stripe in self.stripes.iter() {
-            let g = stripe.read();
-            for slot in g.index.iter() {
-                let row = g.row(slot, self.stride);
-                f(row_key(row), row_count(row), row_step(row), &row[HEADER..]);
-            }
+        for s in 0..NUM_STRIPES {
+            self.stripe_rows(s).for_each(&mut f);
         }
+    }
+
+    /// Visits the rows whose last-update step is greater than `step` (what
+    /// changed since a checkpoint at `step`), like [`Table::for_each_row`].
+    pub fn rows_changed_since(&self, step: u64, mut f: impl FnMut(u64, u32, u64, &[f32])) {
+        self.for_each_row(|id, c, last, v| {
+            if last > step {
+                f(id, c, last, v)
+            }
+        });
     }
 
     /// A read-locked view of stripe `s` (`s < NUM_STRIPES`) for streaming its
@@ -819,7 +1065,7 @@ impl Table {
     pub fn stripe_rows(&self, s: usize) -> StripeRows<'_> {
         StripeRows {
             guard: self.stripes[s % NUM_STRIPES].read(),
-            stride: self.stride,
+            layout: self.layout,
         }
     }
 
@@ -833,34 +1079,40 @@ impl Table {
         }
     }
 
-    /// Inserts or overwrites a row with explicit contents (restore path).
-    /// `vals` holds the embedding followed by the optimizer state.
+    /// Inserts or overwrites a row with explicit contents (restore path;
+    /// not limited by the budget, but charged to it). `vals` holds the
+    /// weights (rounded to nearest at the table's precision) followed by the
+    /// optimizer state.
     pub fn put_row(&self, id: u64, count: u32, step: u64, vals: &[f32]) -> Result<()> {
-        if vals.len() != self.stride - HEADER {
+        let want = self.spec.values_per_row();
+        if vals.len() != want {
             return Err(PsError::Internal(format!(
-                "row of {} values for stride {}",
+                "row of {} values for {want} (table `{}`)",
                 vals.len(),
-                self.stride - HEADER
+                self.spec.name()
             )));
         }
+        let words = self.layout.words;
         let h = id_hash(id);
+        let budget = self.budget.read().clone();
         let mut guard = self.stripes[stripe_of(h)].write();
         let stripe = &mut *guard;
-        let slot = match stripe.find(h, id, self.stride) {
+        let slot = match stripe.find(h, id, words) {
             Some(s) => s,
-            None => stripe.alloc(h, id, self.stride)?,
+            None => stripe.alloc(h, id, words)?,
         };
-        let row = stripe.row_mut(slot, self.stride);
+        let row = stripe.row_mut(slot, words);
         let old = row_count(row);
         set_count(row, count);
         set_step(row, step);
-        row[HEADER..].copy_from_slice(vals);
+        self.layout.write_values(row, vals);
         match (old > 0, count > 0) {
             (false, true) => stripe.counted_rows += 1,
             (true, false) => stripe.counted_rows -= 1,
             _ => {}
         }
         stripe.pending.remove(&id);
+        stripe.charge(&budget);
         drop(guard);
         self.max_step.fetch_max(step, Ordering::Relaxed);
         Ok(())
@@ -869,30 +1121,36 @@ impl Table {
     /// Sets a pending count (restore path).
     pub fn put_pending(&self, id: u64, count: u32) {
         let h = id_hash(id);
-        self.stripes[stripe_of(h)].write().pending.insert(id, count);
+        let budget = self.budget.read().clone();
+        let mut g = self.stripes[stripe_of(h)].write();
+        g.pending.insert(id, count);
+        g.charge(&budget);
     }
 
     /// Reads one stored row (`None` when the id has no row): its count,
-    /// last step and embedding + optimizer state. For tests and tools.
+    /// last step and weights + optimizer state as f32. For tests and tools.
     pub fn get_row(&self, id: u64) -> Option<(u32, u64, Vec<f32>)> {
         let h = id_hash(id);
         let g = self.stripes[stripe_of(h)].read();
-        let slot = g.find(h, id, self.stride)?;
-        let row = g.row(slot, self.stride);
-        Some((row_count(row), row_step(row), row[HEADER..].to_vec()))
+        let words = self.layout.words;
+        let slot = g.find(h, id, words)?;
+        let row = g.row(slot, words);
+        let mut vals = Vec::new();
+        self.layout.read_values(row, &mut vals);
+        Some((row_count(row), row_step(row), vals))
     }
 
-    /// Bytes of payload per row as counted by the benchmarks:
-    /// `dim*4 + opt_state*4 + 8 (key) + 4 (count)`.
+    /// Bytes of payload per row as counted by the benchmarks: weights and
+    /// optimizer state at their stored widths, 8 (key) and 4 (count).
     pub fn payload_bytes_per_row(&self) -> usize {
-        (self.spec.dim + self.spec.opt.state_len(self.spec.dim)) * 4 + 12
+        self.spec.dim * self.spec.precision.bytes() + self.layout.state * 4 + 12
     }
 }
 
 /// A read-locked stripe of a table (see [`Table::stripe_rows`]).
 pub struct StripeRows<'a> {
     guard: parking_lot::RwLockReadGuard<'a, Stripe>,
-    stride: usize,
+    layout: RowLayout,
 }
 
 impl StripeRows<'_> {
@@ -906,12 +1164,16 @@ impl StripeRows<'_> {
         self.len() == 0
     }
 
-    /// `(id, count, last_step, emb_and_state)` of every row.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u32, u64, &[f32])> + '_ {
-        self.guard.index.iter().map(move |slot| {
-            let row = self.guard.row(slot, self.stride);
-            (row_key(row), row_count(row), row_step(row), &row[HEADER..])
-        })
+    /// Calls `f(id, count, last_step, values)` for every row, the values
+    /// decoded to f32 (weights then optimizer state).
+    pub fn for_each(&self, mut f: impl FnMut(u64, u32, u64, &[f32])) {
+        let words = self.layout.words;
+        let mut vals = Vec::with_capacity(self.layout.dim + self.layout.state);
+        for slot in self.guard.index.iter() {
+            let row = self.guard.row(slot, words);
+            self.layout.read_values(row, &mut vals);
+            f(row_key(row), row_count(row), row_step(row), &vals);
+        }
     }
 }
 
@@ -987,6 +1249,7 @@ mod tests {
         let st = t.stats();
         assert_eq!(st.rows, 20_000);
         let payload = 20_000 * t.payload_bytes_per_row() as u64;
+        assert_eq!(st.row_bytes, 4 * (4 + 3));
         assert!(st.resident_bytes < payload * 3, "{st:?} payload {payload}");
         let (count, step, vals) = t.get_row(7).unwrap();
         assert_eq!((count, step), (1, 5));
@@ -1071,7 +1334,8 @@ mod tests {
             o,
             PushOutcome {
                 updated: 0,
-                not_admitted: 1
+                not_admitted: 1,
+                evicted_budget: 0,
             }
         );
         let mut out = Vec::new();
@@ -1142,5 +1406,193 @@ mod tests {
         c.mba_lambda = 0.1;
         let e = TableSpec::from_config(c).unwrap_err();
         assert!(e.to_string().contains("count_mode"), "{e}");
+    }
+
+    fn f16_adagrad(name: &str, dim: u32) -> TableConfig {
+        let mut c = cfg(name, dim);
+        c.precision = ember_proto::v1::Precision::F16 as i32;
+        c.optimizer = Some(OptimizerConfig {
+            kind: Some(Kind::RowwiseAdagrad(Adagrad {
+                lr: 0.05,
+                initial_accumulator: 0.0,
+                eps: 1e-8,
+            })),
+        });
+        c
+    }
+
+    #[test]
+    fn f16_rows_are_compact_and_pull_equals_the_stored_initial_value() {
+        let t = table(f16_adagrad("t", 18));
+        assert_eq!(t.stats().row_bytes, 56);
+        assert_eq!(t.payload_bytes_per_row(), 36 + 4 + 12);
+        let ids: Vec<u64> = (1..=1000).collect();
+        let mut before = Vec::new();
+        t.pull(&ids, &mut before);
+        // Every pulled value is an f16 value.
+        assert!(before.iter().all(|&v| half::f16::from_f32(v).to_f32() == v));
+        // A zero-gradient push stores the rows without moving them.
+        t.push(&ids, &vec![0.0; ids.len() * 18], &[], 1);
+        let mut after = Vec::new();
+        t.pull(&ids, &mut after);
+        assert_eq!(before, after);
+        assert_eq!(t.stats().rows, 1000);
+    }
+
+    /// Many updates far below half an f16 ulp: stochastic rounding moves the
+    /// f16 row like the f32 row on average; nearest rounding would not move it.
+    #[test]
+    fn f16_small_updates_track_f32_in_expectation() {
+        let mk = |p: ember_proto::v1::Precision| {
+            let mut c = cfg("t", 16);
+            c.precision = p as i32;
+            c.init = None;
+            c.optimizer = Some(OptimizerConfig {
+                kind: Some(Kind::Sgd(Sgd { lr: 1.0 })),
+            });
+            table(c)
+        };
+        let (t32, t16) = (
+            mk(ember_proto::v1::Precision::F32),
+            mk(ember_proto::v1::Precision::F16),
+        );
+        let ids: Vec<u64> = (0..64).collect();
+        let start = vec![0.01f32; 16];
+        for &id in &ids {
+            t32.put_row(id, 0, 0, &start).unwrap();
+            t16.put_row(id, 0, 0, &start).unwrap();
+        }
+        // 200 steps of -1e-6 each: 2e-4 in total, every step ~0.2 ulp of f16.
+        let g = vec![1e-6f32; ids.len() * 16];
+        for step in 1..=200 {
+            t32.push(&ids, &g, &[], step);
+            t16.push(&ids, &g, &[], step);
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        t32.pull(&ids, &mut a);
+        t16.pull(&ids, &mut b);
+        let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+        let (ma, mb) = (mean(&a), mean(&b));
+        assert!((ma - (0.01 - 2e-4)).abs() < 1e-7, "{ma}");
+        assert!((ma - mb).abs() < 2e-6, "f32 {ma} f16 {mb}");
+    }
+
+    #[test]
+    fn rows_round_trip_through_put_row_at_every_precision() {
+        for p in [
+            ember_proto::v1::Precision::F32,
+            ember_proto::v1::Precision::F16,
+            ember_proto::v1::Precision::Bf16,
+        ] {
+            let mut c = f16_adagrad("t", 5);
+            c.precision = p as i32;
+            let t = table(c.clone());
+            let ids: Vec<u64> = (0..300).collect();
+            t.push(&ids, &vec![0.3; ids.len() * 5], &[], 7);
+            let copy = table(c);
+            t.for_each_row(|id, n, s, v| copy.put_row(id, n, s, v).unwrap());
+            for &id in &ids {
+                assert_eq!(t.get_row(id), copy.get_row(id), "{p:?} {id}");
+            }
+            let changed = std::cell::Cell::new(0);
+            t.rows_changed_since(6, |_, _, _, _| changed.set(changed.get() + 1));
+            assert_eq!(changed.get(), 300);
+            t.rows_changed_since(7, |_, _, _, _| changed.set(changed.get() + 1));
+            assert_eq!(changed.get(), 300);
+        }
+    }
+
+    /// A Zipf stream far larger than the budget: the table stops growing at
+    /// the budget, counts its evictions, keeps the hot rows and keeps serving.
+    #[test]
+    fn budget_caps_memory_and_keeps_hot_rows() {
+        let mut c = f16_adagrad("t", 18);
+        c.count_mode = CountMode::CountOnline as i32;
+        let budget = Budget::new(2 << 20);
+        let t = Table::with_budget(TableSpec::from_config(c).unwrap(), budget.clone());
+        t.set_track_tombstones(true);
+        let mut x = 7u64;
+        let mut hot_seen = 0u64;
+        for step in 1..=400u64 {
+            // 1024 unique ids per step: 64 hot ids (every step), the rest a
+            // long tail drawn from 10^9 ids.
+            let mut ids: Vec<u64> = (1..=64).collect();
+            while ids.len() < 1024 {
+                x = splitmix64(x);
+                ids.push(1_000 + x % 1_000_000_000);
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            let o = t.push(&ids, &vec![0.01; ids.len() * 18], &[], step);
+            assert_eq!(o.updated + o.not_admitted, ids.len() as u64);
+            hot_seen += 64;
+            assert!(
+                budget.used() as f64 <= budget.max_bytes() as f64 * (1.0 + TOMBSTONE_BUDGET_SHARE),
+                "step {step}: {} > {}",
+                budget.used(),
+                budget.max_bytes()
+            );
+        }
+        let st = t.stats();
+        assert_eq!(budget.used(), st.resident_bytes);
+        assert!(st.evicted_budget > 100_000, "{st:?}");
+        assert!(st.rows > 20_000, "{st:?}");
+        // Hot rows survive with their whole count.
+        for id in 1..=64 {
+            let (n, step, _) = t.get_row(id).expect("hot row evicted");
+            assert_eq!((u64::from(n), step), (hot_seen / 64, 400));
+        }
+        // Far more evictions than the tombstone share holds: the list
+        // overflowed (the next checkpoint must be full), then starts again.
+        assert_eq!(t.take_tombstones(), None);
+        assert_eq!(t.take_tombstones(), Some(vec![]));
+        t.push(
+            &(1..=64).collect::<Vec<u64>>(),
+            &vec![0.0; 64 * 18],
+            &[],
+            401,
+        );
+        let before = st.evicted_budget;
+        let fresh: Vec<u64> = (5_000_000_000..5_000_000_100).collect();
+        let o = t.push(&fresh, &vec![0.0; 100 * 18], &[], 402);
+        let tombs = t.take_tombstones().expect("100 tombstones fit");
+        assert_eq!(tombs.len() as u64, o.evicted_budget);
+        assert!(o.evicted_budget > 0 && t.stats().evicted_budget == before + o.evicted_budget);
+        assert!(tombs.iter().all(|&id| id > 64 && t.get_row(id).is_none()));
+        // Pulls still answer (unseen ids get their initial value).
+        let mut out = Vec::new();
+        t.pull(&[5, 123_456_789], &mut out);
+        assert_eq!(out.len(), 36);
+    }
+
+    #[test]
+    fn dropping_or_clearing_a_table_returns_its_bytes() {
+        let budget = Budget::new(0);
+        let t = Table::with_budget(
+            TableSpec::from_config(f16_adagrad("t", 8)).unwrap(),
+            budget.clone(),
+        );
+        let ids: Vec<u64> = (0..5000).collect();
+        t.push(&ids, &vec![0.1; ids.len() * 8], &[], 1);
+        assert_eq!(budget.used(), t.stats().resident_bytes);
+        t.clear();
+        assert_eq!(t.stats().rows, 0);
+        assert_eq!(budget.used(), t.stats().resident_bytes);
+        t.push(&ids, &vec![0.1; ids.len() * 8], &[], 2);
+        let other = Budget::new(0);
+        t.set_budget(other.clone());
+        assert_eq!((budget.used(), other.used()), (0, t.stats().resident_bytes));
+        drop(t);
+        assert_eq!(other.used(), 0);
+    }
+
+    #[test]
+    fn rejects_unknown_precision_and_rowwise_state_is_one_value() {
+        let mut c = f16_adagrad("t", 4);
+        c.precision = 9;
+        let e = TableSpec::from_config(c).unwrap_err();
+        assert!(e.to_string().contains("precision"), "{e}");
+        let spec = TableSpec::from_config(f16_adagrad("t", 4)).unwrap();
+        assert_eq!(spec.values_per_row(), 5);
     }
 }

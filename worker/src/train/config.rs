@@ -103,7 +103,8 @@ fn d_shuffle() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSpec {
-    /// "sgd", "adagrad", "adam" or "ftrl".
+    /// "sgd", "adagrad", "adam", "ftrl", or for sparse tables
+    /// "rowwise_adagrad" / "rowwise_adam" (one second moment per row).
     #[serde(default = "d_opt")]
     pub kind: String,
     /// Learning rate (FTRL: alpha).
@@ -193,9 +194,20 @@ impl OptimizerSpec {
                 l1: self.l1,
                 l2: self.l2,
             }),
+            "rowwise_adagrad" => Kind::RowwiseAdagrad(pb::Adagrad {
+                lr: self.lr,
+                initial_accumulator: self.initial_accumulator,
+                eps: self.eps,
+            }),
+            "rowwise_adam" => Kind::RowwiseAdam(pb::Adam {
+                lr: self.lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+            }),
             other => {
                 return Err(TrainError::Config(format!(
-                    "{field}.kind = {other:?}: expected sgd, adagrad, adam or ftrl"
+                    "{field}.kind = {other:?}: expected sgd, adagrad, adam, ftrl, rowwise_adagrad or rowwise_adam"
                 )))
             }
         };
@@ -231,6 +243,14 @@ pub struct SparseConfig {
     /// Evict rows not updated for this many steps (0 = never).
     #[serde(default)]
     pub ttl_steps: u64,
+    /// Storage precision of the embedding weights on the shards: "f32",
+    /// "f16" or "bf16" (stochastically rounded updates; workers compute in f32).
+    #[serde(default = "d_precision")]
+    pub precision: String,
+}
+
+fn d_precision() -> String {
+    "f32".into()
 }
 
 fn d_init() -> String {
@@ -254,6 +274,7 @@ impl Default for SparseConfig {
             count_mode: d_count_mode(),
             admit_min_count: 0,
             ttl_steps: 0,
+            precision: d_precision(),
         }
     }
 }
@@ -283,6 +304,16 @@ impl SparseConfig {
                 )))
             }
         };
+        let precision = match self.precision.as_str() {
+            "f32" => pb::Precision::F32,
+            "f16" => pb::Precision::F16,
+            "bf16" => pb::Precision::Bf16,
+            other => {
+                return Err(TrainError::Config(format!(
+                    "sparse.precision = {other:?}: expected f32, f16 or bf16"
+                )))
+            }
+        };
         Ok(pb::TableConfig {
             name: name.to_string(),
             dim: dim as u32,
@@ -297,6 +328,7 @@ impl SparseConfig {
             admit_min_count: self.admit_min_count,
             ttl_steps: self.ttl_steps,
             plain_l2: self.plain_l2,
+            precision: precision as i32,
         })
     }
 }
@@ -371,6 +403,11 @@ pub struct ClusterConfig {
     /// scheduling and image pulls, so it is longer than `worker_timeout_s`).
     #[serde(default = "d_worker_start_timeout")]
     pub worker_start_timeout_s: u64,
+    /// Memory budget of each shard's sparse tables in bytes (0 = none):
+    /// past it new rows replace cold ones (sampled LFU with decay) instead of
+    /// growing the shard. Passed to every shard started by `ember train`.
+    #[serde(default)]
+    pub shard_max_bytes: u64,
 }
 
 fn d_shards() -> usize {
@@ -426,6 +463,7 @@ impl Default for ClusterConfig {
             max_restarts: d_restarts(),
             worker_mode: d_worker_mode(),
             coordinator_listen: d_coordinator_listen(),
+            shard_max_bytes: 0,
             worker_timeout_s: d_worker_timeout(),
             worker_start_timeout_s: d_worker_start_timeout(),
         }
@@ -467,6 +505,19 @@ pub struct TrainSettings {
     /// Report progress every this many steps.
     #[serde(default = "d_log_every")]
     pub log_every: u64,
+    /// Scale runs: before training, store the rows of item ids
+    /// `1..=prefill_ids` (their initial values, pushed with a zero gradient
+    /// at step 0, count 1) so the tables hold at least this many distinct
+    /// ids. 0 = none.
+    #[serde(default)]
+    pub prefill_ids: u64,
+    /// The table `prefill_ids` fills.
+    #[serde(default = "d_prefill_table")]
+    pub prefill_table: String,
+}
+
+fn d_prefill_table() -> String {
+    "item".into()
 }
 
 fn d_epochs() -> usize {
@@ -488,6 +539,8 @@ impl Default for TrainSettings {
             max_steps_per_epoch: None,
             max_eval_samples: None,
             log_every: d_log_every(),
+            prefill_ids: 0,
+            prefill_table: d_prefill_table(),
         }
     }
 }

@@ -62,6 +62,49 @@ pub async fn setup_cluster(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainErr
     dense.extend(model.dense_state());
     ps.init_dense(&dense, &cfg.dense.optimizer.to_proto("dense.optimizer")?)
         .await?;
+    if cfg.train.prefill_ids > 0 {
+        let Some((_, dim)) = tables.iter().find(|(n, _)| *n == cfg.train.prefill_table) else {
+            return Err(TrainError::Config(format!(
+                "train.prefill_table = {:?}: the model has no such table (it has {:?})",
+                cfg.train.prefill_table,
+                tables
+                    .iter()
+                    .map(|(n, _)| n.to_string())
+                    .collect::<Vec<_>>()
+            )));
+        };
+        prefill(ps, &cfg.train.prefill_table, *dim, cfg.train.prefill_ids).await?;
+    }
+    Ok(())
+}
+
+/// Ids per prefill push.
+const PREFILL_BATCH: u64 = 65_536;
+
+/// Stores the rows of ids `1..=n` of `table` by pushing a zero gradient at
+/// step 0 (the rows keep their initial values; online counts become 1).
+async fn prefill(ps: &Backend, table: &str, dim: usize, n: u64) -> Result<(), TrainError> {
+    let t0 = std::time::Instant::now();
+    let zeros = vec![0.0f32; PREFILL_BATCH as usize * dim];
+    let mut next = 1u64;
+    while next <= n {
+        let end = (next + PREFILL_BATCH - 1).min(n);
+        let ids: Vec<u64> = (next..=end).collect();
+        ps.push(table, &ids, &zeros[..ids.len() * dim], &[], 0)
+            .await?;
+        next = end + 1;
+        if (next - 1) % (PREFILL_BATCH * 256) == 0 {
+            tracing::info!(table, rows = next - 1, of = n, "prefill");
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        table,
+        rows = n,
+        secs,
+        rows_per_s = n as f64 / secs.max(1e-9),
+        "prefill done"
+    );
     Ok(())
 }
 

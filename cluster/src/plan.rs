@@ -1,0 +1,147 @@
+//! `ember plan`: how much memory a table of N ids takes per shard and how
+//! many shards a job needs, from the store's own layout and growth rules
+//! (`ember_ps::sizing`).
+
+use ember_ps::optim::Optimizer;
+use ember_ps::row::{RowLayout, WeightPrecision};
+use ember_ps::sizing::{plan, shards_needed, Plan, PROCESS_OVERHEAD_BYTES};
+use ember_worker::train::config::OptimizerSpec;
+use std::fmt::Write as _;
+
+/// What to size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanRequest {
+    /// Distinct ids stored.
+    pub ids: u64,
+    /// Embedding width.
+    pub dim: usize,
+    /// Optimizer kind (as in the job config's `sparse.optimizer.kind`).
+    pub optimizer: String,
+    /// Weight precision: f32, f16 or bf16.
+    pub precision: String,
+    /// Size for this many shards ...
+    pub shards: Option<u32>,
+    /// ... or find the fewest shards that fit this many bytes each.
+    pub memory_per_shard: Option<u64>,
+}
+
+fn gib(b: f64) -> String {
+    format!("{:.2} GiB", b / (1u64 << 30) as f64)
+}
+
+/// The row layout of a request; the error names the bad argument.
+pub fn layout_of(req: &PlanRequest) -> Result<RowLayout, String> {
+    let precision = match req.precision.as_str() {
+        "f32" => WeightPrecision::F32,
+        "f16" => WeightPrecision::F16,
+        "bf16" => WeightPrecision::Bf16,
+        p => return Err(format!("--precision {p}: expected f32, f16 or bf16")),
+    };
+    if req.dim == 0 || req.dim > 4096 {
+        return Err(format!("--dim {}: expected 1..=4096", req.dim));
+    }
+    let spec = OptimizerSpec {
+        kind: req.optimizer.clone(),
+        ..OptimizerSpec::default()
+    };
+    let proto = spec.to_proto("--optimizer").map_err(|e| e.to_string())?;
+    let opt = Optimizer::from_config(Some(&proto)).map_err(|e| e.to_string())?;
+    Ok(RowLayout::new(req.dim, opt.state_len(req.dim), precision))
+}
+
+/// Sizes the request and renders the report.
+pub fn run(req: &PlanRequest) -> Result<(Plan, String), String> {
+    let layout = layout_of(req)?;
+    let p = match (req.shards, req.memory_per_shard) {
+        (Some(0), _) => return Err("--shards 0: expected at least 1".into()),
+        (Some(s), _) => plan(req.ids, &layout, s),
+        (None, Some(m)) => shards_needed(req.ids, &layout, m).ok_or_else(|| {
+            format!(
+                "{} ids do not fit in 4096 shards of {} each",
+                req.ids,
+                gib(m as f64)
+            )
+        })?,
+        (None, None) => plan(req.ids, &layout, 1),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "table: {} ids, dim {}, {} weights, {} ({} f32 state values per row)",
+        req.ids, req.dim, req.precision, req.optimizer, layout.state
+    );
+    let _ = writeln!(
+        out,
+        "row: {} B in the arena (key 8, count 4, step 4, state {}, weights {}), {:.1} B/row all-in with the index",
+        p.row_bytes,
+        4 * layout.state,
+        p.row_bytes as usize - 16 - 4 * layout.state,
+        p.bytes_per_row
+    );
+    let _ = writeln!(
+        out,
+        "shards: {}{}",
+        p.shards,
+        match req.memory_per_shard {
+            Some(m) if req.shards.is_none() =>
+                format!(" (the fewest whose process fits in {})", gib(m as f64)),
+            _ => String::new(),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "per shard: {} rows, table {}, process ~{} (table + {} MiB runtime)",
+        p.rows_per_shard,
+        gib(p.table_bytes_per_shard as f64),
+        gib(p.process_bytes_per_shard as f64),
+        PROCESS_OVERHEAD_BYTES >> 20
+    );
+    let _ = writeln!(
+        out,
+        "a full checkpoint writes ~{} per shard (f32 values on disk); set [cluster] shard_max_bytes to cap a shard",
+        gib((p.rows_per_shard * (20 + 4 * (layout.dim + layout.state) as u64)) as f64)
+    );
+    Ok((p, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(shards: Option<u32>, mem: Option<u64>) -> PlanRequest {
+        PlanRequest {
+            ids: 100_000_000,
+            dim: 18,
+            optimizer: "rowwise_adagrad".into(),
+            precision: "f16".into(),
+            shards,
+            memory_per_shard: mem,
+        }
+    }
+
+    #[test]
+    fn compact_rows_fit_the_aim() {
+        let (p, text) = run(&req(Some(2), None)).unwrap();
+        assert_eq!(p.row_bytes, 56);
+        assert!(p.bytes_per_row <= 64.0, "{p:?}");
+        assert!(text.contains("56 B in the arena"), "{text}");
+    }
+
+    #[test]
+    fn memory_per_shard_gives_the_fewest_shards() {
+        let (p, _) = run(&req(None, Some(4 << 30))).unwrap();
+        assert!(p.process_bytes_per_shard <= 4 << 30);
+        assert!(p.shards >= 2);
+    }
+
+    #[test]
+    fn bad_arguments_are_named() {
+        let mut r = req(Some(1), None);
+        r.precision = "f8".into();
+        assert!(run(&r).unwrap_err().contains("--precision f8"));
+        let mut r = req(Some(1), None);
+        r.optimizer = "lbfgs".into();
+        assert!(run(&r).unwrap_err().contains("--optimizer"));
+        assert!(run(&req(Some(0), None)).unwrap_err().contains("--shards 0"));
+    }
+}
