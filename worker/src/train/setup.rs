@@ -86,11 +86,12 @@ const PREFILL_BATCH: u64 = 65_536;
 async fn prefill(ps: &Backend, table: &str, dim: usize, n: u64) -> Result<(), TrainError> {
     let t0 = std::time::Instant::now();
     let zeros = vec![0.0f32; PREFILL_BATCH as usize * dim];
+    let ones = vec![1u32; PREFILL_BATCH as usize];
     let mut next = 1u64;
     while next <= n {
         let end = (next + PREFILL_BATCH - 1).min(n);
         let ids: Vec<u64> = (next..=end).collect();
-        ps.push(table, &ids, &zeros[..ids.len() * dim], &[], 0)
+        ps.push(table, &ids, &zeros[..ids.len() * dim], &ones[..ids.len()], 0)
             .await?;
         next = end + 1;
         if (next - 1) % (PREFILL_BATCH * 256) == 0 {

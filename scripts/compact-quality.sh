@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Quality of compact rows on ML-100k DIN: f32 + Adam (configs/din_ml100k.toml)
+# against f16 + row-wise Adagrad (configs/din_ml100k_compact.toml) and f16 +
+# Adam (precision alone), SEEDS seeds each (default 1 2 3), same test rows,
+# alternating the variants. Prints mean +- sd of AUC, GAUC and test logloss.
+#   scripts/compact-quality.sh            # ~15 min on 2 idle cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS="${SEEDS:-1 2 3}"
+cargo build --workspace --bins
+if [ ! -s data/ml100k-din/counts.bin ]; then
+  scripts/fetch-ml100k.sh data/ml-100k
+  target/debug/ember-data prepare --raw-dir data/ml-100k --out data/ml100k-din
+  target/debug/ember-data count --train data/ml100k-din/train.txt --out data/ml100k-din/counts.bin
+fi
+mkdir -p runs/quality
+sed -e 's/^name = .*/name = "din-ml100k-f16-adam"/' -e 's/^\[sparse\]$/[sparse]\nprecision = "f16"/' \
+  configs/din_ml100k.toml > runs/quality/din_ml100k_f16_adam.toml
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+for seed in $SEEDS; do
+  for v in f32_adam:configs/din_ml100k.toml f16_rowwise_adagrad:configs/din_ml100k_compact.toml \
+           f16_adam:runs/quality/din_ml100k_f16_adam.toml; do
+    name="${v%%:*}"; cfg="${v#*:}"
+    out="runs/quality/$name-s$seed"
+    target/debug/ember train --quiet --config "$cfg" --seed "$seed" --out-dir "$out" > "$out.log" 2>&1
+    echo "$name seed $seed: $(python3 -c "import json;e=json.load(open('$out/metrics.json'))['epochs'][-1]['test'];print(f\"AUC {e['auc']:.4f} GAUC {e['gauc']:.4f} logloss {e['logloss']:.4f}\")")"
+  done
+done
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - $SEEDS <<'PY'
+import json, statistics as st, sys
+seeds = sys.argv[1:]
+print("| variant | AUC | GAUC | test logloss |\n|---|---|---|---|")
+for name in ["f32_adam", "f16_rowwise_adagrad", "f16_adam"]:
+    rows = [json.load(open(f"runs/quality/{name}-s{s}/metrics.json"))["epochs"][-1]["test"] for s in seeds]
+    cell = lambda k: f"{st.mean(r[k] for r in rows):.4f} ± {st.stdev(r[k] for r in rows) if len(rows) > 1 else 0:.4f}"
+    print(f"| {name} | {cell('auc')} | {cell('gauc')} | {cell('logloss')} |")
+PY
