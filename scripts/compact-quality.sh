@@ -4,9 +4,12 @@
 # Adam (precision alone), SEEDS seeds each (default 1 2 3), same test rows,
 # alternating the variants. Prints mean +- sd of AUC, GAUC and test logloss.
 #   scripts/compact-quality.sh            # ~15 min on 2 idle cores
+#   VARIANTS="f32_adam f16_rowwise_adagrad" SEEDS="1 2 3" scripts/compact-quality.sh
+# A run whose metrics.json already holds its last epoch is not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="${SEEDS:-1 2 3}"
+VARIANTS="${VARIANTS:-f32_adam f16_rowwise_adagrad f16_adam}"
 cargo build --workspace --bins
 if [ ! -s data/ml100k-din/counts.bin ]; then
   scripts/fetch-ml100k.sh data/ml-100k
@@ -18,20 +21,27 @@ sed -e 's/^name = .*/name = "din-ml100k-f16-adam"/' -e 's/^\[sparse\]$/[sparse]\
   configs/din_ml100k.toml > runs/quality/din_ml100k_f16_adam.toml
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for seed in $SEEDS; do
-  for v in f32_adam:configs/din_ml100k.toml f16_rowwise_adagrad:configs/din_ml100k_compact.toml \
-           f16_adam:runs/quality/din_ml100k_f16_adam.toml; do
-    name="${v%%:*}"; cfg="${v#*:}"
+  for name in $VARIANTS; do
+    case "$name" in
+      f32_adam) cfg=configs/din_ml100k.toml ;;
+      f16_rowwise_adagrad) cfg=configs/din_ml100k_compact.toml ;;
+      f16_adam) cfg=runs/quality/din_ml100k_f16_adam.toml ;;
+      *) echo "unknown variant $name" >&2; exit 2 ;;
+    esac
     out="runs/quality/$name-s$seed"
-    target/debug/ember train --quiet --config "$cfg" --seed "$seed" --out-dir "$out" > "$out.log" 2>&1
+    if ! python3 -c "import json,sys;r=json.load(open('$out/metrics.json'));sys.exit(0 if len(r['epochs'])>=2 and r['epochs'][-1]['test'] else 1)" 2>/dev/null; then
+      target/debug/ember train --quiet --config "$cfg" --seed "$seed" --out-dir "$out" > "$out.log" 2>&1
+    fi
     echo "$name seed $seed: $(python3 -c "import json;e=json.load(open('$out/metrics.json'))['epochs'][-1]['test'];print(f\"AUC {e['auc']:.4f} GAUC {e['gauc']:.4f} logloss {e['logloss']:.4f}\")")"
   done
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - $SEEDS <<'PY'
+VARIANTS="$VARIANTS" python3 - $SEEDS <<'PY'
 import json, statistics as st, sys
 seeds = sys.argv[1:]
 print("| variant | AUC | GAUC | test logloss |\n|---|---|---|---|")
-for name in ["f32_adam", "f16_rowwise_adagrad", "f16_adam"]:
+import os
+for name in os.environ.get("VARIANTS", "f32_adam f16_rowwise_adagrad f16_adam").split():
     rows = [json.load(open(f"runs/quality/{name}-s{s}/metrics.json"))["epochs"][-1]["test"] for s in seeds]
     cell = lambda k: f"{st.mean(r[k] for r in rows):.4f} ± {st.stdev(r[k] for r in rows) if len(rows) > 1 else 0:.4f}"
     print(f"| {name} | {cell('auc')} | {cell('gauc')} | {cell('logloss')} |")

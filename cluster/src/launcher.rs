@@ -296,6 +296,7 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
             )));
         };
         ps.restore(s).await?;
+        ember_worker::train::setup::check_restored_tables(&cfg, &ps).await?;
         last_ckpt = s;
         if let Ok(old) = RunReport::read_json(&report_path) {
             report.epochs = old.epochs.into_iter().filter(|r| r.step <= s).collect();

@@ -639,3 +639,52 @@ impl Shard {
         &self.shard_label
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_proto::v1::Precision;
+
+    fn cfg(precision: Precision) -> TableConfig {
+        TableConfig {
+            name: "item".into(),
+            dim: 4,
+            precision: precision as i32,
+            ..Default::default()
+        }
+    }
+
+    /// A job asking for another precision than the existing (e.g. restored)
+    /// table gets an error naming the field, and the table is unchanged.
+    #[test]
+    fn precision_mismatch_is_named_and_changes_nothing() {
+        let s = Shard::new(ShardConfig::default()).unwrap();
+        assert!(s.create_table(cfg(Precision::F32)).unwrap());
+        s.push("item", &[1, 2], &[0.5; 8], &[], 1).unwrap();
+        let before = s.table("item").unwrap().get_row(1);
+        let e = s.create_table(cfg(Precision::F16)).unwrap_err().to_string();
+        assert!(e.contains("precision: existing f32, requested f16"), "{e}");
+        let t = s.table("item").unwrap();
+        assert_eq!(t.spec().precision, crate::store::WeightPrecision::F32);
+        assert_eq!(t.get_row(1), before);
+        assert!(!s.create_table(cfg(Precision::F32)).unwrap());
+    }
+
+    /// A budget smaller than one row is refused at table creation, naming it.
+    #[test]
+    fn budget_smaller_than_a_row_is_refused() {
+        let s = Shard::new(ShardConfig {
+            max_bytes: 40,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut c = cfg(Precision::F32);
+        c.dim = 64;
+        let e = s.create_table(c).unwrap_err().to_string();
+        assert!(
+            e.contains("max_bytes 40") && e.contains("smaller than one row"),
+            "{e}"
+        );
+        assert!(s.list_tables().is_empty());
+    }
+}

@@ -705,6 +705,25 @@ impl Table {
         })
     }
 
+    /// Sizes every stripe's index for `rows` rows in the table (a bulk load
+    /// such as a restore then never rehashes).
+    pub fn reserve(&self, rows: u64) {
+        let per = (rows / NUM_STRIPES as u64 + rows / NUM_STRIPES as u64 / 16 + 16) as usize;
+        let words = self.layout.words;
+        let budget = self.budget.read().clone();
+        for st in self.stripes.iter() {
+            let mut g = st.write();
+            let stripe = &mut *g;
+            let chunks = &stripe.chunks;
+            stripe.index.reserve(per, &|s: u32| {
+                let s = s as usize;
+                let off = (s % CHUNK_ROWS) * words;
+                id_hash(row_key(&chunks[s / CHUNK_ROWS][off..off + 2]))
+            });
+            stripe.charge(&budget);
+        }
+    }
+
     /// Drops every row and pending count and frees their memory.
     pub fn clear(&self) {
         let budget = self.budget.read().clone();
@@ -1165,14 +1184,22 @@ impl StripeRows<'_> {
     }
 
     /// Calls `f(id, count, last_step, values)` for every row, the values
-    /// decoded to f32 (weights then optimizer state).
+    /// decoded to f32 (weights then optimizer state), in arena order: a
+    /// sequential scan of memory, and an order unrelated to the id hash.
+    /// (Visiting in index order would hand a loader the keys sorted by their
+    /// home bucket, which makes a growing linear-probing table build
+    /// clusters that cost O(n) per insert.)
     pub fn for_each(&self, mut f: impl FnMut(u64, u32, u64, &[f32])) {
         let words = self.layout.words;
         let mut vals = Vec::with_capacity(self.layout.dim + self.layout.state);
-        for slot in self.guard.index.iter() {
-            let row = self.guard.row(slot, words);
-            self.layout.read_values(row, &mut vals);
-            f(row_key(row), row_count(row), row_step(row), &vals);
+        for chunk in &self.guard.chunks {
+            for row in chunk.chunks_exact(words) {
+                if row[3] == FREE_STEP {
+                    continue;
+                }
+                self.layout.read_values(row, &mut vals);
+                f(row_key(row), row_count(row), row_step(row), &vals);
+            }
         }
     }
 }

@@ -78,26 +78,55 @@ pub async fn setup_cluster(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainErr
     Ok(())
 }
 
+/// After a restore (`--resume`): the job's tables must equal the restored
+/// ones. `CreateTable` with the job's config is a no-op for an identical
+/// table and an INVALID_ARGUMENT naming the differing fields (e.g.
+/// `precision: existing f32, requested f16`) otherwise, before any step runs.
+pub async fn check_restored_tables(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainError> {
+    let model = build_job_model(cfg)?;
+    for (name, dim) in &model.sparse_tables() {
+        ps.create_table(&cfg.sparse.table(name, *dim, cfg.train.seed)?)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Ids per prefill push.
 const PREFILL_BATCH: u64 = 65_536;
+/// Prefill pushes in flight at once (so both shards and the client work).
+const PREFILL_IN_FLIGHT: usize = 4;
 
 /// Stores the rows of ids `1..=n` of `table` by pushing a zero gradient at
 /// step 0 (the rows keep their initial values; online counts become 1).
 async fn prefill(ps: &Backend, table: &str, dim: usize, n: u64) -> Result<(), TrainError> {
+    use futures_util::{StreamExt, TryStreamExt};
     let t0 = std::time::Instant::now();
     let zeros = vec![0.0f32; PREFILL_BATCH as usize * dim];
     let ones = vec![1u32; PREFILL_BATCH as usize];
-    let mut next = 1u64;
-    while next <= n {
-        let end = (next + PREFILL_BATCH - 1).min(n);
-        let ids: Vec<u64> = (next..=end).collect();
-        ps.push(table, &ids, &zeros[..ids.len() * dim], &ones[..ids.len()], 0)
-            .await?;
-        next = end + 1;
-        if (next - 1) % (PREFILL_BATCH * 256) == 0 {
-            tracing::info!(table, rows = next - 1, of = n, "prefill");
-        }
-    }
+    let starts = (0..n.div_ceil(PREFILL_BATCH)).map(|b| 1 + b * PREFILL_BATCH);
+    futures_util::stream::iter(starts)
+        .map(|start| {
+            let (zeros, ones) = (&zeros, &ones);
+            async move {
+                let end = (start + PREFILL_BATCH - 1).min(n);
+                let ids: Vec<u64> = (start..=end).collect();
+                ps.push(
+                    table,
+                    &ids,
+                    &zeros[..ids.len() * dim],
+                    &ones[..ids.len()],
+                    0,
+                )
+                .await?;
+                if end % (PREFILL_BATCH * 256) == 0 {
+                    tracing::info!(table, rows = end, of = n, "prefill");
+                }
+                Ok::<(), TrainError>(())
+            }
+        })
+        .buffer_unordered(PREFILL_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
     let secs = t0.elapsed().as_secs_f64();
     tracing::info!(
         table,
