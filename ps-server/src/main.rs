@@ -72,6 +72,12 @@ struct ServeFlags {
     /// Log format on stderr: text or compact.
     #[arg(long)]
     log_format: Option<String>,
+    /// Delta checkpoints after a base before the next base (0 = every checkpoint is a base; default 8).
+    #[arg(long)]
+    max_deltas: Option<u32>,
+    /// Write a base instead of a delta once the chain's delta rows would pass this percentage of the base's rows (default 50).
+    #[arg(long)]
+    delta_chain_percent: Option<u32>,
 }
 
 fn config_from(f: ServeFlags) -> anyhow::Result<ServerConfig> {
@@ -114,6 +120,12 @@ fn config_from(f: ServeFlags) -> anyhow::Result<ServerConfig> {
     }
     if let Some(v) = f.log_format {
         c.log_format = v;
+    }
+    if let Some(v) = f.max_deltas {
+        c.max_deltas = v;
+    }
+    if let Some(v) = f.delta_chain_percent {
+        c.delta_chain_percent = v;
     }
     if f.tls_cert.is_some() {
         c.tls_cert = f.tls_cert;

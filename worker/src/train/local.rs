@@ -33,6 +33,7 @@ impl LocalPs {
                 shard_index: i as u32,
                 num_shards: n as u32,
                 checkpoint_dir: checkpoint_dir.clone(),
+                ..ShardConfig::default()
             };
             shards.push(Arc::new(Shard::new(cfg).map_err(local)?));
         }
