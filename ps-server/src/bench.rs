@@ -270,6 +270,9 @@ pub async fn run(a: BenchArgs) -> Result<String> {
     let _ = writeln!(out, "| (2) push Adagrad+MBA(online) | {:.2} M rows/s | pull {:.2} M rows/s | {:.2}x | >= 0.8x |", push_rate / 1e6, pull_rate / 1e6, push_rate / pull_rate);
 
     if a.scale {
+        // The shard must hold the only reference to its table, or an
+        // in-place restore cannot free it.
+        drop(t);
         scale_checkpoints(&a, &shard, &dir, step + 1, &mut out)?;
         if !a.keep_files {
             let _ = std::fs::remove_dir_all(&dir);
