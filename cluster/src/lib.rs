@@ -6,6 +6,7 @@
 //! a metrics JSON and a PNG of the curves.
 
 pub mod bench;
+pub mod ckpt_verify;
 pub mod coordinator;
 pub mod export;
 pub mod launcher;
@@ -13,6 +14,7 @@ pub mod plan;
 pub mod plot;
 pub mod procs;
 pub mod report;
+pub mod reshard;
 pub mod seqrec;
 
 /// Errors of the launcher.

@@ -12,6 +12,10 @@
 //!   --memory-per-shard B]`: bytes per row and shard, shards needed.
 //! - `ember certs --out DIR --host NAME...`: a test CA, server and client
 //!   certificates and a bearer token for TLS deployments.
+//! - `ember checkpoint verify DIR`: reads and checks every file of a cluster
+//!   checkpoint directory; exits 1 when a file is damaged.
+//! - `ember reshard --from DIR --to-shards M --out DIR`: an N-shard cluster
+//!   checkpoint rewritten for M shards (offline).
 
 use std::path::PathBuf;
 
@@ -120,6 +124,29 @@ enum Cmd {
         #[arg(long, value_parser = ember_ps::server::parse_bytes)]
         memory_per_shard: Option<u64>,
     },
+    /// Offline tools for cluster checkpoint directories.
+    Checkpoint {
+        #[command(subcommand)]
+        cmd: CheckpointCmd,
+    },
+    /// Rewrite an N-shard cluster checkpoint for M shards (offline), routing
+    /// every row and dense parameter as the workers do; then
+    /// `ember train --resume` with `cluster.shards = M` and this directory as
+    /// the run's checkpoint directory.
+    Reshard {
+        /// Cluster checkpoint directory (holds shard-<i>-of-<n>/).
+        #[arg(long)]
+        from: PathBuf,
+        /// Number of shards to write.
+        #[arg(long)]
+        to_shards: u32,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Step to reshard (default: the latest step every shard can restore).
+        #[arg(long)]
+        step: Option<u64>,
+    },
     /// End-to-end throughput: the same worker against loopback shards and the in-process store.
     BenchE2e {
         /// Job configuration (TOML).
@@ -131,6 +158,17 @@ enum Cmd {
         /// Shards for the loopback measurement.
         #[arg(long, default_value_t = 2)]
         shards: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckpointCmd {
+    /// Read every file of a cluster checkpoint directory: checksums, chain
+    /// order, the same steps on every shard, finite weights and optimizer
+    /// state. Prints a summary; exits 1 when a file is damaged.
+    Verify {
+        /// Cluster checkpoint directory (holds shard-<i>-of-<n>/).
+        dir: PathBuf,
     },
 }
 
@@ -288,6 +326,35 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             };
             let (_, text) = ember_cluster::plan::run(&req)?;
             print!("{text}");
+        }
+        Cmd::Checkpoint {
+            cmd: CheckpointCmd::Verify { dir },
+        } => {
+            let rep = tokio::task::block_in_place(|| ember_cluster::ckpt_verify::verify(&dir))?;
+            print!("{}", rep.summary());
+            if !rep.damaged.is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Cmd::Reshard {
+            from,
+            to_shards,
+            out,
+            step,
+        } => {
+            let r = tokio::task::block_in_place(|| {
+                ember_cluster::reshard::reshard(&from, to_shards, &out, step)
+            })?;
+            println!(
+                "resharded step {} from {} to {} shards: {} rows, {} dense parameters, {} files under {}",
+                r.step,
+                r.from_shards,
+                r.to_shards,
+                r.rows,
+                r.dense,
+                r.files.len(),
+                out.display()
+            );
         }
         Cmd::BenchE2e {
             config,

@@ -38,6 +38,18 @@ pub struct BenchArgs {
     /// Directory for the scale-mode checkpoint (default: a temp dir).
     #[arg(long)]
     pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Scale mode: after the full checkpoint, push to `--delta-rows` distinct
+    /// rows and time a delta checkpoint, its chain restore, and an in-place
+    /// restore's peak RSS.
+    #[arg(long)]
+    pub delta: bool,
+    /// Rows touched before the delta checkpoint of `--delta`.
+    #[arg(long, default_value_t = 100_000)]
+    pub delta_rows: u64,
+    /// Scale mode: leave the checkpoint files in `--checkpoint-dir` (to
+    /// compare with `dd` on the same bytes).
+    #[arg(long)]
+    pub keep_files: bool,
     /// Load mode: `--clients` concurrent gRPC clients pull and push (SGD)
     /// for `--seconds`, then the rows are checked against a serial replay.
     #[arg(long)]
@@ -111,6 +123,24 @@ impl Rng {
         let r = ((n as f64).powf(u) as u64).saturating_sub(1).min(n - 1);
         splitmix64(r) % n
     }
+}
+
+/// A field of /proc/self/status in bytes (`VmHWM`, `VmRSS`).
+fn proc_status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resets the peak RSS (`VmHWM`) of this process (Linux >= 4.0).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn rss_bytes() -> u64 {
@@ -286,29 +316,13 @@ pub async fn run(a: BenchArgs) -> Result<String> {
     let _ = writeln!(out, "| (2) push Adagrad+MBA(online) | {:.2} M rows/s | pull {:.2} M rows/s | {:.2}x | >= 0.8x |", push_rate / 1e6, pull_rate / 1e6, push_rate / pull_rate);
 
     if a.scale {
-        let t0 = Instant::now();
-        let info = shard.checkpoint(1, 1)?;
-        let w = t0.elapsed();
-        let fresh = Shard::new(ShardConfig {
-            checkpoint_dir: Some(dir.clone()),
-            ..Default::default()
-        })?;
-        let t0 = Instant::now();
-        let (_, rows) = fresh.restore(0)?;
-        let r = t0.elapsed();
-        let _ = writeln!(
-            out,
-            "| (5) checkpoint write | {:.2} s ({:.0} MB) | | | |",
-            w.as_secs_f64(),
-            info.bytes as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "| (5) checkpoint load | {:.2} s ({rows} rows, {:.2} M rows/s) | | | |",
-            r.as_secs_f64(),
-            rows as f64 / r.as_secs_f64() / 1e6
-        );
-        let _ = std::fs::remove_dir_all(&dir);
+        // The shard must hold the only reference to its table, or an
+        // in-place restore cannot free it.
+        drop(t);
+        scale_checkpoints(&a, &shard, &dir, step + 1, &mut out)?;
+        if !a.keep_files {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         return Ok(out);
     }
     drop(t);
@@ -339,6 +353,100 @@ pub async fn run(a: BenchArgs) -> Result<String> {
     let _ = writeln!(out, "| (4b) gRPC pull+push, {rows}-row table (full) | {:.2} M rows/s | raw TCP same bytes + same store calls {:.2} M rows/s | {:.2}x | >= 0.6x |", g_full / 1e6, t_full / 1e6, g_full / t_full);
     let _ = writeln!(out, "| (4) old comparison: full gRPC vs bytes-only raw TCP | {:.2} M rows/s | {:.2} M rows/s | {:.2}x | |", g_full / 1e6, t_bytes / 1e6, g_full / t_bytes);
     Ok(out)
+}
+
+/// Scale mode: full checkpoint write and load (into a fresh shard), then
+/// with `--delta` a delta after touching `--delta-rows` rows, the chain's
+/// restore, and the peak RSS of an in-place restore over the live table.
+fn scale_checkpoints(
+    a: &BenchArgs,
+    shard: &Shard,
+    dir: &std::path::Path,
+    mut step: u64,
+    out: &mut String,
+) -> Result<()> {
+    let mb_s = |bytes: u64, d: Duration| bytes as f64 / 1e6 / d.as_secs_f64();
+    let t0 = Instant::now();
+    let info = shard.checkpoint_as(step, 0, true)?.info;
+    let w = t0.elapsed();
+    let _ = writeln!(
+        out,
+        "| (5) full checkpoint write | {:.2} s ({:.0} MB, {:.0} MB/s) | | | |",
+        w.as_secs_f64(),
+        info.bytes as f64 / 1e6,
+        mb_s(info.bytes, w)
+    );
+    let fresh = Shard::new(ShardConfig {
+        checkpoint_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    })?;
+    let t0 = Instant::now();
+    let (_, rows) = fresh.restore(step)?;
+    let r = t0.elapsed();
+    drop(fresh);
+    let _ = writeln!(
+        out,
+        "| (5) full checkpoint load (fresh shard) | {:.2} s ({rows} rows, {:.2} M rows/s, {:.0} MB/s) | | | |",
+        r.as_secs_f64(),
+        rows as f64 / r.as_secs_f64() / 1e6,
+        mb_s(info.bytes, r)
+    );
+    if !a.delta {
+        return Ok(());
+    }
+    // Touch delta_rows distinct rows at a new step.
+    let dim = a.dim as usize;
+    step += 1;
+    let mut rng = Rng(1234);
+    let mut ids: Vec<u64> = (0..a.delta_rows.min(a.rows))
+        .map(|_| rng.below(a.rows))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let grads = vec![0.002f32; 65_536 * dim];
+    for chunk in ids.chunks(65_536) {
+        shard.push("bench", chunk, &grads[..chunk.len() * dim], &[], step)?;
+    }
+    step += 1;
+    let t0 = Instant::now();
+    let o = shard.checkpoint_as(step, 0, false)?;
+    let dw = t0.elapsed();
+    let _ = writeln!(
+        out,
+        "| (5) {} checkpoint write, {} rows touched | {:.3} s ({:.1} MB) | full {:.2} s ({:.0} MB) | {:.2}% | < 5% |",
+        o.info.kind.as_str(),
+        ids.len(),
+        dw.as_secs_f64(),
+        o.info.bytes as f64 / 1e6,
+        w.as_secs_f64(),
+        info.bytes as f64 / 1e6,
+        100.0 * dw.as_secs_f64() / w.as_secs_f64()
+    );
+    // In-place restore of the chain over the live table: peak RSS vs the
+    // RSS of the restored table.
+    let rss_live = proc_status_bytes("VmRSS");
+    let reset = reset_peak_rss();
+    let t0 = Instant::now();
+    let (_, rows) = shard.restore(step)?;
+    let r = t0.elapsed();
+    let peak = proc_status_bytes("VmHWM");
+    let rss_after = proc_status_bytes("VmRSS");
+    let _ = writeln!(
+        out,
+        "| (5) in-place chain restore (base + delta) | {:.2} s ({rows} rows, {:.2} M rows/s) | | | |",
+        r.as_secs_f64(),
+        rows as f64 / r.as_secs_f64() / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "| (5) peak RSS during in-place restore{} | {:.2} GB | RSS before {:.2} GB, after {:.2} GB | {:.2}x of after | <= 1.15x |",
+        if reset { "" } else { " (VmHWM not reset: peak of the whole run)" },
+        peak as f64 / 1e9,
+        rss_live as f64 / 1e9,
+        rss_after as f64 / 1e9,
+        peak as f64 / rss_after.max(1) as f64
+    );
+    Ok(())
 }
 
 /// The `--load` mode: see [`crate::load`].

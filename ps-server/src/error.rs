@@ -62,6 +62,17 @@ pub enum PsError {
         #[source]
         source: std::io::Error,
     },
+    /// A restore failed after the shard had dropped its live state (the
+    /// files passed verification, then loading them failed): the shard is
+    /// empty and must be restored again.
+    #[error("restore of step {step} failed after the live state was dropped; the shard is empty: {source}")]
+    RestoreAborted {
+        /// The step being restored.
+        step: u64,
+        /// What failed.
+        #[source]
+        source: Box<PsError>,
+    },
     /// Anything else that is a bug or an environment problem.
     #[error("{0}")]
     Internal(String),
@@ -97,6 +108,7 @@ impl PsError {
             PsError::Unauthenticated(_) => Code::Unauthenticated,
             PsError::ShuttingDown => Code::Unavailable,
             PsError::Io { .. } | PsError::Internal(_) => Code::Internal,
+            PsError::RestoreAborted { .. } => Code::DataLoss,
         }
     }
 
@@ -114,6 +126,7 @@ impl PsError {
             PsError::Unauthenticated(_) => "unauthenticated",
             PsError::ShuttingDown => "shutting_down",
             PsError::Io { .. } => "io",
+            PsError::RestoreAborted { .. } => "restore_aborted",
             PsError::Internal(_) => "internal",
         }
     }

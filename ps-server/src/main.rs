@@ -79,6 +79,12 @@ struct ServeFlags {
     /// Half-life in steps of a row's count in the eviction score.
     #[arg(long)]
     evict_half_life_steps: Option<u64>,
+    /// Delta checkpoints after a base before the next base (0 = every checkpoint is a base; default 8).
+    #[arg(long)]
+    max_deltas: Option<u32>,
+    /// Write a base instead of a delta once the chain's delta rows would pass this percentage of the base's rows (default 50).
+    #[arg(long)]
+    delta_chain_percent: Option<u32>,
 }
 
 fn config_from(f: ServeFlags) -> anyhow::Result<ServerConfig> {
@@ -121,6 +127,12 @@ fn config_from(f: ServeFlags) -> anyhow::Result<ServerConfig> {
     }
     if let Some(v) = f.log_format {
         c.log_format = v;
+    }
+    if let Some(v) = f.max_deltas {
+        c.max_deltas = v;
+    }
+    if let Some(v) = f.delta_chain_percent {
+        c.delta_chain_percent = v;
     }
     if f.tls_cert.is_some() {
         c.tls_cert = f.tls_cert;

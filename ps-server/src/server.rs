@@ -108,6 +108,11 @@ pub struct ServerConfig {
     pub restore: bool,
     /// Write a checkpoint with this step when the server stops.
     pub checkpoint_on_exit: Option<u64>,
+    /// Delta checkpoints after a base before the next base (0 = bases only).
+    pub max_deltas: u32,
+    /// A base replaces a delta once the chain's delta rows would pass this
+    /// percentage of the base's rows.
+    pub delta_chain_percent: u32,
     /// Log format of the binary: "text" or "compact" (library ignores it).
     pub log_format: String,
     /// TLS certificate chain (PEM); with `tls_key`, the server speaks TLS only.
@@ -139,6 +144,8 @@ impl Default for ServerConfig {
             auth_token_file: None,
             restore: false,
             checkpoint_on_exit: None,
+            max_deltas: crate::ckpt_chain::DeltaPolicy::default().max_deltas,
+            delta_chain_percent: crate::ckpt_chain::DeltaPolicy::default().max_chain_percent,
             log_format: "text".into(),
             tls_cert: None,
             tls_key: None,
@@ -270,6 +277,10 @@ impl ServerConfig {
             checkpoint_dir: self.checkpoint_dir.clone(),
             max_bytes: self.max_bytes,
             evict_half_life_steps: self.evict_half_life_steps,
+            delta: crate::ckpt_chain::DeltaPolicy {
+                max_deltas: self.max_deltas,
+                max_chain_percent: self.delta_chain_percent,
+            },
         }
     }
 }

@@ -278,12 +278,17 @@ impl ParameterServer for PsService {
         let t0 = Instant::now();
         self.admin(&req, "Checkpoint")?;
         let r = req.into_inner();
-        let info = self.blocking(move |s| s.checkpoint(r.step, r.keep)).await?;
+        let o = self
+            .blocking(move |s| s.checkpoint_as(r.step, r.keep, r.force_base))
+            .await?;
         self.record("Checkpoint", "", t0);
         Ok(Response::new(CheckpointResponse {
-            path: info.path.display().to_string(),
-            bytes: info.bytes,
-            rows: info.rows,
+            path: o.info.path.display().to_string(),
+            bytes: o.info.bytes,
+            rows: o.info.rows,
+            kind: o.info.kind.as_str().to_string(),
+            chain_files: o.chain_files as u32,
+            chain_bytes: o.chain_bytes,
         }))
     }
 

@@ -2,7 +2,9 @@
 //! synchronous Rust API mirroring the RPCs. The gRPC service wraps it; the
 //! worker and cluster crates can also use it in-process (via `Arc<Shard>`).
 
-use crate::checkpoint::{self, CheckpointInfo};
+use crate::checkpoint::{self, CheckpointInfo, Visitor};
+use crate::ckpt_chain::{self, DeltaPolicy, Manifest};
+use crate::dense::DenseEntry;
 use crate::dense::{DenseStore, DenseTensor};
 use crate::error::{PsError, Result};
 use crate::metrics as m;
@@ -12,8 +14,9 @@ use ember_proto::v1::{OptimizerConfig, StatsResponse, TableConfig, TableInfo};
 use ember_proto::{Router, NUM_BUCKETS};
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,8 @@ pub struct ShardConfig {
     /// Half-life in steps of a row's count in the eviction score (0 = the
     /// default, `store::DEFAULT_EVICT_HALF_LIFE`).
     pub evict_half_life_steps: u64,
+    /// When a checkpoint is a delta rather than a base.
+    pub delta: DeltaPolicy,
 }
 
 impl Default for ShardConfig {
@@ -43,6 +48,7 @@ impl Default for ShardConfig {
             checkpoint_dir: None,
             max_bytes: 0,
             evict_half_life_steps: 0,
+            delta: DeltaPolicy::default(),
         }
     }
 }
@@ -65,6 +71,70 @@ pub struct Shard {
     rejected: AtomicU64,
     /// Serializes checkpoint / restore.
     ckpt_lock: Mutex<()>,
+    /// The chain the last checkpoint written or restored belongs to (the
+    /// next delta extends it); `None` = the next checkpoint is a base.
+    chain: Mutex<Option<Manifest>>,
+    /// Smallest push step since the last checkpoint (`u64::MAX` = none):
+    /// rows changed since then have a last-update step >= it.
+    min_push_step: AtomicU64,
+    /// Rows updated by pushes since the last checkpoint (with repeats): an
+    /// upper bound of the rows a delta holds, which spares the policy a scan.
+    pushed_since: AtomicU64,
+    /// Counts were loaded since the last checkpoint (they change rows
+    /// without changing their step): the next checkpoint is a base.
+    counts_loaded: AtomicBool,
+}
+
+/// How a checkpoint was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOutcome {
+    /// The file written (base or delta) and its size.
+    pub info: CheckpointInfo,
+    /// Files in the chain that now restores this step (1 for a base).
+    pub chain_files: usize,
+    /// Bytes of the whole chain.
+    pub chain_bytes: u64,
+}
+
+/// Loads a chain into new tables (the restore sink).
+#[derive(Default)]
+struct ShardLoad {
+    tables: FxHashMap<String, Arc<Table>>,
+    cur: Option<Arc<Table>>,
+    dense: BTreeMap<String, DenseEntry>,
+    dense_step: u64,
+}
+
+impl Visitor for ShardLoad {
+    fn table(&mut self, spec: &TableSpec) -> Result<()> {
+        let t = self
+            .tables
+            .entry(spec.name().to_string())
+            .or_insert_with(|| Arc::new(Table::new(spec.clone())))
+            .clone();
+        self.cur = Some(t);
+        Ok(())
+    }
+    fn row(&mut self, id: u64, count: u32, step: u64, vals: &[f32]) -> Result<()> {
+        match &self.cur {
+            Some(t) => t.put_row(id, count, step, vals),
+            None => Err(PsError::Internal("row before any table".into())),
+        }
+    }
+    fn pending(&mut self, id: u64, count: u32) -> Result<()> {
+        if let Some(t) = &self.cur {
+            t.put_pending(id, count);
+        }
+        Ok(())
+    }
+    fn dense(&mut self, name: String, entry: DenseEntry) -> Result<()> {
+        self.dense.insert(name, entry);
+        Ok(())
+    }
+    fn dense_step(&mut self, step: u64) -> Result<()> {
+        self.dense_step = step;
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Shard {
@@ -151,6 +221,10 @@ impl Shard {
             rows_pushed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             ckpt_lock: Mutex::new(()),
+            chain: Mutex::new(None),
+            min_push_step: AtomicU64::new(u64::MAX),
+            pushed_since: AtomicU64::new(0),
+            counts_loaded: AtomicBool::new(false),
         })
     }
 
@@ -246,11 +320,13 @@ impl Shard {
         self.track(r)
     }
 
-    /// Applies the shard's eviction settings to a table of this shard.
+    /// Applies the shard's eviction settings to a table of this shard, and
+    /// records removed rows for delta checkpoints when those are on.
     fn configure_table(&self, t: &Table) {
         if self.cfg.evict_half_life_steps > 0 {
             t.set_evict_half_life(self.cfg.evict_half_life_steps);
         }
+        t.set_track_tombstones(self.cfg.checkpoint_dir.is_some() && self.cfg.delta.max_deltas > 0);
     }
 
     /// The shard's memory budget (shared by its tables).
@@ -360,6 +436,11 @@ impl Shard {
             Ok(t.push(ids, grads, counts, step))
         })();
         if let Ok(o) = &r {
+            // Saturating below u64::MAX, which means "no push".
+            self.min_push_step
+                .fetch_min(step.min(u64::MAX - 1), Ordering::SeqCst);
+            self.pushed_since
+                .fetch_add(o.updated + o.not_admitted, Ordering::SeqCst);
             self.rows_pushed.fetch_add(o.updated, Ordering::Relaxed);
             let labels = [
                 ("table", table.to_string()),
@@ -396,6 +477,7 @@ impl Shard {
                 )));
             }
             self.check_route(table, ids)?;
+            self.counts_loaded.store(true, Ordering::SeqCst);
             Ok(t.load_counts(ids, counts, replace))
         })();
         self.track(r)
@@ -480,10 +562,27 @@ impl Shard {
     }
 
     /// Writes a checkpoint for `step` (TTL sweep first), then keeps only the
-    /// newest `keep` checkpoints (0 = all). Rows are copied one stripe at a
-    /// time: checkpoint at a barrier (no concurrent pushes) for an exact
-    /// snapshot.
+    /// newest `keep` restorable steps (0 = all). The shard decides whether it
+    /// is a base or a delta (see [`Shard::checkpoint_as`]). Rows are copied
+    /// one stripe at a time: checkpoint at a barrier (no concurrent pushes)
+    /// for an exact snapshot.
     pub fn checkpoint(&self, step: u64, keep: u32) -> Result<CheckpointInfo> {
+        self.checkpoint_as(step, keep, false).map(|o| o.info)
+    }
+
+    /// Like [`Shard::checkpoint`]; `force_base` writes a base whatever the
+    /// policy says. A delta (only the rows changed since the previous
+    /// checkpoint, tombstones, all pending counts and dense parameters) is
+    /// written when the previous checkpoint of this process's chain exists,
+    /// fewer than `delta.max_deltas` deltas follow its base, no counts were
+    /// loaded since, and the chain's delta rows stay under
+    /// `delta.max_chain_percent` of the base's rows; otherwise a base.
+    pub fn checkpoint_as(
+        &self,
+        step: u64,
+        keep: u32,
+        force_base: bool,
+    ) -> Result<CheckpointOutcome> {
         let r = (|| {
             let dir = self.ckpt_dir()?;
             let _g = self.ckpt_lock.lock();
@@ -496,93 +595,167 @@ impl Shard {
                 }
             }
             let (dense, dense_step) = self.dense.snapshot();
-            let info = checkpoint::write(
-                &dir,
-                self.cfg.shard_index,
-                self.cfg.num_shards,
-                step,
-                &tables,
-                &dense,
-                dense_step,
-            )?;
-            let dropped =
-                checkpoint::retain(&dir, self.cfg.shard_index, self.cfg.num_shards, keep)?;
+            let (si, ns) = (self.cfg.shard_index, self.cfg.num_shards);
+            let chain = self.chain.lock().take();
+            let min_push = self.min_push_step.swap(u64::MAX, Ordering::SeqCst);
+            let counts_loaded = self.counts_loaded.swap(false, Ordering::SeqCst);
+            let pushed = self.pushed_since.swap(0, Ordering::SeqCst);
+            let since = min_push.checked_sub(1);
+            let policy = self.cfg.delta;
+            let delta_of = match (chain, since) {
+                (Some(c), Some(since))
+                    if !force_base
+                        && !counts_loaded
+                        && policy.max_deltas > 0
+                        && c.deltas() < policy.max_deltas as usize
+                        && step > c.step =>
+                {
+                    let chain_rows: u64 = c.files[1..].iter().map(|f| f.rows).sum();
+                    let base_rows = c.files[0].rows;
+                    let over = |changed: u64| {
+                        u128::from(chain_rows.saturating_add(changed)) * 100
+                            > u128::from(policy.max_chain_percent) * u128::from(base_rows)
+                    };
+                    // Count exactly (a scan) only when the bound is too big.
+                    let fits = !over(pushed) || !over(ckpt_chain::count_changed(&tables, since));
+                    fits.then_some((c, since))
+                }
+                _ => None,
+            };
+            // Rows removed since the last checkpoint (TTL, memory budget);
+            // a list that overflowed its memory cap forces a base.
+            let removed: Option<Vec<Vec<u64>>> =
+                tables.iter().map(|t| t.take_tombstones()).collect();
+            let delta_of: Option<(Manifest, u64, Vec<Vec<u64>>)> = match (delta_of, removed) {
+                (Some((c, since)), Some(gone)) => Some((c, since, gone)),
+                _ => None,
+            };
+            let outcome = match delta_of {
+                Some((c, since, gone)) => {
+                    let info = ckpt_chain::write_delta(
+                        &dir, si, ns, step, &c, since, &tables, &gone, &dense, dense_step,
+                    )?;
+                    let next = c.with_delta(step, &info);
+                    if let Err(e) = ckpt_chain::write_manifest(&dir, &next) {
+                        // Without its manifest the delta is never listed; remove it.
+                        let _ = std::fs::remove_file(&info.path);
+                        return Err(e);
+                    }
+                    CheckpointOutcome {
+                        chain_files: next.files.len(),
+                        chain_bytes: next.bytes(),
+                        info: {
+                            *self.chain.lock() = Some(next);
+                            info
+                        },
+                    }
+                }
+                None => {
+                    let info = checkpoint::write(&dir, si, ns, step, &tables, &dense, dense_step)?;
+                    *self.chain.lock() = Some(Manifest::of_base(si, ns, step, &info));
+                    CheckpointOutcome {
+                        chain_files: 1,
+                        chain_bytes: info.bytes,
+                        info,
+                    }
+                }
+            };
+            let dropped = ckpt_chain::retain(&dir, si, ns, keep)?;
             if !dropped.is_empty() {
                 tracing::info!(?dropped, keep, "deleted old checkpoints");
             }
             self.checkpoint_step.store(step, Ordering::Relaxed);
-            tracing::info!(step, path = %info.path.display(), bytes = info.bytes, rows = info.rows, "checkpoint written");
-            Ok(info)
+            let i = &outcome.info;
+            tracing::info!(step, kind = i.kind.as_str(), path = %i.path.display(), bytes = i.bytes, rows = i.rows,
+                chain_files = outcome.chain_files, chain_bytes = outcome.chain_bytes, "checkpoint written");
+            Ok(outcome)
         })();
+        if let Err(e) = &r {
+            tracing::error!(step, error = %e, "checkpoint failed; the next checkpoint is a base");
+        }
         self.track(r)
     }
 
-    /// Steps of the good checkpoints of this shard, ascending (corrupt files
-    /// are skipped with a warning).
+    /// Steps this shard can restore, ascending: bases and complete delta
+    /// chains (bad files are skipped with a warning).
     pub fn list_checkpoints(&self) -> Result<Vec<u64>> {
         let r = (|| {
             let dir = self.ckpt_dir()?;
-            let (good, bad) = checkpoint::list(&dir, self.cfg.shard_index, self.cfg.num_shards)?;
+            let (good, bad) = ckpt_chain::list(&dir, self.cfg.shard_index, self.cfg.num_shards)?;
             for (p, e) in bad {
                 tracing::warn!(path = %p.display(), error = %e, "skipping bad checkpoint");
             }
-            Ok(good)
+            Ok(good.iter().map(|m| m.step).collect())
         })();
         self.track(r)
     }
 
+    /// Loads chain `m` in place: verify every file (state unchanged on
+    /// error), drop the live tables, stream the chain in.
+    fn restore_from(&self, dir: &Path, m: &Manifest) -> Result<(u64, u64)> {
+        let mut sink = ShardLoad::default();
+        let rows = ckpt_chain::restore_chain(dir, m, &mut sink, || {
+            // Free the live rows before loading (no second copy in memory).
+            *self.tables.write() = FxHashMap::default();
+            *self.chain.lock() = None;
+        })?;
+        let restored = m.step;
+        for t in sink.tables.values() {
+            t.set_budget(self.budget.clone());
+            self.configure_table(t);
+            let _ = t.take_tombstones();
+        }
+        *self.tables.write() = sink.tables;
+        self.dense.replace(sink.dense, sink.dense_step);
+        self.checkpoint_step.store(restored, Ordering::Relaxed);
+        self.min_push_step.store(u64::MAX, Ordering::SeqCst);
+        self.pushed_since.store(0, Ordering::SeqCst);
+        self.counts_loaded.store(false, Ordering::SeqCst);
+        let mut chain = m.clone();
+        if chain.files.len() == 1 {
+            chain.files[0].rows = rows;
+        }
+        *self.chain.lock() = Some(chain);
+        tracing::info!(
+            step = restored,
+            rows,
+            files = m.files.len(),
+            bytes = m.bytes(),
+            "checkpoint restored"
+        );
+        Ok((restored, rows))
+    }
+
     /// Replaces the shard's whole state with the checkpoint of `step`
-    /// (0 = the latest good one, skipping corrupt files with a warning).
-    /// Returns `(step, rows)`. On error nothing changes.
+    /// (0 = the latest good one, skipping bad chains with a warning): a base,
+    /// or a base and its deltas. Returns `(step, rows)`. Every file is
+    /// verified before anything changes, so a bad checkpoint leaves the
+    /// shard unchanged; only a failure while loading verified files (e.g. an
+    /// I/O error) leaves it empty ([`PsError::RestoreAborted`]).
     pub fn restore(&self, step: u64) -> Result<(u64, u64)> {
         let r = (|| {
             let dir = self.ckpt_dir()?;
             let _g = self.ckpt_lock.lock();
             let (si, ns) = (self.cfg.shard_index, self.cfg.num_shards);
-            let loaded = if step == 0 {
-                let (good, bad) = checkpoint::list(&dir, si, ns)?;
-                for (p, e) in bad {
-                    tracing::warn!(path = %p.display(), error = %e, "skipping bad checkpoint");
+            if step != 0 {
+                let m = ckpt_chain::chain_of(&dir, si, ns, step)?;
+                return self.restore_from(&dir, &m);
+            }
+            let (good, bad) = ckpt_chain::list(&dir, si, ns)?;
+            for (p, e) in bad {
+                tracing::warn!(path = %p.display(), error = %e, "skipping bad checkpoint");
+            }
+            for m in good.iter().rev() {
+                match self.restore_from(&dir, m) {
+                    Ok(r) => return Ok(r),
+                    Err(e @ PsError::RestoreAborted { .. }) => return Err(e),
+                    Err(e) => tracing::warn!(step = m.step, error = %e, "skipping bad checkpoint"),
                 }
-                let mut found = None;
-                for &s in good.iter().rev() {
-                    match checkpoint::read(&checkpoint::step_path(&dir, s), si, ns) {
-                        Ok(l) => {
-                            found = Some(l);
-                            break;
-                        }
-                        Err(e) => tracing::warn!(step = s, error = %e, "skipping bad checkpoint"),
-                    }
-                }
-                found.ok_or_else(|| {
-                    PsError::NoCheckpoint(format!("(no good checkpoint in {})", dir.display()))
-                })?
-            } else {
-                let p = checkpoint::step_path(&dir, step);
-                if !p.exists() {
-                    return Err(PsError::NoCheckpoint(format!(
-                        "for step {step} ({} missing)",
-                        p.display()
-                    )));
-                }
-                checkpoint::read(&p, si, ns)?
-            };
-            let rows = loaded.rows;
-            let restored = loaded.step;
-            let map: FxHashMap<String, Arc<Table>> = loaded
-                .tables
-                .into_iter()
-                .map(|t| {
-                    t.set_budget(self.budget.clone());
-                    self.configure_table(&t);
-                    (t.spec().name().to_string(), Arc::new(t))
-                })
-                .collect();
-            *self.tables.write() = map;
-            self.dense.replace(loaded.dense, loaded.dense_step);
-            self.checkpoint_step.store(restored, Ordering::Relaxed);
-            tracing::info!(step = restored, rows, "checkpoint restored");
-            Ok((restored, rows))
+            }
+            Err(PsError::NoCheckpoint(format!(
+                "(no good checkpoint in {})",
+                dir.display()
+            )))
         })();
         self.track(r)
     }

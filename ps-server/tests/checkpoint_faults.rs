@@ -282,9 +282,13 @@ async fn list(c: &mut Client) -> Vec<u64> {
 }
 
 async fn checkpoint(c: &mut Client, step: u64) -> Result<CheckpointResponse, tonic::Status> {
-    c.checkpoint(CheckpointRequest { step, keep: 0 })
-        .await
-        .map(|r| r.into_inner())
+    c.checkpoint(CheckpointRequest {
+        step,
+        keep: 0,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
@@ -410,20 +414,36 @@ async fn killed_during_checkpoint_write_restores_previous_step() {
     }
     assert_eq!(s.dense_step, stats_prev.dense_step);
     assert!(shard_dir.join(format!(".step-{killed}.ckpt.tmp")).exists());
-    // The next checkpoint removes the leftover temp file.
+    // The next checkpoint removes the leftover temp file. Nothing changed
+    // since the restore: it is a delta of the restored chain (no rows).
     let next = killed + 1;
-    checkpoint(&mut c, next).await.unwrap();
+    let r = checkpoint(&mut c, next).await.unwrap();
+    assert_eq!((r.kind.as_str(), r.rows, r.chain_files), ("delta", 0, 2));
     written.push(next);
     assert_eq!(list(&mut c).await, written);
-    let want: Vec<String> = written.iter().map(|s| format!("step-{s}.ckpt")).collect();
-    let mut got = names_in(&shard_dir);
-    got.sort_by_key(|n| {
-        n.trim_start_matches("step-")
-            .trim_end_matches(".ckpt")
-            .parse::<u64>()
-            .unwrap_or(u64::MAX)
-    });
-    assert_eq!(got, want);
+    let mut want: Vec<String> = written[..written.len() - 1]
+        .iter()
+        .map(|s| format!("step-{s}.ckpt"))
+        .collect();
+    want.extend([
+        format!("delta-{next}.ckpt"),
+        format!("manifest-{next}.json"),
+    ]);
+    want.sort();
+    assert_eq!(names_in(&shard_dir), want);
+    // The restart restores the chain (base + delta) exactly.
+    drop(ps);
+    let ps = Ps::start(
+        Path::new(BIN),
+        &ckpt,
+        true,
+        &tmp.path().join("ps3.log"),
+        |_| {},
+    );
+    let mut c = ps.client().await;
+    let h = c.health(HealthRequest {}).await.unwrap().into_inner();
+    assert_eq!(h.checkpoint_step, next, "log:\n{}", ps.log_text());
+    assert_eq!(snapshot(&mut c, &tables).await, at_prev);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -426,7 +426,11 @@ async fn checkpoint_restore_and_corrupt_files() {
         .unwrap()
         .into_inner();
     let r = c
-        .checkpoint(CheckpointRequest { step: 10, keep: 2 })
+        .checkpoint(CheckpointRequest {
+            step: 10,
+            keep: 2,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -436,9 +440,13 @@ async fn checkpoint_restore_and_corrupt_files() {
     c.push(push_req("item", &ids, &vec![1.0; 900], &[]))
         .await
         .unwrap();
-    c.checkpoint(CheckpointRequest { step: 20, keep: 2 })
-        .await
-        .unwrap();
+    c.checkpoint(CheckpointRequest {
+        step: 20,
+        keep: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let steps = c
         .list_checkpoints(ListCheckpointsRequest {})
         .await
@@ -504,10 +512,19 @@ async fn checkpoint_restore_and_corrupt_files() {
         Code::NotFound
     );
 
-    // Keep retention.
-    c.checkpoint(CheckpointRequest { step: 30, keep: 1 })
+    // Keep retention. Nothing changed since the restore of step 10: step 30
+    // would be a delta on base 10, which keep = 1 could not drop; a forced
+    // base stands alone.
+    let r = c
+        .checkpoint(CheckpointRequest {
+            step: 30,
+            keep: 1,
+            force_base: true,
+        })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.kind, "base");
     let steps = c
         .list_checkpoints(ListCheckpointsRequest {})
         .await

@@ -471,7 +471,11 @@ impl PsClient {
     ) -> Result<Vec<pb::CheckpointResponse>, TrainError> {
         self.each_shard(
             "checkpoint",
-            pb::CheckpointRequest { step, keep },
+            pb::CheckpointRequest {
+                step,
+                keep,
+                ..Default::default()
+            },
             |mut c, r| async move { c.checkpoint(r).await },
         )
         .await
