@@ -14,6 +14,7 @@ pub mod store;
 
 pub use error::{PsError, Result};
 pub mod checkpoint;
+pub mod dedup;
 pub mod dense;
 pub mod metrics;
 pub mod shard;
