@@ -104,7 +104,7 @@ mod tests {
             assert_eq!(r.begin(id), Seen::New);
             r.finish(id, Some(PushResponse::default()));
         }
-        assert_eq!(r.begin(1), Seen::New, "the oldest id was evicted");
         assert!(matches!(r.begin(2), Seen::Done(_)));
+        assert_eq!(r.begin(1), Seen::New, "the oldest id was evicted");
     }
 }
