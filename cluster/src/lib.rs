@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod coordinator;
 pub mod export;
+pub mod health;
 pub mod launcher;
 pub mod plot;
 pub mod procs;
