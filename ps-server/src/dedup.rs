@@ -45,7 +45,7 @@ impl RecentPushes {
     pub fn begin(&self, id: u64) -> Seen {
         let mut g = self.inner.lock();
         match g.outcome.get(&id) {
-            Some(Some(r)) => return Seen::Done(r.clone()),
+            Some(Some(r)) => return Seen::Done(*r),
             Some(None) => return Seen::InFlight,
             None => {}
         }
@@ -90,7 +90,7 @@ mod tests {
         };
         assert_eq!(r.begin(7), Seen::New);
         assert_eq!(r.begin(7), Seen::InFlight);
-        r.finish(7, Some(ok.clone()));
+        r.finish(7, Some(ok));
         assert_eq!(r.begin(7), Seen::Done(ok));
         assert_eq!(r.begin(8), Seen::New);
         r.finish(8, None);

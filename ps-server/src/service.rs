@@ -203,7 +203,7 @@ impl ParameterServer for PsService {
             not_admitted: o.not_admitted,
         });
         if r.request_id != 0 {
-            self.recent_pushes.finish(r.request_id, resp.clone());
+            self.recent_pushes.finish(r.request_id, resp);
         }
         o?;
         self.record("Push", &r.table, t0);

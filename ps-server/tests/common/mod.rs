@@ -16,11 +16,14 @@ use ember_ps::Shard;
 /// its values (embedding then optimizer state).
 pub type Row = (u64, u32, u64, Vec<u32>);
 
+/// One table: its name, rows sorted by id, pending counts sorted by id.
+pub type TableState = (String, Vec<Row>, Vec<(u64, u32)>);
+
 /// Everything a shard holds, in a canonical order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FullState {
     /// Per table (by name): its rows sorted by id and its pending counts sorted by id.
-    pub tables: Vec<(String, Vec<Row>, Vec<(u64, u32)>)>,
+    pub tables: Vec<TableState>,
     /// Dense tensors sorted by name, as bits.
     pub dense: Vec<(String, Vec<u32>)>,
     /// The dense step.
