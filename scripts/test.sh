@@ -2,12 +2,44 @@
 # Ember's test command (README, CI): fetches ML-100k (for the tests gated on
 # real data), then builds once (dev profile, optimised) and runs every test of
 # the workspace, including the multi-process cluster tests on loopback.
+#
+# Skips are visible: a test that lacks a prerequisite (Docker, ML-100k,
+# kubernetes-validate) prints `SKIPPED: <test>: <reason>` and appends it to
+# target/ember-skips.txt; the last line of this script is a skip summary.
+# EMBER_REQUIRE=docker,data,k8s-validate (or all) turns a missing
+# prerequisite into a failure. This script adds to it what it has verified on
+# this machine: `data` when ML-100k was fetched, `docker` when `docker info`
+# and Compose work (so a test cannot skip them by mistake).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! scripts/fetch-ml100k.sh data/ml-100k; then
+start=$(date +%s)
+require="${EMBER_REQUIRE:-}"
+add_require() { require="${require:+$require,}$1"; }
+
+if scripts/fetch-ml100k.sh data/ml-100k; then
+  add_require data
+else
   echo "warning: ML-100k could not be fetched; tests that need it will report that they skipped" >&2
 fi
+if docker info >/dev/null 2>&1 && { docker compose version || docker-compose version; } >/dev/null 2>&1; then
+  add_require docker
+fi
+export EMBER_REQUIRE="$require"
+
+skips=target/ember-skips.txt
+mkdir -p target
+: > "$skips"
+summary() {
+  local rc=$? n
+  n=$(wc -l < "$skips" | tr -d ' ')
+  if [ "$n" -gt 0 ]; then
+    echo "---- skipped ----"
+    cat "$skips"
+  fi
+  echo "test.sh: exit $rc after $(( $(date +%s) - start )) s; EMBER_REQUIRE=${EMBER_REQUIRE:-none}; $n skip(s)${n:+ (see $skips)}"
+}
+trap summary EXIT
 
 # The multi-process tests run the workspace's binaries (ps-server, worker,
 # ember, ember-data); `cargo test` alone only builds the binaries of packages

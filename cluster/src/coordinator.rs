@@ -45,8 +45,11 @@ pub enum WorkerEvent {
     Progress(Progress),
     /// A worker finished its task.
     Done(WorkerReport),
-    /// Worker `.0` failed with the message `.1`.
+    /// Worker `.0` failed with the message `.1` (transient: retried).
     Failed(usize, String),
+    /// Worker `.0` failed deterministically (bad data, config or model:
+    /// the same task would fail again) with the message `.1`: not retried.
+    Rejected(usize, String),
 }
 
 /// Timing and size of the coordinator.
@@ -436,7 +439,11 @@ impl Coordinator {
             );
             return Ok(pb::ReportFailureResponse { accepted: false });
         }
-        s.emit(WorkerEvent::Failed(i, req.error.clone()));
+        s.emit(if req.deterministic {
+            WorkerEvent::Rejected(i, req.error.clone())
+        } else {
+            WorkerEvent::Failed(i, req.error.clone())
+        });
         Ok(pb::ReportFailureResponse { accepted: true })
     }
 }
@@ -667,6 +674,7 @@ mod tests {
             worker_index: 1,
             attempt: a1,
             error: "cancelled".into(),
+            deterministic: false,
         };
         assert!(!c.report_failure(&f).unwrap().accepted);
         assert!(c.unsettled(t0, Duration::from_secs(5)).is_empty());
@@ -697,6 +705,29 @@ mod tests {
         // The same index asks again without having finished: it restarted.
         assert_eq!(kind(&ask(&c, 1, t0)), pb::TaskKind::Wait);
         assert!(matches!(rx.try_recv(), Ok(WorkerEvent::Failed(1, m)) if m.contains("restarted")));
+    }
+
+    #[test]
+    fn a_deterministic_failure_report_is_a_rejection() {
+        let c = coord(2);
+        let t0 = Instant::now();
+        let (tx, rx) = mpsc::channel();
+        let a = c.publish(1, 0, 5, 0, &["s:1".into()], tx, t0);
+        assert_eq!(ask(&c, 0, t0).attempt, a);
+        assert_eq!(ask(&c, 1, t0).attempt, a);
+        let f = |i: u32, deterministic: bool| pb::ReportFailureRequest {
+            worker_index: i,
+            attempt: a,
+            error: format!("e{i}"),
+            deterministic,
+        };
+        assert!(c.report_failure(&f(0, true)).unwrap().accepted);
+        assert!(c.report_failure(&f(1, false)).unwrap().accepted);
+        let ev: Vec<WorkerEvent> = rx.try_iter().collect();
+        assert!(
+            matches!(&ev[..], [WorkerEvent::Rejected(0, a), WorkerEvent::Failed(1, b)] if a == "e0" && b == "e1"),
+            "{ev:?}"
+        );
     }
 
     #[test]

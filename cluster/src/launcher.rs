@@ -16,10 +16,17 @@
 //!    data position; watch shards and workers; at the epoch end evaluate on
 //!    the test set; checkpoint every shard at the segment's end step; write
 //!    the metrics JSON and the PNG.
-//! 4. A shard or worker that dies: stop the workers, restart dead shards from
-//!    their checkpoints, roll every shard back to the last complete cluster
-//!    checkpoint and rerun from its step and data position. Updates since
-//!    that checkpoint are lost and recomputed.
+//! 4. A shard or worker that dies, or a shard that hangs (no answer to
+//!    Health for `cluster.shard_timeout_s`, see `crate::health`): stop the
+//!    workers, kill hung shard processes, restart dead shards from their
+//!    checkpoints (external shards: wait for them with backoff), roll every
+//!    shard back to the last complete cluster checkpoint and rerun from its
+//!    step and data position. Updates since that checkpoint are lost and
+//!    recomputed. Every control call has a deadline
+//!    (`cluster.control_timeout_s`) and is watched by Health probes.
+//! 5. A worker that fails deterministically (bad data, config or model: a
+//!    malformed line) ends the job at once with the worker's cause; only
+//!    transient failures are retried (`cluster.max_restarts`).
 //!
 //! `--resume` continues from the last complete cluster checkpoint of a run.
 
@@ -34,13 +41,14 @@ use ember_worker::train::client::{PsClient, RetryPolicy};
 use ember_worker::train::config::JobConfig;
 use ember_worker::train::eval::evaluate;
 use ember_worker::train::setup::{count_rows, setup_cluster};
-use ember_worker::train::worker::{run_epoch, Progress, WorkerJob, WorkerReport};
+use ember_worker::train::worker::{run_epoch, FailureReport, Progress, WorkerJob, WorkerReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::{
     Coordinator, CoordinatorSettings, RunningCoordinator, WorkerEvent as Event,
 };
+use crate::health::{guarded, with_deadline, Guarded, HealthWatch};
 use crate::procs::{binary, log_target, ShardProcess, ShardSpec};
 use crate::report::{EpochRecord, RunReport, TestMetrics, TimeSplit};
 use crate::ClusterError;
@@ -170,6 +178,7 @@ impl Shards {
         };
         let start = Instant::now();
         for (i, last) in seen.iter_mut().enumerate() {
+            let mut backoff = Duration::from_millis(500);
             loop {
                 match client.health_once(i, Duration::from_secs(2)).await {
                     Ok(h) => {
@@ -178,14 +187,51 @@ impl Shards {
                     }
                     Err(e) if start.elapsed() > deadline => {
                         return Err(ClusterError::Launch(format!(
-                            "shard {i} did not come back: {e}"
+                            "shard {i} ({}) did not come back within {deadline:?}: {e}",
+                            client.addrs()[i]
                         )));
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    Err(e) => {
+                        tracing::warn!(
+                            shard = i,
+                            addr = %client.addrs()[i],
+                            waited_s = start.elapsed().as_secs(),
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "shard does not answer Health (down, hung or unreachable): {e}"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Kills the hung shard processes `idx` (SIGKILL also ends a stopped
+    /// process) so that [`Shards::restart_dead`] restarts them. External
+    /// shards cannot be killed from here: their orchestrator must restart
+    /// or resume them, which [`Shards::wait_external`] waits for.
+    fn kill_hung(&mut self, idx: &[usize]) {
+        match self {
+            Shards::Processes(p, _) => {
+                for s in p.iter_mut().filter(|s| idx.contains(&s.index)) {
+                    tracing::warn!(shard = s.index, pid = s.pid(), addr = %s.addr, "killing hung shard process");
+                    s.kill();
+                }
+            }
+            Shards::External(a, _) => {
+                for &i in idx {
+                    tracing::error!(
+                        shard = i,
+                        addr = a.get(i).map(String::as_str).unwrap_or("?"),
+                        "external shard is hung (no Health answer); its orchestrator must \
+                         restart or resume it: waiting for it with backoff"
+                    );
+                }
+            }
+            Shards::InProcess(_) => {}
+        }
     }
 
     /// Restarts dead shard processes from their latest good checkpoint, on the same port.
@@ -269,6 +315,11 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
     shards
         .wait_external(&ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
         .await?;
+    let control = Duration::from_secs(cfg.cluster.control_timeout_s);
+    let mut watch = HealthWatch::new(
+        addrs.len(),
+        Duration::from_secs(cfg.cluster.shard_timeout_s),
+    );
 
     // Steps per worker per epoch, equal for all workers.
     let rows = count_rows(&cfg.data.train)?;
@@ -288,14 +339,18 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
     };
     let mut last_ckpt;
     if opts.resume {
-        let steps = ps.common_checkpoints().await?;
+        let steps = with_deadline(control, ps.common_checkpoints())
+            .await
+            .map_err(|e| control_error("list checkpoints", e))?;
         let Some(&s) = steps.last() else {
             return Err(ClusterError::Launch(format!(
                 "--resume: no complete cluster checkpoint in {}",
                 ckpt.display()
             )));
         };
-        ps.restore(s).await?;
+        with_deadline(control, ps.restore(s))
+            .await
+            .map_err(|e| control_error(&format!("restore step {s}"), e))?;
         ember_worker::train::setup::check_restored_tables(&cfg, &ps).await?;
         last_ckpt = s;
         if let Ok(old) = RunReport::read_json(&report_path) {
@@ -309,7 +364,10 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
     } else {
         // A fresh run needs fresh shards: a shard that already trained would
         // ignore dense pushes for steps below its dense step.
-        for (i, st) in ps.stats().await?.iter().enumerate() {
+        let stats = with_deadline(control, ps.stats())
+            .await
+            .map_err(|e| control_error("stats", e))?;
+        for (i, st) in stats.iter().enumerate() {
             if st.dense_step > 0 || st.rows_pushed > 0 {
                 return Err(ClusterError::Launch(format!(
                     "shard {i} already holds a trained state (dense step {}, {} rows pushed): \
@@ -318,9 +376,15 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
                 )));
             }
         }
-        setup_cluster(&cfg, &ps).await?;
-        ps.checkpoint(0, cfg.cluster.keep_checkpoints.max(2))
-            .await?;
+        with_deadline(control, setup_cluster(&cfg, &ps))
+            .await
+            .map_err(|e| control_error("setup", e))?;
+        with_deadline(
+            control,
+            ps.checkpoint(0, cfg.cluster.keep_checkpoints.max(2)),
+        )
+        .await
+        .map_err(|e| control_error("checkpoint at step 0", e))?;
         last_ckpt = 0;
     }
 
@@ -357,23 +421,33 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
                     steps: len,
                     epoch_steps: k,
                 };
-                let r = run_workers(&cfg, opts, &ps, &mut shards, &addrs, coord, &part).await?;
+                let r = run_workers(
+                    &cfg,
+                    opts,
+                    &ps,
+                    &mut shards,
+                    &mut watch,
+                    &addrs,
+                    coord,
+                    &part,
+                )
+                .await?;
                 let secs = t.elapsed().as_secs_f64();
                 let test = if seg_end == end_step {
+                    let eval = evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples);
                     Some(
-                        evaluate(&cfg, &ps, &cfg.data.test, cfg.train.max_eval_samples)
+                        guarded(&ps, &mut watch, control, eval)
                             .await
-                            .map_err(|e| Failure::Coordinator(format!("evaluation: {e}")))?
+                            .map_err(|e| guard_failure("evaluation", e))?
                             .0,
                     )
                 } else {
                     None
                 };
-                ps.checkpoint(seg_end, cfg.cluster.keep_checkpoints.max(2))
+                let keep = cfg.cluster.keep_checkpoints.max(2);
+                guarded(&ps, &mut watch, control, ps.checkpoint(seg_end, keep))
                     .await
-                    .map_err(|e| {
-                        Failure::Coordinator(format!("checkpoint at step {seg_end}: {e}"))
-                    })?;
+                    .map_err(|e| guard_failure(&format!("checkpoint at step {seg_end}"), e))?;
                 Ok::<_, Failure>((r, secs, test))
             }
             .await;
@@ -388,25 +462,33 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
                     }
                 }
                 Err(failure) => {
-                    restarts += 1;
-                    if restarts > cfg.cluster.max_restarts {
-                        return Err(ClusterError::Launch(format!(
-                            "epoch {epoch} failed {restarts} times, giving up; last failure: {failure}"
-                        )));
+                    let mut failure = failure;
+                    loop {
+                        if let Failure::Rejected(w, cause) = &failure {
+                            return Err(ClusterError::Launch(format!(
+                                "epoch {epoch}: worker {w} failed: {cause} (a data, config \
+                                 or model error fails the same way every time: not retried)"
+                            )));
+                        }
+                        restarts += 1;
+                        if restarts > cfg.cluster.max_restarts {
+                            return Err(ClusterError::Launch(format!(
+                                "epoch {epoch} failed {restarts} times, giving up; last failure: {failure}"
+                            )));
+                        }
+                        tracing::warn!(
+                            epoch,
+                            restarts,
+                            "{failure}; rolling the cluster back to step {last_ckpt}"
+                        );
+                        if let Failure::ShardHung(h) = &failure {
+                            shards.kill_hung(h);
+                        }
+                        match rollback(&cfg, &ps, &mut shards, &mut watch, last_ckpt).await {
+                            Ok(()) => break,
+                            Err(f) => failure = f,
+                        }
                     }
-                    tracing::warn!(
-                        epoch,
-                        restarts,
-                        "{failure}; rolling the cluster back to step {last_ckpt}"
-                    );
-                    let restarted = shards.restart_dead()?;
-                    if !restarted.is_empty() {
-                        tracing::warn!(?restarted, "restarted shards");
-                    }
-                    // An orchestrator may take a while to bring a shard back.
-                    let wait = Duration::from_secs(cfg.cluster.retry_deadline_s.max(120));
-                    shards.wait_external(&ps, wait).await?;
-                    ps.restore(last_ckpt).await?;
                 }
             }
         }
@@ -440,12 +522,62 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
         finish_external_workers(&c.coord).await;
     }
     if let Shards::Processes(p, _) = &mut shards {
-        let _ = ps_shutdown(&ps).await;
+        let _ = with_deadline(Duration::from_secs(10), ps_shutdown(&ps)).await;
         for s in p.iter_mut() {
             s.kill();
         }
     }
     Ok(report)
+}
+
+/// Brings the cluster back to the cluster checkpoint `step` after a failed
+/// attempt: restarts dead shard processes from their checkpoints, waits for
+/// external shards to answer again, and restores every shard to `step`
+/// (watched: a shard that hangs during the restore fails it again).
+async fn rollback(
+    cfg: &JobConfig,
+    ps: &Backend,
+    shards: &mut Shards,
+    watch: &mut HealthWatch,
+    step: u64,
+) -> Result<(), Failure> {
+    let restarted = shards
+        .restart_dead()
+        .map_err(|e| Failure::Coordinator(format!("restarting shards: {e}")))?;
+    if !restarted.is_empty() {
+        tracing::warn!(?restarted, "restarted shards");
+    }
+    // An orchestrator may take a while to bring a shard back (or resume it).
+    let wait = Duration::from_secs(
+        cfg.cluster
+            .retry_deadline_s
+            .max(cfg.cluster.control_timeout_s)
+            .max(120),
+    );
+    shards
+        .wait_external(ps, wait)
+        .await
+        .map_err(|e| Failure::Coordinator(e.to_string()))?;
+    watch.reset();
+    let control = Duration::from_secs(cfg.cluster.control_timeout_s);
+    guarded(ps, watch, control, ps.restore(step))
+        .await
+        .map_err(|e| guard_failure(&format!("restore of step {step}"), e))?;
+    tracing::info!(step, "cluster rolled back");
+    Ok(())
+}
+
+/// A failed guarded control call as the failure of an attempt.
+fn guard_failure<E: std::fmt::Display>(what: &str, g: Guarded<E>) -> Failure {
+    match g {
+        Guarded::Hung(s) => Failure::ShardHung(s),
+        other => Failure::Coordinator(format!("{what}: {other}")),
+    }
+}
+
+/// A failed control call outside an attempt (setup, resume) as a launch error.
+fn control_error<E: std::fmt::Display>(what: &str, g: Guarded<E>) -> ClusterError {
+    ClusterError::Launch(format!("{what}: {g}"))
 }
 
 /// Serves the launcher's metrics (Prometheus text) on `addr`; returns the bound address.
@@ -581,8 +713,12 @@ async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterEr
 enum Failure {
     /// A shard process died.
     ShardDied(Vec<usize>),
-    /// A worker failed or died.
+    /// Shards stopped answering Health for `cluster.shard_timeout_s`.
+    ShardHung(Vec<usize>),
+    /// A worker failed or died (transient: retried).
     Worker(usize, String),
+    /// A worker failed deterministically (data, config, model): not retried.
+    Rejected(usize, String),
     /// The coordinator's own calls (evaluation, checkpoint) failed.
     Coordinator(String),
 }
@@ -591,7 +727,9 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::ShardDied(s) => write!(f, "shard(s) {s:?} died"),
+            Failure::ShardHung(s) => write!(f, "shard(s) {s:?} hung (no Health answer)"),
             Failure::Worker(w, e) => write!(f, "worker {w} failed: {e}"),
+            Failure::Rejected(w, e) => write!(f, "worker {w} failed: {e}"),
             Failure::Coordinator(e) => write!(f, "{e}"),
         }
     }
@@ -695,6 +833,7 @@ async fn run_workers(
     opts: &LaunchOptions,
     ps: &Backend,
     shards: &mut Shards,
+    watch: &mut HealthWatch,
     addrs: &[String],
     coord: Option<&Coordinator>,
     part: &Segment,
@@ -764,6 +903,9 @@ async fn run_workers(
                     Ok(r) => {
                         let _ = tx.send(Event::Done(r));
                     }
+                    Err(e) if e.is_deterministic() => {
+                        let _ = tx.send(Event::Rejected(w, e.to_string()));
+                    }
                     Err(e) => {
                         let _ = tx.send(Event::Failed(w, e.to_string()));
                     }
@@ -818,6 +960,7 @@ async fn run_workers(
                 }
             }
             Ok(Event::Failed(w, e)) => break Err(Failure::Worker(w, e)),
+            Ok(Event::Rejected(w, e)) => break Err(Failure::Rejected(w, e)),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if done.iter().any(Option::is_none) {
@@ -833,6 +976,10 @@ async fn run_workers(
             let dead = shards.dead(ps).await;
             if !dead.is_empty() {
                 break Err(Failure::ShardDied(dead));
+            }
+            let hung = watch.hung(ps).await;
+            if !hung.is_empty() {
+                break Err(Failure::ShardHung(hung));
             }
             if let Some((w, e)) = coord.and_then(|c| c.check_timeouts(Instant::now())) {
                 break Err(Failure::Worker(w, e));
@@ -909,6 +1056,7 @@ fn spawn_worker_process(
     let log_s = log.display().to_string();
     std::thread::spawn(move || {
         let mut reported = false;
+        let mut failure: Option<FailureReport> = None;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if let Some(j) = line.strip_prefix("EMBER_PROGRESS ") {
@@ -920,16 +1068,42 @@ fn spawn_worker_process(
                     reported = true;
                     let _ = tx.send(Event::Done(r));
                 }
+            } else if let Some(j) = line.strip_prefix("EMBER_FAILURE ") {
+                failure = serde_json::from_str::<FailureReport>(j).ok();
             }
         }
-        if !reported {
-            let _ = tx.send(Event::Failed(
-                w,
-                format!("worker process exited without a report (log: {log_s})"),
-            ));
+        if reported {
+            return;
         }
+        let _ = tx.send(match failure {
+            Some(f) if f.deterministic => {
+                Event::Rejected(w, format!("{} (log: {log_s})", f.message))
+            }
+            Some(f) => Event::Failed(w, format!("{} (log: {log_s})", f.message)),
+            None => Event::Failed(
+                w,
+                format!(
+                    "worker process exited without a report (killed or crashed; log: {log_s}){}",
+                    log_tail(&log_s, 3)
+                ),
+            ),
+        });
     });
     Ok(child)
+}
+
+/// The last `n` lines of the log at `path`, as `"; last log lines: ..."`
+/// (empty when there are none): the likely cause of a crash.
+fn log_tail(path: &str, n: usize) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = lines[lines.len().saturating_sub(n)..].join(" | ");
+    format!("; last log lines: {tail}")
 }
 
 fn epoch_record(

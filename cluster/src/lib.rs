@@ -9,6 +9,7 @@ pub mod bench;
 pub mod ckpt_verify;
 pub mod coordinator;
 pub mod export;
+pub mod health;
 pub mod launcher;
 pub mod plan;
 pub mod plot;

@@ -26,6 +26,88 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// A prerequisite a test may lack on some machines. `EMBER_REQUIRE` (a
+/// comma-separated list of [`Prereq::name`]s, or `all`) turns its absence
+/// from a skip into a failure, so that CI cannot pass by skipping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prereq {
+    /// A working Docker daemon with Compose (`docker info`).
+    Docker,
+    /// The ML-100k raw files in `data/ml-100k` (scripts/fetch-ml100k.sh).
+    Data,
+    /// The kubernetes-validate Python package (PyPI).
+    K8sValidate,
+}
+
+impl Prereq {
+    /// The name used in `EMBER_REQUIRE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prereq::Docker => "docker",
+            Prereq::Data => "data",
+            Prereq::K8sValidate => "k8s-validate",
+        }
+    }
+
+    /// Whether `EMBER_REQUIRE` makes this prerequisite mandatory.
+    pub fn required(self) -> bool {
+        required_in(&std::env::var("EMBER_REQUIRE").unwrap_or_default(), self)
+    }
+}
+
+/// Whether the `EMBER_REQUIRE` value `list` names `p` (or says `all`).
+pub fn required_in(list: &str, p: Prereq) -> bool {
+    list.split(',')
+        .map(str::trim)
+        .any(|x| x == p.name() || x == "all")
+}
+
+/// File the skips of a test run are appended to (one line each), for
+/// scripts/test.sh's summary: `$EMBER_SKIPS_FILE`, else
+/// `target/ember-skips.txt` in the workspace.
+pub fn skips_file() -> PathBuf {
+    std::env::var_os("EMBER_SKIPS_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/ember-skips.txt"))
+}
+
+/// The running test's name (libtest names each test's thread after it).
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unknown test")
+        .to_string()
+}
+
+/// Reports that the running test skips (all or part of) its work because
+/// `prereq` is missing: panics when `EMBER_REQUIRE` requires it, else prints
+/// `SKIPPED: <test>: <reason>` and appends that line to [`skips_file`]. The
+/// caller returns (or degrades) after this.
+pub fn skip(prereq: Prereq, reason: &str) {
+    let line = format!(
+        "SKIPPED: {}: {reason} (missing {}; EMBER_REQUIRE={} makes this a failure)",
+        current_test(),
+        prereq.name(),
+        prereq.name()
+    );
+    if prereq.required() {
+        panic!("{line} -- but EMBER_REQUIRE requires it");
+    }
+    eprintln!("\n*** {line} ***\n");
+    let file = skips_file();
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+    {
+        use std::io::Write;
+        let _ = writeln!(f, "{line}");
+    }
+}
+
 /// Train and test files for a test.
 #[derive(Debug, Clone)]
 pub struct DataSet {
@@ -53,7 +135,9 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 /// Prepares ML-100k under the DIN protocol into `dir` when the raw files are
-/// in `data/ml-100k` (scripts/fetch-ml100k.sh), else writes a synthetic set.
+/// in `data/ml-100k` (scripts/fetch-ml100k.sh), else writes a synthetic set
+/// and reports that as a skip of the real-data part ([`skip`]; a failure
+/// under `EMBER_REQUIRE=data`).
 pub fn dataset(dir: &Path) -> DataSet {
     let raw = repo_root().join("data/ml-100k");
     let counts = dir.join("counts.bin");
@@ -77,7 +161,10 @@ pub fn dataset(dir: &Path) -> DataSet {
             real: true,
         }
     } else {
-        eprintln!("note: data/ml-100k absent (run scripts/fetch-ml100k.sh); using synthetic data");
+        skip(
+            Prereq::Data,
+            "data/ml-100k absent (run scripts/fetch-ml100k.sh): ran on synthetic data instead",
+        );
         let all = dir.join("synth.txt");
         run(Command::new(bin("ember-data"))
             .args([
@@ -130,6 +217,108 @@ pub fn ember_train(job: &Path, args: &[&str]) -> Output {
         .args(args))
 }
 
+/// `ember train --quiet --config job` (plus `args`) started in its own
+/// process group (so that a test can kill the launcher with all its children
+/// at once, like a machine that dies), stdout and stderr to `log`.
+pub fn spawn_train(job: &Path, args: &[&str], log: &Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).expect("create launcher log");
+    let err = out.try_clone().expect("clone launcher log");
+    Command::new(bin("ember"))
+        .args(["train", "--quiet", "--config"])
+        .arg(job)
+        .args(args)
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .expect("start ember train")
+}
+
+/// The `<run>/cluster.json` of a running (or finished) job, if written yet.
+pub fn cluster_info(run: &Path) -> Option<serde_json::Value> {
+    std::fs::read_to_string(run.join("cluster.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+}
+
+/// `GET /metrics` from `addr` (Prometheus text), or None when it does not answer.
+pub fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// Sum of every series of the metric `name` (any labels) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Samples trained so far by a job started with `--metrics-addr` (the
+/// launcher's `ember_train_samples_total`, all workers, all epochs).
+pub fn samples_trained(run: &Path) -> Option<u64> {
+    let info = cluster_info(run)?;
+    let addr = info["launcher_metrics"]
+        .as_str()
+        .filter(|a| !a.is_empty())?;
+    let text = scrape(addr)?;
+    Some(metric_sum(&text, "ember_train_samples_total") as u64)
+}
+
+/// The steps of every `rolling the cluster back to step N` line in a
+/// launcher's log, in order.
+pub fn rollback_steps(log: &str) -> Vec<u64> {
+    const KEY: &str = "rolling the cluster back to step ";
+    log.match_indices(KEY)
+        .filter_map(|(i, _)| {
+            let rest = &log[i + KEY.len()..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+        .collect()
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... m`), as logs are
+/// written with them.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether `a` and `b` agree within `rel` relative to `max(|a|, 1)`.
+pub fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(1.0)
+}
+
 /// The run report written by `ember train`.
 pub fn report(dir: &Path) -> serde_json::Value {
     let p = dir.join("run/metrics.json");
@@ -163,4 +352,36 @@ pub fn popularity_baseline(data: &DataSet) -> (f64, f64) {
     let gauc = ember_worker::metrics::gauc(&scores, &labels, &users).unwrap_or(0.5);
     let auc = ember_worker::metrics::auc(&scores, &labels).unwrap_or(0.5);
     (gauc, auc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rollbacks_and_metrics() {
+        let log = "WARN epoch=1 shard(s) [1] died; rolling the cluster back to step 20\n\
+                   x rolling the cluster back to step 140 y";
+        assert_eq!(rollback_steps(log), [20, 140]);
+        assert!(rollback_steps("nothing").is_empty());
+        assert_eq!(
+            strip_ansi("\u{1b}[3mstep\u{1b}[0m\u{1b}[2m=\u{1b}[0m30"),
+            "step=30"
+        );
+        let text = "# TYPE ember_train_samples_total counter\n\
+                    ember_train_samples_total{worker=\"0\"} 256\n\
+                    ember_train_samples_total{worker=\"1\"} 128\n\
+                    ember_train_samples_totally 5\n";
+        assert_eq!(metric_sum(text, "ember_train_samples_total"), 384.0);
+    }
+
+    #[test]
+    fn ember_require_names_prerequisites() {
+        assert!(required_in("docker,data", Prereq::Data));
+        assert!(required_in(" docker , k8s-validate", Prereq::K8sValidate));
+        assert!(!required_in("docker", Prereq::Data));
+        assert!(!required_in("", Prereq::Docker));
+        assert!(!required_in("dockers", Prereq::Docker));
+        assert!(required_in("all", Prereq::Docker));
+    }
 }

@@ -490,7 +490,7 @@ fn compose_trains_and_survives_a_shard_restart() {
     let compose = match environment() {
         Ok(c) => c,
         Err(why) => {
-            eprintln!("skipping the compose test: {why}");
+            integration_tests::skip(integration_tests::Prereq::Docker, &why);
             return;
         }
     };

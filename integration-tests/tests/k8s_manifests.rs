@@ -766,13 +766,16 @@ fn kubernetes_validate() -> Result<PathBuf, String> {
 #[test]
 fn k8s_manifests_validate_against_the_api_schemas() {
     if std::env::var("EMBER_SKIP_K8S_VALIDATE").is_ok_and(|v| v == "1") {
-        eprintln!("skipping kubernetes-validate: EMBER_SKIP_K8S_VALIDATE=1");
+        integration_tests::skip(
+            integration_tests::Prereq::K8sValidate,
+            "EMBER_SKIP_K8S_VALIDATE=1",
+        );
         return;
     }
     let py_path = match kubernetes_validate() {
         Ok(p) => p,
         Err(why) => {
-            eprintln!("skipping kubernetes-validate: {why}");
+            integration_tests::skip(integration_tests::Prereq::K8sValidate, &why);
             return;
         }
     };

@@ -101,10 +101,22 @@ mod tests {
         assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        // The router's constants below were computed independently of this
+        // code by scripts/pinned_values.py (splitmix64, FNV-1a and the
+        // bucket/shard formula of the module doc re-implemented in Python).
+        let b: Vec<u64> = (0..4).map(|id| bucket_of("item", id)).collect();
+        assert_eq!(b, [2340, 2320, 819, 2574]);
         let r = Router::new(4);
         let got: Vec<u32> = (0..8).map(|id| r.shard_of("item", id)).collect();
-        let again: Vec<u32> = (0..8).map(|id| r.shard_of("item", id)).collect();
-        assert_eq!(got, again);
+        assert_eq!(got, [2, 2, 0, 2, 3, 3, 0, 3]);
+        let r3 = Router::new(3);
+        let got: Vec<u32> = (1000..1008).map(|id| r3.shard_of("user", id)).collect();
+        assert_eq!(got, [1, 2, 2, 0, 1, 1, 1, 2]);
+        let dense: Vec<u32> = ["mlp.0.weight", "mlp.0.bias", "att.w"]
+            .iter()
+            .map(|n| r.shard_of_dense(n))
+            .collect();
+        assert_eq!(dense, [3, 1, 0]);
     }
 
     #[test]

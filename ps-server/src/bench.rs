@@ -540,6 +540,7 @@ async fn grpc_bench(
             grads: grads.slice(..ids.len() * dim * 4),
             counts: Bytes::new(),
             step,
+            request_id: 0,
         })
         .await
         .map_err(|e| PsError::Internal(e.to_string()))?;

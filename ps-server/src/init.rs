@@ -109,24 +109,54 @@ mod tests {
     #[test]
     fn pinned_first_value() {
         // Part of the checkpoint format: unseen rows must keep their values.
-        let i = Init {
+        // The constants were computed independently of this code by
+        // scripts/pinned_values.py (splitmix64 and the f32 arithmetic of
+        // `fill` re-implemented in Python, each step rounded to f32); they
+        // are the IEEE-754 bit patterns of the expected f32 values.
+        let bits = |init: Init, id: u64, n: usize| {
+            let mut v = vec![0.0f32; n];
+            init.fill(id, &mut v);
+            v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        let u1 = Init {
             kind: Kind::Uniform,
             scale: 1.0,
             seed: 1,
         };
-        let mut a = [0.0f32; 2];
-        i.fill(0, &mut a);
-        let again = {
-            let mut b = [0.0f32; 2];
-            i.fill(0, &mut b);
-            b
+        // 0.30640054, 0.15636289
+        assert_eq!(bits(u1, 0, 2), [0x3e9c_e088, 0x3e20_1d98]);
+        let u7 = Init {
+            kind: Kind::Uniform,
+            scale: 0.1,
+            seed: 7,
         };
-        assert_eq!(a, again);
+        assert_eq!(
+            bits(u7, 42, 4),
+            [0xbcba_df47, 0x3c39_cdf3, 0x3da9_255a, 0x3bb1_de80]
+        );
+        // Box-Muller uses ln/sqrt/cos, whose last bit may differ between
+        // math libraries: compare with the f64 reference within 1e-5.
+        let n3 = Init {
+            kind: Kind::Normal,
+            scale: 1.0,
+            seed: 3,
+        };
+        let mut v = [0.0f32; 3];
+        n3.fill(5, &mut v);
+        let want = [
+            -1.895_840_300_372_080_5,
+            1.845_937_302_575_024_8,
+            0.544_757_525_385_852_1,
+        ];
+        for (got, want) in v.iter().zip(want) {
+            assert!((f64::from(*got) - want).abs() < 1e-5, "{v:?} vs {want}");
+        }
         let z = Init {
             kind: Kind::Zero,
             scale: 1.0,
             seed: 1,
         };
+        let mut a = [1.0f32; 2];
         z.fill(5, &mut a);
         assert_eq!(a, [0.0, 0.0]);
     }

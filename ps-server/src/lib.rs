@@ -18,6 +18,7 @@ pub mod store;
 pub use error::{PsError, Result};
 pub mod checkpoint;
 pub mod ckpt_chain;
+pub mod dedup;
 pub mod dense;
 pub mod metrics;
 pub mod shard;

@@ -205,6 +205,7 @@ async fn client_loop(
                 grads: encode_f32(&grads),
                 counts: Bytes::new(),
                 step: rounds + 1,
+                request_id: 0,
             })
             .await
             .map_err(rpc)?

@@ -2,6 +2,7 @@
 //! and auth, calls [`Shard`], encodes replies. Every error reaches the client
 //! through the single `From<PsError> for tonic::Status`.
 
+use crate::dedup::{RecentPushes, Seen};
 use crate::dense::DenseTensor;
 use crate::error::PsError;
 use crate::metrics as m;
@@ -21,6 +22,7 @@ use ember_proto::security::Authenticated;
 #[derive(Clone)]
 pub struct PsService {
     shard: Arc<Shard>,
+    recent_pushes: Arc<RecentPushes>,
     auth: bool,
     max_message_bytes: usize,
     shutdown: watch::Sender<bool>,
@@ -37,6 +39,7 @@ impl PsService {
     ) -> Self {
         PsService {
             shard,
+            recent_pushes: Arc::default(),
             auth,
             max_message_bytes,
             shutdown,
@@ -182,12 +185,29 @@ impl ParameterServer for PsService {
         let ids = decode_u64("ids", &r.ids).map_err(|e| self.reject(e.into()))?;
         let grads = decode_f32("grads", &r.grads).map_err(|e| self.reject(e.into()))?;
         let counts = decode_u32("counts", &r.counts).map_err(|e| self.reject(e.into()))?;
-        let o = self.shard.push(&r.table, &ids, &grads, &counts, r.step)?;
-        self.record("Push", &r.table, t0);
-        Ok(Response::new(PushResponse {
+        if r.request_id != 0 {
+            match self.recent_pushes.begin(r.request_id) {
+                Seen::New => {}
+                Seen::Done(resp) => return Ok(Response::new(resp)),
+                Seen::InFlight => {
+                    return Err(Status::aborted(format!(
+                        "push request {} is being applied; retry",
+                        r.request_id
+                    )))
+                }
+            }
+        }
+        let o = self.shard.push(&r.table, &ids, &grads, &counts, r.step);
+        let resp = o.as_ref().ok().map(|o| PushResponse {
             updated: o.updated,
             not_admitted: o.not_admitted,
-        }))
+        });
+        if r.request_id != 0 {
+            self.recent_pushes.finish(r.request_id, resp);
+        }
+        o?;
+        self.record("Push", &r.table, t0);
+        Ok(Response::new(resp.unwrap_or_default()))
     }
 
     async fn init_dense(

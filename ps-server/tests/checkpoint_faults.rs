@@ -179,6 +179,7 @@ async fn fill(c: &mut Client, name: &str, dim: u32, n: u64, g: f32, create: bool
             grads: encode_f32(&grads),
             counts: encode_u32(&vec![2; chunk.len()]),
             step: k as u64 + 1,
+            request_id: 0,
         })
         .await
         .unwrap();

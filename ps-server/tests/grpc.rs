@@ -1,6 +1,8 @@
 //! The shard over real gRPC on loopback (port 0): bad inputs, auth, dense
 //! sync semantics, checkpoints, shutdown.
 
+mod common;
+
 use bytes::Bytes;
 use ember_proto::codec::{decode_f32, encode_f32, encode_u32, encode_u64};
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
@@ -55,6 +57,7 @@ fn push_req(t: &str, ids: &[u64], grads: &[f32], counts: &[u32]) -> PushRequest 
         grads: encode_f32(grads),
         counts: encode_u32(counts),
         step: 1,
+        request_id: 0,
     }
 }
 
@@ -284,6 +287,7 @@ async fn every_rpc_needs_the_token() {
             grads: encode_f32(&[1.0, 1.0]),
             counts: Bytes::new(),
             step: 1,
+            request_id: 0,
         })
         .await
         .unwrap_err();
@@ -425,6 +429,9 @@ async fn checkpoint_restore_and_corrupt_files() {
         .await
         .unwrap()
         .into_inner();
+    let full1 = common::full_state(&rs.shard);
+    assert_eq!(full1.rows(), 300, "admitted rows");
+    assert_eq!(full1.tables[0].2, vec![(1000, 1)], "id 1000 is pending");
     let r = c
         .checkpoint(CheckpointRequest {
             step: 10,
@@ -462,6 +469,8 @@ async fn checkpoint_restore_and_corrupt_files() {
     bytes[mid] ^= 0x40;
     std::fs::write(&p20, &bytes).unwrap();
     let before = pull(&mut c, "item", &all).await;
+    let full_before = common::full_state(&rs.shard);
+    assert_ne!(full_before, full1);
     let e = c.restore(RestoreRequest { step: 20 }).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
@@ -474,6 +483,7 @@ async fn checkpoint_restore_and_corrupt_files() {
         before,
         "failed restore changed nothing"
     );
+    assert_eq!(common::full_state(&rs.shard), full_before);
     // Restore(0) skips the corrupt one and loads step 10.
     let r = c
         .restore(RestoreRequest { step: 0 })
@@ -482,6 +492,9 @@ async fn checkpoint_restore_and_corrupt_files() {
         .into_inner();
     assert_eq!((r.step, r.rows), (10, 300));
     assert_eq!(pull(&mut c, "item", &all).await, rows1);
+    // Restored exactly: every row with its optimizer state, count and step,
+    // the pending counts, the dense values and step.
+    assert_eq!(common::full_state(&rs.shard), full1);
     let stats = c.stats(StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.tables[0].rows, stats1.tables[0].rows);
     assert_eq!(stats.tables[0].counted_ids, stats1.tables[0].counted_ids);
@@ -544,6 +557,7 @@ async fn checkpoint_restore_and_corrupt_files() {
     let (rs2, mut c2) = start(cfg).await;
     assert_eq!(rs2.shard.checkpoint_step(), 40);
     assert_eq!(pull(&mut c2, "item", &all).await, rows1);
+    assert_eq!(common::full_state(&rs2.shard), full1);
     let h = c2.health(HealthRequest {}).await.unwrap().into_inner();
     assert_eq!((h.status.as_str(), h.checkpoint_step), ("SERVING", 40));
     rs2.shutdown().await.unwrap();
@@ -592,5 +606,58 @@ async fn metrics_endpoint_serves_prometheus_text() {
     ] {
         assert!(body.contains(want), "missing {want} in\n{body}");
     }
+    rs.shutdown().await.unwrap();
+}
+
+/// A sparse Push retried with the same request id (the client lost the
+/// answer) is applied once: every copy gets the first answer and the full
+/// state (rows, optimizer state, counts, steps) equals one application. A
+/// new id, or id 0, is a new push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_push_with_the_same_request_id_is_applied_once() {
+    let (rs, mut c) = start(ServerConfig::local(0, 1)).await;
+    c.create_table(CreateTableRequest {
+        config: Some(table("item", 2)),
+    })
+    .await
+    .unwrap();
+    let req = |request_id| PushRequest {
+        request_id,
+        ..push_req("item", &[1, 2, 3], &[0.5; 6], &[1, 2, 1])
+    };
+    let first = c.push(req(42)).await.unwrap().into_inner();
+    assert_eq!(first.updated, 3);
+    let once = common::full_state(&rs.shard);
+    for _ in 0..3 {
+        assert_eq!(c.push(req(42)).await.unwrap().into_inner(), first);
+    }
+    assert_eq!(
+        common::full_state(&rs.shard),
+        once,
+        "a retry was applied again"
+    );
+    c.push(req(43)).await.unwrap();
+    let twice = common::full_state(&rs.shard);
+    assert_ne!(twice, once, "a new request id is a new push");
+    c.push(req(0)).await.unwrap();
+    c.push(req(0)).await.unwrap();
+    assert_ne!(
+        common::full_state(&rs.shard),
+        twice,
+        "id 0 is never deduplicated"
+    );
+    // A rejected request id is forgotten: a corrected copy is applied.
+    let bad = PushRequest {
+        request_id: 44,
+        ..push_req("item", &[1], &[0.5; 3], &[1])
+    };
+    assert_eq!(c.push(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    let before = common::full_state(&rs.shard);
+    let good = PushRequest {
+        request_id: 44,
+        ..push_req("item", &[1], &[0.5; 2], &[1])
+    };
+    assert_eq!(c.push(good).await.unwrap().into_inner().updated, 1);
+    assert_ne!(common::full_state(&rs.shard), before);
     rs.shutdown().await.unwrap();
 }

@@ -2,8 +2,11 @@
 //! and of Pull / Push / PushDense / LoadCounts over real gRPC on loopback.
 //! Random ids, lengths, dims, NaN/Inf, empty batches, huge counts: the shard
 //! never panics, answers the status an oracle predicts, and a rejected
-//! request leaves its state (Stats + the rows of a fixed probe set + dense
-//! values) unchanged.
+//! request leaves its full state unchanged: Stats, every stored row
+//! (embedding, optimizer state, count, step), pending counts, dense values
+//! and step (`common::full_state`).
+
+mod common;
 
 use bytes::Bytes;
 use ember_proto::codec::{decode_f32, encode_f32, encode_u32, encode_u64};
@@ -64,7 +67,7 @@ struct State {
     dense_step: u64,
     rows_pushed: u64,
     probe: Vec<u32>,
-    dense: Vec<(String, Vec<u32>)>,
+    full: common::FullState,
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -75,16 +78,12 @@ fn state(s: &Shard) -> State {
     let st = s.stats();
     let mut out = Vec::new();
     s.pull("t", &PROBE, &mut out).unwrap();
-    let (dense, _) = s.pull_dense(&[]).unwrap();
     State {
         tables: st.tables,
         dense_step: st.dense_step,
         rows_pushed: st.rows_pushed,
         probe: bits(&out),
-        dense: dense
-            .into_iter()
-            .map(|t| (t.name, bits(&t.values)))
-            .collect(),
+        full: common::full_state(s),
     }
 }
 
@@ -473,6 +472,7 @@ fn grpc_bad_inputs_never_panic_and_change_nothing() {
                                     grads: gb,
                                     counts: encode_u32(&counts),
                                     step: 7,
+                                    request_id: 0,
                                 })
                                 .await;
                             (r.map(|_| ()), want)

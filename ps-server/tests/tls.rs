@@ -249,3 +249,243 @@ fn binary_refuses_insecure_unless_told() {
     assert!(matches!(status, Some(s) if !s.success()), "{err}");
     assert!(err.contains("bogus.key"), "{err}");
 }
+
+type AuthClient = ParameterServerClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        ember_proto::security::BearerAuth,
+    >,
+>;
+
+/// A lazily connecting client of `addr` with `sec` (TLS or not, its token).
+fn auth_client(sec: &ClientSecurity, addr: &str) -> AuthClient {
+    let ch = sec
+        .endpoint(addr)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    ParameterServerClient::with_interceptor(ch, sec.interceptor())
+}
+
+/// Calls every RPC of ember.v1.ParameterServer once (Shutdown last) and
+/// returns each RPC's name and status code (`Ok` on success).
+async fn call_every_ps_rpc(c: &mut AuthClient) -> Vec<(&'static str, Code)> {
+    fn code<T>(r: Result<T, tonic::Status>) -> Code {
+        r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
+    }
+    let ids = || encode_u64(&[1, 2]);
+    let dense = || {
+        vec![DenseParam {
+            name: "w".into(),
+            values: ember_proto::codec::encode_f32(&[0.5]),
+        }]
+    };
+    vec![
+        (
+            "CreateTable",
+            code(
+                c.create_table(CreateTableRequest {
+                    config: Some(TableConfig {
+                        name: "item".into(),
+                        dim: 2,
+                        ..Default::default()
+                    }),
+                })
+                .await,
+            ),
+        ),
+        (
+            "DescribeTable",
+            code(
+                c.describe_table(DescribeTableRequest {
+                    table: "item".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "ListTables",
+            code(c.list_tables(ListTablesRequest {}).await),
+        ),
+        (
+            "Pull",
+            code(
+                c.pull(PullRequest {
+                    table: "item".into(),
+                    ids: ids(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "Push",
+            code(
+                c.push(PushRequest {
+                    table: "item".into(),
+                    ids: ids(),
+                    grads: ember_proto::codec::encode_f32(&[0.1; 4]),
+                    counts: ember_proto::codec::encode_u32(&[1, 1]),
+                    step: 1,
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ),
+        (
+            "InitDense",
+            code(
+                c.init_dense(InitDenseRequest {
+                    params: dense(),
+                    optimizer: None,
+                })
+                .await,
+            ),
+        ),
+        (
+            "PullDense",
+            code(
+                c.pull_dense(PullDenseRequest {
+                    names: vec![],
+                    min_step: 0,
+                    timeout_ms: 0,
+                })
+                .await,
+            ),
+        ),
+        (
+            "PushDense",
+            code(
+                c.push_dense(PushDenseRequest {
+                    grads: dense(),
+                    step: 0,
+                    num_workers: 1,
+                    worker_index: 0,
+                })
+                .await,
+            ),
+        ),
+        (
+            "AssignDense",
+            code(c.assign_dense(AssignDenseRequest { params: dense() }).await),
+        ),
+        (
+            "LoadCounts",
+            code(
+                c.load_counts(LoadCountsRequest {
+                    table: "item".into(),
+                    ids: ids(),
+                    counts: ember_proto::codec::encode_u32(&[3, 4]),
+                    replace: true,
+                })
+                .await,
+            ),
+        ),
+        (
+            "Checkpoint",
+            code(c.checkpoint(CheckpointRequest { step: 1, keep: 2 }).await),
+        ),
+        ("Restore", code(c.restore(RestoreRequest { step: 1 }).await)),
+        (
+            "ListCheckpoints",
+            code(c.list_checkpoints(ListCheckpointsRequest {}).await),
+        ),
+        ("Health", code(c.health(HealthRequest {}).await)),
+        ("Stats", code(c.stats(StatsRequest {}).await)),
+        (
+            "Shutdown",
+            code(c.shutdown(ShutdownRequest { checkpoint_step: 0 }).await),
+        ),
+    ]
+}
+
+/// Every RPC of the shard x {no token, wrong token, plaintext client}: each
+/// gets its exact status (UNAUTHENTICATED from the token check; UNAVAILABLE
+/// for a plaintext client, which cannot even reach the service) and nothing
+/// changes; then the right token reaches every RPC (none is
+/// UNAUTHENTICATED), which shows the table covers the interceptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ps_rpc_x_every_bad_credential_gets_its_exact_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki(dir.path());
+    let mut cfg = ServerConfig::local(0, 1);
+    cfg.tls_cert = Some(files.server_cert.clone());
+    cfg.tls_key = Some(files.server_key.clone());
+    cfg.auth_token = Some("t0ken".into());
+    cfg.checkpoint_dir = Some(dir.path().join("ckpt"));
+    let rs = spawn(cfg).await.unwrap();
+    let addr = rs.addr.to_string();
+    let tls = client_tls(&files.ca, None).load().unwrap();
+    let cases = [
+        (
+            "no token",
+            ClientSecurity::new(Some(tls.clone()), None).unwrap(),
+            Code::Unauthenticated,
+        ),
+        (
+            "wrong token",
+            ClientSecurity::new(Some(tls.clone()), Some("t0ken-not")).unwrap(),
+            Code::Unauthenticated,
+        ),
+        (
+            "plaintext client",
+            ClientSecurity::new(None, Some("t0ken")).unwrap(),
+            // The TLS server drops the plaintext HTTP/2 connection during
+            // its handshake; the client's code depends on when it notices
+            // (see `transport_failure`). Never a service answer.
+            Code::Unavailable,
+        ),
+    ];
+    for (what, sec, want) in &cases {
+        let results = call_every_ps_rpc(&mut auth_client(sec, &addr)).await;
+        assert_eq!(results.len(), 16, "every RPC of ps.proto");
+        for (rpc, got) in results {
+            let ok = if *want == Code::Unavailable {
+                transport_failure(got)
+            } else {
+                got == *want
+            };
+            assert!(ok, "{rpc} with {what}: {got:?}, expected {want:?}");
+        }
+    }
+    // Nothing of the above reached the shard.
+    assert!(rs.shard.list_tables().is_empty());
+    assert_eq!(rs.shard.stats().dense_params, 0);
+    assert_eq!(rs.shard.stats().rows_pushed, 0);
+    let good = ClientSecurity::new(Some(tls), Some("t0ken")).unwrap();
+    let results = call_every_ps_rpc(&mut auth_client(&good, &addr)).await;
+    for (rpc, got) in &results {
+        assert_ne!(*got, Code::Unauthenticated, "{rpc} with the right token");
+        assert_ne!(*got, Code::Unavailable, "{rpc} with the right token");
+    }
+    let ok: Vec<&str> = results
+        .iter()
+        .filter(|(_, c)| *c == Code::Ok)
+        .map(|(r, _)| *r)
+        .collect();
+    for rpc in ["CreateTable", "Pull", "Push", "Health", "Stats", "Shutdown"] {
+        assert!(
+            ok.contains(&rpc),
+            "{rpc} failed with the right token: {results:?}"
+        );
+    }
+    let tables: Vec<String> = rs
+        .shard
+        .list_tables()
+        .into_iter()
+        .filter_map(|t| t.config.map(|c| c.name))
+        .collect();
+    assert_eq!(tables, ["item"]);
+    let _ = rs.shutdown().await;
+}
+
+/// The codes tonic gives a call whose connection the server closed before
+/// answering (a plaintext client at a TLS port): UNAVAILABLE when the client
+/// notices before sending, CANCELLED / UNKNOWN / INTERNAL when the HTTP/2
+/// connection breaks under the request. None of them is a service's answer
+/// (UNAUTHENTICATED, OK, INVALID_ARGUMENT, ...).
+fn transport_failure(c: Code) -> bool {
+    matches!(
+        c,
+        Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Internal
+    )
+}

@@ -4,7 +4,9 @@
 //! share (worker i of M) of the training file, trains `--steps` steps from
 //! global step `--start-step`, and prints machine-readable lines on stdout:
 //! `EMBER_PROGRESS {json}` every `train.log_every` steps and one
-//! `EMBER_REPORT {json}` at the end. Logs go to stderr.
+//! `EMBER_REPORT {json}` at the end, or `EMBER_FAILURE {json}` (the error and
+//! whether it is deterministic, see `FailureReport`) before exiting with an
+//! error. Logs go to stderr.
 //!
 //! With `--coordinator HOST:PORT` (the job's `cluster.worker_mode =
 //! "external"`: Compose services, a Kubernetes Indexed Job) it instead pulls
@@ -19,7 +21,8 @@ use clap::Parser;
 use ember_worker::train::backend::Backend;
 use ember_worker::train::client::{PsClient, RetryPolicy};
 use ember_worker::train::config::JobConfig;
-use ember_worker::train::worker::{run_epoch, Progress, WorkerJob};
+use ember_worker::train::worker::{run_epoch, FailureReport, Progress, WorkerJob};
+use ember_worker::train::TrainError;
 
 /// One Ember training worker (one epoch of one data split).
 #[derive(Parser, Debug)]
@@ -125,8 +128,27 @@ fn main() {
     }
 }
 
+/// Prints the `EMBER_FAILURE {json}` line the launcher reads (see
+/// [`FailureReport`]) for worker `worker` failing with `e`.
+fn print_failure(worker: usize, e: &TrainError) {
+    if let Ok(j) = serde_json::to_string(&FailureReport::of(worker, e)) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "EMBER_FAILURE {j}");
+        let _ = out.flush();
+    }
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let config = JobConfig::load(&args.config)?;
+    let config = match JobConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            print_failure(
+                args.worker_index,
+                &TrainError::Config(format!("{}: {e}", args.config.display())),
+            );
+            return Err(e.into());
+        }
+    };
     let security = security_of(&config, &args).client()?;
     if let Some(addr) = args.metrics_addr {
         let bound = serve_worker_metrics(addr)?;
@@ -162,7 +184,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         run_epoch(&job, &Backend::Remote(client), &emit).await
-    })?;
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            print_failure(job.worker_index, &e);
+            return Err(e.into());
+        }
+    };
     let mut out = std::io::stdout().lock();
     writeln!(out, "EMBER_REPORT {}", serde_json::to_string(&report)?)?;
     out.flush()?;

@@ -53,6 +53,22 @@ pub fn is_transient(status: &Status) -> bool {
     )
 }
 
+/// A fresh nonzero push request id: a random per-process base plus a
+/// counter, so ids do not repeat within a process or (but for a 2^-64
+/// chance) across the workers of a job.
+pub fn push_request_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(rand::random::<u64>);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    match ember_proto::route::splitmix64(base.wrapping_add(n)) {
+        0 => 1,
+        id => id,
+    }
+}
+
 /// Client of all shards of one parameter server.
 #[derive(Clone)]
 pub struct PsClient {
@@ -279,6 +295,9 @@ impl PsClient {
             .map(|(s, (sids, pos))| {
                 let (g, c) = super::gather_rows(grads, counts, pos, dim);
                 let (ids_b, grads_b, counts_b) = (encode_u64(sids), encode_f32(&g), encode_u32(&c));
+                // One id per shard request, the same for all its retries:
+                // the shard applies it once (ps.proto PushRequest.request_id).
+                let request_id = push_request_id();
                 async move {
                     self.with_retry(s, "push", |mut cl| {
                         let req = self.request(pb::PushRequest {
@@ -287,6 +306,7 @@ impl PsClient {
                             grads: grads_b.clone(),
                             counts: counts_b.clone(),
                             step,
+                            request_id,
                         });
                         async move { cl.push(req).await }
                     })

@@ -408,6 +408,16 @@ pub struct ClusterConfig {
     /// growing the shard. Passed to every shard started by `ember train`.
     #[serde(default)]
     pub shard_max_bytes: u64,
+    /// A shard that does not answer Health for this many seconds is hung (a
+    /// stopped process, a partition, a blocked disk): the launcher kills and
+    /// restarts a shard process it started, or waits for an external one
+    /// with backoff, and rolls the cluster back.
+    #[serde(default = "d_shard_timeout")]
+    pub shard_timeout_s: u64,
+    /// Deadline of each control call of the launcher to the shards
+    /// (checkpoint, restore, list, stats, shutdown, evaluation).
+    #[serde(default = "d_control_timeout")]
+    pub control_timeout_s: u64,
 }
 
 fn d_shards() -> usize {
@@ -446,6 +456,12 @@ fn d_worker_timeout() -> u64 {
 fn d_worker_start_timeout() -> u64 {
     600
 }
+fn d_shard_timeout() -> u64 {
+    15
+}
+fn d_control_timeout() -> u64 {
+    600
+}
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -466,6 +482,8 @@ impl Default for ClusterConfig {
             shard_max_bytes: 0,
             worker_timeout_s: d_worker_timeout(),
             worker_start_timeout_s: d_worker_start_timeout(),
+            shard_timeout_s: d_shard_timeout(),
+            control_timeout_s: d_control_timeout(),
         }
     }
 }
@@ -803,6 +821,11 @@ impl JobConfig {
             if self.cluster.worker_timeout_s == 0 {
                 return Err("cluster.worker_timeout_s must be >= 1".into());
             }
+        }
+        if self.cluster.shard_timeout_s == 0 || self.cluster.control_timeout_s == 0 {
+            return Err(
+                "cluster.shard_timeout_s and cluster.control_timeout_s must be >= 1".into(),
+            );
         }
         if !matches!(self.cluster.sync.as_str(), "sync" | "async") {
             return Err(format!(

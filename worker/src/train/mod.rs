@@ -57,6 +57,21 @@ pub enum TrainError {
     },
 }
 
+impl TrainError {
+    /// Whether the same input fails the same way on every attempt: bad data
+    /// (a malformed line), a bad configuration, or a model error (a shape
+    /// mismatch, a non-finite loss). Rerunning such an epoch is pointless, so
+    /// the launcher ends the job on the first one. Everything else (a shard
+    /// that is unreachable, restarting or rejecting a request of a rolled-back
+    /// state) is transient and retried.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(
+            self,
+            TrainError::Data(_) | TrainError::Config(_) | TrainError::Model(_)
+        )
+    }
+}
+
 /// Copies one shard's answer into request order: `rows[k]` (width `dim`)
 /// goes to position `pos[k]` of `out`.
 pub(crate) fn scatter_rows(out: &mut [f32], pos: &[usize], rows: &[f32], dim: usize) {

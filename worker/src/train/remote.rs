@@ -338,6 +338,7 @@ where
                             worker_index: opts.worker_index as u32,
                             attempt,
                             error: e.to_string(),
+                            deterministic: e.is_deterministic(),
                         };
                         // The coordinator also notices through the heartbeat
                         // timeout, so a lost failure report is not fatal.

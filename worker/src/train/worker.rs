@@ -96,6 +96,31 @@ pub struct WorkerReport {
     pub seconds: f64,
 }
 
+/// Why a worker's task failed: the `EMBER_FAILURE {json}` line a worker
+/// process prints before it exits with an error, so that the launcher can
+/// tell a deterministic failure (not retried) from a transient one and show
+/// the cause (e.g. `train.txt:50001: column user_id: ...`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct FailureReport {
+    /// Worker index.
+    pub worker: usize,
+    /// The same input would fail the same way again (data, config, model).
+    pub deterministic: bool,
+    /// The error, with its cause.
+    pub message: String,
+}
+
+impl FailureReport {
+    /// The report of worker `worker` failing with `e`.
+    pub fn of(worker: usize, e: &super::TrainError) -> Self {
+        FailureReport {
+            worker,
+            deterministic: e.is_deterministic(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// A batch with its pulled rows (and dense parameters in async mode).
 struct Ready {
     batch: Batch,
