@@ -382,7 +382,14 @@ async fn call_every_ps_rpc(c: &mut AuthClient) -> Vec<(&'static str, Code)> {
         ),
         (
             "Checkpoint",
-            code(c.checkpoint(CheckpointRequest { step: 1, keep: 2 }).await),
+            code(
+                c.checkpoint(CheckpointRequest {
+                    step: 1,
+                    keep: 2,
+                    ..Default::default()
+                })
+                .await,
+            ),
         ),
         ("Restore", code(c.restore(RestoreRequest { step: 1 }).await)),
         (
