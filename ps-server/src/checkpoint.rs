@@ -43,7 +43,7 @@
 use crate::dense::DenseEntry;
 use crate::error::{PsError, Result};
 use crate::optim::Optimizer;
-use crate::store::{StripeRows, Table, TableSpec, NUM_STRIPES};
+use crate::store::{Table, TableSpec, NUM_STRIPES};
 use ember_proto::v1::{OptimizerConfig, TableConfig};
 use prost::Message;
 use std::collections::BTreeMap;
@@ -379,11 +379,6 @@ pub(crate) fn write_atomic<T>(
     Ok((path, out))
 }
 
-/// Visits the rows of a read-locked stripe (`Table::stripe_rows`).
-pub(crate) fn stripe_for_each(view: &StripeRows<'_>, f: impl FnMut(u64, u32, u64, &[f32])) {
-    view.for_each(f);
-}
-
 /// Writes a base (full) checkpoint atomically and returns what it holds.
 ///
 /// The file is written to `.step-<step>.ckpt.tmp`, fsynced and renamed to
@@ -414,7 +409,7 @@ pub fn write(
                     let n = view.len() as u64;
                     w.u64(n)?;
                     let mut res = Ok(());
-                    stripe_for_each(&view, |id, count, last, vals| {
+                    view.for_each(|id, count, last, vals| {
                         if res.is_ok() {
                             res = w.row(id, count, last, vals);
                         }

@@ -399,11 +399,6 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Visits the rows of `t` whose last-update step is greater than `step`.
-pub fn rows_changed_since(t: &Table, step: u64, f: impl FnMut(u64, u32, u64, &[f32])) {
-    t.rows_changed_since(step, f);
-}
-
 /// Rows per block of a delta.
 const DELTA_BLOCK_ROWS: usize = 4096;
 
@@ -442,7 +437,7 @@ pub fn write_delta(
                 let mut block: Vec<u8> = Vec::with_capacity(DELTA_BLOCK_ROWS * (20 + 4 * width));
                 let mut n = 0u32;
                 let mut res = Ok(());
-                rows_changed_since(t, since, |id, count, last, vals| {
+                t.rows_changed_since(since, |id, count, last, vals| {
                     if res.is_err() {
                         return;
                     }
@@ -486,7 +481,7 @@ pub fn write_delta(
 pub fn count_changed(tables: &[Arc<Table>], since: u64) -> u64 {
     let mut n = 0u64;
     for t in tables {
-        rows_changed_since(t, since, |_, _, _, _| n += 1);
+        t.rows_changed_since(since, |_, _, _, _| n += 1);
     }
     n
 }
