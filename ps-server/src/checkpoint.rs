@@ -614,6 +614,25 @@ pub trait Visitor {
     fn dense(&mut self, name: String, entry: DenseEntry) -> Result<()>;
     /// The dense step (last item of the body).
     fn dense_step(&mut self, step: u64) -> Result<()>;
+    /// Whether `row` needs the values: a visitor that only counts or checks
+    /// structure says `false` and gets an empty slice (the values are still
+    /// checked to be finite, on their raw bits).
+    fn wants_values(&self) -> bool {
+        true
+    }
+    /// Whether a base's rows may come in file order. A visitor that inserts
+    /// them into a growing hash index says `false` and gets each stripe
+    /// block in a spread order (rows stored in index order would build long
+    /// probe runs); one that sized its tables first ([`Visitor::expect_rows`])
+    /// says `true` and reads the file sequentially.
+    fn file_order(&self) -> bool {
+        false
+    }
+    /// About `rows` rows of table `name` will follow (a restore sizes the
+    /// table before loading it).
+    fn expect_rows(&mut self, _name: &str, _rows: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a fully decoded file holds.
@@ -774,18 +793,46 @@ fn spread_stride(n: usize) -> usize {
     p
 }
 
-/// Decodes one row of `width` values from `b` into `vals`.
-fn parse_row(b: &[u8], vals: &mut Vec<f32>) -> (u64, u32, u64) {
+/// Decodes one row of `width` values from `b` into `vals` (left empty
+/// when `values` is false).
+fn parse_row(b: &[u8], vals: &mut Vec<f32>, values: bool) -> (u64, u32, u64) {
     let id = u64_at(b, 0);
     let count = u32_at(b, 8);
     let last = u64_at(b, 12);
+    let raw = &b[20..];
     vals.clear();
-    vals.extend(
-        b[20..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-    );
+    if values {
+        vals.resize(raw.len() / 4, 0.0);
+        for (v, c) in vals.iter_mut().zip(raw.chunks_exact(4)) {
+            *v = f32::from_bits(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        }
+    }
     (id, count, last)
+}
+
+/// Whether every little-endian f32 in `raw` is finite (exponent bits not
+/// all ones), without decoding.
+fn raw_finite(raw: &[u8]) -> bool {
+    raw.chunks_exact(4)
+        .all(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 != 0x7f80_0000)
+}
+
+/// Decodes one row record and checks its values: finite on the raw bits,
+/// with the detailed error (weight or state, which value) from a full decode
+/// when not.
+fn checked_row(
+    rec: &[u8],
+    vals: &mut Vec<f32>,
+    values: bool,
+    path: &Path,
+    table: &str,
+    dim: usize,
+) -> Result<(u64, u32, u64)> {
+    if !raw_finite(&rec[20..]) {
+        let (id, _, _) = parse_row(rec, vals, true);
+        check_row_finite(path, table, dim, id, vals)?;
+    }
+    Ok(parse_row(rec, vals, values))
 }
 
 /// Decodes the body that follows the header in `r` (a base or delta as
@@ -834,9 +881,10 @@ fn scan_body<R: Read>(r: R, frame: &Frame, path: &Path, v: &mut dyn Visitor) -> 
         let width = dim + spec.opt.state_len(dim);
         let row_bytes = 20 + 4 * width;
         let name = spec.name().to_string();
+        let values = v.wants_values();
         let mut one_row = |b: &mut BlockReader<'_, R>, v: &mut dyn Visitor| -> Result<()> {
-            let (id, count, last) = parse_row(b.take(row_bytes)?, &mut vals);
-            check_row_finite(path, &name, dim, id, &vals)?;
+            let (id, count, last) =
+                checked_row(b.take(row_bytes)?, &mut vals, values, path, &name, dim)?;
             v.row(id, count, last, &vals)
         };
         if delta {
@@ -874,13 +922,23 @@ fn scan_body<R: Read>(r: R, frame: &Frame, path: &Path, v: &mut dyn Visitor) -> 
                 // runs (10x slower loads); a golden-ratio stride order
                 // spreads them. The block is at most 1/64 of the table.
                 let block = b.take(n * row_bytes)?;
-                let p = spread_stride(n);
-                for k in 0..n {
-                    let i = ((k as u128 * p as u128) % n as u128) as usize;
-                    let (id, count, last) =
-                        parse_row(&block[i * row_bytes..(i + 1) * row_bytes], &mut vals);
-                    check_row_finite(path, &name, dim, id, &vals)?;
+                let p = if v.file_order() { 1 } else { spread_stride(n) };
+                let mut i = 0usize;
+                for _ in 0..n {
+                    let (id, count, last) = checked_row(
+                        &block[i * row_bytes..(i + 1) * row_bytes],
+                        &mut vals,
+                        values,
+                        path,
+                        &name,
+                        dim,
+                    )?;
                     v.row(id, count, last, &vals)?;
+                    // i = k * p mod n, without a division per row.
+                    i += p;
+                    if i >= n {
+                        i -= n;
+                    }
                 }
                 rows += n as u64;
             }

@@ -403,8 +403,10 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<PathBuf> {
 const DELTA_BLOCK_ROWS: usize = 4096;
 
 /// Writes `delta-<step>.ckpt` atomically: per table (in `tables` order) its
-/// `tombstones`, the rows changed after step `since` and all its pending
-/// counts, then all dense parameters. No manifest is written.
+/// `tombstones`, the rows pushed since the table's previous change window
+/// ([`Table::take_changed`], which starts a new one) and all its pending
+/// counts, then all dense parameters. No manifest is written. A table whose
+/// change list overflowed fails the write (the caller then writes a base).
 #[allow(clippy::too_many_arguments)]
 pub fn write_delta(
     dir: &Path,
@@ -412,7 +414,6 @@ pub fn write_delta(
     num_shards: u32,
     step: u64,
     chain: &Manifest,
-    since: u64,
     tables: &[Arc<Table>],
     tombstones: &[Vec<u64>],
     dense: &BTreeMap<String, DenseEntry>,
@@ -437,7 +438,7 @@ pub fn write_delta(
                 let mut block: Vec<u8> = Vec::with_capacity(DELTA_BLOCK_ROWS * (20 + 4 * width));
                 let mut n = 0u32;
                 let mut res = Ok(());
-                t.rows_changed_since(since, |id, count, last, vals| {
+                let taken = t.take_changed(|id, count, last, vals| {
                     if res.is_err() {
                         return;
                     }
@@ -456,6 +457,12 @@ pub fn write_delta(
                     }
                 });
                 res?;
+                if taken.is_none() {
+                    return Err(std::io::Error::other(format!(
+                        "table `{}`: the list of changed rows overflowed; a full checkpoint is needed",
+                        t.spec().name()
+                    )));
+                }
                 if n > 0 {
                     w.u32(n)?;
                     w.put(&block)?;
@@ -477,13 +484,10 @@ pub fn write_delta(
     })
 }
 
-/// Counts the rows of `tables` changed after step `since`.
-pub fn count_changed(tables: &[Arc<Table>], since: u64) -> u64 {
-    let mut n = 0u64;
-    for t in tables {
-        t.rows_changed_since(since, |_, _, _, _| n += 1);
-    }
-    n
+/// An upper bound of the rows of `tables` a delta would hold now, or `None`
+/// when a table cannot write one (changes untracked or a list overflowed).
+pub fn count_changed(tables: &[Arc<Table>]) -> Option<u64> {
+    tables.iter().map(|t| t.changed_rows()).sum()
 }
 
 /// The rows, tombstones, last pending counts and configs of one table
@@ -502,6 +506,8 @@ struct TableOverlay {
 struct Overlay {
     /// Table configs of the base (checked against every delta).
     base_specs: BTreeMap<String, TableConfig>,
+    /// Rows of each table in the base.
+    base_rows: BTreeMap<String, u64>,
     tables: Vec<TableOverlay>,
     cur: usize,
     seen_in_file: FxHashSet<String>,
@@ -596,16 +602,43 @@ impl Visitor for Overlay {
     }
 }
 
-/// Records the base's table configs (verification pass).
-struct BaseSpecs(BTreeMap<String, TableConfig>);
+/// Records the base's table configs and row counts (verification pass:
+/// reads the file sequentially without decoding values).
+#[derive(Default)]
+struct BaseSpecs {
+    specs: BTreeMap<String, TableConfig>,
+    rows: BTreeMap<String, u64>,
+    /// The current table and its rows so far.
+    cur: Option<(String, u64)>,
+}
+
+impl BaseSpecs {
+    fn end_table(&mut self) {
+        if let Some((name, n)) = self.cur.take() {
+            *self.rows.entry(name).or_default() += n;
+        }
+    }
+}
 
 impl Visitor for BaseSpecs {
     fn table(&mut self, spec: &TableSpec) -> Result<()> {
-        self.0.insert(spec.name().to_string(), spec.config.clone());
+        self.end_table();
+        self.specs
+            .insert(spec.name().to_string(), spec.config.clone());
+        self.cur = Some((spec.name().to_string(), 0));
         Ok(())
     }
     fn row(&mut self, _: u64, _: u32, _: u64, _: &[f32]) -> Result<()> {
+        if let Some((_, n)) = &mut self.cur {
+            *n += 1;
+        }
         Ok(())
+    }
+    fn wants_values(&self) -> bool {
+        false
+    }
+    fn file_order(&self) -> bool {
+        true
     }
     fn pending(&mut self, _: u64, _: u32) -> Result<()> {
         Ok(())
@@ -614,6 +647,7 @@ impl Visitor for BaseSpecs {
         Ok(())
     }
     fn dense_step(&mut self, _: u64) -> Result<()> {
+        self.end_table();
         Ok(())
     }
 }
@@ -647,6 +681,12 @@ impl Visitor for BaseFilter<'_> {
         self.rows += 1;
         self.sink.row(id, count, step, vals)
     }
+    fn wants_values(&self) -> bool {
+        self.sink.wants_values()
+    }
+    fn file_order(&self) -> bool {
+        self.sink.file_order()
+    }
     fn pending(&mut self, id: u64, count: u32) -> Result<()> {
         if self.has_deltas {
             return Ok(());
@@ -675,10 +715,11 @@ fn verify_collect(dir: &Path, m: &Manifest, label: &Path) -> Result<Overlay> {
     let (si, ns) = (m.shard_index, m.num_shards);
     let base = &m.files[0];
     let bp = dir.join(&base.file);
-    let mut specs = BaseSpecs(BTreeMap::new());
+    let mut specs = BaseSpecs::default();
     checkpoint::scan(&bp, si, ns, &mut specs)?;
     let mut ov = Overlay {
-        base_specs: specs.0,
+        base_rows: specs.rows,
+        base_specs: specs.specs,
         tables: Vec::new(),
         cur: 0,
         seen_in_file: FxHashSet::default(),
@@ -735,7 +776,16 @@ pub fn restore_chain(
     };
     let ov = verify_collect(dir, m, &label)?;
     before_load();
+    // Size each table for its rows (at most the base's plus the deltas'), so
+    // the load never grows an index and can read the base sequentially.
+    let mut expect: BTreeMap<&str, u64> = ov.base_rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    for t in &ov.tables {
+        *expect.entry(t.spec.name()).or_default() += t.slots.values().flatten().count() as u64;
+    }
     let mut load = || -> Result<u64> {
+        for (name, rows) in &expect {
+            sink.expect_rows(name, *rows)?;
+        }
         let has_deltas = m.files.len() > 1;
         let bp = dir.join(&m.files[0].file);
         let mut bf = BaseFilter {

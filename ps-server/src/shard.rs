@@ -74,9 +74,6 @@ pub struct Shard {
     /// The chain the last checkpoint written or restored belongs to (the
     /// next delta extends it); `None` = the next checkpoint is a base.
     chain: Mutex<Option<Manifest>>,
-    /// Smallest push step since the last checkpoint (`u64::MAX` = none):
-    /// rows changed since then have a last-update step >= it.
-    min_push_step: AtomicU64,
     /// Rows updated by pushes since the last checkpoint (with repeats): an
     /// upper bound of the rows a delta holds, which spares the policy a scan.
     pushed_since: AtomicU64,
@@ -96,42 +93,180 @@ pub struct CheckpointOutcome {
     pub chain_bytes: u64,
 }
 
-/// Loads a chain into new tables (the restore sink).
+/// Rows a restore buffers before inserting them ([`Table::put_rows`]).
+const LOAD_BATCH_ROWS: usize = 8192;
+
+/// Rows and pending counts of one table on their way to the inserter.
+#[derive(Default)]
+struct LoadBatch {
+    table: Option<Arc<Table>>,
+    rows: Vec<(u64, u32, u64)>,
+    vals: Vec<f32>,
+    pending: Vec<(u64, u32)>,
+}
+
+impl LoadBatch {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.pending.is_empty()
+    }
+
+    /// Inserts the rows, then sets the pending counts (file order).
+    fn apply(&self) -> Result<()> {
+        let Some(t) = &self.table else {
+            return Err(PsError::Internal("row before any table".into()));
+        };
+        t.put_rows(&self.rows, &self.vals)?;
+        for &(id, c) in &self.pending {
+            t.put_pending(id, c);
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.table = None;
+        self.rows.clear();
+        self.vals.clear();
+        self.pending.clear();
+    }
+}
+
+/// The restore's inserter thread: decoding (the caller's thread) and
+/// inserting run side by side. Batches are applied in order; their buffers
+/// come back for reuse.
+struct Inserter {
+    tx: std::sync::mpsc::SyncSender<LoadBatch>,
+    back: std::sync::mpsc::Receiver<LoadBatch>,
+    handle: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Inserter {
+    fn spawn() -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<LoadBatch>(2);
+        let (back_tx, back) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("restore-insert".into())
+            .spawn(move || {
+                let mut first_err = None;
+                for mut b in rx {
+                    if first_err.is_none() {
+                        first_err = b.apply().err();
+                    }
+                    b.clear();
+                    let _ = back_tx.send(b);
+                }
+                first_err.map_or(Ok(()), Err)
+            })?;
+        Ok(Inserter { tx, back, handle })
+    }
+}
+
+/// Loads a chain into new tables (the restore sink). Rows are buffered and
+/// inserted in batches, each stripe locked once per batch, by an inserter
+/// thread while this one decodes (inline when no thread can be started).
 #[derive(Default)]
 struct ShardLoad {
     tables: FxHashMap<String, Arc<Table>>,
     cur: Option<Arc<Table>>,
+    batch: LoadBatch,
+    inserter: Option<Inserter>,
+    /// The inserter could not be started: insert inline.
+    inline: bool,
+    /// Rows announced per table ([`Visitor::expect_rows`]).
+    expect: FxHashMap<String, u64>,
     dense: BTreeMap<String, DenseEntry>,
     dense_step: u64,
 }
 
+impl ShardLoad {
+    /// Hands the buffered rows and pending counts of the current table to
+    /// the inserter (or inserts them).
+    fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.batch.table = self.cur.clone();
+        if self.inserter.is_none() && !self.inline {
+            match Inserter::spawn() {
+                Ok(i) => self.inserter = Some(i),
+                Err(e) => {
+                    tracing::warn!(error = %e, "restore: no inserter thread; inserting inline");
+                    self.inline = true;
+                }
+            }
+        }
+        let Some(ins) = &self.inserter else {
+            let r = self.batch.apply();
+            self.batch.clear();
+            return r;
+        };
+        let next = ins.back.try_recv().unwrap_or_default();
+        let full = std::mem::replace(&mut self.batch, next);
+        if ins.tx.send(full).is_err() {
+            return Err(PsError::Internal("the restore's inserter thread stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Flushes the last batch, waits for the inserter, and hands over the
+    /// loaded tables.
+    #[allow(clippy::type_complexity)]
+    fn finish(mut self) -> Result<(FxHashMap<String, Arc<Table>>, BTreeMap<String, DenseEntry>, u64)> {
+        self.flush()?;
+        if let Some(ins) = self.inserter.take() {
+            drop(ins.tx);
+            ins.handle
+                .join()
+                .map_err(|_| PsError::Internal("the restore's inserter thread panicked".into()))??;
+        }
+        Ok((self.tables, self.dense, self.dense_step))
+    }
+}
+
 impl Visitor for ShardLoad {
     fn table(&mut self, spec: &TableSpec) -> Result<()> {
+        self.flush()?;
+        let expect = self.expect.remove(spec.name());
         let t = self
             .tables
             .entry(spec.name().to_string())
             .or_insert_with(|| Arc::new(Table::new(spec.clone())))
             .clone();
+        if let Some(rows) = expect {
+            t.reserve(rows);
+        }
         self.cur = Some(t);
         Ok(())
     }
+    fn file_order(&self) -> bool {
+        true
+    }
+    fn expect_rows(&mut self, name: &str, rows: u64) -> Result<()> {
+        self.expect.insert(name.to_string(), rows);
+        Ok(())
+    }
     fn row(&mut self, id: u64, count: u32, step: u64, vals: &[f32]) -> Result<()> {
-        match &self.cur {
-            Some(t) => t.put_row(id, count, step, vals),
-            None => Err(PsError::Internal("row before any table".into())),
+        self.batch.rows.push((id, count, step));
+        self.batch.vals.extend_from_slice(vals);
+        if self.batch.rows.len() >= LOAD_BATCH_ROWS {
+            self.flush()?;
         }
+        Ok(())
     }
     fn pending(&mut self, id: u64, count: u32) -> Result<()> {
-        if let Some(t) = &self.cur {
-            t.put_pending(id, count);
+        // Applied after the batch's rows (a file lists a table's rows first).
+        self.batch.pending.push((id, count));
+        if self.batch.pending.len() >= LOAD_BATCH_ROWS {
+            self.flush()?;
         }
         Ok(())
     }
     fn dense(&mut self, name: String, entry: DenseEntry) -> Result<()> {
+        self.flush()?;
         self.dense.insert(name, entry);
         Ok(())
     }
     fn dense_step(&mut self, step: u64) -> Result<()> {
+        self.flush()?;
         self.dense_step = step;
         Ok(())
     }
@@ -222,7 +357,6 @@ impl Shard {
             rejected: AtomicU64::new(0),
             ckpt_lock: Mutex::new(()),
             chain: Mutex::new(None),
-            min_push_step: AtomicU64::new(u64::MAX),
             pushed_since: AtomicU64::new(0),
             counts_loaded: AtomicBool::new(false),
         })
@@ -436,9 +570,6 @@ impl Shard {
             Ok(t.push(ids, grads, counts, step))
         })();
         if let Ok(o) = &r {
-            // Saturating below u64::MAX, which means "no push".
-            self.min_push_step
-                .fetch_min(step.min(u64::MAX - 1), Ordering::SeqCst);
             self.pushed_since
                 .fetch_add(o.updated + o.not_admitted, Ordering::SeqCst);
             self.rows_pushed.fetch_add(o.updated, Ordering::Relaxed);
@@ -597,13 +728,11 @@ impl Shard {
             let (dense, dense_step) = self.dense.snapshot();
             let (si, ns) = (self.cfg.shard_index, self.cfg.num_shards);
             let chain = self.chain.lock().take();
-            let min_push = self.min_push_step.swap(u64::MAX, Ordering::SeqCst);
             let counts_loaded = self.counts_loaded.swap(false, Ordering::SeqCst);
             let pushed = self.pushed_since.swap(0, Ordering::SeqCst);
-            let since = min_push.checked_sub(1);
             let policy = self.cfg.delta;
-            let delta_of = match (chain, since) {
-                (Some(c), Some(since))
+            let delta_of = match chain {
+                Some(c)
                     if !force_base
                         && !counts_loaded
                         && policy.max_deltas > 0
@@ -616,24 +745,36 @@ impl Shard {
                         u128::from(chain_rows.saturating_add(changed)) * 100
                             > u128::from(policy.max_chain_percent) * u128::from(base_rows)
                     };
-                    // Count exactly (a scan) only when the bound is too big.
-                    let fits = !over(pushed) || !over(ckpt_chain::count_changed(&tables, since));
-                    fits.then_some((c, since))
+                    // The tables' change lists (an upper bound of the rows a
+                    // delta holds; None: a list overflowed, write a base).
+                    let changed = ckpt_chain::count_changed(&tables);
+                    changed
+                        .is_some_and(|n| !over(n.min(pushed)))
+                        .then_some(c)
                 }
                 _ => None,
             };
             // Rows removed since the last checkpoint (TTL, memory budget);
             // a list that overflowed its memory cap forces a base.
-            let removed: Option<Vec<Vec<u64>>> =
+            // Take every table's list (a short-circuit would leave stale
+            // tombstones in the next window, deleting re-created rows).
+            let removed: Vec<Option<Vec<u64>>> =
                 tables.iter().map(|t| t.take_tombstones()).collect();
-            let delta_of: Option<(Manifest, u64, Vec<Vec<u64>>)> = match (delta_of, removed) {
-                (Some((c, since)), Some(gone)) => Some((c, since, gone)),
+            let removed: Option<Vec<Vec<u64>>> = removed.into_iter().collect();
+            let delta_of: Option<(Manifest, Vec<Vec<u64>>)> = match (delta_of, removed) {
+                (Some(c), Some(gone)) => Some((c, gone)),
                 _ => None,
             };
+            if delta_of.is_none() {
+                // A base holds every row: start new change windows.
+                for t in &tables {
+                    t.reset_changes();
+                }
+            }
             let outcome = match delta_of {
-                Some((c, since, gone)) => {
+                Some((c, gone)) => {
                     let info = ckpt_chain::write_delta(
-                        &dir, si, ns, step, &c, since, &tables, &gone, &dense, dense_step,
+                        &dir, si, ns, step, &c, &tables, &gone, &dense, dense_step,
                     )?;
                     let next = c.with_delta(step, &info);
                     if let Err(e) = ckpt_chain::write_manifest(&dir, &next) {
@@ -700,15 +841,18 @@ impl Shard {
             *self.chain.lock() = None;
         })?;
         let restored = m.step;
-        for t in sink.tables.values() {
+        let (tables, dense, dense_step) = sink.finish().map_err(|e| PsError::RestoreAborted {
+            step: m.step,
+            source: Box::new(e),
+        })?;
+        for t in tables.values() {
             t.set_budget(self.budget.clone());
             self.configure_table(t);
             let _ = t.take_tombstones();
         }
-        *self.tables.write() = sink.tables;
-        self.dense.replace(sink.dense, sink.dense_step);
+        *self.tables.write() = tables;
+        self.dense.replace(dense, dense_step);
         self.checkpoint_step.store(restored, Ordering::Relaxed);
-        self.min_push_step.store(u64::MAX, Ordering::SeqCst);
         self.pushed_since.store(0, Ordering::SeqCst);
         self.counts_loaded.store(false, Ordering::SeqCst);
         let mut chain = m.clone();

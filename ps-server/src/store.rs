@@ -38,6 +38,18 @@
 //!
 //! Ids with a count but no row (loaded counts, ids held back by admission or
 //! TTL-evicted) live in a small per-stripe map of pending counts.
+//!
+//! **Change tracking** (delta checkpoints, [`Table::set_track_tombstones`]).
+//! Each stripe keeps the slots of the rows pushed since the last
+//! [`Table::take_changed`] / [`Table::reset_changes`] in a list, and the ids
+//! of removed rows as tombstones, so a delta checkpoint costs the rows a
+//! window touched, not the table's size. A push appends its slot when the
+//! row's step before the update is at most the stripe's *mark* (the newest
+//! step pushed when the list was last taken; a new row has step 0): every
+//! row pushed after the take is listed at least once, a stale push can list
+//! it twice, and the take sorts and dedups. A list that passes its cap
+//! (half the stripe's rows, or its share of a limited budget) is dropped and
+//! the next checkpoint must be a full one.
 
 use crate::error::{PsError, Result};
 use crate::index::Index;
@@ -304,6 +316,13 @@ struct Stripe {
     tombstones: Vec<u64>,
     /// The tombstone list passed its limit and was dropped.
     tombs_overflowed: bool,
+    /// Slots of rows pushed since the last take (may repeat; see the module
+    /// docs), while changes are tracked.
+    changed: Vec<u32>,
+    /// The change list passed its limit and was dropped.
+    changed_overflowed: bool,
+    /// Rows whose step is at most this were not pushed since the last take.
+    change_mark: u64,
     /// Bytes last charged to the budget.
     charged: usize,
     /// Eviction sampler state.
@@ -401,6 +420,30 @@ impl Stripe {
             Some(_) => 0,
         };
         index + arena
+    }
+
+    /// Gives the arena room for `rows` more rows past its slots: the last
+    /// chunk's capacity is raised and whole chunks are allocated at their
+    /// final size, instead of doubling from 16 rows as single inserts do.
+    fn reserve_arena(&mut self, rows: usize, words: usize) {
+        let mut need = rows;
+        let mut s = self.slots as usize;
+        while need > 0 {
+            let ci = s / CHUNK_ROWS;
+            let in_chunk = (CHUNK_ROWS - s % CHUNK_ROWS).min(need);
+            if ci == self.chunks.len() {
+                self.chunks.push(Vec::new());
+            }
+            let chunk = &mut self.chunks[ci];
+            let want = (s % CHUNK_ROWS + in_chunk) * words;
+            if chunk.capacity() < want {
+                let before = chunk.capacity();
+                chunk.reserve_exact(want - chunk.len());
+                self.arena_bytes += (chunk.capacity() - before) * 4;
+            }
+            s += in_chunk;
+            need -= in_chunk;
+        }
     }
 
     /// Allocates a slot for a new row of key `id` (zeroed apart from the key).
@@ -520,6 +563,48 @@ impl Stripe {
             + self.pending.capacity() * PENDING_ENTRY_BYTES
             + self.free.capacity() * 4
             + self.tombstones.capacity() * 8
+            + self.changed.capacity() * 4
+    }
+
+    /// Lists `slot` as changed unless the list overflowed. The list holds at
+    /// most half as many entries as the stripe has rows (at least 1024: past
+    /// that a full checkpoint costs less than a delta, and bulk loads such as
+    /// a prefill cost no list) and, under a limited budget, twice the
+    /// tombstone limit `tomb_limit` (an entry is half a tombstone); past
+    /// that it is dropped and marked overflowed.
+    #[inline]
+    fn note_changed(&mut self, slot: u32, tomb_limit: usize) {
+        if self.changed_overflowed {
+            return;
+        }
+        let cap = tomb_limit
+            .saturating_mul(2)
+            .min((self.index.len() / 2).max(1024));
+        if self.changed.len() >= cap {
+            self.changed = Vec::new();
+            self.changed_overflowed = true;
+        } else {
+            self.changed.push(slot);
+        }
+    }
+
+    /// Takes the change list (sorted, deduplicated; `None` if it
+    /// overflowed) and starts a new window at `mark`.
+    ///
+    /// The list keeps its allocation for the next window, so taking it
+    /// (even for a checkpoint that then fails) does not change the stripe's
+    /// bytes.
+    fn take_changed(&mut self, mark: u64) -> Option<Vec<u32>> {
+        let overflowed = std::mem::take(&mut self.changed_overflowed);
+        self.change_mark = mark;
+        if overflowed {
+            return None;
+        }
+        let mut list = self.changed.clone();
+        self.changed.clear();
+        list.sort_unstable();
+        list.dedup();
+        Some(list)
     }
 
     /// Charges the change of this stripe's bytes since the last call.
@@ -660,18 +745,88 @@ impl Table {
         self.half_life.store(steps.max(1), Ordering::Relaxed);
     }
 
-    /// Starts or stops recording the ids of removed rows for
-    /// [`Table::take_tombstones`] (delta checkpoints). Stopping drops the list.
+    /// Starts or stops tracking changes for delta checkpoints: the ids of
+    /// removed rows ([`Table::take_tombstones`]) and the rows pushed
+    /// ([`Table::take_changed`]). Starting opens a new window; stopping drops
+    /// both lists.
     pub fn set_track_tombstones(&self, on: bool) {
         self.track_tombstones.store(on, Ordering::Relaxed);
-        if !on {
-            let budget = self.budget.read().clone();
-            for st in self.stripes.iter() {
-                let mut g = st.write();
+        let budget = self.budget.read().clone();
+        let mark = self.max_step.load(Ordering::Relaxed);
+        for st in self.stripes.iter() {
+            let mut g = st.write();
+            if !on {
                 g.tombstones = Vec::new();
-                g.charge(&budget);
+            }
+            let _ = g.take_changed(mark);
+            g.charge(&budget);
+        }
+    }
+
+    /// Rows listed as pushed since the last [`Table::take_changed`] or
+    /// [`Table::reset_changes`] (an upper bound: a stale push can list a row
+    /// twice); `None` when changes are not tracked or a list overflowed, so
+    /// the next checkpoint must be a full one.
+    pub fn changed_rows(&self) -> Option<u64> {
+        if !self.track_tombstones.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut n = 0u64;
+        for st in self.stripes.iter() {
+            let g = st.read();
+            if g.changed_overflowed {
+                return None;
+            }
+            n += g.changed.len() as u64;
+        }
+        Some(n)
+    }
+
+    /// Forgets the rows pushed so far and starts a new change window (after
+    /// a full checkpoint or a restore).
+    pub fn reset_changes(&self) {
+        let budget = self.budget.read().clone();
+        let mark = self.max_step.load(Ordering::Relaxed);
+        for st in self.stripes.iter() {
+            let mut g = st.write();
+            let _ = g.take_changed(mark);
+            g.charge(&budget);
+        }
+    }
+
+    /// Visits every row pushed since the last take or reset, once, like
+    /// [`Table::for_each_row`] (one stripe lock at a time, slots in arena
+    /// order), and starts a new window. Returns the rows visited, or `None`
+    /// when changes are not tracked or a stripe's list overflowed: then the
+    /// rows visited so far are incomplete and the caller must write a full
+    /// checkpoint (the lists of all stripes are reset either way). Cost:
+    /// the rows listed, not the table's size.
+    pub fn take_changed(&self, mut f: impl FnMut(u64, u32, u64, &[f32])) -> Option<u64> {
+        let tracked = self.track_tombstones.load(Ordering::Relaxed);
+        let budget = self.budget.read().clone();
+        let words = self.layout.words;
+        let mut vals = Vec::with_capacity(self.layout.dim + self.layout.state);
+        let mut rows = Some(0u64);
+        for st in self.stripes.iter() {
+            let mut g = st.write();
+            let mark = self.max_step.load(Ordering::Relaxed);
+            let list = g.take_changed(mark);
+            g.charge(&budget);
+            let (Some(list), Some(n)) = (list, rows.as_mut()) else {
+                rows = None;
+                continue;
+            };
+            for slot in list {
+                let row = g.row(slot, words);
+                if row[3] == FREE_STEP {
+                    continue;
+                }
+                self.layout.read_values(row, &mut vals);
+                f(row_key(row), row_count(row), row_step(row), &vals);
+                *n += 1;
             }
         }
+        rows.filter(|_| tracked)
     }
 
     /// Ids whose rows were removed (TTL or budget eviction) since the
@@ -705,8 +860,10 @@ impl Table {
         })
     }
 
-    /// Sizes every stripe's index for `rows` rows in the table (a bulk load
-    /// such as a restore then never rehashes).
+    /// Sizes every stripe's index and arena for `rows` rows in the table
+    /// (1/[`NUM_STRIPES`] each, plus slack for the spread of the hash), so a bulk load such as a restore never rehashes an index or
+    /// copies a growing arena chunk. Memory is allocated (and charged) at
+    /// once but only touched as rows arrive.
     pub fn reserve(&self, rows: u64) {
         let per = (rows / NUM_STRIPES as u64 + rows / NUM_STRIPES as u64 / 16 + 16) as usize;
         let words = self.layout.words;
@@ -720,6 +877,11 @@ impl Table {
                 let off = (s % CHUNK_ROWS) * words;
                 id_hash(row_key(&chunks[s / CHUNK_ROWS][off..off + 2]))
             });
+            // The arena gets 1% (+64 rows) of slack, not 6%: a stripe's share
+            // of 10^6+ rows varies by far less, and past it rows still fit.
+            let per_arena = (rows / NUM_STRIPES as u64 + rows / NUM_STRIPES as u64 / 100 + 64) as usize;
+            let more = per_arena.saturating_sub(stripe.index.len() + stripe.free.len());
+            stripe.reserve_arena(more, words);
             stripe.charge(&budget);
         }
     }
@@ -910,7 +1072,13 @@ impl Table {
                         let seed = noise_seed(spec.init.seed, id, step);
                         lay.write_weights(row, &wbuf, Some(seed));
                     }
+                    let before = row_step(row);
                     set_step(row, step);
+                    if let Some(limit) = track {
+                        if before <= stripe.change_mark {
+                            stripe.note_changed(slot, limit);
+                        }
+                    }
                     out.updated += 1;
                 }
             }
@@ -1069,16 +1237,6 @@ impl Table {
         }
     }
 
-    /// Visits the rows whose last-update step is greater than `step` (what
-    /// changed since a checkpoint at `step`), like [`Table::for_each_row`].
-    pub fn rows_changed_since(&self, step: u64, mut f: impl FnMut(u64, u32, u64, &[f32])) {
-        self.for_each_row(|id, c, last, v| {
-            if last > step {
-                f(id, c, last, v)
-            }
-        });
-    }
-
     /// A read-locked view of stripe `s` (`s < NUM_STRIPES`) for streaming its
     /// rows out (checkpoints) without copying the table.
     pub fn stripe_rows(&self, s: usize) -> StripeRows<'_> {
@@ -1103,37 +1261,79 @@ impl Table {
     /// weights (rounded to nearest at the table's precision) followed by the
     /// optimizer state.
     pub fn put_row(&self, id: u64, count: u32, step: u64, vals: &[f32]) -> Result<()> {
+        self.put_rows(&[(id, count, step)], vals)
+    }
+
+    /// Inserts or overwrites many rows at once (the restore path's bulk
+    /// form of [`Table::put_row`]): `rows[i] = (id, count, step)` with its
+    /// values at `vals[i * w..(i + 1) * w]`, `w` = weights + optimizer state.
+    /// Each stripe is locked and charged once per call, and its index is
+    /// grown once for the call's rows. Rows are checked before any is
+    /// written: a bad call changes nothing.
+    pub fn put_rows(&self, rows: &[(u64, u32, u64)], vals: &[f32]) -> Result<()> {
         let want = self.spec.values_per_row();
-        if vals.len() != want {
+        if vals.len() != rows.len() * want {
             return Err(PsError::Internal(format!(
-                "row of {} values for {want} (table `{}`)",
+                "{} values for {} rows of {want} (table `{}`)",
                 vals.len(),
+                rows.len(),
                 self.spec.name()
             )));
         }
         let words = self.layout.words;
-        let h = id_hash(id);
+        let ids: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        let g = group(&ids);
         let budget = self.budget.read().clone();
-        let mut guard = self.stripes[stripe_of(h)].write();
-        let stripe = &mut *guard;
-        let slot = match stripe.find(h, id, words) {
-            Some(s) => s,
-            None => stripe.alloc(h, id, words)?,
-        };
-        let row = stripe.row_mut(slot, words);
-        let old = row_count(row);
-        set_count(row, count);
-        set_step(row, step);
-        self.layout.write_values(row, vals);
-        match (old > 0, count > 0) {
-            (false, true) => stripe.counted_rows += 1,
-            (true, false) => stripe.counted_rows -= 1,
-            _ => {}
+        let mut max_step = 0;
+        for s in 0..NUM_STRIPES {
+            let (a, b) = (g.start[s] as usize, g.start[s + 1] as usize);
+            if a == b {
+                continue;
+            }
+            let mut guard = self.stripes[s].write();
+            let stripe = &mut *guard;
+            let need = stripe.index.len() + (b - a);
+            let chunks = &stripe.chunks;
+            stripe.index.reserve(need, &|sl: u32| {
+                let sl = sl as usize;
+                let off = (sl % CHUNK_ROWS) * words;
+                id_hash(row_key(&chunks[sl / CHUNK_ROWS][off..off + 2]))
+            });
+            let mut result = Ok(());
+            for &pos in &g.order[a..b] {
+                let pos = pos as usize;
+                let (id, count, step) = rows[pos];
+                let h = g.hashes[pos];
+                let slot = match stripe.find(h, id, words) {
+                    Some(sl) => sl,
+                    None => match stripe.alloc(h, id, words) {
+                        Ok(sl) => sl,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    },
+                };
+                let row = stripe.row_mut(slot, words);
+                let old = row_count(row);
+                set_count(row, count);
+                set_step(row, step);
+                self.layout
+                    .write_values(row, &vals[pos * want..(pos + 1) * want]);
+                match (old > 0, count > 0) {
+                    (false, true) => stripe.counted_rows += 1,
+                    (true, false) => stripe.counted_rows -= 1,
+                    _ => {}
+                }
+                if !stripe.pending.is_empty() {
+                    stripe.pending.remove(&id);
+                }
+                max_step = max_step.max(step);
+            }
+            stripe.charge(&budget);
+            result?;
         }
-        stripe.pending.remove(&id);
-        stripe.charge(&budget);
-        drop(guard);
-        self.max_step.fetch_max(step, Ordering::Relaxed);
+        self.max_step.fetch_max(max_step, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1521,12 +1721,84 @@ mod tests {
             for &id in &ids {
                 assert_eq!(t.get_row(id), copy.get_row(id), "{p:?} {id}");
             }
-            let changed = std::cell::Cell::new(0);
-            t.rows_changed_since(6, |_, _, _, _| changed.set(changed.get() + 1));
-            assert_eq!(changed.get(), 300);
-            t.rows_changed_since(7, |_, _, _, _| changed.set(changed.get() + 1));
-            assert_eq!(changed.get(), 300);
         }
+    }
+
+    /// The change list visits exactly the rows pushed in the window, once
+    /// each, whatever their steps (stale pushes included), skips rows
+    /// removed since, and starts a new window on each take.
+    #[test]
+    fn change_list_visits_each_pushed_row_once_per_window() {
+        let t = table(f16_adagrad("t", 4));
+        let taken = |t: &Table| {
+            let mut v = Vec::new();
+            let n = t.take_changed(|id, _, step, _| v.push((id, step)));
+            v.sort_unstable();
+            (n, v)
+        };
+        // Not tracked: nothing to take, and a full checkpoint is needed.
+        t.push(&[1, 2], &[0.1; 8], &[], 1);
+        assert_eq!(t.changed_rows(), None);
+        assert_eq!(taken(&t).0, None);
+        t.set_track_tombstones(true);
+        assert_eq!(t.changed_rows(), Some(0));
+        let ids: Vec<u64> = (0..500).collect();
+        t.push(&ids, &vec![0.1; 2000], &[], 5);
+        t.push(&ids[..100], &vec![0.1; 400], &[], 6);
+        assert_eq!(t.changed_rows(), Some(500));
+        let (n, v) = taken(&t);
+        assert_eq!(n, Some(500));
+        let want: Vec<(u64, u64)> = (0..100).map(|i| (i, 6)).chain((100..500).map(|i| (i, 5))).collect();
+        assert_eq!(v, want);
+        assert_eq!(taken(&t), (Some(0), vec![]));
+        // Next window: two rows, one of them by a stale push (step below
+        // the mark), then pushed again: still visited once.
+        t.push(&[7], &[0.1; 4], &[], 3);
+        t.push(&[7, 9000], &[0.1; 8], &[], 7);
+        let got = t.get_row(7).map(|r| r.1);
+        assert_eq!(got, Some(7));
+        assert_eq!(taken(&t), (Some(2), vec![(7, 7), (9000, 7)]));
+        // The values visited are the stored ones.
+        t.push(&[11], &[0.3; 4], &[], 8);
+        let mut seen = Vec::new();
+        t.take_changed(|id, c, step, vals| seen.push((id, c, step, vals.to_vec())));
+        let (c, step, vals) = t.get_row(11).unwrap();
+        assert_eq!(seen, vec![(11, c, step, vals)]);
+        // A reset (after a full checkpoint or a restore) empties the window.
+        t.push(&[12], &[0.3; 4], &[], 9);
+        t.reset_changes();
+        assert_eq!(taken(&t), (Some(0), vec![]));
+    }
+
+    /// A window that touches more than half of the rows (and more than
+    /// 1024 per stripe) drops its list: the table says a full checkpoint is
+    /// needed, and the next window is exact again.
+    #[test]
+    fn change_list_overflow_asks_for_a_full_checkpoint() {
+        let t = table(f16_adagrad("t", 2));
+        t.set_track_tombstones(true);
+        // 200k new rows (~3100 per stripe): a bulk load overflows at once.
+        let ids: Vec<u64> = (0..200_000).collect();
+        t.push(&ids, &vec![0.1; ids.len() * 2], &[], 1);
+        assert_eq!(t.changed_rows(), None);
+        assert_eq!(t.take_changed(|_, _, _, _| {}), None);
+        // A small window is listed exactly.
+        t.push(&ids[..10], &[0.1; 20], &[], 2);
+        assert_eq!(t.changed_rows(), Some(10));
+        assert_eq!(t.take_changed(|_, _, _, _| {}), Some(10));
+        // 40% of the rows: within the cap.
+        t.push(&ids[..80_000], &vec![0.1; 160_000], &[], 3);
+        assert_eq!(t.changed_rows(), Some(80_000));
+        assert_eq!(t.take_changed(|_, _, _, _| {}), Some(80_000));
+        // Stale pushes (steps at or below the mark) list a row again each
+        // time: two stale passes over 40% of the rows pass the cap.
+        for _ in 0..2 {
+            t.push(&ids[..80_000], &vec![0.1; 160_000], &[], 1);
+        }
+        assert_eq!(t.changed_rows(), None);
+        assert_eq!(t.take_changed(|_, _, _, _| {}), None);
+        t.push(&ids[..10], &[0.1; 20], &[], 4);
+        assert_eq!(t.changed_rows(), Some(10));
     }
 
     /// A Zipf stream far larger than the budget: the table stops growing at
