@@ -9,7 +9,9 @@
 #
 # Prints: per-shard peak RSS and bytes per row (RSS / rows), rows pulled and
 # pushed per second (from each shard's /metrics), samples/s of the job,
-# checkpoint write and restore time (from the shard logs), and test AUC / GAUC
+# checkpoint write time (step-0 base after the prefill, then deltas every
+# CKPT_EVERY steps) and restore time of the last chain (a --resume of the
+# finished job, fresh shard processes), from the shard logs, and test AUC / GAUC
 # next to the item-popularity baseline on the same held-out rows. Not a test:
 # it needs minutes and most of the machine's memory.
 set -euo pipefail
@@ -18,6 +20,8 @@ cd "$(dirname "$0")/.."
 PREFILL="${PREFILL:-100000000}"
 ROWS="${ROWS:-1100000}"
 TEST_ROWS="${TEST_ROWS:-100000}"
+# Cluster checkpoints every CKPT_EVERY steps (after the step-0 base: deltas).
+CKPT_EVERY="${CKPT_EVERY:-500}"
 CONFIG="${CONFIG:-configs/scale_1e8.toml}"
 RUN="runs/scale-$PREFILL"
 
@@ -33,7 +37,8 @@ fi
 
 JOB="$RUN.toml"
 mkdir -p runs
-sed -e "s/^prefill_ids = .*/prefill_ids = $PREFILL/" -e "s/^name = .*/name = \"scale-$PREFILL\"/" "$CONFIG" > "$JOB"
+sed -e "s/^prefill_ids = .*/prefill_ids = $PREFILL/" -e "s/^name = .*/name = \"scale-$PREFILL\"/" \
+    -e "s/^keep_checkpoints = .*/keep_checkpoints = 2\ncheckpoint_every_steps = $CKPT_EVERY/" "$CONFIG" > "$JOB"
 echo "train.out_dir: $RUN"
 rm -rf "$RUN"
 
@@ -85,7 +90,15 @@ print(f"shard {i}: peak RSS {peak/2**30:.2f} GiB, {rows:.0f} rows, "
       f"(avg {float(pulled)/secs/1e3:.0f} K/{float(pushed)/secs/1e3:.0f} K rows/s over the run)")
 PY
 done
-grep -h "checkpoint written\|checkpoint restored\|prefill done" "$RUN"/logs/*.log "$RUN.err" 2>/dev/null | tail -n 8 || true
+grep -h "checkpoint written\|checkpoint restored\|prefill done" "$RUN"/logs/*.log "$RUN.err" 2>/dev/null | tail -n 20 || true
+cp -r "$RUN/logs" "$RUN.train-logs"
+
+# Restore time: resume the finished job (fresh shard processes restore the
+# last cluster checkpoint, base + deltas; nothing is left to train).
+echo "restoring the last cluster checkpoint (load average $(cut -d' ' -f1-3 /proc/loadavg)) ..."
+"$BIN/ember" train --quiet --config "$JOB" --out-dir "$RUN" --resume > "$RUN.resume.out" 2> "$RUN.resume.err" || {
+  echo "resume failed:"; tail -n 20 "$RUN.resume.err"; }
+grep -h "checkpoint restored" "$RUN"/logs/shard-*.log 2>/dev/null || true
 python3 - "$RUN/metrics.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -714,6 +714,7 @@ impl Shard {
         keep: u32,
         force_base: bool,
     ) -> Result<CheckpointOutcome> {
+        let started = std::time::Instant::now();
         let r = (|| {
             let dir = self.ckpt_dir()?;
             let _g = self.ckpt_lock.lock();
@@ -808,7 +809,8 @@ impl Shard {
             self.checkpoint_step.store(step, Ordering::Relaxed);
             let i = &outcome.info;
             tracing::info!(step, kind = i.kind.as_str(), path = %i.path.display(), bytes = i.bytes, rows = i.rows,
-                chain_files = outcome.chain_files, chain_bytes = outcome.chain_bytes, "checkpoint written");
+                chain_files = outcome.chain_files, chain_bytes = outcome.chain_bytes,
+                secs = format!("{:.2}", started.elapsed().as_secs_f64()), "checkpoint written");
             Ok(outcome)
         })();
         if let Err(e) = &r {
@@ -834,6 +836,7 @@ impl Shard {
     /// Loads chain `m` in place: verify every file (state unchanged on
     /// error), drop the live tables, stream the chain in.
     fn restore_from(&self, dir: &Path, m: &Manifest) -> Result<(u64, u64)> {
+        let started = std::time::Instant::now();
         let mut sink = ShardLoad::default();
         let rows = ckpt_chain::restore_chain(dir, m, &mut sink, || {
             // Free the live rows before loading (no second copy in memory).
@@ -860,11 +863,14 @@ impl Shard {
             chain.files[0].rows = rows;
         }
         *self.chain.lock() = Some(chain);
+        let secs = started.elapsed().as_secs_f64();
         tracing::info!(
             step = restored,
             rows,
             files = m.files.len(),
             bytes = m.bytes(),
+            secs = format!("{secs:.2}"),
+            m_rows_per_s = format!("{:.2}", rows as f64 / secs.max(1e-9) / 1e6),
             "checkpoint restored"
         );
         Ok((restored, rows))
