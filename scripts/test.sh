@@ -43,7 +43,9 @@ trap summary EXIT
 
 # The multi-process tests run the workspace's binaries (ps-server, worker,
 # ember, ember-data); `cargo test` alone only builds the binaries of packages
-# that have integration tests, so build them all first (same profile: the
-# libraries are compiled once and shared).
-cargo build --workspace --bins
+# that have integration tests, so build them all first. `--all-targets` (not
+# `--bins`): the same targets and features as the `cargo test` below, which
+# then compiles nothing again (`--bins` leaves out the dev-dependencies, so
+# shared crates such as candle would be compiled twice with other features).
+cargo build --workspace --all-targets
 cargo test --workspace --all-targets "$@"
