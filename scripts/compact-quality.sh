@@ -5,12 +5,13 @@
 # alternating the variants. Prints mean +- sd of AUC, GAUC and test logloss.
 #   scripts/compact-quality.sh            # ~15 min on 2 idle cores
 #   VARIANTS="f32_adam f16_rowwise_adagrad" SEEDS="1 2 3" scripts/compact-quality.sh
+#   VARIANTS="f16_rowwise_adagrad_lr0.1" ...   # another row-wise Adagrad lr
 # A run whose metrics.json already holds its last epoch is not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="${SEEDS:-1 2 3}"
 VARIANTS="${VARIANTS:-f32_adam f16_rowwise_adagrad f16_adam}"
-cargo build --workspace --bins
+cargo build --workspace --all-targets
 if [ ! -s data/ml100k-din/counts.bin ]; then
   scripts/fetch-ml100k.sh data/ml-100k
   target/debug/ember-data prepare --raw-dir data/ml-100k --out data/ml100k-din
@@ -25,6 +26,14 @@ for seed in $SEEDS; do
     case "$name" in
       f32_adam) cfg=configs/din_ml100k.toml ;;
       f16_rowwise_adagrad) cfg=configs/din_ml100k_compact.toml ;;
+      f16_rowwise_adagrad_lr*)
+        # The compact config with another row-wise Adagrad learning rate.
+        lr="${name#f16_rowwise_adagrad_lr}"
+        cfg="runs/quality/din_ml100k_compact_lr$lr.toml"
+        sed -e "s/^name = .*/name = \"din-ml100k-compact-lr$lr\"/" \
+            -e "s/kind = \"rowwise_adagrad\", lr = [0-9.e-]*/kind = \"rowwise_adagrad\", lr = $lr/" \
+            configs/din_ml100k_compact.toml > "$cfg"
+        grep -q "lr = $lr," "$cfg" || { echo "could not set lr $lr in $cfg" >&2; exit 2; } ;;
       f16_adam) cfg=runs/quality/din_ml100k_f16_adam.toml ;;
       *) echo "unknown variant $name" >&2; exit 2 ;;
     esac

@@ -25,7 +25,7 @@ CKPT_EVERY="${CKPT_EVERY:-500}"
 CONFIG="${CONFIG:-configs/scale_1e8.toml}"
 RUN="runs/scale-$PREFILL"
 
-cargo build --workspace --bins
+cargo build --workspace --all-targets
 BIN=target/debug
 
 if [ ! -s data/scale/train.txt ] || [ "$(wc -l < data/scale/all.txt 2>/dev/null || echo 0)" != "$ROWS" ]; then
