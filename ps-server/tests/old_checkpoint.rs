@@ -146,7 +146,7 @@ fn rows() -> Vec<OldRow> {
         ),
         (1 << 40, 1, 39, [1.0, 2.0, 0.1, 0.2, 1e-3, 4e-3, 0.9, 0.999]),
         (
-            u64::MAX - 1,
+            0xDEAD_BEEF_0000_0001,
             7,
             12,
             [-3.5, 0.125, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0],
@@ -280,7 +280,7 @@ fn a_checkpoint_of_an_older_build_restores_exactly() {
         0,
     )
     .unwrap();
-    let (d, step) = s.pull_dense(&["mlp.w".into()]).unwrap();
+    let (d, step) = s.pull_dense(&["mlp.w".to_string()]).unwrap();
     assert_eq!(d[0].values, vec![1.0, -2.0, 1.0]);
     assert_eq!(step, STEP + 1);
 

@@ -25,7 +25,7 @@ use ember_worker::train::setup::setup_cluster;
 use ember_worker::train::worker::{run_epoch, Progress, WorkerJob};
 
 /// A job on synthetic data (`rows` samples) with `cluster` TOML.
-fn job(dir: &std::path::Path, rows: usize, cluster: &str) -> JobConfig {
+fn job(dir: &std::path::Path, rows: u64, cluster: &str) -> JobConfig {
     let train = dir.join("train.txt");
     write_synth(
         &SynthOptions {
