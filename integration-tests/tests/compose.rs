@@ -798,11 +798,17 @@ fn compose_trains_and_survives_a_shard_restart() {
         assert_eq!(code, 0, "trainer failed:\n{}", p.logs("trainer"));
         let log = integration_tests::strip_ansi(&p.logs("trainer"));
         // One rollback per failure, each to the last cluster checkpoint:
-        // the kill and the pause in epoch 2 (step 120), the worker in epoch 3 (240).
-        assert_eq!(
-            integration_tests::rollback_steps(&log),
-            [120, 120, 240],
-            "{log}"
+        // the kill and the pause in epoch 2 (step 120), then the crashed
+        // worker in epoch 3 (step 240; its restart may cost a second attempt).
+        for l in log.lines().filter(|l| {
+            l.contains("rolling the cluster back") || l.contains("external shard is hung")
+        }) {
+            eprintln!("trainer: {l}");
+        }
+        let back = integration_tests::rollback_steps(&log);
+        assert!(
+            back.len() >= 3 && back[..2] == [120, 120] && back[2..].iter().all(|&s| s == 240),
+            "rollbacks {back:?}:\n{log}"
         );
         let report = p.report("restart", dir);
         let epochs = report["epochs"].as_array().expect("epochs");
@@ -811,7 +817,11 @@ fn compose_trains_and_survives_a_shard_restart() {
             .iter()
             .map(|e| e["restarts"].as_u64().unwrap_or(0))
             .collect();
-        assert_eq!(restarts, [0, 2, 1], "restarts per epoch: {report}");
+        assert_eq!(restarts[..2], [0, 2], "restarts per epoch: {report}");
+        assert!(
+            restarts[2] >= 1,
+            "the killed worker did not make epoch 3 rerun: {report}"
+        );
         for e in epochs {
             let auc = e["test"]["auc"].as_f64().unwrap_or(f64::NAN);
             assert!(
