@@ -8,13 +8,22 @@
 //!    containers runs a small DIN job to completion; each shard's `/metrics`
 //!    (published on a free host port, fetched with a plain TCP GET) shows
 //!    nonzero pulled/pushed row counters, and both workers exit 0 (DONE).
-//! 3. A second project runs a longer job; after epoch 1, ps-1 is
-//!    `docker kill`ed mid-epoch and, once the coordinator started its
-//!    rollback, `docker start`ed again (it restores its checkpoint from its
-//!    volume); in epoch 3, worker-1 is killed while it runs its task
-//!    (SIGINT: a crash, so `restart: on-failure` restarts it), the coordinator
-//!    reruns the epoch; the job completes and metrics.json records the
-//!    restarts of epochs 2 and 3.
+//! 3. A second project, with the token overlay (docker-compose.auth.yml:
+//!    every shard and coordinator RPC needs the bearer token), runs a longer
+//!    job. Once epoch 2 has trained (dense step from the shards' metrics),
+//!    ps-1 is `docker kill`ed; the coordinator's rollback to step 120 is
+//!    asserted, then ps-1 is `docker start`ed (it restores its checkpoint
+//!    from its volume). Once the rerun pushed to ps-0, ps-0 is `docker
+//!    pause`d (a hung shard: it holds its connections and never answers);
+//!    the coordinator must report it hung (`external shard is hung`, after
+//!    `cluster.shard_timeout_s`) and retry Health with backoff; then it is
+//!    unpaused. In epoch 3, once worker-1 pushed, it is killed (SIGINT: a
+//!    crash, so `restart: on-failure` restarts it) and the coordinator
+//!    reruns the epoch. The job completes; the trainer's log holds the
+//!    rollbacks to steps 120, 120 and 240 and metrics.json the restarts.
+//!
+//! Expected time: ~55 s on 2 cores once the binaries are built (image
+//! ~15 s, small job ~8 s, restart job ~35 s).
 //!
 //! Everything the test creates (containers, networks, volumes, the image) is
 //! removed at the end, also when it fails (drop guards). It returns early,
