@@ -392,9 +392,8 @@ fn attention_dice_statistics_run_over_padded_steps() -> Result<()> {
 
     // By hand: hidden pre-activation of every (b, t), padded included.
     let mut h = Vec::new();
-    for bi in 0..2 {
-        for t in 0..3 {
-            let (qq, kk) = (q[bi], k[bi][t]);
+    for (&qq, keys) in q.iter().zip(&k) {
+        for &kk in keys {
             h.push(w0[0] * qq + w0[1] * kk + w0[2] * (qq - kk) + w0[3] * (qq * kk) + b0);
         }
     }
