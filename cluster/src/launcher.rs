@@ -134,7 +134,11 @@ impl Shards {
     }
 
     /// Indices of shards that died (processes that exited; external shards
-    /// that do not answer Health or whose uptime went down, i.e. restarted).
+    /// that refuse Health, e.g. connection refused or an unknown host, or
+    /// whose uptime went down, i.e. restarted). An external shard whose
+    /// probe merely times out (a stopped or paused process, a partition) is
+    /// not called dead here: the [`HealthWatch`] calls it hung after
+    /// `cluster.shard_timeout_s`, and the launcher reports it as such.
     async fn dead(&mut self, ps: &Backend) -> Vec<usize> {
         match self {
             Shards::Processes(p, _) => p
@@ -154,6 +158,8 @@ impl Shards {
                             }
                             *last = Some(h.uptime_s);
                         }
+                        Err(ember_worker::train::TrainError::Ps { status, .. })
+                            if status.code() == tonic::Code::DeadlineExceeded => {}
                         Err(_) => {
                             *last = None;
                             dead.push(i);

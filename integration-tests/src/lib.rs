@@ -26,6 +26,74 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The full-state comparison helper of the shard tests
+/// (`ps-server/tests/common`): every stored row (weights and optimizer state
+/// as bits, count, last step), pending counts, dense tensors and dense step.
+#[path = "../../ps-server/tests/common/mod.rs"]
+pub mod full_state;
+
+pub use full_state::FullState;
+
+/// The full state of every shard of the cluster checkpoint `step` of a run
+/// (`<run>/checkpoints`, `shards` shards), each restored into a fresh
+/// in-memory shard (a base, or a base and its deltas).
+pub fn checkpoint_state(run: &Path, shards: u32, step: u64) -> Vec<FullState> {
+    (0..shards)
+        .map(|i| {
+            let s = ember_ps::Shard::new(ember_ps::ShardConfig {
+                shard_index: i,
+                num_shards: shards,
+                checkpoint_dir: Some(run.join("checkpoints")),
+                ..ember_ps::ShardConfig::default()
+            })
+            .expect("in-memory shard");
+            let (got, _) = s
+                .restore(step)
+                .unwrap_or_else(|e| panic!("shard {i}: restore step {step}: {e}"));
+            assert_eq!(got, step, "shard {i}");
+            full_state::full_state(&s)
+        })
+        .collect()
+}
+
+/// Asserts that two runs' checkpoints hold the same state, shard by shard,
+/// bit for bit; on a difference names the shard, the table and the first
+/// row that differs (and the largest weight difference), or the dense tensor.
+pub fn assert_same_state(a: &[FullState], b: &[FullState], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: shard count");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x == y {
+            continue;
+        }
+        assert_eq!(x.dense_step, y.dense_step, "{what}: shard {i} dense step");
+        for ((tn, xr, xp), (_, yr, yp)) in x.tables.iter().zip(&y.tables) {
+            assert_eq!(xr.len(), yr.len(), "{what}: shard {i} table {tn}: rows");
+            let max = xr
+                .iter()
+                .zip(yr)
+                .flat_map(|(r, s)| r.3.iter().zip(&s.3))
+                .map(|(p, q)| (f32::from_bits(*p) - f32::from_bits(*q)).abs())
+                .fold(0.0f32, f32::max);
+            if let Some((r, s)) = xr.iter().zip(yr).find(|(r, s)| r != s) {
+                panic!(
+                    "{what}: shard {i} table {tn}: row {} differs (largest value                      difference in the table {max:e}):
+  {:?}
+  {:?}",
+                    r.0,
+                    (r.0, r.1, r.2, r.3.iter().map(|v| f32::from_bits(*v)).collect::<Vec<_>>()),
+                    (s.0, s.1, s.2, s.3.iter().map(|v| f32::from_bits(*v)).collect::<Vec<_>>()),
+                );
+            }
+            assert_eq!(xp, yp, "{what}: shard {i} table {tn}: pending counts");
+        }
+        assert_eq!(x.tables.len(), y.tables.len(), "{what}: shard {i} tables");
+        for ((n, u), (_, v)) in x.dense.iter().zip(&y.dense) {
+            assert_eq!(u, v, "{what}: shard {i} dense tensor {n}");
+        }
+        assert_eq!(x, y, "{what}: shard {i}");
+    }
+}
+
 /// A prerequisite a test may lack on some machines. `EMBER_REQUIRE` (a
 /// comma-separated list of [`Prereq::name`]s, or `all`) turns its absence
 /// from a skip into a failure, so that CI cannot pass by skipping.

@@ -5,8 +5,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    bin, close, cluster_info, dataset, ember_train, popularity_baseline, report, rollback_steps,
-    samples_trained, spawn_train, strip_ansi, write_job,
+    assert_same_state, bin, checkpoint_state, close, cluster_info, dataset, ember_train,
+    popularity_baseline, report, rollback_steps, samples_trained, spawn_train, strip_ansi,
+    write_job,
 };
 
 fn epochs(r: &serde_json::Value) -> Vec<serde_json::Value> {
@@ -174,6 +175,8 @@ fn resume_continues_from_the_checkpoint_with_the_same_loss() {
     ember_train(&job, &[]);
     let full = epochs(&report(dir.path()));
     assert_eq!(full.len(), 2);
+    let run = dir.path().join("run");
+    let full_state = checkpoint_state(&run, 2, 60);
 
     // Same job stopped after epoch 1, then resumed.
     ember_train(&job, &["--epochs", "1"]);
@@ -201,6 +204,8 @@ fn resume_continues_from_the_checkpoint_with_the_same_loss() {
         let (a, b) = (f(&full[1], &["test", m]), f(&resumed[1], &["test", m]));
         assert!((a - b).abs() <= 1e-4, "epoch-2 {m} {a} vs resumed {b}");
     }
+    // The shards end in the uninterrupted run's state, bit for bit.
+    assert_same_state(&full_state, &checkpoint_state(&run, 2, 60), "resumed run");
 }
 
 /// A run killed mid-epoch with everything it started (`kill -9` of the whole
@@ -219,8 +224,9 @@ fn mid_epoch_resume_in_a_fresh_process() {
     let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
     ember_train(&job, &[]);
     let clean = epochs(&report(dir.path()));
-
     let run = dir.path().join("run");
+    let clean_state = checkpoint_state(&run, 2, 30);
+
     let log_path = dir.path().join("killed.log");
     let mut child = spawn_train(&job, &["--metrics-addr", "127.0.0.1:0"], &log_path);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -263,6 +269,11 @@ fn mid_epoch_resume_in_a_fresh_process() {
         let (a, b) = (f(&clean[0], &["test", m]), f(&rec[0], &["test", m]));
         assert!((a - b).abs() <= 1e-4, "test {m} {a} vs resumed {b}");
     }
+    assert_same_state(
+        &clean_state,
+        &checkpoint_state(&run, 2, 30),
+        "mid-epoch resume",
+    );
 }
 
 /// `kill -9` of a shard once epoch 2 has trained some steps (seen in the
@@ -280,9 +291,10 @@ fn killed_shard_is_restarted_and_training_recovers() {
     let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
     ember_train(&job, &[]);
     let clean = epochs(&report(dir.path()));
+    let run = dir.path().join("run");
+    let clean_state = checkpoint_state(&run, 2, 120);
 
     // Epoch 1 is 60 steps of 128 samples; kill after 5 steps of epoch 2.
-    let run = dir.path().join("run");
     let r = train_signalling_shard_1(&job, &run, "-9", |run| {
         samples_trained(run).is_some_and(|n| n >= (60 + 5) * 128)
     });
@@ -293,6 +305,11 @@ fn killed_shard_is_restarted_and_training_recovers() {
     assert_eq!(rec.len(), 2);
     assert_eq!(rec[0]["restarts"], 0);
     assert_recovered(&clean[1], &rec[1]);
+    assert_same_state(
+        &clean_state,
+        &checkpoint_state(&run, 2, 120),
+        "after kill -9",
+    );
 }
 
 /// A hung shard (`kill -STOP`: the process lives, holds its port and never
@@ -311,8 +328,9 @@ fn hung_shard_is_killed_restarted_and_training_recovers() {
     let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
     ember_train(&job, &[]);
     let clean = epochs(&report(dir.path()));
-
     let run = dir.path().join("run");
+    let clean_state = checkpoint_state(&run, 2, 60);
+
     let t = Instant::now();
     let r = train_signalling_shard_1(&job, &run, "-STOP", |run| {
         ckpt(run, 20) && samples_trained(run).is_some_and(|n| n >= 23 * 128)
@@ -333,6 +351,11 @@ fn hung_shard_is_killed_restarted_and_training_recovers() {
     );
     let rec = epochs(&report(dir.path()));
     assert_recovered(&clean[0], &rec[0]);
+    assert_same_state(
+        &clean_state,
+        &checkpoint_state(&run, 2, 60),
+        "after kill -STOP",
+    );
     eprintln!("hung-shard run took {:.1?}", t.elapsed());
 }
 
@@ -386,6 +409,7 @@ fn mid_epoch_checkpoints_resume_at_the_data_position() {
     let job = write_job(dir.path(), &data, "kind = \"din\"", base, train);
     ember_train(&job, &[]);
     let whole = epochs(&report(dir.path()));
+    let whole_state = checkpoint_state(&dir.path().join("run"), 2, 60);
 
     let cluster = format!("{base}\ncheckpoint_every_steps = 20");
     let job = write_job(dir.path(), &data, "kind = \"din\"", &cluster, train);
@@ -407,6 +431,11 @@ fn mid_epoch_checkpoints_resume_at_the_data_position() {
         f(&seg[0], &["test", "gauc"]),
     );
     assert!((a - b).abs() <= 1e-4, "GAUC {a} vs segmented {b}");
+    assert_same_state(
+        &whole_state,
+        &checkpoint_state(&run, 2, 60),
+        "segmented run",
+    );
 
     // Again, killing shard 1 once steps after the step-20 checkpoint ran.
     let r = train_signalling_shard_1(&job, &run, "-9", |run| {
@@ -426,6 +455,11 @@ fn mid_epoch_checkpoints_resume_at_the_data_position() {
     );
     let rec = epochs(&report(dir.path()));
     assert_recovered(&whole[0], &rec[0]);
+    assert_same_state(
+        &whole_state,
+        &checkpoint_state(&run, 2, 60),
+        "after kill -9 mid-epoch",
+    );
 }
 
 /// Export after training, then predict without a cluster: same metrics as

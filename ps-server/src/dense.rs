@@ -366,6 +366,66 @@ mod tests {
         assert!(d.push(&g(1.0), 1, 3, 3).is_err());
     }
 
+    /// Asynchronous mode (`num_workers` 0 or 1, `PushDenseRequest`): every
+    /// push is applied at once with the optimizer, in arrival order, and
+    /// advances the step by one; nothing is averaged and nothing is
+    /// deduplicated (two workers pushing for the same step, or a push for a
+    /// step already passed, are both applied). Hand-computed with Adagrad,
+    /// whose accumulator makes the order and the count of applications visible.
+    #[test]
+    fn async_push_applies_every_gradient_at_once_in_arrival_order() {
+        use ember_proto::v1::Adagrad;
+        let adagrad = OptimizerConfig {
+            kind: Some(Kind::Adagrad(Adagrad {
+                lr: 1.0,
+                initial_accumulator: 0.0,
+                eps: 1.0,
+            })),
+        };
+        let d = DenseStore::default();
+        d.init(&[DenseTensor::new("w", vec![10.0, 0.0])], Some(&adagrad))
+            .unwrap();
+        let g = |a: f32, b: f32| [DenseTensor::new("w", vec![a, b])];
+        // Worker 0, step 0: acc = [9, 0]; w -= g / (sqrt(acc) + 1) = [3/4, 0].
+        assert_eq!(d.push(&g(3.0, 0.0), 0, 1, 0).unwrap(), 1);
+        // Worker 1, also step 0 (async: not a duplicate, not averaged):
+        // acc = [9 + 16, 9]; w -= [4/6, 3/4].
+        assert_eq!(d.push(&g(4.0, 3.0), 0, 1, 1).unwrap(), 2);
+        // A stale push (step 0 < dense step 2) with num_workers = 0 is applied too:
+        // acc = [25 + 144, 9 + 16]; w -= [12/14, -4/6].
+        assert_eq!(d.push(&g(12.0, -4.0), 0, 0, 0).unwrap(), 3);
+        let want = [
+            10.0f32 - 3.0 / 4.0 - 4.0 / 6.0 - 12.0 / 14.0,
+            0.0f32 - 3.0 / 4.0 + 4.0 / 6.0,
+        ];
+        let (got, step) = d.pull(&[]).unwrap();
+        assert_eq!(step, 3);
+        for (x, y) in got[0].values.iter().zip(want) {
+            assert!((x - y).abs() <= 1e-5, "{:?} vs {want:?}", got[0].values);
+        }
+        // The mean of the three gradients applied once (what sync mode
+        // would do for one step of three workers) gives another value.
+        let mean_once = 10.0f32 - (19.0 / 3.0) / ((19.0f32 / 3.0).abs() + 1.0);
+        assert!((got[0].values[0] - mean_once).abs() > 0.1);
+        // The optimizer state is the sum of the squared gradients of all three pushes.
+        let (params, _) = d.snapshot();
+        assert_eq!(params["w"].state, vec![9.0 + 16.0 + 144.0, 9.0 + 16.0]);
+    }
+
+    /// A pull in async mode never waits: `wait_step(0)` returns at once
+    /// whatever the step, which is what workers call in async mode
+    /// (`PullDense(min_step = 0)`).
+    #[tokio::test]
+    async fn async_pull_does_not_wait() {
+        let d = DenseStore::default();
+        d.init(&[DenseTensor::new("w", vec![0.0])], Some(&sgd(1.0)))
+            .unwrap();
+        assert_eq!(d.wait_step(0, Duration::from_millis(1)).await.unwrap(), 0);
+        d.push(&[DenseTensor::new("w", vec![1.0])], 7, 1, 0)
+            .unwrap();
+        assert_eq!(d.wait_step(0, Duration::from_millis(1)).await.unwrap(), 1);
+    }
+
     #[test]
     fn rejected_push_changes_nothing() {
         let d = DenseStore::default();

@@ -345,3 +345,119 @@ fn aux_loss_gradcheck() -> Result<()> {
     }
     Ok(())
 }
+
+/// Dice as the attention unit's hidden activation (`attention_activation =
+/// "dice"`): the scores are computed for every history step, padded ones
+/// included (their keys are the zero pad row), and Dice's training
+/// statistics are taken over all `B * T` rows, padded rows too, exactly as
+/// the reference DIN code does (its attention FFN runs on the padded
+/// `[B * T, 4E]` tensor). The pooled interest still ignores padded steps
+/// (mask). Checked against a hand computation with a 1-unit hidden layer.
+#[test]
+fn attention_dice_statistics_run_over_padded_steps() -> Result<()> {
+    use super::mlp::Act;
+    let dev = Device::Cpu;
+    let b = pb(11);
+    // E = 1: FFN input [q, k, q - k, q * k] (4) -> 1 hidden unit (Dice) -> 1.
+    let unit = ActivationUnit::new(1, &[1], Activation::Dice, &b)?;
+    let (w0, b0, w1, b1) = ([1.0f64, 2.0, 0.5, -1.0], 0.25f64, 1.5f64, -0.1f64);
+    let alpha = 0.2f64;
+    unit.ffn.layers[0]
+        .weight
+        .set(&Tensor::new(&[[w0[0]], [w0[1]], [w0[2]], [w0[3]]], &dev)?)?;
+    unit.ffn.layers[0].bias.set(&Tensor::new(&[b0], &dev)?)?;
+    unit.ffn.layers[1]
+        .weight
+        .set(&Tensor::new(&[[w1]], &dev)?)?;
+    unit.ffn.layers[1].bias.set(&Tensor::new(&[b1], &dev)?)?;
+    let Act::Dice(dice) = &unit.ffn.acts[0] else {
+        panic!("hidden activation is not Dice");
+    };
+    dice.alpha.set(&Tensor::new(&[alpha], &dev)?)?;
+
+    // B = 2, T = 3: lengths 2 and 1; padded keys are zero rows.
+    let q = [1.0f64, -0.5];
+    let k = [[0.5f64, -1.0, 0.0], [2.0, 0.0, 0.0]];
+    let lens = [2usize, 1];
+    let mask = [[1.0f64, 1.0, 0.0], [1.0, 0.0, 0.0]];
+    let qt = Tensor::new(&[[q[0]], [q[1]]], &dev)?;
+    let kt = Tensor::new(
+        &[
+            [[k[0][0]], [k[0][1]], [k[0][2]]],
+            [[k[1][0]], [k[1][1]], [k[1][2]]],
+        ],
+        &dev,
+    )?;
+    let mt = Tensor::new(&mask, &dev)?;
+
+    // By hand: hidden pre-activation of every (b, t), padded included.
+    let mut h = Vec::new();
+    for (&qq, keys) in q.iter().zip(&k) {
+        for &kk in keys {
+            h.push(w0[0] * qq + w0[1] * kk + w0[2] * (qq - kk) + w0[3] * (qq * kk) + b0);
+        }
+    }
+    let stats = |rows: &[f64]| {
+        let n = rows.len() as f64;
+        let mean = rows.iter().sum::<f64>() / n;
+        let var = rows.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        (mean, var)
+    };
+    let dice_of = |x: f64, (mean, var): (f64, f64)| {
+        let p = 1.0 / (1.0 + (-(x - mean) / (var + 1e-8).sqrt()).exp());
+        x * (alpha + p * (1.0 - alpha))
+    };
+    let all = stats(&h); // over the 6 rows, 3 of them padded
+    let valid: Vec<f64> = [0usize, 1, 3].iter().map(|&i| h[i]).collect();
+    let only_valid = stats(&valid);
+    let want: Vec<f64> = h.iter().map(|&x| w1 * dice_of(x, all) + b1).collect();
+    let without_pads: Vec<f64> = h
+        .iter()
+        .map(|&x| w1 * dice_of(x, only_valid) + b1)
+        .collect();
+
+    let s = unit
+        .scores(&qt, &kt, &lens, Mode::TRAIN)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    for (i, (a, w)) in s.iter().zip(&want).enumerate() {
+        assert!((a - w).abs() < 1e-12, "score {i}: {a} vs hand {w} ({s:?})");
+    }
+    // The padded rows change the valid steps' scores (the statistics differ).
+    assert!(
+        (s[0] - without_pads[0]).abs() > 1e-3,
+        "padded rows did not enter the statistics: {s:?} vs {without_pads:?}"
+    );
+    // Running statistics (momentum 0.1, unbiased variance) over the 6 rows.
+    let var_u = all.1 * 6.0 / 5.0;
+    let rm = dice.running_mean.as_tensor().to_vec1::<f64>()?;
+    let rv = dice.running_var.as_tensor().to_vec1::<f64>()?;
+    assert!((rm[0] - 0.1 * all.0).abs() < 1e-12, "{rm:?}");
+    assert!((rv[0] - (0.9 + 0.1 * var_u)).abs() < 1e-12, "{rv:?}");
+
+    // Pooling (paper mode) uses the valid steps only: v_b = sum_t s * m * k.
+    let (v, w) = unit.forward(
+        &qt,
+        &kt,
+        &mt,
+        &lens,
+        AttentionMode::Paper,
+        Mode::TRAIN_FROZEN,
+    )?;
+    let v = v.flatten_all()?.to_vec1::<f64>()?;
+    let w = w.flatten_all()?.to_vec1::<f64>()?;
+    for bi in 0..2 {
+        let hand: f64 = (0..3)
+            .map(|t| want[bi * 3 + t] * mask[bi][t] * k[bi][t])
+            .sum();
+        assert!(
+            (v[bi] - hand).abs() < 1e-12,
+            "pooled {bi}: {} vs {hand}",
+            v[bi]
+        );
+    }
+    assert_eq!(w[2], 0.0);
+    assert_eq!(w[4], 0.0);
+    assert_eq!(w[5], 0.0);
+    Ok(())
+}
