@@ -354,9 +354,31 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
                 ckpt.display()
             )));
         };
-        with_deadline(control, ps.restore(s))
-            .await
-            .map_err(|e| control_error(&format!("restore step {s}"), e))?;
+        // Shards started with --restore already loaded their latest
+        // checkpoint; restoring it again would cost a second full load
+        // (about 50 s per shard at 10^8 rows). Restore unless every shard
+        // holds step `s` untouched: restored or written at `s` and no row
+        // pushed since the process started.
+        let at_s = match &ps {
+            Backend::Remote(c) => {
+                let health = with_deadline(control, c.health())
+                    .await
+                    .map_err(|e| control_error("health", e))?;
+                let stats = with_deadline(control, ps.stats())
+                    .await
+                    .map_err(|e| control_error("stats", e))?;
+                health.iter().all(|h| h.checkpoint_step == s)
+                    && stats.iter().all(|st| st.rows_pushed == 0)
+            }
+            Backend::Local(_) => false,
+        };
+        if at_s {
+            tracing::info!(step = s, "every shard already holds the checkpoint (restored at start)");
+        } else {
+            with_deadline(control, ps.restore(s))
+                .await
+                .map_err(|e| control_error(&format!("restore step {s}"), e))?;
+        }
         ember_worker::train::setup::check_restored_tables(&cfg, &ps).await?;
         last_ckpt = s;
         if let Ok(old) = RunReport::read_json(&report_path) {

@@ -294,8 +294,29 @@ fn f16_next_down(h: u16) -> u16 {
 /// <= hi`, `hi` is chosen with probability `(v - lo) / (hi - lo)` (`r` is a
 /// 16-bit uniform). Non-finite values and values beyond the f16 range round
 /// to nearest.
+///
+/// In the f16 normal range (`2^-14 <= |v| < 2^16`) this is bit arithmetic,
+/// like [`bf16_stochastic`]: an f32 keeps exactly 13 mantissa bits below an
+/// f16's, so adding 13 random bits there and truncating rounds the
+/// magnitude up with probability exactly `dropped / 2^13`, the fraction
+/// above. Elsewhere (f16 subnormals, overflow) it compares neighbours.
 #[inline]
 pub fn f16_stochastic(v: f32, r: u16) -> u16 {
+    let bits = v.to_bits();
+    let abs = bits & 0x7FFF_FFFF;
+    if (0x3880_0000..0x4780_0000).contains(&abs) {
+        // Rebias the exponent from 127 to 15: (127 - 15) << 10 in f16 bits.
+        let h = ((abs + u32::from(r & 0x1FFF)) >> 13) - (112 << 10);
+        if h < 0x7C00 {
+            return ((bits >> 16) & 0x8000) as u16 | h as u16;
+        }
+    }
+    f16_stochastic_exact(v, r)
+}
+
+/// [`f16_stochastic`] by comparing the two neighbours (any finite `v`).
+#[inline]
+fn f16_stochastic_exact(v: f32, r: u16) -> u16 {
     let n = f16::from_f32(v);
     let nf = n.to_f32();
     if nf == v || !v.is_finite() || !nf.is_finite() {
@@ -409,6 +430,47 @@ mod tests {
             }
         }
         assert!(f32::from(f16::from_bits(f16_stochastic(f32::NAN, 3))).is_nan());
+    }
+
+    /// The bit-arithmetic path rounds up with probability exactly the
+    /// dropped fraction: over all 2^13 values of the random bits, `hi` comes
+    /// out exactly `dropped` times, and the results are the neighbours the
+    /// exact path picks between.
+    #[test]
+    fn fast_f16_stochastic_rounding_matches_the_exact_probabilities() {
+        let mut seed = 7u64;
+        for k in 0..300 {
+            seed = splitmix64(seed);
+            // |v| across the normal range, both signs, plus hand-picked edges.
+            let e = (seed % 30) as i32 - 14;
+            let m = 1.0 + (seed >> 40) as f32 / (1u64 << 24) as f32;
+            let mut v = m * 2f32.powi(e);
+            if k % 2 == 1 {
+                v = -v;
+            }
+            if k == 0 {
+                v = 2f32.powi(-14);
+            }
+            if k == 1 {
+                v = 65503.0;
+            }
+            let dropped = v.to_bits() & 0x1FFF;
+            let nearest = f16::from_f32(v);
+            let mut ups = 0u32;
+            let mut seen = std::collections::BTreeSet::new();
+            for r in 0..0x2000u16 {
+                let h = f16_stochastic(v, r);
+                seen.insert(h);
+                let slow: std::collections::BTreeSet<u16> =
+                    [0u16, 0x1FFF, 0xFFFF].iter().map(|&x| f16_stochastic_exact(v, x)).collect();
+                assert!(slow.contains(&h) || h == nearest.to_bits(), "{v}: {h:#x} not in {slow:?}");
+                if f16::from_bits(h).to_f32().abs() > v.abs() {
+                    ups += 1;
+                }
+            }
+            assert!(seen.len() <= 2, "{v}: {seen:?}");
+            assert_eq!(ups, dropped, "{v}: rounded up {ups} times of 8192, dropped bits {dropped}");
+        }
     }
 
     #[test]
