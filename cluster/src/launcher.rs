@@ -373,7 +373,10 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
             Backend::Local(_) => false,
         };
         if at_s {
-            tracing::info!(step = s, "every shard already holds the checkpoint (restored at start)");
+            tracing::info!(
+                step = s,
+                "every shard already holds the checkpoint (restored at start)"
+            );
         } else {
             with_deadline(control, ps.restore(s))
                 .await

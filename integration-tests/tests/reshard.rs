@@ -58,7 +58,8 @@ fn resharded_checkpoint_resumes_on_three_and_one_shards() {
     let train = "epochs = 2\nmax_steps_per_epoch = 30\nmax_eval_samples = 600";
     let src_dir = dir.path().join("two");
     std::fs::create_dir_all(&src_dir).unwrap();
-    let cluster = "shards = 2\nworkers = 1\nmode = \"process\"\nstaleness = 0\nkeep_checkpoints = 4";
+    let cluster =
+        "shards = 2\nworkers = 1\nmode = \"process\"\nstaleness = 0\nkeep_checkpoints = 4";
     let job = write_job(&src_dir, &data, "kind = \"din\"", cluster, train);
     ember_train(&job, &[]);
     let full = epochs(&report(&src_dir));
@@ -67,7 +68,8 @@ fn resharded_checkpoint_resumes_on_three_and_one_shards() {
     let ckpts = src_dir.join("run/checkpoints");
     let verified = ember(&["checkpoint", "verify", ckpts.to_str().unwrap()]);
     assert!(
-        verified.contains("complete cluster checkpoints: [0, 30, 60]") && verified.ends_with("OK\n"),
+        verified.contains("complete cluster checkpoints: [0, 30, 60]")
+            && verified.ends_with("OK\n"),
         "{verified}"
     );
 
@@ -85,10 +87,7 @@ fn resharded_checkpoint_resumes_on_three_and_one_shards() {
             "--step",
             "30",
         ]);
-        assert!(
-            said.contains(&format!("from 2 to {m} shards")),
-            "{said}"
-        );
+        assert!(said.contains(&format!("from 2 to {m} shards")), "{said}");
         let line = said
             .lines()
             .find(|l| l.starts_with("resharded step 30"))

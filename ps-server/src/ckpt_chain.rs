@@ -778,7 +778,8 @@ pub fn restore_chain(
     before_load();
     // Size each table for its rows (at most the base's plus the deltas'), so
     // the load never grows an index and can read the base sequentially.
-    let mut expect: BTreeMap<&str, u64> = ov.base_rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let mut expect: BTreeMap<&str, u64> =
+        ov.base_rows.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     for t in &ov.tables {
         *expect.entry(t.spec.name()).or_default() += t.slots.values().flatten().count() as u64;
     }

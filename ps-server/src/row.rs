@@ -461,15 +461,23 @@ mod tests {
             for r in 0..0x2000u16 {
                 let h = f16_stochastic(v, r);
                 seen.insert(h);
-                let slow: std::collections::BTreeSet<u16> =
-                    [0u16, 0x1FFF, 0xFFFF].iter().map(|&x| f16_stochastic_exact(v, x)).collect();
-                assert!(slow.contains(&h) || h == nearest.to_bits(), "{v}: {h:#x} not in {slow:?}");
+                let slow: std::collections::BTreeSet<u16> = [0u16, 0x1FFF, 0xFFFF]
+                    .iter()
+                    .map(|&x| f16_stochastic_exact(v, x))
+                    .collect();
+                assert!(
+                    slow.contains(&h) || h == nearest.to_bits(),
+                    "{v}: {h:#x} not in {slow:?}"
+                );
                 if f16::from_bits(h).to_f32().abs() > v.abs() {
                     ups += 1;
                 }
             }
             assert!(seen.len() <= 2, "{v}: {seen:?}");
-            assert_eq!(ups, dropped, "{v}: rounded up {ups} times of 8192, dropped bits {dropped}");
+            assert_eq!(
+                ups, dropped,
+                "{v}: rounded up {ups} times of 8192, dropped bits {dropped}"
+            );
         }
     }
 

@@ -202,7 +202,9 @@ impl ShardLoad {
         let next = ins.back.try_recv().unwrap_or_default();
         let full = std::mem::replace(&mut self.batch, next);
         if ins.tx.send(full).is_err() {
-            return Err(PsError::Internal("the restore's inserter thread stopped".into()));
+            return Err(PsError::Internal(
+                "the restore's inserter thread stopped".into(),
+            ));
         }
         Ok(())
     }
@@ -210,13 +212,19 @@ impl ShardLoad {
     /// Flushes the last batch, waits for the inserter, and hands over the
     /// loaded tables.
     #[allow(clippy::type_complexity)]
-    fn finish(mut self) -> Result<(FxHashMap<String, Arc<Table>>, BTreeMap<String, DenseEntry>, u64)> {
+    fn finish(
+        mut self,
+    ) -> Result<(
+        FxHashMap<String, Arc<Table>>,
+        BTreeMap<String, DenseEntry>,
+        u64,
+    )> {
         self.flush()?;
         if let Some(ins) = self.inserter.take() {
             drop(ins.tx);
-            ins.handle
-                .join()
-                .map_err(|_| PsError::Internal("the restore's inserter thread panicked".into()))??;
+            ins.handle.join().map_err(|_| {
+                PsError::Internal("the restore's inserter thread panicked".into())
+            })??;
         }
         Ok((self.tables, self.dense, self.dense_step))
     }
@@ -749,9 +757,7 @@ impl Shard {
                     // The tables' change lists (an upper bound of the rows a
                     // delta holds; None: a list overflowed, write a base).
                     let changed = ckpt_chain::count_changed(&tables);
-                    changed
-                        .is_some_and(|n| !over(n.min(pushed)))
-                        .then_some(c)
+                    changed.is_some_and(|n| !over(n.min(pushed))).then_some(c)
                 }
                 _ => None,
             };

@@ -879,7 +879,8 @@ impl Table {
             });
             // The arena gets 1% (+64 rows) of slack, not 6%: a stripe's share
             // of 10^6+ rows varies by far less, and past it rows still fit.
-            let per_arena = (rows / NUM_STRIPES as u64 + rows / NUM_STRIPES as u64 / 100 + 64) as usize;
+            let per_arena =
+                (rows / NUM_STRIPES as u64 + rows / NUM_STRIPES as u64 / 100 + 64) as usize;
             let more = per_arena.saturating_sub(stripe.index.len() + stripe.free.len());
             stripe.reserve_arena(more, words);
             stripe.charge(&budget);
@@ -1748,7 +1749,10 @@ mod tests {
         assert_eq!(t.changed_rows(), Some(500));
         let (n, v) = taken(&t);
         assert_eq!(n, Some(500));
-        let want: Vec<(u64, u64)> = (0..100).map(|i| (i, 6)).chain((100..500).map(|i| (i, 5))).collect();
+        let want: Vec<(u64, u64)> = (0..100)
+            .map(|i| (i, 6))
+            .chain((100..500).map(|i| (i, 5)))
+            .collect();
         assert_eq!(v, want);
         assert_eq!(taken(&t), (Some(0), vec![]));
         // Next window: two rows, one of them by a stale push (step below
