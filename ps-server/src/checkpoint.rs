@@ -633,6 +633,12 @@ pub trait Visitor {
     fn expect_rows(&mut self, _name: &str, _rows: u64) -> Result<()> {
         Ok(())
     }
+    /// An estimate of the current base table's rows, from its first stripe
+    /// block (the block's rows times the stripe count, plus 2%), for a
+    /// visitor that reads in file order without an exact count.
+    fn rows_hint(&mut self, _rows: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a fully decoded file holds.
@@ -914,8 +920,12 @@ fn scan_body<R: Read>(r: R, frame: &Frame, path: &Path, v: &mut dyn Visitor) -> 
                 rows += n;
             }
         } else {
-            for _ in 0..NUM_STRIPES {
+            for stripe in 0..NUM_STRIPES {
                 let n = b.len_checked(row_bytes as u64, "row")?;
+                if stripe == 0 && v.file_order() {
+                    let est = n as u64 * NUM_STRIPES as u64;
+                    v.rows_hint(est + est / 50 + 64)?;
+                }
                 // A stripe's rows are stored in the order of its hash index
                 // (linear probing on the low hash bits). Inserting them in
                 // that order into a growing index piles them into long probe

@@ -661,6 +661,10 @@ struct BaseFilter<'a> {
     has_deltas: bool,
     cur: Option<usize>,
     rows: u64,
+    /// The base file (for errors).
+    path: &'a Path,
+    /// Tables of the base, in file order.
+    tables: Vec<String>,
 }
 
 impl Visitor for BaseFilter<'_> {
@@ -670,7 +674,22 @@ impl Visitor for BaseFilter<'_> {
             .tables
             .iter()
             .position(|t| t.spec.name() == spec.name());
+        if let Some(i) = self.cur {
+            if self.overlay.tables[i].spec.config != spec.config {
+                return Err(corrupt(
+                    self.path,
+                    format!(
+                        "table `{}` has another config than in the chain's deltas",
+                        spec.name()
+                    ),
+                ));
+            }
+        }
+        self.tables.push(spec.name().to_string());
         self.sink.table(spec)
+    }
+    fn rows_hint(&mut self, rows: u64) -> Result<()> {
+        self.sink.rows_hint(rows)
     }
     fn row(&mut self, id: u64, count: u32, step: u64, vals: &[f32]) -> Result<()> {
         if let Some(i) = self.cur {
@@ -713,19 +732,32 @@ impl Visitor for BaseFilter<'_> {
 fn verify_collect(dir: &Path, m: &Manifest, label: &Path) -> Result<Overlay> {
     check_files(dir, m, label)?;
     let (si, ns) = (m.shard_index, m.num_shards);
-    let base = &m.files[0];
-    let bp = dir.join(&base.file);
+    let bp = dir.join(&m.files[0].file);
     let mut specs = BaseSpecs::default();
     checkpoint::scan(&bp, si, ns, &mut specs)?;
+    collect_deltas(dir, m, label, specs.specs, specs.rows)
+}
+
+/// Verifies and collects the deltas of chain `m` (their links to the base
+/// and to each other, table configs against `base_specs` and each other).
+fn collect_deltas(
+    dir: &Path,
+    m: &Manifest,
+    label: &Path,
+    base_specs: BTreeMap<String, TableConfig>,
+    base_rows: BTreeMap<String, u64>,
+) -> Result<Overlay> {
+    let (si, ns) = (m.shard_index, m.num_shards);
+    let base = &m.files[0];
     let mut ov = Overlay {
-        base_rows: specs.rows,
-        base_specs: specs.specs,
+        base_rows,
+        base_specs,
         tables: Vec::new(),
         cur: 0,
         seen_in_file: FxHashSet::default(),
         dense: BTreeMap::new(),
         dense_step: 0,
-        path: bp,
+        path: dir.join(&base.file),
     };
     let mut prev = base.step;
     for f in &m.files[1..] {
@@ -787,41 +819,79 @@ pub fn restore_chain(
         for (name, rows) in &expect {
             sink.expect_rows(name, *rows)?;
         }
-        let has_deltas = m.files.len() > 1;
-        let bp = dir.join(&m.files[0].file);
-        let mut bf = BaseFilter {
-            sink,
-            overlay: &ov,
-            has_deltas,
-            cur: None,
-            rows: 0,
-        };
-        checkpoint::scan(&bp, m.shard_index, m.num_shards, &mut bf)?;
-        let mut rows = bf.rows;
-        if has_deltas {
-            for t in &ov.tables {
-                sink.table(&t.spec)?;
-                for &slot in t.slots.values().flatten() {
-                    let i = slot as usize;
-                    let (id, count, step) = t.meta[i];
-                    sink.row(id, count, step, &t.vals[i * t.width..(i + 1) * t.width])?;
-                    rows += 1;
-                }
-                for &(id, c) in &t.pending {
-                    sink.pending(id, c)?;
-                }
-            }
-            for (name, e) in &ov.dense {
-                sink.dense(name.clone(), e.clone())?;
-            }
-            sink.dense_step(ov.dense_step)?;
-        }
-        Ok(rows)
+        feed(dir, m, &ov, sink)
     };
     load().map_err(|e| PsError::RestoreAborted {
         step: m.step,
         source: Box::new(e),
     })
+}
+
+/// Feeds chain `m` to `sink`: the base's rows the deltas (collected in `ov`)
+/// do not replace or remove, then the deltas' rows, the last file's pending
+/// counts and dense state. The base is checked while it streams (structure,
+/// values, crc at its end; table configs against the deltas'). Returns the
+/// rows fed.
+fn feed(dir: &Path, m: &Manifest, ov: &Overlay, sink: &mut dyn Visitor) -> Result<u64> {
+    let has_deltas = m.files.len() > 1;
+    let bp = dir.join(&m.files[0].file);
+    let mut bf = BaseFilter {
+        sink,
+        overlay: ov,
+        has_deltas,
+        cur: None,
+        rows: 0,
+        path: &bp,
+        tables: Vec::new(),
+    };
+    checkpoint::scan(&bp, m.shard_index, m.num_shards, &mut bf)?;
+    let mut rows = bf.rows;
+    let base_tables = std::mem::take(&mut bf.tables);
+    if has_deltas {
+        // Every delta holds every table of the chain (see Overlay::end_file).
+        if let Some(t) = base_tables
+            .iter()
+            .find(|t| !ov.tables.iter().any(|o| o.spec.name() == t.as_str()))
+        {
+            let last = m.files.last().map_or(bp.clone(), |f| dir.join(&f.file));
+            return Err(corrupt(&last, format!("table `{t}` is missing")));
+        }
+        for t in &ov.tables {
+            sink.table(&t.spec)?;
+            for &slot in t.slots.values().flatten() {
+                let i = slot as usize;
+                let (id, count, step) = t.meta[i];
+                sink.row(id, count, step, &t.vals[i * t.width..(i + 1) * t.width])?;
+                rows += 1;
+            }
+            for &(id, c) in &t.pending {
+                sink.pending(id, c)?;
+            }
+        }
+        for (name, e) in &ov.dense {
+            sink.dense(name.clone(), e.clone())?;
+        }
+        sink.dense_step(ov.dense_step)?;
+    }
+    Ok(rows)
+}
+
+/// Streams chain `m` into `sink` with ONE pass over the base, for a sink
+/// whose owner holds no state (a shard starting up, so an error changes
+/// nothing that existed): the deltas (small) are verified and collected
+/// first, then the base is checked while it loads; its crc is known only at
+/// its end, so on any error the caller must drop what the sink received.
+/// Tables are sized from the base's first stripe block
+/// ([`Visitor::rows_hint`]). Returns the rows fed.
+pub fn restore_chain_fresh(dir: &Path, m: &Manifest, sink: &mut dyn Visitor) -> Result<u64> {
+    let label = if m.files.len() > 1 {
+        dir.join(manifest_name(m.step))
+    } else {
+        dir.join(&m.files[0].file)
+    };
+    check_files(dir, m, &label)?;
+    let ov = collect_deltas(dir, m, &label, BTreeMap::new(), BTreeMap::new())?;
+    feed(dir, m, &ov, sink)
 }
 
 /// Deletes the oldest restorable steps so that at most `keep` remain

@@ -173,6 +173,8 @@ struct ShardLoad {
     inline: bool,
     /// Rows announced per table ([`Visitor::expect_rows`]).
     expect: FxHashMap<String, u64>,
+    /// The current table was sized (exactly, or from a hint).
+    sized: bool,
     dense: BTreeMap<String, DenseEntry>,
     dense_step: u64,
 }
@@ -239,10 +241,18 @@ impl Visitor for ShardLoad {
             .entry(spec.name().to_string())
             .or_insert_with(|| Arc::new(Table::new(spec.clone())))
             .clone();
+        self.sized = expect.is_some();
         if let Some(rows) = expect {
             t.reserve(rows);
         }
         self.cur = Some(t);
+        Ok(())
+    }
+    fn rows_hint(&mut self, rows: u64) -> Result<()> {
+        if let (false, Some(t)) = (self.sized, &self.cur) {
+            self.sized = true;
+            t.reserve(rows);
+        }
         Ok(())
     }
     fn file_order(&self) -> bool {
@@ -844,15 +854,36 @@ impl Shard {
     fn restore_from(&self, dir: &Path, m: &Manifest) -> Result<(u64, u64)> {
         let started = std::time::Instant::now();
         let mut sink = ShardLoad::default();
-        let rows = ckpt_chain::restore_chain(dir, m, &mut sink, || {
-            // Free the live rows before loading (no second copy in memory).
-            *self.tables.write() = FxHashMap::default();
-            *self.chain.lock() = None;
-        })?;
+        // A shard that holds nothing (starting up) loads in one pass over
+        // the base, checking it as it streams: on an error it drops what it
+        // loaded and is as empty as before. A shard with state verifies the
+        // whole chain first, so a bad file leaves that state untouched.
+        let fresh = self.tables.read().is_empty() && self.dense.is_empty();
+        let rows = if fresh {
+            match ckpt_chain::restore_chain_fresh(dir, m, &mut sink) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    let _ = sink.finish();
+                    return Err(e);
+                }
+            }
+        } else {
+            ckpt_chain::restore_chain(dir, m, &mut sink, || {
+                // Free the live rows before loading (no second copy in memory).
+                *self.tables.write() = FxHashMap::default();
+                *self.chain.lock() = None;
+            })?
+        };
         let restored = m.step;
-        let (tables, dense, dense_step) = sink.finish().map_err(|e| PsError::RestoreAborted {
-            step: m.step,
-            source: Box::new(e),
+        let (tables, dense, dense_step) = sink.finish().map_err(|e| {
+            if fresh {
+                e
+            } else {
+                PsError::RestoreAborted {
+                    step: m.step,
+                    source: Box::new(e),
+                }
+            }
         })?;
         for t in tables.values() {
             t.set_budget(self.budget.clone());

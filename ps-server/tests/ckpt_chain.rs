@@ -495,3 +495,42 @@ fn verify_chain_reads_every_file() {
     let e = ckpt_chain::verify_chain(&d, m30).unwrap_err();
     assert!(e.to_string().contains("delta-20.ckpt"), "{e}");
 }
+
+/// A shard that holds nothing (a process starting up) restores in ONE pass
+/// over the base, checking it as it streams: the result equals the live
+/// state bit for bit; damage that only the base's body checksum (read at
+/// its end) reveals is refused by name and leaves the shard empty; and
+/// `restore(0)` then falls back to the newest good chain.
+#[test]
+fn a_fresh_shard_loads_in_one_pass_and_stays_empty_on_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, mut at) = three_steps(tmp.path());
+    // A second chain: a base at step 40.
+    train_step(&s, 30, 5);
+    let o = s.checkpoint_as(40, 0, true).unwrap();
+    assert_eq!(o.info.kind, FileKind::Base);
+    at.insert(40, state(&s));
+    drop(s);
+    let empty = state(&shard(tmp.path()));
+    assert!(empty.rows.is_empty() && empty.dense.is_empty());
+    for step in [30, 40] {
+        let fresh = shard(tmp.path());
+        assert_eq!(fresh.restore(step).unwrap().0, step);
+        assert_eq!(state(&fresh), at[&step], "step {step}");
+    }
+
+    // One flipped bit in the middle of the step-40 base's body (frame and
+    // manifest intact).
+    let p = sdir(tmp.path()).join("step-40.ckpt");
+    let mut b = std::fs::read(&p).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 1;
+    std::fs::write(&p, &b).unwrap();
+    let fresh = shard(tmp.path());
+    let e = fresh.restore(40).unwrap_err().to_string();
+    assert!(e.contains("step-40.ckpt"), "{e}");
+    assert_eq!(state(&fresh), empty, "a refused one-pass load leaves nothing: {e}");
+    // The newest good chain (10 + 20 + 30) is taken instead.
+    assert_eq!(fresh.restore(0).unwrap().0, 30);
+    assert_eq!(state(&fresh), at[&30]);
+}
