@@ -264,7 +264,7 @@ impl Shards {
 fn start_shard_retrying(spec: &ShardSpec) -> Result<ShardProcess, ClusterError> {
     let mut last = None;
     for _ in 0..20 {
-        match ShardProcess::start(spec, Duration::from_secs(60)) {
+        match ShardProcess::start(spec, spec.ready_timeout) {
             Ok(p) => return Ok(p),
             Err(e) => {
                 last = Some(e);
@@ -727,11 +727,22 @@ async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards, ClusterEr
                     log_file: Some(logs.join(format!("shard-{i}.log"))),
                     security_args: cfg.security.process_args(true),
                     max_bytes: cfg.cluster.shard_max_bytes,
+                    ready_timeout: if resume {
+                        Duration::from_secs(cfg.cluster.control_timeout_s.max(60))
+                    } else {
+                        Duration::from_secs(60)
+                    },
                 })
                 .collect();
+            // Start every process first, then wait: shards that restore a
+            // checkpoint at start load it at the same time.
+            let starting = specs
+                .iter()
+                .map(ShardProcess::spawn)
+                .collect::<Result<Vec<_>, _>>()?;
             let mut procs = Vec::with_capacity(n);
-            for s in &specs {
-                procs.push(ShardProcess::start(s, Duration::from_secs(60))?);
+            for (st, spec) in starting.into_iter().zip(&specs) {
+                procs.push(st.wait_ready(spec.ready_timeout)?);
             }
             // Restarts reuse the first port of each shard so workers reconnect.
             Ok(Shards::Processes(procs, specs))

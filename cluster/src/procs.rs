@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::ClusterError;
 
@@ -75,11 +75,83 @@ pub struct ShardSpec {
     pub security_args: Vec<std::ffi::OsString>,
     /// Memory budget of the shard's tables in bytes (0 = none): `--max-bytes`.
     pub max_bytes: u64,
+    /// How long to wait for the ready line. A shard that restores at start
+    /// prints it only after loading its checkpoint (about a minute per
+    /// 10^8 rows on a busy machine), so this is `cluster.control_timeout_s`
+    /// then, and 60 s otherwise.
+    pub ready_timeout: Duration,
+}
+
+/// A shard process started but not yet ready (see [`ShardProcess::spawn`]).
+/// Dropping it kills the process.
+pub struct StartingShard {
+    index: usize,
+    log_file: Option<PathBuf>,
+    child: Option<Child>,
+    ready: mpsc::Receiver<String>,
+}
+
+impl StartingShard {
+    /// Waits (up to `timeout`) for the `EMBER_PS_READY` line; on failure
+    /// the process is killed.
+    pub fn wait_ready(mut self, timeout: Duration) -> Result<ShardProcess, ClusterError> {
+        let line = match self.ready.recv_timeout(timeout) {
+            Ok(l) => l,
+            Err(_) => {
+                return Err(ClusterError::Launch(format!(
+                    "shard {} did not become ready: no ready line within {timeout:?} (the process exited or hung){}",
+                    self.index,
+                    self.log_file
+                        .as_ref()
+                        .map(|p| format!(" (log: {})", p.display()))
+                        .unwrap_or_default()
+                )));
+            }
+        };
+        let mut addr = None;
+        let mut metrics_addr = None;
+        for tok in line.split_whitespace() {
+            if let Some(a) = tok.strip_prefix("addr=") {
+                addr = Some(a.to_string());
+            } else if let Some(m) = tok.strip_prefix("metrics=") {
+                if m != "none" {
+                    metrics_addr = Some(m.to_string());
+                }
+            }
+        }
+        let addr =
+            addr.ok_or_else(|| ClusterError::Launch(format!("malformed ready line {line:?}")))?;
+        let child = self
+            .child
+            .take()
+            .ok_or_else(|| ClusterError::Launch("shard process already taken".into()))?;
+        Ok(ShardProcess {
+            index: self.index,
+            addr,
+            metrics_addr,
+            child,
+        })
+    }
+}
+
+impl Drop for StartingShard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl ShardProcess {
     /// Starts a shard and waits (up to `timeout`) for its `EMBER_PS_READY` line.
     pub fn start(spec: &ShardSpec, timeout: Duration) -> Result<ShardProcess, ClusterError> {
+        Self::spawn(spec)?.wait_ready(timeout)
+    }
+
+    /// Starts a shard process without waiting for it to be ready, so that
+    /// several shards restoring their checkpoints at start load at once.
+    pub fn spawn(spec: &ShardSpec) -> Result<StartingShard, ClusterError> {
         let bin = binary("ps-server")?;
         let mut cmd = Command::new(&bin);
         cmd.arg("--listen")
@@ -110,39 +182,11 @@ impl ShardProcess {
             .stdout
             .take()
             .ok_or_else(|| ClusterError::Launch("no stdout of ps-server".into()))?;
-        let line = match wait_for_line(stdout, "EMBER_PS_READY", timeout) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(ClusterError::Launch(format!(
-                    "shard {} did not become ready: {e}{}",
-                    spec.index,
-                    spec.log_file
-                        .as_ref()
-                        .map(|p| format!(" (log: {})", p.display()))
-                        .unwrap_or_default()
-                )));
-            }
-        };
-        let mut addr = None;
-        let mut metrics_addr = None;
-        for tok in line.split_whitespace() {
-            if let Some(a) = tok.strip_prefix("addr=") {
-                addr = Some(a.to_string());
-            } else if let Some(m) = tok.strip_prefix("metrics=") {
-                if m != "none" {
-                    metrics_addr = Some(m.to_string());
-                }
-            }
-        }
-        let addr =
-            addr.ok_or_else(|| ClusterError::Launch(format!("malformed ready line {line:?}")))?;
-        Ok(ShardProcess {
+        Ok(StartingShard {
             index: spec.index,
-            addr,
-            metrics_addr,
-            child,
+            log_file: spec.log_file.clone(),
+            child: Some(child),
+            ready: ready_line(stdout, "EMBER_PS_READY"),
         })
     }
 
@@ -193,9 +237,10 @@ pub fn log_target(path: Option<&Path>) -> Result<Stdio, ClusterError> {
     }
 }
 
-/// Reads `stdout` on a thread until a line starting with `prefix` arrives;
-/// the thread then keeps draining stdout so the child never blocks on it.
-fn wait_for_line(stdout: ChildStdout, prefix: &str, timeout: Duration) -> Result<String, String> {
+/// Reads `stdout` on a thread; the first line starting with `prefix` is
+/// sent on the returned channel, and the thread keeps draining stdout so the
+/// child never blocks on it.
+fn ready_line(stdout: ChildStdout, prefix: &str) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     let prefix = prefix.to_string();
     std::thread::spawn(move || {
@@ -208,7 +253,5 @@ fn wait_for_line(stdout: ChildStdout, prefix: &str, timeout: Duration) -> Result
             }
         }
     });
-    let deadline = Instant::now() + timeout;
-    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .map_err(|_| format!("no ready line within {timeout:?} (the process exited or hung)"))
+    rx
 }

@@ -511,6 +511,8 @@ struct Overlay {
     tables: Vec<TableOverlay>,
     cur: usize,
     seen_in_file: FxHashSet<String>,
+    /// Each delta's tables (path, names), in chain order.
+    file_tables: Vec<(PathBuf, FxHashSet<String>)>,
     dense: BTreeMap<String, DenseEntry>,
     dense_step: u64,
     path: PathBuf,
@@ -755,6 +757,7 @@ fn collect_deltas(
         tables: Vec::new(),
         cur: 0,
         seen_in_file: FxHashSet::default(),
+        file_tables: Vec::new(),
         dense: BTreeMap::new(),
         dense_step: 0,
         path: dir.join(&base.file),
@@ -777,6 +780,7 @@ fn collect_deltas(
             ));
         }
         ov.end_file()?;
+        ov.file_tables.push((p.clone(), ov.seen_in_file.clone()));
         prev = f.step;
     }
     Ok(ov)
@@ -848,13 +852,12 @@ fn feed(dir: &Path, m: &Manifest, ov: &Overlay, sink: &mut dyn Visitor) -> Resul
     let mut rows = bf.rows;
     let base_tables = std::mem::take(&mut bf.tables);
     if has_deltas {
-        // Every delta holds every table of the chain (see Overlay::end_file).
-        if let Some(t) = base_tables
-            .iter()
-            .find(|t| !ov.tables.iter().any(|o| o.spec.name() == t.as_str()))
-        {
-            let last = m.files.last().map_or(bp.clone(), |f| dir.join(&f.file));
-            return Err(corrupt(&last, format!("table `{t}` is missing")));
+        // Every delta holds every table of the base (as Overlay::end_file
+        // checks when the base's tables were known before the deltas).
+        for (path, names) in &ov.file_tables {
+            if let Some(t) = base_tables.iter().find(|t| !names.contains(t.as_str())) {
+                return Err(corrupt(path, format!("table `{t}` is missing")));
+            }
         }
         for t in &ov.tables {
             sink.table(&t.spec)?;
