@@ -4,7 +4,7 @@
 # configs/scale_1e8.toml (f16 rows + row-wise Adagrad), trained end to end.
 #
 #   scripts/scale-run.sh                       # 10^8 ids
-#   PREFILL=300000000 scripts/scale-run.sh     # 3x10^8 ids (needs ~20 GB free)
+#   CONFIG=configs/scale_3e8.toml PREFILL=300000000 scripts/scale-run.sh   # 3x10^8 ids (needs ~20 GB free)
 #   ROWS=1100000 scripts/scale-run.sh          # training + test rows to generate
 #
 # Prints: per-shard peak RSS and bytes per row (RSS / rows), rows pulled and
