@@ -387,6 +387,20 @@ pub fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * a.abs().max(1.0)
 }
 
+/// The epoch records of a run report.
+pub fn epochs(r: &serde_json::Value) -> Vec<serde_json::Value> {
+    r["epochs"].as_array().cloned().unwrap_or_default()
+}
+
+/// The number at `path` in `v` (NaN when absent).
+pub fn json_f64(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_f64().unwrap_or(f64::NAN)
+}
+
 /// The run report written by `ember train`.
 pub fn report(dir: &Path) -> serde_json::Value {
     let p = dir.join("run/metrics.json");

@@ -5,22 +5,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    assert_same_state, bin, checkpoint_state, close, cluster_info, dataset, ember_train,
-    popularity_baseline, report, rollback_steps, samples_trained, spawn_train, strip_ansi,
-    write_job,
+    assert_same_state, bin, checkpoint_state, close, cluster_info, dataset, ember_train, epochs,
+    json_f64 as f, popularity_baseline, report, rollback_steps, samples_trained, spawn_train,
+    strip_ansi, write_job,
 };
-
-fn epochs(r: &serde_json::Value) -> Vec<serde_json::Value> {
-    r["epochs"].as_array().cloned().unwrap_or_default()
-}
-
-fn f(v: &serde_json::Value, path: &[&str]) -> f64 {
-    let mut x = v;
-    for p in path {
-        x = &x[*p];
-    }
-    x.as_f64().unwrap_or(f64::NAN)
-}
 
 /// What happened to a job whose shard 1 was signalled.
 struct Signalled {

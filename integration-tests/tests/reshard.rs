@@ -7,19 +7,9 @@
 
 use std::process::Command;
 
-use integration_tests::{bin, close, dataset, ember_train, report, strip_ansi, write_job};
-
-fn epochs(r: &serde_json::Value) -> Vec<serde_json::Value> {
-    r["epochs"].as_array().cloned().unwrap_or_default()
-}
-
-fn f(v: &serde_json::Value, path: &[&str]) -> f64 {
-    let mut x = v;
-    for p in path {
-        x = &x[*p];
-    }
-    x.as_f64().unwrap_or(f64::NAN)
-}
+use integration_tests::{
+    bin, close, dataset, ember_train, epochs, json_f64 as f, report, strip_ansi, write_job,
+};
 
 /// Runs `ember <args>`, panicking with its output unless it succeeds.
 fn ember(args: &[&str]) -> String {

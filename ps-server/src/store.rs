@@ -422,6 +422,40 @@ impl Stripe {
         index + arena
     }
 
+    /// Inserts or overwrites the row of `id` (hash `h`) with explicit
+    /// contents, keeping the counted-row tally and dropping a pending count
+    /// of the id (restore path).
+    #[inline]
+    fn put(
+        &mut self,
+        layout: &RowLayout,
+        h: u64,
+        id: u64,
+        count: u32,
+        step: u64,
+        vals: &[f32],
+    ) -> Result<()> {
+        let words = layout.words;
+        let slot = match self.find(h, id, words) {
+            Some(sl) => sl,
+            None => self.alloc(h, id, words)?,
+        };
+        let row = self.row_mut(slot, words);
+        let old = row_count(row);
+        set_count(row, count);
+        set_step(row, step);
+        layout.write_values(row, vals);
+        match (old > 0, count > 0) {
+            (false, true) => self.counted_rows += 1,
+            (true, false) => self.counted_rows -= 1,
+            _ => {}
+        }
+        if !self.pending.is_empty() {
+            self.pending.remove(&id);
+        }
+        Ok(())
+    }
+
     /// Gives the arena room for `rows` more rows past its slots: the last
     /// chunk's capacity is raised and whole chunks are allocated at their
     /// final size, instead of doubling from 16 rows as single inserts do.
@@ -1262,25 +1296,39 @@ impl Table {
     /// weights (rounded to nearest at the table's precision) followed by the
     /// optimizer state.
     pub fn put_row(&self, id: u64, count: u32, step: u64, vals: &[f32]) -> Result<()> {
-        self.put_rows(&[(id, count, step)], vals)
+        self.check_values(1, vals)?;
+        let h = id_hash(id);
+        let budget = self.budget.read().clone();
+        let mut g = self.stripes[stripe_of(h)].write();
+        let r = g.put(&self.layout, h, id, count, step, vals);
+        g.charge(&budget);
+        drop(g);
+        self.max_step.fetch_max(step, Ordering::Relaxed);
+        r
+    }
+
+    /// Checks that `vals` holds `rows` rows of weights + optimizer state.
+    fn check_values(&self, rows: usize, vals: &[f32]) -> Result<()> {
+        let want = self.spec.values_per_row();
+        if vals.len() != rows * want {
+            return Err(PsError::Internal(format!(
+                "{} values for {rows} rows of {want} (table `{}`)",
+                vals.len(),
+                self.spec.name()
+            )));
+        }
+        Ok(())
     }
 
     /// Inserts or overwrites many rows at once (the restore path's bulk
     /// form of [`Table::put_row`]): `rows[i] = (id, count, step)` with its
     /// values at `vals[i * w..(i + 1) * w]`, `w` = weights + optimizer state.
     /// Each stripe is locked and charged once per call, and its index is
-    /// grown once for the call's rows. Rows are checked before any is
-    /// written: a bad call changes nothing.
+    /// grown once for the call's rows. A call whose value count does not
+    /// match its rows changes nothing.
     pub fn put_rows(&self, rows: &[(u64, u32, u64)], vals: &[f32]) -> Result<()> {
+        self.check_values(rows.len(), vals)?;
         let want = self.spec.values_per_row();
-        if vals.len() != rows.len() * want {
-            return Err(PsError::Internal(format!(
-                "{} values for {} rows of {want} (table `{}`)",
-                vals.len(),
-                rows.len(),
-                self.spec.name()
-            )));
-        }
         let words = self.layout.words;
         let ids: Vec<u64> = rows.iter().map(|r| r.0).collect();
         let g = group(&ids);
@@ -1304,30 +1352,10 @@ impl Table {
             for &pos in &g.order[a..b] {
                 let pos = pos as usize;
                 let (id, count, step) = rows[pos];
-                let h = g.hashes[pos];
-                let slot = match stripe.find(h, id, words) {
-                    Some(sl) => sl,
-                    None => match stripe.alloc(h, id, words) {
-                        Ok(sl) => sl,
-                        Err(e) => {
-                            result = Err(e);
-                            break;
-                        }
-                    },
-                };
-                let row = stripe.row_mut(slot, words);
-                let old = row_count(row);
-                set_count(row, count);
-                set_step(row, step);
-                self.layout
-                    .write_values(row, &vals[pos * want..(pos + 1) * want]);
-                match (old > 0, count > 0) {
-                    (false, true) => stripe.counted_rows += 1,
-                    (true, false) => stripe.counted_rows -= 1,
-                    _ => {}
-                }
-                if !stripe.pending.is_empty() {
-                    stripe.pending.remove(&id);
+                let v = &vals[pos * want..(pos + 1) * want];
+                result = stripe.put(&self.layout, g.hashes[pos], id, count, step, v);
+                if result.is_err() {
+                    break;
                 }
                 max_step = max_step.max(step);
             }

@@ -529,7 +529,11 @@ fn a_fresh_shard_loads_in_one_pass_and_stays_empty_on_damage() {
     let fresh = shard(tmp.path());
     let e = fresh.restore(40).unwrap_err().to_string();
     assert!(e.contains("step-40.ckpt"), "{e}");
-    assert_eq!(state(&fresh), empty, "a refused one-pass load leaves nothing: {e}");
+    assert_eq!(
+        state(&fresh),
+        empty,
+        "a refused one-pass load leaves nothing: {e}"
+    );
     // The newest good chain (10 + 20 + 30) is taken instead.
     assert_eq!(fresh.restore(0).unwrap().0, 30);
     assert_eq!(state(&fresh), at[&30]);
