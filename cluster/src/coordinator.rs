@@ -1,12 +1,14 @@
-//! The coordinator service for external workers (`[cluster] worker_mode =
-//! "external"`): the server side of `ember.v1.Coordinator`
-//! (`proto/proto/ember/v1/coordinator.proto`).
+//! The coordinator: the one control plane of every worker, the server side
+//! of `ember.v1.Coordinator` (`proto/proto/ember/v1/coordinator.proto`).
 //!
-//! The launcher publishes one epoch attempt at a time ([`Coordinator::publish`]);
-//! workers started elsewhere (`worker --coordinator URL`) ask for it with
-//! NextTask, report progress (also as a heartbeat), and report done or
-//! failed. Those RPCs become [`WorkerEvent`]s on the channel the launcher's
-//! epoch loop consumes, exactly like the stdout lines of worker processes.
+//! The launcher publishes one attempt of one epoch segment at a time
+//! ([`Coordinator::publish`]); every worker asks for its part with NextTask,
+//! reports progress (also as a heartbeat), and reports done or failed, and
+//! stays alive for the next segment. Worker processes (on loopback, Compose
+//! services, a Kubernetes Indexed Job: `worker --coordinator URL`) make those
+//! calls over gRPC ([`serve`]); the launcher's in-process workers call the
+//! same state machine directly (its [`TaskSource`] impl). The calls become
+//! [`WorkerEvent`]s on the channel the launcher's segment loop consumes.
 //!
 //! An attempt fails (a [`WorkerEvent::Failed`], or [`Coordinator::check_timeouts`])
 //! when a worker reports a failure, asks for a new task while it holds an
@@ -22,15 +24,17 @@
 //! tested without a network or sleeps; [`CoordinatorService`] wraps it for
 //! tonic and [`serve`] is the one place its transport is set up.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ember_proto::security::ServerSecurity;
 use ember_proto::v1 as pb;
 use ember_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
-use ember_worker::train::remote::report_from_proto;
+use ember_worker::train::remote::{report_from_proto, RemoteError, TaskSource};
 use ember_worker::train::worker::{Progress, WorkerReport};
+use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -108,7 +112,7 @@ struct State {
     phase: Phase,
     next_attempt: u64,
     slots: Vec<Slot>,
-    events: Option<mpsc::Sender<WorkerEvent>>,
+    events: Option<mpsc::UnboundedSender<WorkerEvent>>,
 }
 
 impl State {
@@ -181,7 +185,7 @@ impl Coordinator {
         steps: u64,
         skip_steps: u64,
         shard_addrs: &[String],
-        events: mpsc::Sender<WorkerEvent>,
+        events: mpsc::UnboundedSender<WorkerEvent>,
         now: Instant,
     ) -> u64 {
         let mut guard = self.lock();
@@ -218,6 +222,15 @@ impl Coordinator {
         let s = &mut *guard;
         s.phase = Phase::Done;
         s.events = None;
+    }
+
+    /// Worker `i` is known to be gone (its process exited): it holds no task
+    /// any more, so [`Coordinator::unsettled`] need not wait for it.
+    pub fn forget(&self, i: usize) {
+        if let Some(slot) = self.lock().slots.get_mut(i) {
+            slot.attempt = None;
+            slot.finished = false;
+        }
     }
 
     /// Whether every worker index has been answered DONE.
@@ -448,6 +461,54 @@ impl Coordinator {
     }
 }
 
+/// The coordinator as the task source of the launcher's in-process workers
+/// (`mode = "inprocess"`): the same calls as over gRPC, without a network.
+impl TaskSource for Coordinator {
+    fn next_task(
+        &self,
+        req: pb::NextTaskRequest,
+    ) -> impl Future<Output = Result<pb::Task, RemoteError>> + Send {
+        std::future::ready(
+            Coordinator::next_task(self, &req, Instant::now()).map_err(local("NextTask")),
+        )
+    }
+
+    fn report_progress(
+        &self,
+        req: pb::ReportProgressRequest,
+    ) -> impl Future<Output = Result<pb::ReportProgressResponse, RemoteError>> + Send {
+        std::future::ready(
+            Coordinator::report_progress(self, &req, Instant::now())
+                .map_err(local("ReportProgress")),
+        )
+    }
+
+    fn report_done(
+        &self,
+        req: pb::ReportDoneRequest,
+    ) -> impl Future<Output = Result<pb::ReportDoneResponse, RemoteError>> + Send {
+        std::future::ready(
+            Coordinator::report_done(self, &req, Instant::now()).map_err(local("ReportDone")),
+        )
+    }
+
+    fn report_failure(
+        &self,
+        req: pb::ReportFailureRequest,
+    ) -> impl Future<Output = Result<pb::ReportFailureResponse, RemoteError>> + Send {
+        std::future::ready(Coordinator::report_failure(self, &req).map_err(local("ReportFailure")))
+    }
+}
+
+/// A rejected in-process call as the worker loop's error.
+fn local(what: &'static str) -> impl Fn(Status) -> RemoteError {
+    move |status| RemoteError::Coordinator {
+        addr: "in-process".into(),
+        what,
+        status,
+    }
+}
+
 /// The tonic service of a [`Coordinator`].
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
@@ -560,7 +621,7 @@ pub async fn serve(
             tracing::error!("coordinator server failed: {e}");
         }
     });
-    tracing::info!(%addr, "coordinator serving (worker_mode = external)");
+    tracing::info!(%addr, "coordinator serving");
     Ok(RunningCoordinator {
         addr,
         stop: Some(stop),
@@ -623,7 +684,7 @@ mod tests {
         let c = coord(2);
         let t0 = Instant::now();
         assert_eq!(kind(&ask(&c, 0, t0)), pb::TaskKind::Wait);
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let shards = vec!["a:1".to_string(), "b:2".to_string()];
         let a = c.publish(1, 0, 5, 0, &shards, tx, t0);
         let t = ask(&c, 0, t0);
@@ -646,7 +707,7 @@ mod tests {
         assert_eq!(kind(&ask(&c, 0, t0)), pb::TaskKind::Wait);
         assert_eq!(kind(&ask(&c, 1, t0)), pb::TaskKind::Run);
         assert!(c.report_done(&done(1, a), t0).unwrap().accepted);
-        let ev: Vec<WorkerEvent> = rx.try_iter().collect();
+        let ev: Vec<WorkerEvent> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(ev.len(), 3, "{ev:?}");
         assert!(matches!(&ev[0], WorkerEvent::Progress(p) if p.worker == 0 && p.loss == 0.5));
         assert!(matches!(&ev[1], WorkerEvent::Done(r) if r.worker == 0 && r.samples == 160));
@@ -657,7 +718,7 @@ mod tests {
     fn stale_attempts_are_ignored_and_told_to_stop() {
         let c = coord(2);
         let t0 = Instant::now();
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let a1 = c.publish(1, 0, 5, 0, &["s:1".into()], tx, t0);
         ask(&c, 0, t0);
         ask(&c, 1, t0);
@@ -678,7 +739,7 @@ mod tests {
         };
         assert!(!c.report_failure(&f).unwrap().accepted);
         assert!(c.unsettled(t0, Duration::from_secs(5)).is_empty());
-        let (tx2, rx2) = mpsc::channel();
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
         let a2 = c.publish(1, 0, 5, 0, &["s:1".into()], tx2, t0);
         assert!(a2 > a1);
         assert_eq!(ask(&c, 0, t0).attempt, a2);
@@ -689,8 +750,8 @@ mod tests {
                 .keep_going
         );
         assert!(!c.report_done(&done(0, a1), t0).unwrap().accepted);
-        assert!(rx.try_iter().next().is_none());
-        assert!(rx2.try_iter().next().is_none());
+        assert!(rx.try_recv().is_err());
+        assert!(rx2.try_recv().is_err());
         assert!(c.report_done(&done(0, a2), t0).unwrap().accepted);
         assert!(matches!(rx2.try_recv(), Ok(WorkerEvent::Done(_))));
     }
@@ -699,7 +760,7 @@ mod tests {
     fn a_restarted_worker_fails_the_attempt() {
         let c = coord(2);
         let t0 = Instant::now();
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let a = c.publish(2, 10, 5, 0, &["s:1".into()], tx, t0);
         assert_eq!(ask(&c, 1, t0).attempt, a);
         // The same index asks again without having finished: it restarted.
@@ -711,7 +772,7 @@ mod tests {
     fn a_deterministic_failure_report_is_a_rejection() {
         let c = coord(2);
         let t0 = Instant::now();
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let a = c.publish(1, 0, 5, 0, &["s:1".into()], tx, t0);
         assert_eq!(ask(&c, 0, t0).attempt, a);
         assert_eq!(ask(&c, 1, t0).attempt, a);
@@ -723,7 +784,7 @@ mod tests {
         };
         assert!(c.report_failure(&f(0, true)).unwrap().accepted);
         assert!(c.report_failure(&f(1, false)).unwrap().accepted);
-        let ev: Vec<WorkerEvent> = rx.try_iter().collect();
+        let ev: Vec<WorkerEvent> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert!(
             matches!(&ev[..], [WorkerEvent::Rejected(0, a), WorkerEvent::Failed(1, b)] if a == "e0" && b == "e1"),
             "{ev:?}"
@@ -770,7 +831,7 @@ mod tests {
     fn silence_past_the_timeout_is_a_failure() {
         let c = coord(2);
         let t0 = Instant::now();
-        let (tx, _rx) = mpsc::channel();
+        let (tx, _rx) = mpsc::unbounded_channel();
         let a = c.publish(1, 0, 5, 0, &["s:1".into()], tx, t0);
         ask(&c, 0, t0);
         ask(&c, 1, t0);
@@ -785,7 +846,7 @@ mod tests {
         assert!(msg.contains("worker_timeout_s"), "{msg}");
         // A task nobody asks for fails after the start timeout.
         let c = coord(2);
-        let (tx, _rx) = mpsc::channel();
+        let (tx, _rx) = mpsc::unbounded_channel();
         c.publish(1, 0, 5, 0, &["s:1".into()], tx, t0);
         let a = ask(&c, 0, t0).attempt;
         let t95 = t0 + Duration::from_secs(95);
@@ -800,7 +861,7 @@ mod tests {
     fn done_after_the_last_epoch() {
         let c = coord(2);
         let t0 = Instant::now();
-        let (tx, _rx) = mpsc::channel();
+        let (tx, _rx) = mpsc::unbounded_channel();
         c.publish(1, 0, 5, 0, &["s:1".into()], tx, t0);
         c.pause();
         assert_eq!(kind(&ask(&c, 0, t0)), pb::TaskKind::Wait);

@@ -113,10 +113,10 @@ enum Cmd {
         dim: usize,
         /// Optimizer: sgd, adagrad, adam, ftrl, rowwise_adagrad, rowwise_adam.
         #[arg(long, default_value = "rowwise_adagrad")]
-        optimizer: String,
+        optimizer: ember_worker::train::config::OptimizerKind,
         /// Weight precision: f32, f16 or bf16.
         #[arg(long, default_value = "f16")]
-        precision: String,
+        precision: ember_worker::train::config::Precision,
         /// Size for this many shards.
         #[arg(long, conflicts_with = "memory_per_shard")]
         shards: Option<u32>,

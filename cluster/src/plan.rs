@@ -5,7 +5,7 @@
 use ember_ps::optim::Optimizer;
 use ember_ps::row::{RowLayout, WeightPrecision};
 use ember_ps::sizing::{plan, shards_needed, Plan, PROCESS_OVERHEAD_BYTES};
-use ember_worker::train::config::OptimizerSpec;
+use ember_worker::train::config::{OptimizerKind, OptimizerSpec, Precision};
 use std::fmt::Write as _;
 
 /// What to size.
@@ -16,9 +16,9 @@ pub struct PlanRequest {
     /// Embedding width.
     pub dim: usize,
     /// Optimizer kind (as in the job config's `sparse.optimizer.kind`).
-    pub optimizer: String,
-    /// Weight precision: f32, f16 or bf16.
-    pub precision: String,
+    pub optimizer: OptimizerKind,
+    /// Weight precision.
+    pub precision: Precision,
     /// Size for this many shards ...
     pub shards: Option<u32>,
     /// ... or find the fewest shards that fit this many bytes each.
@@ -31,20 +31,19 @@ fn gib(b: f64) -> String {
 
 /// The row layout of a request; the error names the bad argument.
 pub fn layout_of(req: &PlanRequest) -> Result<RowLayout, String> {
-    let precision = match req.precision.as_str() {
-        "f32" => WeightPrecision::F32,
-        "f16" => WeightPrecision::F16,
-        "bf16" => WeightPrecision::Bf16,
-        p => return Err(format!("--precision {p}: expected f32, f16 or bf16")),
+    let precision = match req.precision {
+        Precision::F32 => WeightPrecision::F32,
+        Precision::F16 => WeightPrecision::F16,
+        Precision::Bf16 => WeightPrecision::Bf16,
     };
     if req.dim == 0 || req.dim > 4096 {
         return Err(format!("--dim {}: expected 1..=4096", req.dim));
     }
     let spec = OptimizerSpec {
-        kind: req.optimizer.clone(),
+        kind: req.optimizer,
         ..OptimizerSpec::default()
     };
-    let proto = spec.to_proto("--optimizer").map_err(|e| e.to_string())?;
+    let proto = spec.to_proto();
     let opt = Optimizer::from_config(Some(&proto)).map_err(|e| e.to_string())?;
     Ok(RowLayout::new(req.dim, opt.state_len(req.dim), precision))
 }
@@ -112,8 +111,8 @@ mod tests {
         PlanRequest {
             ids: 100_000_000,
             dim: 18,
-            optimizer: "rowwise_adagrad".into(),
-            precision: "f16".into(),
+            optimizer: OptimizerKind::RowwiseAdagrad,
+            precision: Precision::F16,
             shards,
             memory_per_shard: mem,
         }
@@ -136,12 +135,14 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_named() {
+        // Unknown kinds are refused when the flags are parsed.
+        let e = "f8".parse::<Precision>().unwrap_err();
+        assert!(e.contains("\"f8\"") && e.contains("f32, f16, bf16"), "{e}");
+        let e = "lbfgs".parse::<OptimizerKind>().unwrap_err();
+        assert!(e.contains("lbfgs") && e.contains("rowwise_adagrad"), "{e}");
         let mut r = req(Some(1), None);
-        r.precision = "f8".into();
-        assert!(run(&r).unwrap_err().contains("--precision f8"));
-        let mut r = req(Some(1), None);
-        r.optimizer = "lbfgs".into();
-        assert!(run(&r).unwrap_err().contains("--optimizer"));
+        r.dim = 0;
+        assert!(run(&r).unwrap_err().contains("--dim 0"));
         assert!(run(&req(Some(0), None)).unwrap_err().contains("--shards 0"));
     }
 }

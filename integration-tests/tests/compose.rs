@@ -900,7 +900,11 @@ fn compose_prometheus_and_dashboard_agree_with_the_shards() {
 
     // Workers: one service per index, each pointed at the trainer's
     // coordinator port, restarted when it crashes.
-    assert_eq!(cfg.cluster.worker_mode, "external", "job.toml worker_mode");
+    assert_eq!(
+        cfg.cluster.worker_mode.as_str(),
+        "external",
+        "job.toml worker_mode"
+    );
     let port = cfg
         .cluster
         .coordinator_listen
@@ -942,8 +946,11 @@ fn compose_prometheus_and_dashboard_agree_with_the_shards() {
     .expect("dashboard is JSON");
     let ps_metrics =
         std::fs::read_to_string(root.join("ps-server/src/metrics.rs")).expect("metrics.rs");
-    let launcher_metrics =
-        std::fs::read_to_string(root.join("cluster/src/launcher.rs")).expect("launcher.rs");
+    // The launcher's metrics are named in the files of cluster/src/launcher/.
+    let launcher_metrics: String = std::fs::read_dir(root.join("cluster/src/launcher"))
+        .expect("cluster/src/launcher")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("launcher source"))
+        .collect();
     let panels = dash["panels"].as_array().expect("panels");
     let mut checked = 0;
     for p in panels.iter().filter(|p| p["type"] != "row") {

@@ -532,7 +532,8 @@ fn k8s_manifests_are_consistent() {
     // The workers: one pod per index of an Indexed Job, as many as the job's
     // cluster.workers, all running at once (synchronous training needs them).
     assert_eq!(
-        cfg.cluster.worker_mode, "external",
+        cfg.cluster.worker_mode.as_str(),
+        "external",
         "the ConfigMap's job must set cluster.worker_mode = \"external\""
     );
     let m = cfg.cluster.workers as u64;
@@ -650,7 +651,11 @@ fn k8s_manifests_are_consistent() {
         !args.iter().any(|a| a == "--insecure"),
         "shards must not run --insecure"
     );
-    assert_eq!(cfg.security.mode(), "tls", "job.toml [security] mode");
+    assert_eq!(
+        cfg.security.mode().as_str(),
+        "tls",
+        "job.toml [security] mode"
+    );
     let secret_mount = |pod: &Value, what: &str, path: &str| -> String {
         let vols = pod["volumes"].as_array().expect("volumes");
         let mounts = pod["containers"][0]["volumeMounts"]

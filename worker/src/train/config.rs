@@ -99,14 +99,161 @@ fn d_shuffle() -> usize {
     20_000
 }
 
+/// Spells an enum the way the job file does (`"rowwise_adagrad"`): `as_str`,
+/// `Display` and `FromStr`.
+macro_rules! spelled {
+    ($t:ty { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $t {
+            /// The spelling in the job file.
+            pub fn as_str(&self) -> &'static str {
+                match self { $(Self::$v => $s),+ }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl std::str::FromStr for $t {
+            type Err = String;
+            /// Parses the job file's spelling (for command-line flags).
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok(Self::$v),)+
+                    other => Err(format!(
+                        "{other:?}: expected one of {}",
+                        [$($s),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+/// An optimizer (`kind = "adam"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Plain SGD.
+    Sgd,
+    /// Adagrad (one accumulator per weight).
+    Adagrad,
+    /// Adam (two moments per weight).
+    #[default]
+    Adam,
+    /// FTRL-proximal (sparse tables only).
+    Ftrl,
+    /// Row-wise Adagrad: one accumulator per row (sparse tables).
+    RowwiseAdagrad,
+    /// Row-wise Adam: first moment per weight, second moment per row.
+    RowwiseAdam,
+}
+spelled!(OptimizerKind { Sgd => "sgd", Adagrad => "adagrad", Adam => "adam", Ftrl => "ftrl",
+    RowwiseAdagrad => "rowwise_adagrad", RowwiseAdam => "rowwise_adam" });
+
+/// Initializer of new embedding rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitKind {
+    /// All zeros.
+    Zero,
+    /// Uniform in `[-scale, scale]`.
+    Uniform,
+    /// Normal with sd `scale`.
+    #[default]
+    Normal,
+    /// Normal with sd `scale`, redrawn beyond 2 sd.
+    TruncatedNormal,
+}
+spelled!(InitKind { Zero => "zero", Uniform => "uniform", Normal => "normal",
+    TruncatedNormal => "truncated_normal" });
+
+/// Where the feature counts n_j of mini-batch-aware L2 come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountMode {
+    /// No counts (MBA needs counts).
+    None,
+    /// The counting pass over the training file, loaded before training.
+    #[default]
+    Exact,
+    /// Counted on the shards as pushes arrive.
+    Online,
+}
+spelled!(CountMode { None => "none", Exact => "exact", Online => "online" });
+
+/// Storage precision of embedding weights on the shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// IEEE half precision, stochastically rounded updates.
+    F16,
+    /// bfloat16, stochastically rounded updates.
+    Bf16,
+}
+spelled!(Precision { F32 => "f32", F16 => "f16", Bf16 => "bf16" });
+
+/// How `ember train` hosts the shards and its own workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterMode {
+    /// Child processes on loopback.
+    #[default]
+    Process,
+    /// gRPC servers and worker tasks inside the launcher.
+    Inprocess,
+}
+spelled!(ClusterMode { Process => "process", Inprocess => "inprocess" });
+
+/// How dense gradients of the workers are combined.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Averaged per step over all workers.
+    #[default]
+    Sync,
+    /// Applied as they arrive.
+    Async,
+}
+spelled!(SyncMode { Sync => "sync", Async => "async" });
+
+/// Who starts the workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerMode {
+    /// `ember train` (child processes, or tasks with `mode = "inprocess"`).
+    #[default]
+    Process,
+    /// An orchestrator (Compose, Kubernetes, `worker --coordinator`).
+    External,
+}
+spelled!(WorkerMode { Process => "process", External => "external" });
+
+/// Transport security of every gRPC connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityMode {
+    /// `ember train` makes a CA, certificate and token for the run.
+    #[default]
+    Auto,
+    /// TLS with the given files and a bearer token.
+    Tls,
+    /// Plaintext (a warning is logged).
+    Insecure,
+}
+spelled!(SecurityMode { Auto => "auto", Tls => "tls", Insecure => "insecure" });
+
 /// An optimizer and its hyper-parameters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSpec {
     /// "sgd", "adagrad", "adam", "ftrl", or for sparse tables
     /// "rowwise_adagrad" / "rowwise_adam" (one second moment per row).
-    #[serde(default = "d_opt")]
-    pub kind: String,
+    #[serde(default)]
+    pub kind: OptimizerKind,
     /// Learning rate (FTRL: alpha).
     #[serde(default = "d_lr")]
     pub lr: f32,
@@ -133,9 +280,6 @@ pub struct OptimizerSpec {
     pub l2: f32,
 }
 
-fn d_opt() -> String {
-    "adam".into()
-}
 fn d_lr() -> f32 {
     0.001
 }
@@ -158,7 +302,7 @@ fn d_ftrl_beta() -> f32 {
 impl Default for OptimizerSpec {
     fn default() -> Self {
         OptimizerSpec {
-            kind: d_opt(),
+            kind: OptimizerKind::default(),
             lr: d_lr(),
             beta1: d_beta1(),
             beta2: d_beta2(),
@@ -172,46 +316,41 @@ impl Default for OptimizerSpec {
 }
 
 impl OptimizerSpec {
-    /// The wire form, or an error naming `field` when the kind is unknown.
-    pub fn to_proto(&self, field: &str) -> Result<pb::OptimizerConfig, TrainError> {
+    /// The wire form.
+    pub fn to_proto(&self) -> pb::OptimizerConfig {
         use pb::optimizer_config::Kind;
-        let kind = match self.kind.as_str() {
-            "sgd" => Kind::Sgd(pb::Sgd { lr: self.lr }),
-            "adagrad" => Kind::Adagrad(pb::Adagrad {
+        let kind = match self.kind {
+            OptimizerKind::Sgd => Kind::Sgd(pb::Sgd { lr: self.lr }),
+            OptimizerKind::Adagrad => Kind::Adagrad(pb::Adagrad {
                 lr: self.lr,
                 initial_accumulator: self.initial_accumulator,
                 eps: self.eps,
             }),
-            "adam" => Kind::Adam(pb::Adam {
+            OptimizerKind::Adam => Kind::Adam(pb::Adam {
                 lr: self.lr,
                 beta1: self.beta1,
                 beta2: self.beta2,
                 eps: self.eps,
             }),
-            "ftrl" => Kind::Ftrl(pb::Ftrl {
+            OptimizerKind::Ftrl => Kind::Ftrl(pb::Ftrl {
                 alpha: self.lr,
                 beta: self.ftrl_beta,
                 l1: self.l1,
                 l2: self.l2,
             }),
-            "rowwise_adagrad" => Kind::RowwiseAdagrad(pb::Adagrad {
+            OptimizerKind::RowwiseAdagrad => Kind::RowwiseAdagrad(pb::Adagrad {
                 lr: self.lr,
                 initial_accumulator: self.initial_accumulator,
                 eps: self.eps,
             }),
-            "rowwise_adam" => Kind::RowwiseAdam(pb::Adam {
+            OptimizerKind::RowwiseAdam => Kind::RowwiseAdam(pb::Adam {
                 lr: self.lr,
                 beta1: self.beta1,
                 beta2: self.beta2,
                 eps: self.eps,
             }),
-            other => {
-                return Err(TrainError::Config(format!(
-                    "{field}.kind = {other:?}: expected sgd, adagrad, adam, ftrl, rowwise_adagrad or rowwise_adam"
-                )))
-            }
         };
-        Ok(pb::OptimizerConfig { kind: Some(kind) })
+        pb::OptimizerConfig { kind: Some(kind) }
     }
 }
 
@@ -223,8 +362,8 @@ pub struct SparseConfig {
     #[serde(default)]
     pub optimizer: OptimizerSpec,
     /// Initializer: "zero", "uniform", "normal" or "truncated_normal".
-    #[serde(default = "d_init")]
-    pub init: String,
+    #[serde(default)]
+    pub init: InitKind,
     /// Spread of the initializer.
     #[serde(default = "d_init_scale")]
     pub init_scale: f32,
@@ -235,8 +374,8 @@ pub struct SparseConfig {
     #[serde(default)]
     pub plain_l2: f32,
     /// Source of n_j: "exact" (counting pass), "online" (streaming) or "none".
-    #[serde(default = "d_count_mode")]
-    pub count_mode: String,
+    #[serde(default)]
+    pub count_mode: CountMode,
     /// Feature admission threshold (0 = admit all).
     #[serde(default)]
     pub admit_min_count: u32,
@@ -245,76 +384,51 @@ pub struct SparseConfig {
     pub ttl_steps: u64,
     /// Storage precision of the embedding weights on the shards: "f32",
     /// "f16" or "bf16" (stochastically rounded updates; workers compute in f32).
-    #[serde(default = "d_precision")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: Precision,
 }
 
-fn d_precision() -> String {
-    "f32".into()
-}
-
-fn d_init() -> String {
-    "normal".into()
-}
 fn d_init_scale() -> f32 {
     0.01
-}
-fn d_count_mode() -> String {
-    "exact".into()
 }
 
 impl Default for SparseConfig {
     fn default() -> Self {
         SparseConfig {
             optimizer: OptimizerSpec::default(),
-            init: d_init(),
+            init: InitKind::default(),
             init_scale: d_init_scale(),
             mba_lambda: 0.0,
             plain_l2: 0.0,
-            count_mode: d_count_mode(),
+            count_mode: CountMode::default(),
             admit_min_count: 0,
             ttl_steps: 0,
-            precision: d_precision(),
+            precision: Precision::default(),
         }
     }
 }
 
 impl SparseConfig {
     /// The wire config of table `name` with width `dim`.
-    pub fn table(&self, name: &str, dim: usize, seed: u64) -> Result<pb::TableConfig, TrainError> {
+    pub fn table(&self, name: &str, dim: usize, seed: u64) -> pb::TableConfig {
         use pb::initializer::Kind;
-        let kind = match self.init.as_str() {
-            "zero" => Kind::Zero,
-            "uniform" => Kind::Uniform,
-            "normal" => Kind::Normal,
-            "truncated_normal" => Kind::TruncatedNormal,
-            other => {
-                return Err(TrainError::Config(format!(
-                    "sparse.init = {other:?}: expected zero, uniform, normal or truncated_normal"
-                )))
-            }
+        let kind = match self.init {
+            InitKind::Zero => Kind::Zero,
+            InitKind::Uniform => Kind::Uniform,
+            InitKind::Normal => Kind::Normal,
+            InitKind::TruncatedNormal => Kind::TruncatedNormal,
         };
-        let count_mode = match self.count_mode.as_str() {
-            "none" => pb::CountMode::CountNone,
-            "exact" => pb::CountMode::CountExact,
-            "online" => pb::CountMode::CountOnline,
-            other => {
-                return Err(TrainError::Config(format!(
-                    "sparse.count_mode = {other:?}: expected exact, online or none"
-                )))
-            }
+        let count_mode = match self.count_mode {
+            CountMode::None => pb::CountMode::CountNone,
+            CountMode::Exact => pb::CountMode::CountExact,
+            CountMode::Online => pb::CountMode::CountOnline,
         };
-        let precision = match self.precision.as_str() {
-            "f32" => pb::Precision::F32,
-            "f16" => pb::Precision::F16,
-            "bf16" => pb::Precision::Bf16,
-            other => {
-                return Err(TrainError::Config(format!(
-                    "sparse.precision = {other:?}: expected f32, f16 or bf16"
-                )))
-            }
+        let precision = match self.precision {
+            Precision::F32 => pb::Precision::F32,
+            Precision::F16 => pb::Precision::F16,
+            Precision::Bf16 => pb::Precision::Bf16,
         };
-        Ok(pb::TableConfig {
+        pb::TableConfig {
             name: name.to_string(),
             dim: dim as u32,
             init: Some(pb::Initializer {
@@ -322,14 +436,14 @@ impl SparseConfig {
                 scale: self.init_scale,
             }),
             seed: seed ^ ember_proto::route::fnv1a64(name.as_bytes()),
-            optimizer: Some(self.optimizer.to_proto("sparse.optimizer")?),
+            optimizer: Some(self.optimizer.to_proto()),
             mba_lambda: self.mba_lambda,
             count_mode: count_mode as i32,
             admit_min_count: self.admit_min_count,
             ttl_steps: self.ttl_steps,
             plain_l2: self.plain_l2,
             precision: precision as i32,
-        })
+        }
     }
 }
 
@@ -354,15 +468,15 @@ pub struct ClusterConfig {
     pub workers: usize,
     /// "process": shards and workers are child processes on loopback;
     /// "inprocess": shards are gRPC servers and workers tasks of the launcher.
-    #[serde(default = "d_mode")]
-    pub mode: String,
+    #[serde(default)]
+    pub mode: ClusterMode,
     /// Use these running shards instead of starting any (`host:port`, shard i first).
     #[serde(default)]
     pub shard_addrs: Vec<String>,
     /// "sync": dense gradients of all workers are averaged per step;
     /// "async": applied as they arrive.
-    #[serde(default = "d_sync")]
-    pub sync: String,
+    #[serde(default)]
+    pub sync: SyncMode,
     /// How many batches the pull of rows may run ahead of compute, and pushes
     /// may lag behind it (0 = strictly sequential and deterministic).
     #[serde(default = "d_staleness")]
@@ -389,8 +503,8 @@ pub struct ClusterConfig {
     /// "external": they are started elsewhere (Compose services, a Kubernetes
     /// Indexed Job, `worker --coordinator URL`) and pull their tasks from the
     /// coordinator service `ember train` serves on `coordinator_listen`.
-    #[serde(default = "d_worker_mode")]
-    pub worker_mode: String,
+    #[serde(default)]
+    pub worker_mode: WorkerMode,
     /// Address of the coordinator service (`worker_mode = "external"`).
     #[serde(default = "d_coordinator_listen")]
     pub coordinator_listen: String,
@@ -426,12 +540,6 @@ fn d_shards() -> usize {
 fn d_workers() -> usize {
     2
 }
-fn d_mode() -> String {
-    "process".into()
-}
-fn d_sync() -> String {
-    "sync".into()
-}
 fn d_staleness() -> usize {
     1
 }
@@ -443,9 +551,6 @@ fn d_retry() -> u64 {
 }
 fn d_restarts() -> u32 {
     3
-}
-fn d_worker_mode() -> String {
-    "process".into()
 }
 fn d_coordinator_listen() -> String {
     "0.0.0.0:50060".into()
@@ -468,16 +573,16 @@ impl Default for ClusterConfig {
         ClusterConfig {
             shards: d_shards(),
             workers: d_workers(),
-            mode: d_mode(),
+            mode: ClusterMode::default(),
             shard_addrs: Vec::new(),
-            sync: d_sync(),
+            sync: SyncMode::default(),
             staleness: d_staleness(),
             checkpoint_dir: None,
             keep_checkpoints: d_keep(),
             checkpoint_every_steps: 0,
             retry_deadline_s: d_retry(),
             max_restarts: d_restarts(),
-            worker_mode: d_worker_mode(),
+            worker_mode: WorkerMode::default(),
             coordinator_listen: d_coordinator_listen(),
             shard_max_bytes: 0,
             worker_timeout_s: d_worker_timeout(),
@@ -491,13 +596,13 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     /// True in synchronous mode.
     pub fn is_sync(&self) -> bool {
-        self.sync == "sync"
+        self.sync == SyncMode::Sync
     }
 
     /// True when the workers are started elsewhere and pull their tasks from
     /// the coordinator (`worker_mode = "external"`).
     pub fn external_workers(&self) -> bool {
-        self.worker_mode == "external"
+        self.worker_mode == WorkerMode::External
     }
 }
 
@@ -581,8 +686,8 @@ impl Default for TrainSettings {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecurityConfig {
-    /// "auto", "tls" or "insecure" (empty = "auto").
-    pub mode: String,
+    /// "auto" (the default), "tls" or "insecure".
+    pub mode: SecurityMode,
     /// CA certificate (PEM) that clients trust.
     pub ca: Option<PathBuf>,
     /// Server certificate chain (PEM) for servers the launcher starts.
@@ -602,23 +707,13 @@ pub struct SecurityConfig {
 }
 
 impl SecurityConfig {
-    /// The mode with the default applied: "auto", "tls" or "insecure".
-    pub fn mode(&self) -> &str {
-        if self.mode.is_empty() {
-            "auto"
-        } else {
-            &self.mode
-        }
+    /// The mode.
+    pub fn mode(&self) -> SecurityMode {
+        self.mode
     }
 
     /// Checks the fields; the error names the bad one.
     pub fn validate(&self) -> Result<(), String> {
-        if !matches!(self.mode(), "auto" | "tls" | "insecure") {
-            return Err(format!(
-                "security.mode = {:?}: expected auto, tls or insecure",
-                self.mode
-            ));
-        }
         if self.cert.is_some() != self.key.is_some() {
             return Err("security.cert and security.key must be given together".into());
         }
@@ -627,7 +722,7 @@ impl SecurityConfig {
                 "security.client_cert and security.client_key must be given together".into(),
             );
         }
-        if self.mode() == "tls" && self.ca.is_none() {
+        if self.mode == SecurityMode::Tls && self.ca.is_none() {
             return Err("security.mode = \"tls\" needs security.ca".into());
         }
         if self.mtls && (self.ca.is_none() || self.client_cert.is_none()) {
@@ -643,8 +738,8 @@ impl SecurityConfig {
     pub fn client(&self) -> Result<ember_proto::security::ClientSecurity, TrainError> {
         use ember_proto::security::{ClientSecurity, ClientTlsFiles};
         let err = |e: ember_proto::security::SecurityError| TrainError::Config(e.to_string());
-        match self.mode() {
-            "tls" => {
+        match self.mode {
+            SecurityMode::Tls => {
                 let ca = self.ca.clone().ok_or_else(|| {
                     TrainError::Config("security.mode = \"tls\" needs security.ca".into())
                 })?;
@@ -663,15 +758,15 @@ impl SecurityConfig {
                 }
                 Ok(sec)
             }
-            "insecure" => {
+            SecurityMode::Insecure => {
                 tracing::warn!(
                     "INSECURE: security.mode = \"insecure\": gRPC traffic is plaintext (use only on a trusted network)"
                 );
                 ClientSecurity::load(None, self.token_file.as_deref()).map_err(err)
             }
-            other => Err(TrainError::Config(format!(
-                "security.mode = {other:?} has not been resolved: a worker or tool needs \"tls\" (with security.ca) or \"insecure\"; `ember train` resolves \"auto\" for the clusters it starts"
-            ))),
+            SecurityMode::Auto => Err(TrainError::Config(
+                "security.mode = \"auto\" has not been resolved: a worker or tool needs \"tls\" (with security.ca) or \"insecure\"; `ember train` resolves \"auto\" for the clusters it starts".into()
+            )),
         }
     }
 
@@ -680,8 +775,8 @@ impl SecurityConfig {
     pub fn server(&self) -> Result<ember_proto::security::ServerSecurity, TrainError> {
         use ember_proto::security::{ServerSecurity, ServerTlsFiles};
         let err = |e: ember_proto::security::SecurityError| TrainError::Config(e.to_string());
-        match self.mode() {
-            "tls" => {
+        match self.mode {
+            SecurityMode::Tls => {
                 let (cert, key) = self.cert.clone().zip(self.key.clone()).ok_or_else(|| {
                     TrainError::Config(
                         "security.mode = \"tls\" on a server needs security.cert and security.key"
@@ -703,10 +798,12 @@ impl SecurityConfig {
                 }
                 Ok(sec)
             }
-            "insecure" => ServerSecurity::load(None, self.token_file.as_deref()).map_err(err),
-            other => Err(TrainError::Config(format!(
-                "security.mode = {other:?} has not been resolved (expected tls or insecure)"
-            ))),
+            SecurityMode::Insecure => {
+                ServerSecurity::load(None, self.token_file.as_deref()).map_err(err)
+            }
+            SecurityMode::Auto => Err(TrainError::Config(
+                "security.mode = \"auto\" has not been resolved (expected tls or insecure)".into(),
+            )),
         }
     }
 
@@ -720,7 +817,7 @@ impl SecurityConfig {
             a.push(k.into());
             a.push(v.as_os_str().to_owned());
         };
-        if self.mode() == "insecure" {
+        if self.mode == SecurityMode::Insecure {
             if let Some(t) = &self.token_file {
                 flag(&mut a, "--auth-token-file", t);
             }
@@ -770,8 +867,13 @@ impl JobConfig {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<JobConfig, TrainError> {
-        let cfg: JobConfig =
-            toml::from_str(text).map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
+        // The error names the dotted path of the bad field (`cluster.sync`).
+        let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            TrainError::Config(format!("{origin}: {path}: {}", e.into_inner()))
+        })?;
         cfg.validate()
             .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
         Ok(cfg)
@@ -794,18 +896,6 @@ impl JobConfig {
         if self.cluster.workers == 0 {
             return Err("cluster.workers must be >= 1".into());
         }
-        if !matches!(self.cluster.mode.as_str(), "process" | "inprocess") {
-            return Err(format!(
-                "cluster.mode = {:?}: expected process or inprocess",
-                self.cluster.mode
-            ));
-        }
-        if !matches!(self.cluster.worker_mode.as_str(), "process" | "external") {
-            return Err(format!(
-                "cluster.worker_mode = {:?}: expected process or external",
-                self.cluster.worker_mode
-            ));
-        }
         if self.cluster.external_workers() {
             if self
                 .cluster
@@ -827,36 +917,20 @@ impl JobConfig {
                 "cluster.shard_timeout_s and cluster.control_timeout_s must be >= 1".into(),
             );
         }
-        if !matches!(self.cluster.sync.as_str(), "sync" | "async") {
-            return Err(format!(
-                "cluster.sync = {:?}: expected sync or async",
-                self.cluster.sync
-            ));
-        }
         if self.train.epochs == 0 {
             return Err("train.epochs must be >= 1".into());
         }
         self.security.validate()?;
-        self.sparse
-            .optimizer
-            .to_proto("sparse.optimizer")
-            .map_err(|e| e.to_string())?;
-        let dense = self
-            .dense
-            .optimizer
-            .to_proto("dense.optimizer")
-            .map_err(|e| e.to_string())?;
-        if matches!(dense.kind, Some(pb::optimizer_config::Kind::Ftrl(_))) {
+        if self.dense.optimizer.kind == OptimizerKind::Ftrl {
             return Err(
                 "dense.optimizer.kind = \"ftrl\": dense parameters take sgd, adagrad or adam"
                     .into(),
             );
         }
-        self.sparse.table("item", 1, 0).map_err(|e| e.to_string())?;
         if self.sparse.mba_lambda < 0.0 || !self.sparse.mba_lambda.is_finite() {
             return Err("sparse.mba_lambda must be a finite value >= 0".into());
         }
-        if self.sparse.mba_lambda > 0.0 && self.sparse.count_mode == "none" {
+        if self.sparse.mba_lambda > 0.0 && self.sparse.count_mode == CountMode::None {
             return Err(
                 "sparse.mba_lambda > 0 needs sparse.count_mode = \"exact\" or \"online\"".into(),
             );
@@ -893,7 +967,7 @@ mod tests {
         assert_eq!(c.data.batch_size, 128);
         assert_eq!(c.cluster.shards, 2);
         assert!(c.cluster.is_sync());
-        assert_eq!(c.sparse.optimizer.kind, "adam");
+        assert_eq!(c.sparse.optimizer.kind, OptimizerKind::Adam);
         assert_eq!(
             c.checkpoint_dir(),
             PathBuf::from("runs/ember-job/checkpoints")
@@ -939,7 +1013,7 @@ mod tests {
             mba_lambda: 0.01,
             ..Default::default()
         };
-        let t = s.table("item", 18, 7).unwrap();
+        let t = s.table("item", 18, 7);
         assert_eq!(t.dim, 18);
         assert_eq!(t.count_mode, pb::CountMode::CountExact as i32);
         assert!((t.mba_lambda - 0.01).abs() < 1e-9);

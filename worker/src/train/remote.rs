@@ -1,9 +1,13 @@
-//! External-worker mode: `worker --coordinator URL`.
+//! The worker's task loop: every worker, however it is hosted, runs it.
 //!
-//! With `[cluster] worker_mode = "external"`, `ember train` does not start the
-//! workers; it serves the `ember.v1.Coordinator` service
-//! (`proto/proto/ember/v1/coordinator.proto`) and workers started elsewhere
-//! (Compose services, a Kubernetes Indexed Job) pull their work from it:
+//! `ember train` is the only control plane: its coordinator
+//! (`ember_cluster::coordinator`, contract in
+//! `proto/proto/ember/v1/coordinator.proto`) publishes one attempt of one
+//! epoch segment at a time, and every worker pulls its part of it from a
+//! [`TaskSource`]: over gRPC ([`GrpcTasks`]: child processes on loopback,
+//! Compose services, a Kubernetes Indexed Job, `worker --coordinator URL`) or
+//! from the coordinator itself when the worker is a task of the launcher
+//! (`mode = "inprocess"`). A worker stays alive across segments and epochs:
 //!
 //! ```text
 //! loop {
@@ -14,7 +18,7 @@
 //! }
 //! ```
 //!
-//! While the coordinator is unreachable every call is retried with
+//! While the coordinator is unreachable every gRPC call is retried with
 //! exponential backoff (each retry logged) up to [`RemoteOptions::unreachable_deadline`].
 
 use std::future::Future;
@@ -61,10 +65,11 @@ pub enum RemoteError {
     Train(#[from] TrainError),
 }
 
-/// How an external worker finds and talks to its coordinator.
+/// Who a worker is and how it talks to its coordinator.
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
-    /// Coordinator address: `host:port`, `http://host:port` or `https://host:port`.
+    /// Coordinator address: `host:port`, `http://host:port` or
+    /// `https://host:port` (for the logs only with an in-process source).
     pub coordinator: String,
     /// This worker's index, 0-based.
     pub worker_index: usize,
@@ -210,6 +215,109 @@ pub fn report_from_proto(worker: usize, r: &pb::TaskReport) -> WorkerReport {
     }
 }
 
+/// Where a worker gets its tasks and where it reports them: the
+/// coordinator's four calls. [`GrpcTasks`] reaches it over the network; the
+/// launcher implements this for its `Coordinator` so that its in-process
+/// workers call it directly. Both answer with the coordinator's statuses.
+pub trait TaskSource: Clone + Send + Sync + 'static {
+    /// NextTask: RUN a task, WAIT, or DONE.
+    fn next_task(
+        &self,
+        req: pb::NextTaskRequest,
+    ) -> impl Future<Output = Result<pb::Task, RemoteError>> + Send;
+    /// ReportProgress (also the heartbeat): `keep_going = false` means the
+    /// task's attempt is stale and must be abandoned.
+    fn report_progress(
+        &self,
+        req: pb::ReportProgressRequest,
+    ) -> impl Future<Output = Result<pb::ReportProgressResponse, RemoteError>> + Send;
+    /// ReportDone with the task's report.
+    fn report_done(
+        &self,
+        req: pb::ReportDoneRequest,
+    ) -> impl Future<Output = Result<pb::ReportDoneResponse, RemoteError>> + Send;
+    /// ReportFailure with the error and whether it is deterministic.
+    fn report_failure(
+        &self,
+        req: pb::ReportFailureRequest,
+    ) -> impl Future<Output = Result<pb::ReportFailureResponse, RemoteError>> + Send;
+}
+
+/// The coordinator over gRPC: NextTask and the final reports are retried
+/// while it is unreachable (up to `deadline`); a progress report is tried
+/// once (the next heartbeat comes soon).
+#[derive(Clone)]
+pub struct GrpcTasks {
+    client: CoordinatorConn,
+    addr: String,
+    deadline: Duration,
+}
+
+impl GrpcTasks {
+    /// A source on the coordinator at `addr` (see [`connect_coordinator`]).
+    pub fn connect(
+        addr: &str,
+        security: &ClientSecurity,
+        deadline: Duration,
+    ) -> Result<GrpcTasks, RemoteError> {
+        Ok(GrpcTasks {
+            client: connect_coordinator(addr, security)?,
+            addr: addr.to_string(),
+            deadline,
+        })
+    }
+}
+
+impl TaskSource for GrpcTasks {
+    async fn next_task(&self, req: pb::NextTaskRequest) -> Result<pb::Task, RemoteError> {
+        retrying(&self.addr, "NextTask", self.deadline, || {
+            let mut c = self.client.clone();
+            let r = req.clone();
+            async move { c.next_task(r).await }
+        })
+        .await
+    }
+
+    async fn report_progress(
+        &self,
+        req: pb::ReportProgressRequest,
+    ) -> Result<pb::ReportProgressResponse, RemoteError> {
+        let mut c = self.client.clone();
+        c.report_progress(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| RemoteError::Coordinator {
+                addr: self.addr.clone(),
+                what: "ReportProgress",
+                status,
+            })
+    }
+
+    async fn report_done(
+        &self,
+        req: pb::ReportDoneRequest,
+    ) -> Result<pb::ReportDoneResponse, RemoteError> {
+        retrying(&self.addr, "ReportDone", self.deadline, || {
+            let mut c = self.client.clone();
+            let r = req;
+            async move { c.report_done(r).await }
+        })
+        .await
+    }
+
+    async fn report_failure(
+        &self,
+        req: pb::ReportFailureRequest,
+    ) -> Result<pb::ReportFailureResponse, RemoteError> {
+        retrying(&self.addr, "ReportFailure", self.deadline, || {
+            let mut c = self.client.clone();
+            let r = req.clone();
+            async move { c.report_failure(r).await }
+        })
+        .await
+    }
+}
+
 /// What became of one task.
 enum Outcome {
     Completed(WorkerReport),
@@ -217,7 +325,7 @@ enum Outcome {
     Failed(TrainError),
 }
 
-/// What an external worker did before the coordinator said DONE.
+/// What a worker did before the coordinator said DONE.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RemoteSummary {
     /// Tasks run to completion.
@@ -228,9 +336,8 @@ pub struct RemoteSummary {
     pub failed: u64,
 }
 
-/// Runs tasks from the coordinator until it answers DONE. `connect_shards`
-/// builds the parameter-server backend for the shard addresses of a task
-/// (called again only when the addresses change).
+/// Runs tasks from the coordinator at `opts.coordinator` over gRPC until it
+/// answers DONE (see [`run_tasks`]).
 pub async fn run_remote<F>(
     config: &JobConfig,
     opts: &RemoteOptions,
@@ -238,38 +345,49 @@ pub async fn run_remote<F>(
     connect_shards: F,
 ) -> Result<RemoteSummary, RemoteError>
 where
-    F: Fn(&[String]) -> Result<Backend, TrainError>,
+    F: Fn(&[String]) -> Result<Backend, TrainError> + Send + Sync,
 {
-    let addr = opts.coordinator.clone();
-    let client = connect_coordinator(&addr, security)?;
+    let source = GrpcTasks::connect(&opts.coordinator, security, opts.unreachable_deadline)?;
+    run_tasks(config, opts, source, connect_shards).await
+}
+
+/// Runs tasks from `source` until it answers DONE. `connect_shards` builds
+/// the parameter-server backend for the shard addresses of a task (called
+/// again only when the addresses change).
+pub async fn run_tasks<S, F>(
+    config: &JobConfig,
+    opts: &RemoteOptions,
+    source: S,
+    connect_shards: F,
+) -> Result<RemoteSummary, RemoteError>
+where
+    S: TaskSource,
+    F: Fn(&[String]) -> Result<Backend, TrainError> + Send + Sync,
+{
     let mut shards: Option<(Vec<String>, Backend)> = None;
     let mut summary = RemoteSummary::default();
     tracing::info!(
-        coordinator = %addr,
+        coordinator = %opts.coordinator,
         worker = opts.worker_index,
         workers = opts.num_workers,
         id = %opts.worker_id,
-        "external worker started"
+        "worker started"
     );
     loop {
-        let req = pb::NextTaskRequest {
-            worker_index: opts.worker_index as u32,
-            num_workers: opts.num_workers as u32,
-            worker_id: opts.worker_id.clone(),
-        };
-        let task = retrying(&addr, "NextTask", opts.unreachable_deadline, || {
-            let mut c = client.clone();
-            let r = req.clone();
-            async move { c.next_task(r).await }
-        })
-        .await?;
+        let task = source
+            .next_task(pb::NextTaskRequest {
+                worker_index: opts.worker_index as u32,
+                num_workers: opts.num_workers as u32,
+                worker_id: opts.worker_id.clone(),
+            })
+            .await?;
         match pb::TaskKind::try_from(task.kind) {
             Ok(pb::TaskKind::Done) => {
                 tracing::info!(?summary, "coordinator says training is done");
                 return Ok(summary);
             }
             Ok(pb::TaskKind::Wait) => {
-                let ms = u64::from(task.retry_after_ms).clamp(50, 10_000);
+                let ms = u64::from(task.retry_after_ms).clamp(10, 10_000);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             Ok(pb::TaskKind::Run) => {
@@ -287,73 +405,8 @@ where
                         b
                     }
                 };
-                let job = WorkerJob {
-                    config: config.clone(),
-                    worker_index: opts.worker_index,
-                    num_workers: opts.num_workers,
-                    epoch: task.epoch as usize,
-                    start_step: task.start_step,
-                    skip_steps: task.skip_steps,
-                    steps: Some(task.steps),
-                };
-                tracing::info!(
-                    epoch = task.epoch,
-                    attempt = task.attempt,
-                    start_step = task.start_step,
-                    skip_steps = task.skip_steps,
-                    steps = task.steps,
-                    "running task"
-                );
-                let attempt = task.attempt;
-                match run_task(&client, opts, &job, &backend, attempt).await {
-                    Outcome::Completed(report) => {
-                        summary.completed += 1;
-                        let req = pb::ReportDoneRequest {
-                            worker_index: opts.worker_index as u32,
-                            attempt,
-                            report: Some(report_to_proto(&report)),
-                        };
-                        let ack = retrying(&addr, "ReportDone", opts.unreachable_deadline, || {
-                            let mut c = client.clone();
-                            let r = req;
-                            async move { c.report_done(r).await }
-                        })
-                        .await?;
-                        tracing::info!(
-                            attempt,
-                            steps = report.steps,
-                            samples = report.samples,
-                            accepted = ack.accepted,
-                            "task done"
-                        );
-                    }
-                    Outcome::Abandoned => {
-                        summary.abandoned += 1;
-                        tracing::warn!(attempt, "attempt is stale: task abandoned");
-                    }
-                    Outcome::Failed(e) => {
-                        summary.failed += 1;
-                        tracing::error!(attempt, "task failed: {e}");
-                        let req = pb::ReportFailureRequest {
-                            worker_index: opts.worker_index as u32,
-                            attempt,
-                            error: e.to_string(),
-                            deterministic: e.is_deterministic(),
-                        };
-                        // The coordinator also notices through the heartbeat
-                        // timeout, so a lost failure report is not fatal.
-                        if let Err(re) =
-                            retrying(&addr, "ReportFailure", opts.unreachable_deadline, || {
-                                let mut c = client.clone();
-                                let r = req.clone();
-                                async move { c.report_failure(r).await }
-                            })
-                            .await
-                        {
-                            tracing::warn!("could not report the failure: {re}");
-                        }
-                    }
-                }
+                let outcome = run_one(config, opts, &source, &backend, &task).await;
+                report_outcome(opts, &source, task.attempt, outcome, &mut summary).await?;
             }
             Ok(pb::TaskKind::Unspecified) | Err(_) => {
                 return Err(RemoteError::Protocol(format!(
@@ -365,6 +418,83 @@ where
     }
 }
 
+/// Runs the RUN task `task` (logged).
+async fn run_one<S: TaskSource>(
+    config: &JobConfig,
+    opts: &RemoteOptions,
+    source: &S,
+    backend: &Backend,
+    task: &pb::Task,
+) -> Outcome {
+    let job = WorkerJob {
+        config: config.clone(),
+        worker_index: opts.worker_index,
+        num_workers: opts.num_workers,
+        epoch: task.epoch as usize,
+        start_step: task.start_step,
+        skip_steps: task.skip_steps,
+        steps: Some(task.steps),
+    };
+    tracing::info!(
+        epoch = task.epoch,
+        attempt = task.attempt,
+        start_step = task.start_step,
+        skip_steps = task.skip_steps,
+        steps = task.steps,
+        "running task"
+    );
+    run_task(source, opts, &job, backend, task.attempt).await
+}
+
+/// Tells the coordinator how the task of `attempt` ended.
+async fn report_outcome<S: TaskSource>(
+    opts: &RemoteOptions,
+    source: &S,
+    attempt: u64,
+    outcome: Outcome,
+    summary: &mut RemoteSummary,
+) -> Result<(), RemoteError> {
+    match outcome {
+        Outcome::Completed(report) => {
+            summary.completed += 1;
+            let ack = source
+                .report_done(pb::ReportDoneRequest {
+                    worker_index: opts.worker_index as u32,
+                    attempt,
+                    report: Some(report_to_proto(&report)),
+                })
+                .await?;
+            tracing::info!(
+                attempt,
+                steps = report.steps,
+                samples = report.samples,
+                accepted = ack.accepted,
+                "task done"
+            );
+        }
+        Outcome::Abandoned => {
+            summary.abandoned += 1;
+            tracing::warn!(attempt, "attempt is stale: task abandoned");
+        }
+        Outcome::Failed(e) => {
+            summary.failed += 1;
+            tracing::error!(attempt, "task failed: {e}");
+            let req = pb::ReportFailureRequest {
+                worker_index: opts.worker_index as u32,
+                attempt,
+                error: e.to_string(),
+                deterministic: e.is_deterministic(),
+            };
+            // The coordinator also notices through the heartbeat timeout,
+            // so a lost failure report is not fatal.
+            if let Err(re) = source.report_failure(req).await {
+                tracing::warn!("could not report the failure: {re}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Latest progress of the running task, shared with the heartbeat.
 #[derive(Default)]
 struct Latest {
@@ -374,8 +504,8 @@ struct Latest {
 
 /// Runs one task with a heartbeat that reports progress and cancels the task
 /// when the coordinator says its attempt is stale.
-async fn run_task(
-    client: &CoordinatorConn,
+async fn run_task<S: TaskSource>(
+    source: &S,
     opts: &RemoteOptions,
     job: &WorkerJob,
     ps: &Backend,
@@ -385,8 +515,8 @@ async fn run_task(
     let stale = Arc::new(tokio::sync::Notify::new());
     let latest = Arc::new(Mutex::new(Latest::default()));
     let heartbeat = {
-        let (client, cancel, stale, latest) = (
-            client.clone(),
+        let (source, cancel, stale, latest) = (
+            source.clone(),
             cancel.clone(),
             stale.clone(),
             latest.clone(),
@@ -412,15 +542,15 @@ async fn run_task(
                     samples,
                     loss,
                 };
-                match client.clone().report_progress(req).await {
-                    Ok(r) if !r.get_ref().keep_going => {
+                match source.report_progress(req).await {
+                    Ok(r) if !r.keep_going => {
                         cancel.store(true, Ordering::Relaxed);
                         stale.notify_one();
                         return;
                     }
                     Ok(_) => {}
                     // Unreachable for a moment: keep training, report later.
-                    Err(s) => tracing::debug!("progress report failed: {}", s.message()),
+                    Err(e) => tracing::debug!("progress report failed: {e}"),
                 }
             }
         })
@@ -457,7 +587,7 @@ pub fn run_remote_blocking<F>(
     connect_shards: F,
 ) -> Result<RemoteSummary, RemoteError>
 where
-    F: Fn(&[String]) -> Result<Backend, TrainError>,
+    F: Fn(&[String]) -> Result<Backend, TrainError> + Send + Sync,
 {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -41,10 +41,10 @@ pub async fn setup_cluster(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainErr
     let model = build_job_model(cfg)?;
     let tables = model.sparse_tables();
     for (name, dim) in &tables {
-        ps.create_table(&cfg.sparse.table(name, *dim, cfg.train.seed)?)
+        ps.create_table(&cfg.sparse.table(name, *dim, cfg.train.seed))
             .await?;
     }
-    if cfg.sparse.count_mode == "exact" {
+    if cfg.sparse.count_mode == super::config::CountMode::Exact {
         let all = match &cfg.data.counts {
             Some(p) => counts::load_counts(p).map_err(|e| TrainError::Data(e.to_string()))?,
             None => count_in_memory(cfg)?,
@@ -60,7 +60,7 @@ pub async fn setup_cluster(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainErr
     }
     let mut dense = model.dense_params();
     dense.extend(model.dense_state());
-    ps.init_dense(&dense, &cfg.dense.optimizer.to_proto("dense.optimizer")?)
+    ps.init_dense(&dense, &cfg.dense.optimizer.to_proto())
         .await?;
     if cfg.train.prefill_ids > 0 {
         let Some((_, dim)) = tables.iter().find(|(n, _)| *n == cfg.train.prefill_table) else {
@@ -85,7 +85,7 @@ pub async fn setup_cluster(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainErr
 pub async fn check_restored_tables(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainError> {
     let model = build_job_model(cfg)?;
     for (name, dim) in &model.sparse_tables() {
-        ps.create_table(&cfg.sparse.table(name, *dim, cfg.train.seed)?)
+        ps.create_table(&cfg.sparse.table(name, *dim, cfg.train.seed))
             .await?;
     }
     Ok(())

@@ -96,31 +96,6 @@ pub struct WorkerReport {
     pub seconds: f64,
 }
 
-/// Why a worker's task failed: the `EMBER_FAILURE {json}` line a worker
-/// process prints before it exits with an error, so that the launcher can
-/// tell a deterministic failure (not retried) from a transient one and show
-/// the cause (e.g. `train.txt:50001: column user_id: ...`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct FailureReport {
-    /// Worker index.
-    pub worker: usize,
-    /// The same input would fail the same way again (data, config, model).
-    pub deterministic: bool,
-    /// The error, with its cause.
-    pub message: String,
-}
-
-impl FailureReport {
-    /// The report of worker `worker` failing with `e`.
-    pub fn of(worker: usize, e: &super::TrainError) -> Self {
-        FailureReport {
-            worker,
-            deterministic: e.is_deterministic(),
-            message: e.to_string(),
-        }
-    }
-}
-
 /// A batch with its pulled rows (and dense parameters in async mode).
 struct Ready {
     batch: Batch,
@@ -243,6 +218,143 @@ pub async fn run_epoch_cancellable(
     let staleness = cfg.cluster.staleness;
     let mut model = build_job_model(cfg)?;
     let tables = model.sparse_tables();
+    let limit = match (job.steps, cfg.train.max_steps_per_epoch) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut feed = Feed::start(job, ps, &tables, !sync, limit)?;
+    let mut report = WorkerReport {
+        worker: job.worker_index,
+        ..WorkerReport::default()
+    };
+    let mut window = (0u64, 0.0f64);
+    let ps_arc = Arc::new(ps.clone());
+    let mut pushes: VecDeque<AbortOnDrop<Result<f64, TrainError>>> = VecDeque::new();
+    let first_step = job.start_step + job.skip_steps;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            // Abandoned: drop (abort) outstanding pushes and the prefetch.
+            pushes.clear();
+            drop(feed);
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        let step = first_step + report.steps;
+        // 1. Next batch with its rows.
+        let Some(ready) = feed.next(&mut report, ps, &tables).await? else {
+            break;
+        };
+        report.pull_s += ready.pull_s;
+        // 2. Dense parameters at this step.
+        let dense = match ready.dense {
+            Some(d) => d,
+            None => {
+                let t = Instant::now();
+                let d = ps.pull_dense(step).await?.0;
+                report.wait_s += t.elapsed().as_secs_f64();
+                d
+            }
+        };
+        load_dense(model.as_mut(), &dense)?;
+        // 3. Forward/backward.
+        let t = Instant::now();
+        let out = tokio::task::block_in_place(|| model.step(&ready.batch, &ready.rows, true))
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        report.compute_s += t.elapsed().as_secs_f64();
+        if !out.loss.is_finite() {
+            return Err(TrainError::Model(format!(
+                "loss is {} at step {step}",
+                out.loss
+            )));
+        }
+        let batch = ready.batch;
+        count_step(job, &mut report, &batch, out.loss, step);
+        window.0 += 1;
+        window.1 += f64::from(out.loss);
+        // 4. Push (in the background when pipelined).
+        let ps2 = ps_arc.clone();
+        let (nw, wi) = (
+            if sync { job.num_workers as u32 } else { 1 },
+            job.worker_index as u32,
+        );
+        let push = async move {
+            let t = Instant::now();
+            push_rows(&ps2, &batch, &out.sparse_grads, step).await?;
+            ps2.push_dense(&out.dense_grads, step, nw, wi).await?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        if staleness == 0 {
+            report.push_s += push.await?;
+        } else {
+            pushes.push_back(AbortOnDrop(tokio::spawn(push)));
+            while pushes.len() > staleness {
+                if let Some(h) = pushes.pop_front() {
+                    let t = Instant::now();
+                    report.push_s += join(h).await?;
+                    report.wait_s += t.elapsed().as_secs_f64();
+                }
+            }
+        }
+        if window.0 >= cfg.train.log_every.max(1) {
+            emit_progress(job, &report, &mut window, on_progress);
+        }
+    }
+    while let Some(h) = pushes.pop_front() {
+        let t = Instant::now();
+        report.push_s += join(h).await?;
+        report.wait_s += t.elapsed().as_secs_f64();
+    }
+    report.skipped = feed.finish().await?;
+    // The chief publishes Dice running statistics for evaluation.
+    if job.worker_index == 0 {
+        let state = model.dense_state();
+        if !state.is_empty() {
+            ps.assign_dense(&state).await?;
+        }
+    }
+    if window.0 > 0 {
+        emit_progress(job, &report, &mut window, on_progress);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Counts one trained step in `report` and in the worker's Prometheus series
+/// (no-ops unless the process installed an exporter: `worker
+/// --metrics-addr`, or the launcher's).
+fn count_step(job: &WorkerJob, report: &mut WorkerReport, batch: &Batch, loss: f32, step: u64) {
+    report.steps += 1;
+    report.samples += batch.batch_size as u64;
+    report.loss_sum += f64::from(loss);
+    report.dedup_sum += batch.dedup_ratio();
+    let wl = job.worker_index.to_string();
+    metrics::counter!("ember_worker_steps_total", "worker" => wl.clone()).increment(1);
+    metrics::counter!("ember_worker_samples_total", "worker" => wl.clone())
+        .increment(batch.batch_size as u64);
+    metrics::gauge!("ember_worker_loss", "worker" => wl.clone()).set(f64::from(loss));
+    metrics::gauge!("ember_worker_step", "worker" => wl).set((step + 1) as f64);
+}
+
+/// Reports the mean loss of the steps in `window` and empties it.
+fn emit_progress(
+    job: &WorkerJob,
+    report: &WorkerReport,
+    window: &mut (u64, f64),
+    on_progress: &(dyn Fn(&Progress) + Send + Sync),
+) {
+    on_progress(&Progress {
+        worker: job.worker_index,
+        steps: report.steps,
+        samples: report.samples,
+        loss: window.1 / window.0 as f64,
+    });
+    *window = (0, 0.0);
+}
+
+/// The reader of this worker's split for `job` (its epoch's shuffle,
+/// resumed `skip_steps` batches in).
+fn open_reader(job: &WorkerJob) -> Result<BatchReader, TrainError> {
+    let cfg = &job.config;
     let opts = ReaderOptions {
         batch_size: cfg.data.batch_size,
         max_len: cfg.data.max_len,
@@ -268,219 +380,129 @@ pub async fn run_epoch_cancellable(
     } else {
         BatchReader::new(files, opts)
     };
-    let mut reader = Some(reader.map_err(|e| TrainError::Data(e.to_string()))?);
-    let limit = match (job.steps, cfg.train.max_steps_per_epoch) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    reader.map_err(|e| TrainError::Data(e.to_string()))
+}
 
-    let mut report = WorkerReport {
-        worker: job.worker_index,
-        ..WorkerReport::default()
+/// Reads the next batch and pulls its rows (and, with `async_dense`, the
+/// dense parameters): the one read-and-pull step, inline or in the prefetch
+/// task. `None` at the end of the split.
+async fn read_and_pull(
+    reader: &mut BatchReader,
+    ps: &Backend,
+    tables: &[(&'static str, usize)],
+    async_dense: bool,
+) -> Result<Option<Ready>, TrainError> {
+    let Some(batch) = reader
+        .next_batch()
+        .map_err(|e| TrainError::Data(e.to_string()))?
+    else {
+        return Ok(None);
     };
-    let mut window = (0u64, 0.0f64);
+    let t = Instant::now();
+    let rows = pull_rows(ps, &batch, tables).await?;
+    let dense = match async_dense {
+        true => Some(ps.pull_dense(0).await?.0),
+        false => None,
+    };
+    Ok(Some(Ready {
+        batch,
+        rows,
+        dense,
+        pull_s: t.elapsed().as_secs_f64(),
+    }))
+}
 
-    // Prefetch stage (staleness >= 1): reads and pulls ahead of compute.
-    let ps_arc = Arc::new(ps.clone());
-    let (tx, mut rx) = mpsc::channel::<Result<Ready, TrainError>>(staleness.max(1));
-    let prefetch = if staleness > 0 {
-        let ps = ps_arc.clone();
-        let async_dense = !sync;
-        let mut reader_task = reader
-            .take()
-            .ok_or_else(|| TrainError::Data("reader already taken".into()))?;
-        let tables = tables.clone();
-        Some(AbortOnDrop(tokio::spawn(async move {
+/// Where the compute loop gets its batches: read and pulled inline
+/// (staleness 0), or by a prefetch task up to `staleness` batches ahead.
+enum Feed {
+    Inline {
+        reader: BatchReader,
+        limit: Option<u64>,
+        async_dense: bool,
+    },
+    Prefetch {
+        rx: mpsc::Receiver<Result<Ready, TrainError>>,
+        task: AbortOnDrop<u64>,
+    },
+}
+
+impl Feed {
+    fn start(
+        job: &WorkerJob,
+        ps: &Backend,
+        tables: &[(&'static str, usize)],
+        async_dense: bool,
+        limit: Option<u64>,
+    ) -> Result<Feed, TrainError> {
+        let mut reader = open_reader(job)?;
+        let staleness = job.config.cluster.staleness;
+        if staleness == 0 {
+            return Ok(Feed::Inline {
+                reader,
+                limit,
+                async_dense,
+            });
+        }
+        let (tx, rx) = mpsc::channel::<Result<Ready, TrainError>>(staleness);
+        let (ps, tables) = (ps.clone(), tables.to_vec());
+        let task = AbortOnDrop(tokio::spawn(async move {
             let mut n = 0u64;
-            loop {
-                if limit.is_some_and(|l| n >= l) {
+            while !limit.is_some_and(|l| n >= l) {
+                let Some(item) = read_and_pull(&mut reader, &ps, &tables, async_dense)
+                    .await
+                    .transpose()
+                else {
                     break;
-                }
-                let batch = match reader_task.next_batch() {
-                    Ok(Some(b)) => b,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(TrainError::Data(e.to_string()))).await;
-                        break;
-                    }
                 };
-                let t = Instant::now();
-                let res = async {
-                    let rows = pull_rows(&ps, &batch, &tables).await?;
-                    let dense = if async_dense {
-                        Some(ps.pull_dense(0).await?.0)
-                    } else {
-                        None
-                    };
-                    Ok::<_, TrainError>((rows, dense))
-                }
-                .await;
-                let item = res.map(|(rows, dense)| Ready {
-                    batch,
-                    rows,
-                    dense,
-                    pull_s: t.elapsed().as_secs_f64(),
-                });
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     break;
                 }
                 n += 1;
             }
-            reader_task.skipped_malformed()
-        })))
-    } else {
-        drop(tx);
-        None
-    };
+            reader.skipped_malformed()
+        }));
+        Ok(Feed::Prefetch { rx, task })
+    }
 
-    let mut pushes: VecDeque<AbortOnDrop<Result<f64, TrainError>>> = VecDeque::new();
-    let first_step = job.start_step + job.skip_steps;
-    loop {
-        if cancel.load(Ordering::Relaxed) {
-            // Abandoned: drop (abort) outstanding pushes and the prefetch.
-            pushes.clear();
-            drop(prefetch);
-            report.seconds = started.elapsed().as_secs_f64();
-            return Ok(report);
-        }
-        let step = first_step + report.steps;
-        // 1. Next batch with its rows.
-        let wait = Instant::now();
-        let ready = if prefetch.is_some() {
-            match rx.recv().await {
-                Some(r) => r?,
-                None => break,
-            }
-        } else {
-            let Some(r) = reader.as_mut() else { break };
-            if limit.is_some_and(|l| report.steps >= l) {
-                break;
-            }
-            let Some(batch) = r
-                .next_batch()
-                .map_err(|e| TrainError::Data(e.to_string()))?
-            else {
-                break;
-            };
-            let t = Instant::now();
-            let rows = pull_rows(ps, &batch, &tables).await?;
-            let dense = if sync {
-                None
-            } else {
-                Some(ps.pull_dense(0).await?.0)
-            };
-            Ready {
-                batch,
-                rows,
-                dense,
-                pull_s: t.elapsed().as_secs_f64(),
-            }
-        };
-        if prefetch.is_some() {
-            report.wait_s += wait.elapsed().as_secs_f64();
-        }
-        report.pull_s += ready.pull_s;
-        // 2. Dense parameters at this step.
-        let dense = match ready.dense {
-            Some(d) => d,
-            None => {
-                let t = Instant::now();
-                let d = ps.pull_dense(step).await?.0;
-                report.wait_s += t.elapsed().as_secs_f64();
-                d
-            }
-        };
-        load_dense(model.as_mut(), &dense)?;
-        // 3. Forward/backward.
-        let t = Instant::now();
-        let out = tokio::task::block_in_place(|| model.step(&ready.batch, &ready.rows, true))
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        report.compute_s += t.elapsed().as_secs_f64();
-        if !out.loss.is_finite() {
-            return Err(TrainError::Model(format!(
-                "loss is {} at step {step}",
-                out.loss
-            )));
-        }
-        // 4. Push (in the background when pipelined).
-        let batch = ready.batch;
-        report.steps += 1;
-        report.samples += batch.batch_size as u64;
-        report.loss_sum += f64::from(out.loss);
-        report.dedup_sum += batch.dedup_ratio();
-        // Per-worker Prometheus series (no-ops unless the process installed
-        // an exporter: `worker --metrics-addr`, or the launcher's).
-        let wl = job.worker_index.to_string();
-        metrics::counter!("ember_worker_steps_total", "worker" => wl.clone()).increment(1);
-        metrics::counter!("ember_worker_samples_total", "worker" => wl.clone())
-            .increment(batch.batch_size as u64);
-        metrics::gauge!("ember_worker_loss", "worker" => wl.clone()).set(f64::from(out.loss));
-        metrics::gauge!("ember_worker_step", "worker" => wl).set((step + 1) as f64);
-        window.0 += 1;
-        window.1 += f64::from(out.loss);
-        let ps2 = ps_arc.clone();
-        let (nw, wi) = (
-            if sync { job.num_workers as u32 } else { 1 },
-            job.worker_index as u32,
-        );
-        let push = async move {
-            let t = Instant::now();
-            push_rows(&ps2, &batch, &out.sparse_grads, step).await?;
-            ps2.push_dense(&out.dense_grads, step, nw, wi).await?;
-            Ok(t.elapsed().as_secs_f64())
-        };
-        if staleness == 0 {
-            report.push_s += push.await?;
-        } else {
-            pushes.push_back(AbortOnDrop(tokio::spawn(push)));
-            while pushes.len() > staleness {
-                if let Some(h) = pushes.pop_front() {
-                    let t = Instant::now();
-                    report.push_s += join(h).await?;
-                    report.wait_s += t.elapsed().as_secs_f64();
+    /// The next batch with its rows; `None` when the split or the step limit
+    /// is reached. Time spent waiting for the prefetch counts as `wait_s`.
+    async fn next(
+        &mut self,
+        report: &mut WorkerReport,
+        ps: &Backend,
+        tables: &[(&'static str, usize)],
+    ) -> Result<Option<Ready>, TrainError> {
+        match self {
+            Feed::Inline {
+                reader,
+                limit,
+                async_dense,
+            } => {
+                if limit.is_some_and(|l| report.steps >= l) {
+                    return Ok(None);
                 }
+                read_and_pull(reader, ps, tables, *async_dense).await
+            }
+            Feed::Prefetch { rx, .. } => {
+                let wait = Instant::now();
+                let r = rx.recv().await.transpose();
+                report.wait_s += wait.elapsed().as_secs_f64();
+                r
             }
         }
-        if window.0 >= cfg.train.log_every.max(1) {
-            on_progress(&Progress {
-                worker: job.worker_index,
-                steps: report.steps,
-                samples: report.samples,
-                loss: window.1 / window.0 as f64,
-            });
-            window = (0, 0.0);
+    }
+
+    /// Malformed lines the reader skipped (after the prefetch task ended).
+    async fn finish(self) -> Result<u64, TrainError> {
+        match self {
+            Feed::Inline { reader, .. } => Ok(reader.skipped_malformed()),
+            Feed::Prefetch { mut task, .. } => task
+                .join()
+                .await
+                .map_err(|e| TrainError::Data(format!("prefetch task failed: {e}"))),
         }
     }
-    while let Some(h) = pushes.pop_front() {
-        let t = Instant::now();
-        report.push_s += join(h).await?;
-        report.wait_s += t.elapsed().as_secs_f64();
-    }
-    report.skipped = match prefetch {
-        Some(mut h) => h
-            .join()
-            .await
-            .map_err(|e| TrainError::Data(format!("prefetch task failed: {e}")))?,
-        None => reader.as_ref().map(|r| r.skipped_malformed()).unwrap_or(0),
-    };
-    // The chief publishes Dice running statistics for evaluation.
-    if job.worker_index == 0 {
-        let state = model.dense_state();
-        if !state.is_empty() {
-            ps.assign_dense(&state).await?;
-        }
-    }
-    if window.0 > 0 {
-        on_progress(&Progress {
-            worker: job.worker_index,
-            steps: report.steps,
-            samples: report.samples,
-            loss: window.1 / window.0 as f64,
-        });
-    }
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
 }
 
 async fn join(mut h: AbortOnDrop<Result<f64, TrainError>>) -> Result<f64, TrainError> {
