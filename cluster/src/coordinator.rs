@@ -585,14 +585,13 @@ pub async fn serve(
     listen: &str,
     security: &ServerSecurity,
 ) -> Result<RunningCoordinator, ClusterError> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        ClusterError::Launch(format!(
-            "cannot bind the coordinator to {listen} (cluster.coordinator_listen): {e}"
-        ))
-    })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ClusterError::Launch(format!("coordinator address: {e}")))?;
+    let bind = |source| ClusterError::Bind {
+        what: "coordinator (cluster.coordinator_listen)",
+        addr: listen.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
     let missing = security.missing();
     if !missing.is_empty() {
         tracing::warn!(
@@ -605,9 +604,7 @@ pub async fn serve(
         CoordinatorServer::new(CoordinatorService::new(coord)),
         security.interceptor(),
     );
-    let builder = security
-        .apply(tonic::transport::Server::builder(), "the coordinator")
-        .map_err(|e| ClusterError::Launch(e.to_string()))?;
+    let builder = security.apply(tonic::transport::Server::builder(), "the coordinator")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = builder;

@@ -30,6 +30,35 @@ pub enum ClusterError {
     /// Training failed.
     #[error(transparent)]
     Train(#[from] ember_worker::train::TrainError),
+    /// A child process (`ps-server`, `worker`) could not be started.
+    #[error("cannot start {bin}: {source}")]
+    Spawn {
+        /// The binary.
+        bin: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A listening address could not be bound.
+    #[error("cannot bind {what} address {addr}: {source}")]
+    Bind {
+        /// What listens there (metrics, coordinator).
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The run's certificates or token could not be made (`security.mode = "auto"`).
+    #[error("security.mode = \"auto\": {0}")]
+    Pki(#[from] ember_proto::pki::PkiError),
+    /// TLS or token settings of a server are unusable.
+    #[error("security: {0}")]
+    Security(#[from] ember_proto::security::SecurityError),
+    /// An in-process shard or the metrics exporter failed.
+    #[error("parameter server: {0}")]
+    Ps(#[from] ember_ps::error::PsError),
     /// File-system error.
     #[error("{path}: {source}")]
     Io {

@@ -2,10 +2,9 @@
 //!
 //! - `ember train --config configs/din_ml100k.toml [--resume]`: a local cluster
 //!   (shards + workers) trains, evaluates and checkpoints every epoch.
-//! - `ember eval --config ...`: scores the test set with a running or
-//!   checkpointed cluster's parameters.
 //! - `ember export --config ... --out DIR`: a self-contained model directory.
 //! - `ember predict --model DIR --input FILE --output FILE`: scores without a cluster.
+//! - `ember gru4rec --config ...`: next-item recommendation with GRU4Rec (in-process).
 //! - `ember bench-e2e --config ...`: training throughput over loopback shards
 //!   against the in-process store.
 //! - `ember plan --ids N --dim D --optimizer X --precision P [--shards S |

@@ -175,9 +175,10 @@ impl ShardProcess {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_target(spec.log_file.as_deref())?);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| ClusterError::Launch(format!("cannot start {}: {e}", bin.display())))?;
+        let mut child = cmd.spawn().map_err(|source| ClusterError::Spawn {
+            bin: bin.display().to_string(),
+            source,
+        })?;
         let stdout = child
             .stdout
             .take()

@@ -59,8 +59,8 @@ pub struct SeqEpoch {
     pub users: usize,
 }
 
-fn model_err(e: impl std::fmt::Display) -> ClusterError {
-    ClusterError::Train(ember_worker::train::TrainError::Model(e.to_string()))
+fn model_err(e: impl Into<ember_worker::model::ModelError>) -> ClusterError {
+    ClusterError::Train(ember_worker::train::TrainError::Model(e.into()))
 }
 
 /// 0-based rank of the last item of each test sequence among all items,
@@ -97,8 +97,7 @@ pub fn last_item_ranks(model: &Gru4Rec, test: &[Vec<usize>]) -> Result<Vec<usize
 /// Trains GRU4Rec and evaluates after every epoch.
 pub fn run(job: &SeqJob) -> Result<Vec<SeqEpoch>, ClusterError> {
     let data = |p: &PathBuf| {
-        read_seqs(p)
-            .map_err(|e| ClusterError::Train(ember_worker::train::TrainError::Data(e.to_string())))
+        read_seqs(p).map_err(|e| ClusterError::Train(ember_worker::train::TrainError::Data(e)))
     };
     let train: Vec<Vec<u64>> = data(&job.train)?.into_iter().map(|u| u.items).collect();
     let test: Vec<Vec<u64>> = data(&job.test)?.into_iter().map(|u| u.items).collect();

@@ -117,11 +117,9 @@ pub(super) fn resolve_security(cfg: &mut JobConfig) -> Result<(), ClusterError> 
         ));
     }
     let dir = cfg.out_dir().join("secrets");
-    let files = ember_proto::pki::write_test_pki(&dir, &["localhost".into(), "127.0.0.1".into()])
-        .map_err(|e| ClusterError::Launch(format!("security.mode = \"auto\": {e}")))?;
+    let files = ember_proto::pki::write_test_pki(&dir, &["localhost".into(), "127.0.0.1".into()])?;
     let token = dir.join("token");
-    ember_proto::pki::write_token(&token)
-        .map_err(|e| ClusterError::Launch(format!("security.mode = \"auto\": {e}")))?;
+    ember_proto::pki::write_token(&token)?;
     cfg.security = ember_worker::train::config::SecurityConfig {
         mode: SecurityMode::Tls,
         ca: Some(files.ca),
@@ -138,14 +136,14 @@ pub(super) fn resolve_security(cfg: &mut JobConfig) -> Result<(), ClusterError> 
 pub(super) async fn serve_launcher_metrics(
     addr: std::net::SocketAddr,
 ) -> Result<std::net::SocketAddr, ClusterError> {
-    let handle = ember_ps::metrics::install_exporter()
-        .map_err(|e| ClusterError::Launch(format!("metrics exporter: {e}")))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| ClusterError::Launch(format!("cannot bind metrics address {addr}: {e}")))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| ClusterError::Launch(e.to_string()))?;
+    let handle = ember_ps::metrics::install_exporter()?;
+    let bind = |source| ClusterError::Bind {
+        what: "metrics",
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
+    let bound = listener.local_addr().map_err(bind)?;
     tokio::spawn(ember_ps::metrics::serve_metrics(
         listener,
         handle,

@@ -250,11 +250,7 @@ pub(super) async fn start_shards(cfg: &JobConfig, resume: bool) -> Result<Shards
                     max_bytes: cfg.cluster.shard_max_bytes,
                     ..ember_ps::server::ServerConfig::default()
                 };
-                running.push(
-                    ember_ps::server::spawn(sc)
-                        .await
-                        .map_err(|e| ClusterError::Launch(format!("in-process shard {i}: {e}")))?,
-                );
+                running.push(ember_ps::server::spawn(sc).await?);
             }
             Ok(Shards::InProcess(running))
         }

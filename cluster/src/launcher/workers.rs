@@ -62,8 +62,10 @@ impl ProcessSpec {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_target(Some(&self.log(i)))?);
-        cmd.spawn()
-            .map_err(|e| ClusterError::Launch(format!("cannot start {}: {e}", self.bin.display())))
+        cmd.spawn().map_err(|source| ClusterError::Spawn {
+            bin: self.bin.display().to_string(),
+            source,
+        })
     }
 }
 

@@ -737,7 +737,6 @@ impl SecurityConfig {
     /// resolved by the launcher first (it is an error here); `insecure` warns.
     pub fn client(&self) -> Result<ember_proto::security::ClientSecurity, TrainError> {
         use ember_proto::security::{ClientSecurity, ClientTlsFiles};
-        let err = |e: ember_proto::security::SecurityError| TrainError::Config(e.to_string());
         match self.mode {
             SecurityMode::Tls => {
                 let ca = self.ca.clone().ok_or_else(|| {
@@ -749,7 +748,7 @@ impl SecurityConfig {
                     identity: self.client_cert.clone().zip(self.client_key.clone()),
                 };
                 let sec = ClientSecurity::load(Some(&files), self.token_file.as_deref())
-                    .map_err(err)?;
+                    .map_err(TrainError::Security)?;
                 if sec.token.is_none() {
                     return Err(TrainError::Config(
                         "security.mode = \"tls\" needs a token: security.token_file or EMBER_AUTH_TOKEN"
@@ -762,7 +761,7 @@ impl SecurityConfig {
                 tracing::warn!(
                     "INSECURE: security.mode = \"insecure\": gRPC traffic is plaintext (use only on a trusted network)"
                 );
-                ClientSecurity::load(None, self.token_file.as_deref()).map_err(err)
+                ClientSecurity::load(None, self.token_file.as_deref()).map_err(TrainError::Security)
             }
             SecurityMode::Auto => Err(TrainError::Config(
                 "security.mode = \"auto\" has not been resolved: a worker or tool needs \"tls\" (with security.ca) or \"insecure\"; `ember train` resolves \"auto\" for the clusters it starts".into()
@@ -774,7 +773,6 @@ impl SecurityConfig {
     /// `tls` needs `cert` and `key`.
     pub fn server(&self) -> Result<ember_proto::security::ServerSecurity, TrainError> {
         use ember_proto::security::{ServerSecurity, ServerTlsFiles};
-        let err = |e: ember_proto::security::SecurityError| TrainError::Config(e.to_string());
         match self.mode {
             SecurityMode::Tls => {
                 let (cert, key) = self.cert.clone().zip(self.key.clone()).ok_or_else(|| {
@@ -788,8 +786,8 @@ impl SecurityConfig {
                     key,
                     client_ca: if self.mtls { self.ca.clone() } else { None },
                 };
-                let sec =
-                    ServerSecurity::load(Some(&files), self.token_file.as_deref()).map_err(err)?;
+                let sec = ServerSecurity::load(Some(&files), self.token_file.as_deref())
+                    .map_err(TrainError::Security)?;
                 if sec.token.is_none() {
                     return Err(TrainError::Config(
                         "security.mode = \"tls\" needs a token: security.token_file or EMBER_AUTH_TOKEN"
@@ -799,7 +797,7 @@ impl SecurityConfig {
                 Ok(sec)
             }
             SecurityMode::Insecure => {
-                ServerSecurity::load(None, self.token_file.as_deref()).map_err(err)
+                ServerSecurity::load(None, self.token_file.as_deref()).map_err(TrainError::Security)
             }
             SecurityMode::Auto => Err(TrainError::Config(
                 "security.mode = \"auto\" has not been resolved (expected tls or insecure)".into(),

@@ -48,17 +48,13 @@ pub async fn evaluate(
         skip_malformed: cfg.data.skip_malformed,
         drop_last: false,
     };
-    let mut reader = BatchReader::new(&[path.to_path_buf()], opts)
-        .map_err(|e| TrainError::Data(e.to_string()))?;
+    let mut reader = BatchReader::new(&[path.to_path_buf()], opts).map_err(TrainError::Data)?;
     let tables = model.sparse_tables();
     let (mut probs, mut labels, mut users) = (Vec::new(), Vec::new(), Vec::new());
-    while let Some(batch) = reader
-        .next_batch()
-        .map_err(|e| TrainError::Data(e.to_string()))?
-    {
+    while let Some(batch) = reader.next_batch().map_err(TrainError::Data)? {
         let rows = pull_rows(ps, &batch, &tables).await?;
         let out = tokio::task::block_in_place(|| model.step(&batch, &rows, false))
-            .map_err(|e| TrainError::Model(e.to_string()))?;
+            .map_err(TrainError::Model)?;
         probs.extend_from_slice(&out.probs);
         labels.extend_from_slice(&batch.labels);
         users.extend_from_slice(&batch.user_ids);

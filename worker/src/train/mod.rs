@@ -38,15 +38,39 @@ pub enum TrainError {
     /// A configuration problem.
     #[error("config: {0}")]
     Config(String),
+    /// TLS or token files are unusable.
+    #[error("security: {0}")]
+    Security(#[from] ember_proto::security::SecurityError),
     /// An in-process shard rejected a request.
     #[error("in-process shard: {0}")]
     Local(String),
-    /// The model failed.
+    /// The model failed (a shape mismatch, a missing input, a tensor error).
     #[error("model: {0}")]
-    Model(String),
-    /// Reading data failed.
+    Model(#[from] crate::model::ModelError),
+    /// The training loss stopped being finite.
+    #[error("model: loss is {loss} at step {step}")]
+    NonFiniteLoss {
+        /// The loss.
+        loss: f32,
+        /// The global step.
+        step: u64,
+    },
+    /// Reading data failed (a malformed line names its file, line and column).
     #[error("data: {0}")]
-    Data(String),
+    Data(#[from] crate::data::DataError),
+    /// The data and the job disagree (e.g. feature counts without a table
+    /// the model needs).
+    #[error("data: {0}")]
+    DataMismatch(String),
+    /// A task of this worker (prefetch, push) panicked or was cancelled.
+    #[error("{what} task failed: {source}")]
+    Task {
+        /// Which task.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// File-system error.
     #[error("{path}: {source}")]
     Io {
@@ -67,7 +91,12 @@ impl TrainError {
     pub fn is_deterministic(&self) -> bool {
         matches!(
             self,
-            TrainError::Data(_) | TrainError::Config(_) | TrainError::Model(_)
+            TrainError::Data(_)
+                | TrainError::DataMismatch(_)
+                | TrainError::Config(_)
+                | TrainError::Security(_)
+                | TrainError::Model(_)
+                | TrainError::NonFiniteLoss { .. }
         )
     }
 }

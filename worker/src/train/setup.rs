@@ -46,12 +46,12 @@ pub async fn setup_cluster(cfg: &JobConfig, ps: &Backend) -> Result<(), TrainErr
     }
     if cfg.sparse.count_mode == super::config::CountMode::Exact {
         let all = match &cfg.data.counts {
-            Some(p) => counts::load_counts(p).map_err(|e| TrainError::Data(e.to_string()))?,
+            Some(p) => counts::load_counts(p).map_err(TrainError::Data)?,
             None => count_in_memory(cfg)?,
         };
         for (name, _) in &tables {
             let Some(c) = all.get(name) else {
-                return Err(TrainError::Data(format!(
+                return Err(TrainError::DataMismatch(format!(
                     "the counts have no table {name:?}"
                 )));
             };
@@ -146,9 +146,9 @@ fn count_in_memory(cfg: &JobConfig) -> Result<counts::TableCounts, TrainError> {
         1,
         cfg.data.skip_malformed,
     )
-    .map_err(|e| TrainError::Data(e.to_string()))?;
+    .map_err(TrainError::Data)?;
     let mut counter = counts::Counter::new(cfg.data.max_len, false);
-    while let Some(s) = reader.read().map_err(|e| TrainError::Data(e.to_string()))? {
+    while let Some(s) = reader.read().map_err(TrainError::Data)? {
         counter.add(&s);
         reader.recycle(s);
     }

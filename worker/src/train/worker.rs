@@ -111,9 +111,9 @@ fn ids_of<'a>(batch: &'a Batch, table: &str) -> Result<&'a SparseIds, TrainError
         .into_iter()
         .find(|t| t.table == table)
         .ok_or_else(|| {
-            TrainError::Model(format!(
+            TrainError::Model(crate::model::ModelError::Batch(format!(
                 "the model needs table {table:?}, which batches do not carry"
-            ))
+            )))
         })
 }
 
@@ -154,7 +154,7 @@ async fn push_rows(
 pub fn build_job_model(cfg: &JobConfig) -> Result<Box<dyn CtrModel>, TrainError> {
     let mut mc = cfg.model.clone();
     mc.seed = cfg.train.seed;
-    build_model(&mc, &Device::Cpu).map_err(|e| TrainError::Model(e.to_string()))
+    build_model(&mc, &Device::Cpu).map_err(TrainError::Model)
 }
 
 /// Loads dense values pulled from the PS into the model (parameters and state).
@@ -170,7 +170,7 @@ pub fn load_dense(
         } else {
             model.set_dense(name, v)
         };
-        r.map_err(|e| TrainError::Model(e.to_string()))?;
+        r.map_err(TrainError::Model)?;
     }
     Ok(())
 }
@@ -259,13 +259,13 @@ pub async fn run_epoch_cancellable(
         // 3. Forward/backward.
         let t = Instant::now();
         let out = tokio::task::block_in_place(|| model.step(&ready.batch, &ready.rows, true))
-            .map_err(|e| TrainError::Model(e.to_string()))?;
+            .map_err(TrainError::Model)?;
         report.compute_s += t.elapsed().as_secs_f64();
         if !out.loss.is_finite() {
-            return Err(TrainError::Model(format!(
-                "loss is {} at step {step}",
-                out.loss
-            )));
+            return Err(TrainError::NonFiniteLoss {
+                loss: out.loss,
+                step,
+            });
         }
         let batch = ready.batch;
         count_step(job, &mut report, &batch, out.loss, step);
@@ -380,7 +380,7 @@ fn open_reader(job: &WorkerJob) -> Result<BatchReader, TrainError> {
     } else {
         BatchReader::new(files, opts)
     };
-    reader.map_err(|e| TrainError::Data(e.to_string()))
+    reader.map_err(TrainError::Data)
 }
 
 /// Reads the next batch and pulls its rows (and, with `async_dense`, the
@@ -392,10 +392,7 @@ async fn read_and_pull(
     tables: &[(&'static str, usize)],
     async_dense: bool,
 ) -> Result<Option<Ready>, TrainError> {
-    let Some(batch) = reader
-        .next_batch()
-        .map_err(|e| TrainError::Data(e.to_string()))?
-    else {
+    let Some(batch) = reader.next_batch().map_err(TrainError::Data)? else {
         return Ok(None);
     };
     let t = Instant::now();
@@ -497,16 +494,19 @@ impl Feed {
     async fn finish(self) -> Result<u64, TrainError> {
         match self {
             Feed::Inline { reader, .. } => Ok(reader.skipped_malformed()),
-            Feed::Prefetch { mut task, .. } => task
-                .join()
-                .await
-                .map_err(|e| TrainError::Data(format!("prefetch task failed: {e}"))),
+            Feed::Prefetch { mut task, .. } => {
+                task.join().await.map_err(|source| TrainError::Task {
+                    what: "prefetch",
+                    source,
+                })
+            }
         }
     }
 }
 
 async fn join(mut h: AbortOnDrop<Result<f64, TrainError>>) -> Result<f64, TrainError> {
-    h.join()
-        .await
-        .map_err(|e| TrainError::Protocol(format!("push task failed: {e}")))?
+    h.join().await.map_err(|source| TrainError::Task {
+        what: "push",
+        source,
+    })?
 }
