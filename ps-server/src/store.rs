@@ -57,7 +57,7 @@ use crate::init::Init;
 use crate::optim::Optimizer;
 use crate::row::{noise_seed, FREE_STEP, HEADER_WORDS, MAX_ROW_STEP};
 pub use crate::row::{RowLayout, WeightPrecision};
-use ember_proto::route::splitmix64;
+use ember_proto::rng::{splitmix64, GOLDEN_GAMMA};
 use ember_proto::v1::{initializer, CountMode, TableConfig};
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
@@ -559,7 +559,7 @@ impl Stripe {
         let mut best: Option<(f64, u32)> = None;
         let mut found = 0;
         for _ in 0..EVICT_SAMPLES * 8 {
-            self.rng = splitmix64(self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15));
+            self.rng = splitmix64(self.rng.wrapping_add(GOLDEN_GAMMA));
             let slot = (self.rng % u64::from(self.slots)) as u32;
             let row = self.row(slot, words);
             if row[3] == FREE_STEP {

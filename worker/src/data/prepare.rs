@@ -59,8 +59,8 @@ use sha2::{Digest, Sha256};
 
 use super::format::{push_list, push_u64, LineCtx};
 use super::progress::rows_bar;
-use super::rng::{derive_seed, SplitMix64};
 use super::DataError;
+use ember_proto::rng::{derive_seed, SplitMix64};
 
 /// Default seed of the data set (DATA.md's expected counts use it).
 pub const DEFAULT_SEED: u64 = 1234;

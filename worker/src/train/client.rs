@@ -63,7 +63,7 @@ pub fn push_request_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let base = *BASE.get_or_init(rand::random::<u64>);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    match ember_proto::route::splitmix64(base.wrapping_add(n)) {
+    match ember_proto::rng::splitmix64(base.wrapping_add(n)) {
         0 => 1,
         id => id,
     }
