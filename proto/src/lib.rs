@@ -9,6 +9,7 @@ pub mod pki;
 pub mod rng;
 pub mod route;
 pub mod security;
+pub mod transport;
 
 /// Generated protobuf messages and tonic client/server for `ember.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use ember_proto::codec::{decode_f32, encode_f32, encode_u32, encode_u64};
 use ember_proto::route::Router;
 use ember_proto::security::ClientSecurity;
+use ember_proto::transport::{tune_endpoint, MAX_MESSAGE_BYTES};
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
 use ember_proto::v1::{self as pb};
 use futures_util::future::try_join_all;
@@ -16,9 +17,6 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use super::TrainError;
-
-/// Largest gRPC message the client sends or accepts (matches the shard default).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Ids per LoadCounts request chunk.
 const COUNTS_CHUNK: usize = 1 << 20;
@@ -103,12 +101,10 @@ impl PsClient {
             let ep = security
                 .endpoint(a)
                 .map_err(|e| TrainError::Config(format!("shard address: {e}")))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                // Large windows and frames: a pull reply of thousands of rows
-                // must not stall on HTTP/2 flow control (64 KiB by default).
-                .initial_stream_window_size(8 << 20)
-                .initial_connection_window_size(32 << 20);
+                .connect_timeout(Duration::from_secs(5));
+            // Large windows and frames: a pull reply of thousands of rows
+            // must not stall on HTTP/2 flow control (64 KiB by default).
+            let ep = tune_endpoint(ep);
             let client = ParameterServerClient::new(ep.connect_lazy())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
