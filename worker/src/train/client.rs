@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use ember_proto::codec::{decode_f32, encode_f32, encode_u32, encode_u64};
 use ember_proto::route::Router;
-use ember_proto::security::ClientSecurity;
+use ember_proto::security::{BearerAuth, ClientSecurity};
 use ember_proto::transport::{tune_endpoint, MAX_MESSAGE_BYTES};
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
 use ember_proto::v1::{self as pb};
 use futures_util::future::try_join_all;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -74,7 +73,7 @@ pub struct PsClient {
     addrs: Vec<String>,
     router: Router,
     retry: RetryPolicy,
-    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    auth: BearerAuth,
 }
 
 impl std::fmt::Debug for PsClient {
@@ -110,13 +109,12 @@ impl PsClient {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             shards.push(client);
         }
-        let token = security.token.clone();
         Ok(PsClient {
             shards,
             addrs: addrs.to_vec(),
             router: Router::new(addrs.len() as u32),
             retry,
-            token,
+            auth: security.interceptor(),
         })
     }
 
@@ -137,9 +135,7 @@ impl PsClient {
 
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
+        self.auth.authorize(&mut req);
         req
     }
 
