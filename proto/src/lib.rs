@@ -6,6 +6,7 @@
 pub mod codec;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod retry;
 pub mod rng;
 pub mod route;
 pub mod security;

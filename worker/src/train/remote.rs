@@ -113,68 +113,38 @@ pub fn connect_coordinator(
 }
 
 /// Whether a failed coordinator call may succeed later (it is restarting or
-/// not up yet), as opposed to a rejected request.
+/// not up yet), as opposed to a rejected request: the shared classification,
+/// [`ember_proto::retry::is_transient`] (kept for the tests below).
+#[cfg(test)]
 fn transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::Aborted
-            | Code::DeadlineExceeded
-    )
+    ember_proto::retry::is_transient(s)
 }
 
 /// Calls `f` until it succeeds, retrying transient failures with exponential
-/// backoff (logged) for up to `deadline`.
+/// backoff (200 ms doubling up to 5 s, each retry logged) for up to
+/// `deadline`, through the shared [`ember_proto::retry::retry`].
 async fn retrying<T, Fut>(
     addr: &str,
     what: &'static str,
     deadline: Duration,
-    mut f: impl FnMut() -> Fut,
+    f: impl FnMut() -> Fut,
 ) -> Result<T, RemoteError>
 where
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
-    let start = Instant::now();
-    let mut delay = Duration::from_millis(200);
-    let mut tries = 0u32;
-    loop {
-        match f().await {
-            Ok(r) => {
-                if tries > 0 {
-                    tracing::info!(
-                        coordinator = addr,
-                        what,
-                        tries,
-                        "coordinator reachable again"
-                    );
-                }
-                return Ok(r.into_inner());
-            }
-            Err(status) if transient(&status) && start.elapsed() < deadline => {
-                tries += 1;
-                tracing::warn!(
-                    coordinator = addr,
-                    what,
-                    try_ = tries,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "coordinator unreachable: {} ({:?}); retrying",
-                    status.message(),
-                    status.code()
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(status) => {
-                return Err(RemoteError::Coordinator {
-                    addr: addr.to_string(),
-                    what,
-                    status,
-                })
-            }
-        }
-    }
+    let policy = ember_proto::retry::RetryPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+        deadline,
+    };
+    ember_proto::retry::retry(&policy, &format!("coordinator {addr}"), what, f)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| RemoteError::Coordinator {
+            addr: addr.to_string(),
+            what,
+            status,
+        })
 }
 
 /// The wire form of a worker's report.
