@@ -3,6 +3,7 @@
 //! that maps `(table, id)` to a shard. Both the shards and the workers depend
 //! on this crate, so everything they must agree on lives here.
 
+pub mod atomic;
 pub mod codec;
 #[cfg(feature = "pki")]
 pub mod pki;
