@@ -220,11 +220,8 @@ impl TableSpec {
                 config.count_mode
             ))
         })?;
-        if !config.mba_lambda.is_finite() || config.mba_lambda < 0.0 {
-            return bad("mba_lambda must be finite and >= 0".into());
-        }
-        if config.mba_lambda > 0.0 && count_mode == CountMode::CountNone {
-            return bad("mba_lambda > 0 requires count_mode COUNT_EXACT or COUNT_ONLINE".into());
+        if let Err(e) = ember_proto::table::check_mba(config.mba_lambda, count_mode) {
+            return bad(e.to_string());
         }
         if !config.plain_l2.is_finite() || config.plain_l2 < 0.0 {
             return bad("plain_l2 must be finite and >= 0".into());
