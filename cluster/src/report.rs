@@ -75,18 +75,17 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// Writes the report as pretty JSON (atomically: temp file then rename).
+    /// Writes the report as pretty JSON, atomically
+    /// ([`ember_proto::atomic::write_atomic`]: hidden temp file, fsync, rename).
     pub fn write_json(&self, path: &Path) -> Result<(), ClusterError> {
+        use std::io::Write;
         let text =
             serde_json::to_string_pretty(self).map_err(|e| ClusterError::Report(e.to_string()))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| ClusterError::Io {
-            path: tmp.display().to_string(),
-            source: e,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|e| ClusterError::Io {
-            path: path.display().to_string(),
-            source: e,
+        ember_proto::atomic::write_atomic(path, |f| f.write_all(text.as_bytes())).map_err(|e| {
+            ClusterError::Io {
+                path: e.path.display().to_string(),
+                source: e.source,
+            }
         })
     }
 

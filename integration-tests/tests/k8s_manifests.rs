@@ -9,8 +9,7 @@
 //!   the workers are an Indexed Job with completions = parallelism =
 //!   `cluster.workers`, whose pods take their index from JOB_COMPLETION_INDEX
 //!   and reach the coordinator through the trainer's Service.
-//!   YAML is read with the small block-YAML reader below (the manifests use
-//!   plain block style; serde_yaml is not a dependency).
+//!   YAML is read with `serde_norway` into `serde_json::Value`s.
 //! - `k8s_manifests_validate_against_the_api_schemas`: installs the
 //!   `kubernetes-validate` package from PyPI into the target directory (once)
 //!   and validates every manifest strictly against the Kubernetes 1.28 (the
@@ -22,255 +21,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 
 use integration_tests::{bin_dir, repo_root};
 
-// ------------------------------------------------------------- YAML reader
-
-/// Reads the block-style YAML subset the manifests use: mappings, sequences
-/// (including `- key: value` items), plain/quoted scalars, `|`/`|-` literal
-/// blocks, flow sequences of scalars, `{}`/`[]`, comments, `---` documents.
-struct Yaml<'a> {
-    lines: Vec<&'a str>,
-    i: usize,
-    /// Column of the current line's content when a `- ` before it was consumed.
-    virt: Option<usize>,
-}
-
-fn indent(l: &str) -> usize {
-    l.len() - l.trim_start_matches(' ').len()
-}
-
-fn is_blank_or_comment(l: &str) -> bool {
-    let t = l.trim();
-    t.is_empty() || t.starts_with('#')
-}
-
-/// Index of the `:` separating a mapping key, if `s` is a `key: value` line.
-fn key_colon(s: &str) -> Option<usize> {
-    let b = s.as_bytes();
-    let mut i = 0;
-    if b.first() == Some(&b'"') || b.first() == Some(&b'\'') {
-        let q = b[0];
-        i = 1;
-        while i < b.len() && b[i] != q {
-            i += 1;
-        }
-        i += 1;
-        return (i < b.len() && b[i] == b':' && (i + 1 == b.len() || b[i + 1] == b' '))
-            .then_some(i);
-    }
-    if matches!(b.first(), Some(b'[') | Some(b'{')) {
-        return None;
-    }
-    while i < b.len() {
-        if b[i] == b':' && (i + 1 == b.len() || b[i + 1] == b' ') {
-            return Some(i);
-        }
-        if b[i] == b' ' && b.get(i + 1) == Some(&b'#') {
-            return None;
-        }
-        i += 1;
-    }
-    None
-}
-
-fn strip_comment(s: &str) -> &str {
-    if s.starts_with('"') || s.starts_with('\'') {
-        let q = s.as_bytes()[0];
-        if let Some(end) = s[1..].bytes().position(|c| c == q) {
-            return &s[..end + 2];
-        }
-        return s;
-    }
-    match s.find(" #") {
-        Some(i) => s[..i].trim_end(),
-        None => s.trim_end(),
-    }
-}
-
-fn scalar(s: &str) -> Value {
-    let s = strip_comment(s.trim());
-    if let Some(inner) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
-        return Value::String(inner.replace("\\\"", "\"").replace("\\\\", "\\"));
-    }
-    if let Some(inner) = s.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
-        return Value::String(inner.replace("''", "'"));
-    }
-    if s == "{}" {
-        return Value::Object(Map::new());
-    }
-    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        let items = inner
-            .split(',')
-            .map(str::trim)
-            .filter(|x| !x.is_empty())
-            .map(scalar)
-            .collect();
-        return Value::Array(items);
-    }
-    match s {
-        "" | "~" | "null" => Value::Null,
-        "true" => Value::Bool(true),
-        "false" => Value::Bool(false),
-        _ => s
-            .parse::<i64>()
-            .map(Value::from)
-            .unwrap_or_else(|_| Value::String(s.to_string())),
-    }
-}
-
-impl<'a> Yaml<'a> {
-    /// The current line as (indent, content), skipping blanks and comments.
-    fn peek(&mut self) -> Option<(usize, &'a str)> {
-        if let Some(col) = self.virt {
-            return Some((col, self.lines[self.i][col..].trim_end()));
-        }
-        while self.i < self.lines.len() && is_blank_or_comment(self.lines[self.i]) {
-            self.i += 1;
-        }
-        let l = self.lines.get(self.i)?;
-        let ind = indent(l);
-        Some((ind, l[ind..].trim_end()))
-    }
-
-    fn advance(&mut self) {
-        self.virt = None;
-        self.i += 1;
-    }
-
-    fn node(&mut self, min_indent: usize) -> Value {
-        match self.peek() {
-            Some((ind, c)) if ind >= min_indent => {
-                if c == "-" || c.starts_with("- ") {
-                    self.seq(ind)
-                } else if key_colon(c).is_some() {
-                    self.map(ind)
-                } else {
-                    self.advance();
-                    scalar(c)
-                }
-            }
-            _ => Value::Null,
-        }
-    }
-
-    fn seq(&mut self, ind: usize) -> Value {
-        let mut items = Vec::new();
-        while let Some((i2, c)) = self.peek() {
-            if i2 != ind || !(c == "-" || c.starts_with("- ")) {
-                break;
-            }
-            let rest = c[1..].trim_start();
-            if rest.is_empty() {
-                self.advance();
-                items.push(self.node(ind + 1));
-            } else {
-                // Treat "- " as indentation of the item's first line.
-                let col = ind + (c.len() - rest.len());
-                self.virt = Some(col);
-                items.push(self.node(col));
-            }
-        }
-        Value::Array(items)
-    }
-
-    fn map(&mut self, ind: usize) -> Value {
-        let mut m = Map::new();
-        while let Some((i2, c)) = self.peek() {
-            if i2 != ind || c.starts_with("- ") || c == "-" {
-                break;
-            }
-            let Some(k) = key_colon(c) else { break };
-            let key = match scalar(&c[..k]) {
-                Value::String(s) => s,
-                v => v.to_string(),
-            };
-            let rest = c[k + 1..].trim();
-            let rest = if rest.starts_with('#') { "" } else { rest };
-            self.advance();
-            let value = if rest.starts_with('|') || rest.starts_with('>') {
-                self.block(ind, rest)
-            } else if rest.is_empty() {
-                match self.peek() {
-                    Some((i3, _)) if i3 > ind => self.node(i3),
-                    Some((i3, c3)) if i3 == ind && (c3 == "-" || c3.starts_with("- ")) => {
-                        self.seq(ind)
-                    }
-                    _ => Value::Null,
-                }
-            } else {
-                scalar(rest)
-            };
-            m.insert(key, value);
-        }
-        Value::Object(m)
-    }
-
-    /// A literal (`|`) or folded (`>`, read as literal) block after a key at `ind`.
-    fn block(&mut self, ind: usize, header: &str) -> Value {
-        let mut body: Vec<&str> = Vec::new();
-        let mut block_indent = None;
-        while self.i < self.lines.len() {
-            let l = self.lines[self.i];
-            if l.trim().is_empty() {
-                body.push("");
-                self.i += 1;
-                continue;
-            }
-            let li = indent(l);
-            if li <= ind {
-                break;
-            }
-            let bi = *block_indent.get_or_insert(li);
-            body.push(if l.len() >= bi {
-                &l[bi..]
-            } else {
-                l.trim_start()
-            });
-            self.i += 1;
-        }
-        while body.last() == Some(&"") {
-            body.pop();
-        }
-        let mut text = body.join("\n");
-        if !header.contains('-') {
-            text.push('\n');
-        }
-        Value::String(text)
-    }
-}
-
-/// Every document of a YAML file.
+/// Every non-empty document of a YAML file, as JSON values.
 fn yaml_docs(text: &str) -> Vec<Value> {
-    let mut docs = Vec::new();
-    let mut cur = Vec::new();
-    for l in text.lines() {
-        if l.trim_end() == "---" {
-            docs.push(std::mem::take(&mut cur));
-        } else {
-            cur.push(l);
-        }
-    }
-    docs.push(cur);
-    docs.into_iter()
-        .filter(|d| d.iter().any(|l| !is_blank_or_comment(l)))
-        .map(|lines| {
-            let mut y = Yaml {
-                lines,
-                i: 0,
-                virt: None,
-            };
-            let v = y.node(0);
-            assert!(
-                y.peek().is_none(),
-                "YAML reader stopped early at line {}: {:?}",
-                y.i + 1,
-                y.lines.get(y.i)
-            );
-            v
-        })
+    serde_norway::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("YAML: {e}")))
+        .filter(|v| !v.is_null())
         .collect()
 }
 
@@ -331,25 +91,6 @@ fn arg_value<'a>(args: &'a [Value], flag: &str) -> Option<&'a str> {
     args.iter()
         .filter_map(Value::as_str)
         .find_map(|a| a.strip_prefix(&format!("{flag}=")))
-}
-
-#[test]
-fn yaml_reader_reads_the_constructs_used() {
-    let docs = yaml_docs(
-        "# c\na: 1\nb:\n  - x\n  - name: y\n    port: 2\n    list: [\"p\", q]\nc: |\n  line 1\n  # kept\n\n  line 3\nd: \"q: x\" # comment\ne:\n- 1\n- 2\nf: {}\n---\ng: 'h'\n",
-    );
-    assert_eq!(docs.len(), 2);
-    let d = &docs[0];
-    assert_eq!(d["a"], 1);
-    assert_eq!(d["b"][0], "x");
-    assert_eq!(d["b"][1]["name"], "y");
-    assert_eq!(d["b"][1]["port"], 2);
-    assert_eq!(d["b"][1]["list"][1], "q");
-    assert_eq!(d["c"], "line 1\n# kept\n\nline 3\n");
-    assert_eq!(d["d"], "q: x");
-    assert_eq!(d["e"][1], 2);
-    assert!(d["f"].as_object().is_some_and(|m| m.is_empty()));
-    assert_eq!(docs[1]["g"], "h");
 }
 
 #[test]

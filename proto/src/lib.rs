@@ -1,13 +1,22 @@
 //! Ember's wire contract: the generated `ember.v1` gRPC types and services,
 //! the packed-bytes codecs used by every message, and the routing function
 //! that maps `(table, id)` to a shard. Both the shards and the workers depend
-//! on this crate, so everything they must agree on lives here.
+//! on this crate, so everything they must agree on lives here, and so do the
+//! mechanisms every crate shares, each written once: retry with backoff
+//! ([`retry`]), SplitMix64 ([`rng`]), the HTTP/2 transport settings
+//! ([`transport`]), the bearer token ([`security`]), atomic file writes
+//! ([`atomic`]) and the table-setting rules ([`table`]).
 
+pub mod atomic;
 pub mod codec;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod retry;
+pub mod rng;
 pub mod route;
 pub mod security;
+pub mod table;
+pub mod transport;
 
 /// Generated protobuf messages and tonic client/server for `ember.v1`.
 #[allow(missing_docs, clippy::all)]

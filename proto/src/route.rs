@@ -9,18 +9,12 @@
 //! invalidates every checkpoint, so it is pinned by tests with fixed values.
 //! Buckets map to contiguous shard ranges so that a future re-sharding moves
 //! whole bucket ranges. Ids are arbitrary u64 (hashed feature ids).
+//! `splitmix64` is [`crate::rng::splitmix64`].
+
+use crate::rng::splitmix64;
 
 /// Number of virtual buckets between ids and shards.
 pub const NUM_BUCKETS: u64 = 4096;
-
-/// SplitMix64 finaliser (Steele, Lea, Flood 2014): a fixed bijective mix of u64.
-#[inline]
-pub fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
 
 /// 64-bit FNV-1a of a byte string (used to salt ids by table name).
 #[inline]

@@ -8,12 +8,39 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tonic::metadata::{Ascii, MetadataValue};
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
 /// Environment variable holding the bearer token when no token file is given.
 pub const TOKEN_ENV: &str = "EMBER_AUTH_TOKEN";
+
+/// The gRPC metadata key that carries the token: `authorization: Bearer <token>`.
+pub const AUTH_HEADER: &str = "authorization";
+
+/// The scheme before the token in the [`AUTH_HEADER`] value.
+const BEARER_PREFIX: &str = "Bearer ";
+
+/// The [`AUTH_HEADER`] value for `token`: `Bearer <token>`. An error when the
+/// token cannot be a header value (not visible ASCII).
+pub fn bearer_value(token: &str) -> Result<MetadataValue<Ascii>> {
+    format!("{BEARER_PREFIX}{token}")
+        .parse()
+        .map_err(|_| SecurityError::Token {
+            source_name: "the configuration".into(),
+            reason: "it is not a valid header value".into(),
+        })
+}
+
+/// Whether `metadata` carries `authorization: Bearer <token>` for exactly
+/// this token (compared in constant time).
+pub fn has_bearer(metadata: &MetadataMap, token: &str) -> bool {
+    metadata
+        .get(AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix(BEARER_PREFIX))
+        .is_some_and(|v| ct_eq(v.as_bytes(), token.as_bytes()))
+}
 
 /// Errors while loading certificates, keys or the token.
 #[derive(Debug, thiserror::Error)]
@@ -208,13 +235,7 @@ impl TokenCheck {
 impl tonic::service::Interceptor for TokenCheck {
     fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
         if let Some(tok) = &self.token {
-            let ok = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|v| ct_eq(v.as_bytes(), tok.as_bytes()));
-            if !ok {
+            if !has_bearer(req.metadata(), tok) {
                 return Err(Status::unauthenticated(
                     "missing or wrong bearer token (send `authorization: Bearer <token>`)",
                 ));
@@ -342,17 +363,7 @@ impl ClientSecurity {
 
     /// From an already built TLS config and a token.
     pub fn new(tls: Option<ClientTlsConfig>, token: Option<&str>) -> Result<Self> {
-        let token = match token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| SecurityError::Token {
-                        source_name: "the configuration".into(),
-                        reason: "it is not a valid header value".into(),
-                    })?,
-            ),
-            None => None,
-        };
+        let token = token.map(bearer_value).transpose()?;
         Ok(ClientSecurity { tls, token })
     }
 
@@ -395,9 +406,7 @@ impl ClientSecurity {
 
     /// Adds the `authorization` header (when a token is configured).
     pub fn authorize<T>(&self, req: &mut Request<T>) {
-        if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
+        self.interceptor().authorize(req);
     }
 
     /// A client interceptor that adds the `authorization` header to every
@@ -415,11 +424,27 @@ pub struct BearerAuth {
     token: Option<MetadataValue<Ascii>>,
 }
 
+impl std::fmt::Debug for BearerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BearerAuth")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl BearerAuth {
+    /// Adds the [`AUTH_HEADER`] to `req` (when a token is configured): the
+    /// one place a client attaches the token.
+    pub fn authorize<T>(&self, req: &mut Request<T>) {
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert(AUTH_HEADER, t.clone());
+        }
+    }
+}
+
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
-        if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
+        self.authorize(&mut req);
         Ok(req)
     }
 }
@@ -467,6 +492,23 @@ mod tests {
             .extensions()
             .get::<Authenticated>()
             .is_some());
+    }
+
+    #[test]
+    fn bearer_value_round_trips_through_the_check() {
+        let v = bearer_value("s3cret").unwrap();
+        assert_eq!(v.to_str().unwrap(), "Bearer s3cret");
+        let mut req = Request::new(());
+        ClientSecurity::new(None, Some("s3cret"))
+            .unwrap()
+            .authorize(&mut req);
+        assert!(has_bearer(req.metadata(), "s3cret"));
+        assert!(!has_bearer(req.metadata(), "s3cre"));
+        assert!(!has_bearer(&MetadataMap::new(), "s3cret"));
+        let mut c = TokenCheck::new(Some(Arc::from("s3cret")));
+        assert!(c.call(req).is_ok());
+        // A token that cannot be a header value is refused up front.
+        assert!(bearer_value("a\nb").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::error::{PsError, Result};
 use crate::shard::{Shard, ShardConfig};
 use bytes::Bytes;
 use ember_proto::codec::{decode_f32, decode_u64, encode_f32, encode_u64};
-use ember_proto::route::splitmix64;
+use ember_proto::rng::{splitmix64, SplitMix64, GOLDEN_GAMMA};
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
 use ember_proto::v1::*;
 use std::fmt::Write as _;
@@ -108,11 +108,16 @@ fn table_cfg_for(a: &BenchArgs) -> Result<TableConfig> {
     Ok(c)
 }
 
-struct Rng(u64);
+/// The benchmarks' id stream: `splitmix64(seed + 1)`, `splitmix64(seed + 2)`,
+/// ... (SplitMix64 with gamma 1, kept so that the workloads of earlier
+/// measurements are reproduced exactly).
+struct Rng(SplitMix64);
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(SplitMix64::with_gamma(seed.wrapping_add(GOLDEN_GAMMA), 1))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(1);
-        splitmix64(self.0)
+        self.0.next_u64()
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
@@ -254,7 +259,7 @@ pub async fn run(a: BenchArgs) -> Result<String> {
     // Id batches are drawn before the timed loops (a pool of BATCH_POOL
     // batches, cycled), so pull, push and the Vec gather time the operation
     // and not the id generation / dedup.
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let zipf = a.scale;
     let pull_pool: Vec<Vec<u64>> = (0..BATCH_POOL)
         .map(|_| {
@@ -269,7 +274,7 @@ pub async fn run(a: BenchArgs) -> Result<String> {
                 .collect()
         })
         .collect();
-    let mut rng3 = Rng(7);
+    let mut rng3 = Rng::new(7);
     let push_pool: Vec<Vec<u64>> = (0..BATCH_POOL)
         .map(|_| unique_batch(&mut rng3, a.rows, a.batch, zipf))
         .collect();
@@ -345,7 +350,7 @@ pub async fn run(a: BenchArgs) -> Result<String> {
     let _ = writeln!(out, "| (4a') gRPC pull+push, {batch}-row table | {:.2} M rows/s | raw TCP bytes only (no store) {:.2} M rows/s | {:.2}x | |", g_tiny / 1e6, t_bytes / 1e6, g_tiny / t_bytes);
     // (4b) Full: random unique batches on the big table; the raw TCP server
     // does the same store calls (decode, Shard::pull, Shard::push).
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let rows = a.rows;
     let mut gen = || unique_batch(&mut rng, rows, batch, false);
     let g_full = grpc_bench(shard.clone(), a.seconds, dim, &grads, &mut gen).await?;
@@ -397,7 +402,7 @@ fn scale_checkpoints(
     // Touch delta_rows distinct rows at a new step.
     let dim = a.dim as usize;
     step += 1;
-    let mut rng = Rng(1234);
+    let mut rng = Rng::new(1234);
     let mut ids: Vec<u64> = (0..a.delta_rows.min(a.rows))
         .map(|_| rng.below(a.rows))
         .collect();

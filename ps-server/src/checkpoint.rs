@@ -287,8 +287,9 @@ pub(crate) fn header_bytes(
     h
 }
 
-/// Writes a framed checkpoint file body: header, `body`, trailer, fsync.
-/// Returns `(file bytes, body crc, what body returned)`.
+/// Writes a framed checkpoint file body: header, `body`, trailer (the
+/// atomic write around it fsyncs). Returns `(file bytes, body crc, what body
+/// returned)`.
 pub(crate) fn write_framed<T>(
     f: &mut File,
     header: &[u8],
@@ -301,7 +302,6 @@ pub(crate) fn write_framed<T>(
     f.write_all(&body_len.to_le_bytes())?;
     f.write_all(&crc.to_le_bytes())?;
     f.write_all(END_MAGIC)?;
-    f.sync_all()?;
     Ok((HEADER_LEN + body_len + TRAILER_LEN, crc, out))
 }
 
@@ -334,48 +334,23 @@ fn remove_stale_temps(dir: &Path) {
     }
 }
 
-/// Writes `<dir>/<name>` atomically: `body` writes (and fsyncs) the hidden
-/// temp file `.<name>.tmp`, which is then renamed into place and the
-/// directory fsynced. On any error the temp file is removed and the error
-/// names the file and the OS error; `<dir>/<name>` is not created or changed.
-/// Temp files of interrupted earlier writes are removed first (the caller
-/// serializes writes to `dir`).
+/// Writes `<dir>/<name>` atomically through [`ember_proto::atomic::write_atomic`]:
+/// `body` writes the hidden temp file `.<name>.tmp`, which is then fsynced,
+/// renamed into place and the directory fsynced. On any error the temp file
+/// is removed and the error names the file and the OS error; `<dir>/<name>`
+/// is not created or changed. `dir` is created if needed, and temp files of
+/// interrupted earlier writes are removed first (the caller serializes
+/// writes to `dir`).
 pub(crate) fn write_atomic<T>(
     dir: &Path,
     name: &str,
     body: impl FnOnce(&mut File) -> std::io::Result<T>,
 ) -> Result<(PathBuf, T)> {
     let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
     fs::create_dir_all(dir).map_err(|e| PsError::io(format!("creating {}", dir.display()), e))?;
     remove_stale_temps(dir);
-    let written = (|| {
-        let mut f = File::create(&tmp)
-            .map_err(|e| PsError::io(format!("creating {}", tmp.display()), e))?;
-        let out = body(&mut f).map_err(|e| PsError::io(format!("writing {}", tmp.display()), e))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(|e| {
-            PsError::io(
-                format!("renaming {} to {}", tmp.display(), path.display()),
-                e,
-            )
-        })?;
-        Ok(out)
-    })();
-    let out = match written {
-        Ok(o) => o,
-        Err(e) => {
-            if let Err(rm) = fs::remove_file(&tmp) {
-                if rm.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %tmp.display(), error = %rm, "cannot remove a failed checkpoint temp file");
-                }
-            }
-            return Err(e);
-        }
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| PsError::io(format!("fsync of directory {}", dir.display()), e))?;
+    let out = ember_proto::atomic::write_atomic(&path, body)
+        .map_err(|e| PsError::io(e.context, e.source))?;
     Ok((path, out))
 }
 

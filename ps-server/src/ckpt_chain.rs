@@ -393,8 +393,7 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<PathBuf> {
         .map_err(|e| PsError::Internal(format!("encoding a manifest: {e}")))?;
     let (path, ()) = write_atomic(dir, &manifest_name(m.step), |f| {
         use std::io::Write;
-        f.write_all(&text)?;
-        f.sync_all()
+        f.write_all(&text)
     })?;
     Ok(path)
 }

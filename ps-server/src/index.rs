@@ -263,7 +263,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_proto::route::splitmix64;
+    use ember_proto::rng::splitmix64;
     use std::collections::HashMap;
 
     /// Random inserts and removes against a HashMap model, through growth,

@@ -7,10 +7,8 @@
 //! This function is part of the checkpoint format: changing it changes the
 //! value of every row never pushed.
 
-use ember_proto::route::splitmix64;
+use ember_proto::rng::{splitmix64, SplitMix64, GOLDEN_GAMMA};
 use ember_proto::v1::initializer::Kind;
-
-const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// A validated initializer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,11 +35,10 @@ impl Init {
             return;
         }
         let base = splitmix64(self.seed ^ splitmix64(id));
-        let mut ctr: u64 = 0;
-        let mut next = || {
-            ctr += 1;
-            splitmix64(base.wrapping_add(ctr.wrapping_mul(PHI)))
-        };
+        // u_k = splitmix64(base + k * φ) for k = 1, 2, ...: the SplitMix64
+        // stream whose state starts one step past `base`.
+        let mut rng = SplitMix64::new(base.wrapping_add(GOLDEN_GAMMA));
+        let mut next = || rng.next_u64();
         match self.kind {
             Kind::Zero => out.fill(0.0),
             Kind::Uniform => {

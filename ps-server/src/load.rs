@@ -13,7 +13,7 @@ use crate::server::{client_endpoint, spawn, ServerConfig};
 use crate::store::{Table, TableSpec};
 use bytes::Bytes;
 use ember_proto::codec::{decode_f32, encode_f32, encode_u64};
-use ember_proto::route::splitmix64;
+use ember_proto::rng::{splitmix64, SplitMix64, GOLDEN_GAMMA};
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
 use ember_proto::v1::*;
 use std::time::{Duration, Instant};
@@ -127,11 +127,10 @@ pub fn table_config(dim: u32) -> TableConfig {
 /// Ids and gradients of push `round` of `client`: unique ids below `rows`,
 /// gradients in {-8..=8} / 1024.
 pub fn round_batch(cfg: &LoadConfig, client: usize, round: u64) -> (Vec<u64>, Vec<f32>) {
-    let mut x = splitmix64(cfg.seed ^ splitmix64(((client as u64) << 40) ^ round));
-    let mut next = || {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        splitmix64(x)
-    };
+    let x = splitmix64(cfg.seed ^ splitmix64(((client as u64) << 40) ^ round));
+    // Outputs splitmix64(x + kφ), k = 1, 2, ...
+    let mut rng = SplitMix64::new(x.wrapping_add(GOLDEN_GAMMA));
+    let mut next = || rng.next_u64();
     let mut ids: Vec<u64> = (0..cfg.batch).map(|_| next() % cfg.rows.max(1)).collect();
     ids.sort_unstable();
     ids.dedup();

@@ -28,7 +28,7 @@
 //! the row created from it.
 
 use crate::error::{PsError, Result};
-use ember_proto::route::splitmix64;
+use ember_proto::rng::{splitmix64, SplitMix64, GOLDEN_GAMMA};
 use ember_proto::v1::Precision;
 use half::{bf16, f16};
 
@@ -38,8 +38,6 @@ pub const HEADER_WORDS: usize = 4;
 pub const MAX_ROW_STEP: u64 = u32::MAX as u64 - 1;
 /// Step word of a free slot.
 pub const FREE_STEP: u32 = u32::MAX;
-
-const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// Storage precision of a table's weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,10 +172,12 @@ impl RowLayout {
                 }
             }
             (p, Some(seed)) => {
+                // Block j of 4 values takes splitmix64(seed + (j + 1) * φ).
+                let mut rng = SplitMix64::new(seed.wrapping_add(GOLDEN_GAMMA));
                 let mut bits = 0u64;
                 for (i, &v) in vals.iter().enumerate() {
                     if i % 4 == 0 {
-                        bits = splitmix64(seed.wrapping_add((i as u64 / 4 + 1).wrapping_mul(PHI)));
+                        bits = rng.next_u64();
                     }
                     let r = (bits >> ((i % 4) * 16)) as u16;
                     let h = if p == WeightPrecision::F16 {

@@ -6,6 +6,9 @@ use crate::error::{PsError, Result};
 use crate::service::PsService;
 use crate::shard::{Shard, ShardConfig};
 use ember_proto::security::{ServerSecurity, ServerTlsFiles};
+use ember_proto::transport::{
+    tune_endpoint, CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
+};
 use ember_proto::v1::parameter_server_server::ParameterServerServer;
 use serde::Deserialize;
 use std::future::Future;
@@ -18,31 +21,15 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
-/// Default gRPC message limit (both directions): 64 MiB.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
-/// HTTP/2 per-stream flow-control window of the server and of
-/// [`client_endpoint`] (h2's default is 64 KiB, which makes a 0.5 MiB pull
-/// reply wait for several WINDOW_UPDATE round trips).
-pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
-/// HTTP/2 per-connection flow-control window.
-pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
-/// Largest HTTP/2 DATA frame the server and [`client_endpoint`] accept
-/// (h2's default is 16 KiB).
-pub const MAX_FRAME_BYTES: u32 = 1 << 20;
-
 /// A client endpoint for `http://addr` with the transport settings the
-/// server uses: TCP_NODELAY, large HTTP/2 windows and frames. Connect with
-/// `.connect().await` and raise the client's message limits to match the
-/// server's `max_message_bytes`.
+/// server uses ([`tune_endpoint`]: TCP_NODELAY, large HTTP/2 windows and
+/// frames). Connect with `.connect().await` and raise the client's message
+/// limits to match the server's `max_message_bytes`.
 pub fn client_endpoint(addr: SocketAddr) -> Result<tonic::transport::Endpoint> {
-    Ok(
+    Ok(tune_endpoint(
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| PsError::invalid(format!("endpoint for {addr}: {e}")))?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .max_frame_size(MAX_FRAME_BYTES),
-    )
+            .map_err(|e| PsError::invalid(format!("endpoint for {addr}: {e}")))?,
+    ))
 }
 
 /// The smallest non-zero `max_bytes`: one row of the narrowest table (a
@@ -139,7 +126,7 @@ impl Default for ServerConfig {
             num_shards: 1,
             checkpoint_dir: None,
             metrics_addr: None,
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: MAX_MESSAGE_BYTES,
             auth_token: None,
             auth_token_file: None,
             restore: false,

@@ -57,7 +57,7 @@ use crate::init::Init;
 use crate::optim::Optimizer;
 use crate::row::{noise_seed, FREE_STEP, HEADER_WORDS, MAX_ROW_STEP};
 pub use crate::row::{RowLayout, WeightPrecision};
-use ember_proto::route::splitmix64;
+use ember_proto::rng::{splitmix64, GOLDEN_GAMMA};
 use ember_proto::v1::{initializer, CountMode, TableConfig};
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
@@ -220,11 +220,8 @@ impl TableSpec {
                 config.count_mode
             ))
         })?;
-        if !config.mba_lambda.is_finite() || config.mba_lambda < 0.0 {
-            return bad("mba_lambda must be finite and >= 0".into());
-        }
-        if config.mba_lambda > 0.0 && count_mode == CountMode::CountNone {
-            return bad("mba_lambda > 0 requires count_mode COUNT_EXACT or COUNT_ONLINE".into());
+        if let Err(e) = ember_proto::table::check_mba(config.mba_lambda, count_mode) {
+            return bad(e.to_string());
         }
         if !config.plain_l2.is_finite() || config.plain_l2 < 0.0 {
             return bad("plain_l2 must be finite and >= 0".into());
@@ -559,7 +556,7 @@ impl Stripe {
         let mut best: Option<(f64, u32)> = None;
         let mut found = 0;
         for _ in 0..EVICT_SAMPLES * 8 {
-            self.rng = splitmix64(self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15));
+            self.rng = splitmix64(self.rng.wrapping_add(GOLDEN_GAMMA));
             let slot = (self.rng % u64::from(self.slots)) as u32;
             let row = self.row(slot, words);
             if row[3] == FREE_STEP {

@@ -378,7 +378,7 @@ mod tests {
     use super::*;
     use crate::batch::Batch;
     use crate::data::format::encode_sample;
-    use crate::data::rng::SplitMix64;
+    use ember_proto::rng::SplitMix64;
     use std::collections::BTreeMap;
 
     fn random_samples(n: usize, with_neg: bool) -> Vec<Sample> {

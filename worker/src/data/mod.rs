@@ -19,7 +19,6 @@ pub mod format;
 pub mod prepare;
 pub mod progress;
 pub mod reader;
-pub mod rng;
 pub mod synth;
 
 /// Errors of the data path.

@@ -43,8 +43,8 @@
 //! sequence; rating protocol: train users' and test users' full sequences),
 //! `user_map.tsv` (`original_id \t id`), `item_map.tsv` (`original_id \t id \t
 //! cat_id`), `cat_map.tsv` (`genre \t id`), each with a header line, and
-//! `meta.json` ([`Meta`]). Files are written under a `.tmp` name and renamed
-//! when complete.
+//! `meta.json` ([`Meta`]). Files are written under a hidden `.NAME.tmp` name
+//! and renamed when complete.
 
 use std::fmt;
 use std::fs::File;
@@ -59,8 +59,8 @@ use sha2::{Digest, Sha256};
 
 use super::format::{push_list, push_u64, LineCtx};
 use super::progress::rows_bar;
-use super::rng::{derive_seed, SplitMix64};
 use super::DataError;
+use ember_proto::rng::{derive_seed, SplitMix64};
 
 /// Default seed of the data set (DATA.md's expected counts use it).
 pub const DEFAULT_SEED: u64 = 1234;
@@ -656,38 +656,35 @@ impl RowWriter<'_> {
     }
 }
 
-/// A file written under `NAME.tmp` and renamed to `NAME` on commit.
+/// A data file written atomically ([`ember_proto::atomic::AtomicFile`]:
+/// the hidden temp file `.NAME.tmp`, fsynced and renamed to `NAME` on
+/// commit), buffered, with errors naming the file.
 pub(crate) struct AtomicFile {
-    tmp: PathBuf,
-    path: PathBuf,
-    w: BufWriter<File>,
+    w: BufWriter<ember_proto::atomic::AtomicFile>,
 }
 
 impl AtomicFile {
     pub(crate) fn create(path: &Path) -> Result<Self, DataError> {
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(".tmp");
-        let tmp = path.with_file_name(name);
-        let f = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+        let f = ember_proto::atomic::AtomicFile::create(path)
+            .map_err(|e| DataError::io(e.path, e.source))?;
         Ok(AtomicFile {
-            tmp,
-            path: path.to_path_buf(),
             w: BufWriter::with_capacity(1 << 20, f),
         })
     }
 
     pub(crate) fn write_all(&mut self, b: &[u8]) -> Result<(), DataError> {
-        self.w.write_all(b).map_err(|e| DataError::io(&self.tmp, e))
+        self.w
+            .write_all(b)
+            .map_err(|e| DataError::io(self.w.get_ref().temp_path(), e))
     }
 
     pub(crate) fn commit(self) -> Result<(), DataError> {
-        let AtomicFile { tmp, path, w } = self;
-        let f = w
-            .into_inner()
-            .map_err(|e| DataError::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))
+        let f = self.w.into_inner().map_err(|e| {
+            let (err, w) = e.into_parts();
+            DataError::io(w.get_ref().temp_path(), err)
+        })?;
+        f.commit().map_err(|e| DataError::io(e.path, e.source))?;
+        Ok(())
     }
 }
 

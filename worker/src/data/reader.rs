@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::format::{parse_sample_into, parse_u64, LineCtx, LIST_SEP};
-use super::rng::{derive_seed, SplitMix64};
 use super::DataError;
 use crate::batch::{Batch, Sample};
+use ember_proto::rng::{derive_seed, SplitMix64};
 
 /// Longest accepted sample line in bytes (without its `\n`); longer lines
 /// are malformed.

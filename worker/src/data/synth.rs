@@ -34,9 +34,9 @@ use rand_distr::{Distribution, Zipf};
 use super::format::encode_sample;
 use super::prepare::AtomicFile;
 use super::progress::rows_bar;
-use super::rng::{derive_seed, SplitMix64};
 use super::DataError;
 use crate::batch::{Batch, Sample};
+use ember_proto::rng::{derive_seed, SplitMix64};
 
 /// Stream key for per-user interests.
 pub const USER_KEY: u64 = 0x5553_4552; // "USER"

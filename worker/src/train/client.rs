@@ -3,55 +3,25 @@
 //! rows back into request order, and retries transient failures (a shard
 //! restarting) with exponential backoff until a deadline.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_proto::codec::{decode_f32, encode_f32, encode_u32, encode_u64};
+use ember_proto::retry::retry;
 use ember_proto::route::Router;
-use ember_proto::security::ClientSecurity;
+use ember_proto::security::{BearerAuth, ClientSecurity};
+use ember_proto::transport::{tune_endpoint, MAX_MESSAGE_BYTES};
 use ember_proto::v1::parameter_server_client::ParameterServerClient;
 use ember_proto::v1::{self as pb};
 use futures_util::future::try_join_all;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 use super::TrainError;
 
-/// Largest gRPC message the client sends or accepts (matches the shard default).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+pub use ember_proto::retry::{is_transient, RetryPolicy};
 
 /// Ids per LoadCounts request chunk.
 const COUNTS_CHUNK: usize = 1 << 20;
-
-/// How the client retries a shard that does not answer.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// First backoff delay.
-    pub initial: Duration,
-    /// Largest backoff delay.
-    pub max: Duration,
-    /// Give up after this long without success.
-    pub deadline: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_secs(2),
-            deadline: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Whether a failed call may succeed if repeated (the shard is restarting,
-/// the connection broke), as opposed to a request the shard rejected.
-pub fn is_transient(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
-    )
-}
 
 /// A fresh nonzero push request id: a random per-process base plus a
 /// counter, so ids do not repeat within a process or (but for a 2^-64
@@ -63,7 +33,7 @@ pub fn push_request_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let base = *BASE.get_or_init(rand::random::<u64>);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    match ember_proto::route::splitmix64(base.wrapping_add(n)) {
+    match ember_proto::rng::splitmix64(base.wrapping_add(n)) {
         0 => 1,
         id => id,
     }
@@ -74,9 +44,11 @@ pub fn push_request_id() -> u64 {
 pub struct PsClient {
     shards: Vec<ParameterServerClient<Channel>>,
     addrs: Vec<String>,
+    /// `shard <i> (<addr>)`, naming each shard in retry logs.
+    peers: Vec<String>,
     router: Router,
     retry: RetryPolicy,
-    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    auth: BearerAuth,
 }
 
 impl std::fmt::Debug for PsClient {
@@ -103,24 +75,24 @@ impl PsClient {
             let ep = security
                 .endpoint(a)
                 .map_err(|e| TrainError::Config(format!("shard address: {e}")))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                // Large windows and frames: a pull reply of thousands of rows
-                // must not stall on HTTP/2 flow control (64 KiB by default).
-                .initial_stream_window_size(8 << 20)
-                .initial_connection_window_size(32 << 20);
+                .connect_timeout(Duration::from_secs(5));
+            // Large windows and frames: a pull reply of thousands of rows
+            // must not stall on HTTP/2 flow control (64 KiB by default).
+            let ep = tune_endpoint(ep);
             let client = ParameterServerClient::new(ep.connect_lazy())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             shards.push(client);
         }
-        let token = security.token.clone();
         Ok(PsClient {
             shards,
             addrs: addrs.to_vec(),
+            peers: (0..addrs.len())
+                .map(|s| format!("shard {s} ({})", addrs[s]))
+                .collect(),
             router: Router::new(addrs.len() as u32),
             retry,
-            token,
+            auth: security.interceptor(),
         })
     }
 
@@ -141,14 +113,13 @@ impl PsClient {
 
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
+        self.auth.authorize(&mut req);
         req
     }
 
     /// Runs `call` against shard `s`, retrying transient failures with
-    /// exponential backoff until the policy's deadline.
+    /// exponential backoff until the policy's deadline
+    /// ([`ember_proto::retry::retry`]).
     async fn with_retry<T, F, Fut>(
         &self,
         s: usize,
@@ -159,41 +130,17 @@ impl PsClient {
         F: FnMut(ParameterServerClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let start = Instant::now();
-        let mut delay = self.retry.initial;
-        let mut attempt = 0u32;
-        loop {
-            match call(self.shards[s].clone()).await {
-                Ok(resp) => {
-                    if attempt > 0 {
-                        tracing::info!(shard = s, addr = %self.addrs[s], what, attempt, "shard reachable again");
-                    }
-                    return Ok(resp.into_inner());
-                }
-                Err(status) if is_transient(&status) && start.elapsed() < self.retry.deadline => {
-                    attempt += 1;
-                    tracing::warn!(
-                        shard = s,
-                        addr = %self.addrs[s],
-                        what,
-                        attempt,
-                        backoff_ms = delay.as_millis() as u64,
-                        "shard unavailable ({}), retrying",
-                        status.message()
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.retry.max);
-                }
-                Err(status) => {
-                    return Err(TrainError::Ps {
-                        shard: s,
-                        addr: self.addrs[s].clone(),
-                        what,
-                        status,
-                    });
-                }
-            }
-        }
+        retry(&self.retry, &self.peers[s], what, || {
+            call(self.shards[s].clone())
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| TrainError::Ps {
+            shard: s,
+            addr: self.addrs[s].clone(),
+            what,
+            status,
+        })
     }
 
     /// Sends `msg` to every shard in parallel through `call`, each with retries.

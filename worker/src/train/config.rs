@@ -925,14 +925,10 @@ impl JobConfig {
                     .into(),
             );
         }
-        if self.sparse.mba_lambda < 0.0 || !self.sparse.mba_lambda.is_finite() {
-            return Err("sparse.mba_lambda must be a finite value >= 0".into());
-        }
-        if self.sparse.mba_lambda > 0.0 && self.sparse.count_mode == CountMode::None {
-            return Err(
-                "sparse.mba_lambda > 0 needs sparse.count_mode = \"exact\" or \"online\"".into(),
-            );
-        }
+        // The same rule and message as the shard's table validation.
+        let t = self.sparse.table("item", 1, 0);
+        ember_proto::table::check_mba(t.mba_lambda, t.count_mode())
+            .map_err(|e| format!("sparse: {e}"))?;
         Ok(())
     }
 

@@ -24,14 +24,14 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_proto::security::{BearerAuth, ClientSecurity};
 use ember_proto::v1 as pb;
 use ember_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::backend::Backend;
 use super::config::JobConfig;
@@ -117,69 +117,31 @@ pub fn connect_coordinator(
     ))
 }
 
-/// Whether a failed coordinator call may succeed later (it is restarting or
-/// not up yet), as opposed to a rejected request.
-fn transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::Aborted
-            | Code::DeadlineExceeded
-    )
-}
-
 /// Calls `f` until it succeeds, retrying transient failures with exponential
-/// backoff (logged) for up to `deadline`.
+/// backoff (200 ms doubling up to 5 s, each retry logged) for up to
+/// `deadline`, through the shared [`ember_proto::retry::retry`].
 async fn retrying<T, Fut>(
     addr: &str,
     what: &'static str,
     deadline: Duration,
-    mut f: impl FnMut() -> Fut,
+    f: impl FnMut() -> Fut,
 ) -> Result<T, RemoteError>
 where
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
-    let start = Instant::now();
-    let mut delay = Duration::from_millis(200);
-    let mut tries = 0u32;
-    loop {
-        match f().await {
-            Ok(r) => {
-                if tries > 0 {
-                    tracing::info!(
-                        coordinator = addr,
-                        what,
-                        tries,
-                        "coordinator reachable again"
-                    );
-                }
-                return Ok(r.into_inner());
-            }
-            Err(status) if transient(&status) && start.elapsed() < deadline => {
-                tries += 1;
-                tracing::warn!(
-                    coordinator = addr,
-                    what,
-                    try_ = tries,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "coordinator unreachable: {} ({:?}); retrying",
-                    status.message(),
-                    status.code()
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(status) => {
-                return Err(RemoteError::Coordinator {
-                    addr: addr.to_string(),
-                    what,
-                    status,
-                })
-            }
-        }
-    }
+    let policy = ember_proto::retry::RetryPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+        deadline,
+    };
+    ember_proto::retry::retry(&policy, &format!("coordinator {addr}"), what, f)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| RemoteError::Coordinator {
+            addr: addr.to_string(),
+            what,
+            status,
+        })
 }
 
 /// The wire form of a worker's report.
@@ -617,12 +579,5 @@ mod tests {
             seconds: 4.0,
         };
         assert_eq!(report_from_proto(3, &report_to_proto(&r)), r);
-    }
-
-    #[test]
-    fn only_unavailable_like_codes_are_retried() {
-        assert!(transient(&Status::unavailable("down")));
-        assert!(!transient(&Status::invalid_argument("bad index")));
-        assert!(!transient(&Status::unauthenticated("token")));
     }
 }
