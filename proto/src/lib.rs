@@ -8,21 +8,28 @@
 //! ([`atomic`]) and the table-setting rules ([`table`]).
 
 pub mod atomic;
+#[cfg(feature = "grpc")]
 pub mod codec;
 #[cfg(feature = "pki")]
 pub mod pki;
+#[cfg(feature = "grpc")]
 pub mod retry;
 pub mod rng;
 pub mod route;
+#[cfg(feature = "grpc")]
 pub mod security;
+#[cfg(feature = "grpc")]
 pub mod table;
+#[cfg(feature = "grpc")]
 pub mod transport;
 
 /// Generated protobuf messages and tonic client/server for `ember.v1`.
+#[cfg(feature = "grpc")]
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("ember.v1");
 }
 
+#[cfg(feature = "grpc")]
 pub use codec::CodecError;
 pub use route::{Router, NUM_BUCKETS};

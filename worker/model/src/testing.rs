@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 
 use super::optim::DenseOptimizer;
 use super::{CtrModel, Result, SparseRows};
-use crate::batch::{Batch, Sample};
 use crate::metrics;
+use ember_data::batch::{Batch, Sample};
 
 /// Row update rule of the [`InMemoryStore`].
 #[derive(Debug, Clone, Copy, PartialEq)]

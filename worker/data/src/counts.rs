@@ -377,7 +377,7 @@ pub fn count(opts: &CountOptions) -> Result<CountSummary, DataError> {
 mod tests {
     use super::*;
     use crate::batch::Batch;
-    use crate::data::format::encode_sample;
+    use crate::format::encode_sample;
     use ember_proto::rng::SplitMix64;
     use std::collections::BTreeMap;
 

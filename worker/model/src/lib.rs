@@ -1,3 +1,8 @@
+//! `ember-model`: Ember's models on candle. [`layer`] holds the
+//! gradient-checked layers and fused kernels, [`metrics`] the evaluation
+//! metrics (AUC, GAUC, logloss, ranking); this crate has no network and no
+//! parameter server (sparse rows come in, gradients go out).
+//!
 //! CTR models (BaseModel, DIN, DIEN) behind one trainer-facing trait, plus
 //! GRU4Rec (its own session-parallel API), a small local dense optimizer and an
 //! in-memory embedding store for tests.
@@ -5,8 +10,8 @@
 //! # How the trainer drives a CTR model
 //!
 //! ```no_run
-//! use ember_worker::batch::Batch;
-//! use ember_worker::model::{build_model, CtrModel, ModelConfig, SparseRows, DenseOptimizer};
+//! use ember_data::batch::Batch;
+//! use ember_model::{build_model, CtrModel, ModelConfig, SparseRows, DenseOptimizer};
 //! # fn pull(_: &Batch, _: &[(&'static str, usize)]) -> SparseRows { SparseRows::new() }
 //! # fn batches() -> Vec<Batch> { vec![] }
 //! let cfg: ModelConfig = toml::from_str("kind = \"din\"").unwrap();
@@ -66,6 +71,8 @@ pub mod config;
 pub mod dien;
 pub mod din;
 pub mod gru4rec;
+pub mod layer;
+pub mod metrics;
 pub mod net;
 pub mod optim;
 pub mod testing;
@@ -77,7 +84,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device};
 
-use crate::batch::Batch;
+use ember_data::batch::Batch;
 
 pub use alloc::tune_allocator;
 pub use config::{ModelConfig, ModelKind};

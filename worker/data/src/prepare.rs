@@ -731,10 +731,10 @@ fn len_stats(raw: &Raw) -> LenStats {
 /// from raw ML-100k (see the module docs for the exact protocol).
 ///
 /// ```no_run
-/// use ember_worker::data::prepare::{prepare, PrepareOptions};
+/// use ember_data::prepare::{prepare, PrepareOptions};
 /// let summary = prepare(&PrepareOptions::default())?;
 /// println!("{summary}");
-/// # Ok::<(), ember_worker::data::DataError>(())
+/// # Ok::<(), ember_data::DataError>(())
 /// ```
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, DataError> {
     opts.validate()?;
@@ -897,7 +897,7 @@ pub fn load_id_map(path: &Path) -> Result<Vec<(String, u64)>, DataError> {
 mod tests {
     use super::*;
     use crate::batch::Sample;
-    use crate::data::format::parse_sample;
+    use crate::format::parse_sample;
 
     const INTER: &str = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n\
         10\t200\t5\t300\n\

@@ -4,11 +4,11 @@
 //! never allocate from an untrusted length, reject every corruption of a
 //! valid counts file, and accept only canonical input.
 
-use ember_worker::batch::Sample;
-use ember_worker::data::counts::{decode_counts, encode_counts, TableCounts, MAGIC, VERSION};
-use ember_worker::data::format::encode_sample;
-use ember_worker::data::reader::SampleReader;
-use ember_worker::data::DataError;
+use ember_data::batch::Sample;
+use ember_data::counts::{decode_counts, encode_counts, TableCounts, MAGIC, VERSION};
+use ember_data::format::encode_sample;
+use ember_data::reader::SampleReader;
+use ember_data::DataError;
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use std::path::Path;

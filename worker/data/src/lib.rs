@@ -1,5 +1,7 @@
-//! Data path: fetch, prepare, read, count, synthesize.
+//! `ember-data`: Ember's data path: fetch, prepare, read, count, synthesize.
+//! No model and no network: batches come out, a trainer consumes them.
 //!
+//! - [`batch`]: samples and the deduplicated mini-batch (ids per sparse table).
 //! - `scripts/fetch-ml100k.sh` downloads MovieLens-100k (see `shared/DATA.md`).
 //! - [`format`]: the DIEN sample text format and the user-sequence format.
 //! - [`prepare`]: raw ML-100k -> train/test sample files (DIN protocol, or the
@@ -14,6 +16,7 @@
 
 use std::path::PathBuf;
 
+pub mod batch;
 pub mod counts;
 pub mod format;
 pub mod prepare;

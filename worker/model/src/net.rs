@@ -11,11 +11,11 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::{CtrModel, ModelError, Result, SparseRows, StepOutput};
-use crate::batch::{Batch, CAT_TABLE, ITEM_TABLE, USER_TABLE};
 use crate::layer::embedding::EmbeddingBlock;
 use crate::layer::loss::mean_bce_with_logits;
 use crate::layer::mode::Mode;
 use crate::layer::params::{to_f32_vec, ParamBuilder, ParamSet};
+use ember_data::batch::{Batch, CAT_TABLE, ITEM_TABLE, USER_TABLE};
 
 /// The tensors of one batch a model body consumes.
 #[derive(Debug, Clone)]

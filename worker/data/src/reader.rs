@@ -370,14 +370,14 @@ where
 /// after an error the iterator ends.
 ///
 /// ```no_run
-/// use ember_worker::data::reader::{BatchReader, ReaderOptions};
+/// use ember_data::reader::{BatchReader, ReaderOptions};
 /// let files = vec!["data/ml100k-din/train.txt".into()];
 /// let mut reader = BatchReader::new(&files, ReaderOptions { epochs: 2, ..Default::default() })?;
 /// while let Some(batch) = reader.next_batch()? {
 ///     let _pos = reader.position(); // save with the checkpoint
 ///     # let _ = batch;
 /// }
-/// # Ok::<(), ember_worker::data::DataError>(())
+/// # Ok::<(), ember_data::DataError>(())
 /// ```
 pub struct BatchReader {
     files: Vec<PathBuf>,
@@ -719,7 +719,7 @@ pub fn bench_reader(files: &[PathBuf], opts: ReaderOptions) -> Result<BenchSumma
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::format::encode_sample;
+    use crate::format::encode_sample;
     use std::collections::BTreeMap;
 
     fn sample(k: u64) -> Sample {

@@ -13,13 +13,13 @@ use super::testing::{
     batches, evaluate, synthetic_samples, train_epoch, InMemoryStore, SyntheticSpec,
 };
 use super::*;
-use crate::batch::{Batch, ITEM_TABLE};
 use crate::layer::attention::AttentionMode;
 use crate::layer::attention_gru::EvolveKind;
 use crate::layer::embedding::EmbeddingBlock;
 use crate::layer::gradcheck::{assert_ok, check};
 use crate::layer::mlp::Activation;
 use crate::layer::mode::Mode;
+use ember_data::batch::{Batch, ITEM_TABLE};
 
 fn small(kind: ModelKind) -> ModelConfig {
     ModelConfig {

@@ -389,7 +389,7 @@ pub fn write_synth(opts: &SynthOptions, out: &Path) -> Result<SynthSummary, Data
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::reader::SampleReader;
+    use crate::reader::SampleReader;
     use rustc_hash::FxHashMap;
 
     fn small() -> SynthOptions {
