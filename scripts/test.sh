@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ember's test command (README, CI): fetches ML-100k (for the tests gated on
-# real data), then builds once (dev profile, optimised) and runs every test of
-# the workspace, including the multi-process cluster tests on loopback.
+# real data), checks formatting, builds once (dev profile, optimised), runs
+# clippy with warnings as errors, and runs every test of the workspace,
+# including the multi-process cluster tests on loopback.
 #
 # Skips are visible: a test that lacks a prerequisite (Docker, ML-100k,
 # kubernetes-validate) prints `SKIPPED: <test>: <reason>` and appends it to
@@ -47,5 +48,15 @@ trap summary EXIT
 # `--bins`): the same targets and features as the `cargo test` below, which
 # then compiles nothing again (`--bins` leaves out the dev-dependencies, so
 # shared crates such as candle would be compiled twice with other features).
+# Habits enforced: formatting and the workspace lints (Cargo.toml
+# [workspace.lints]) with every clippy warning an error.
+for tool in fmt clippy; do
+  if ! cargo "$tool" --version >/dev/null 2>&1; then
+    comp=$([ "$tool" = fmt ] && echo rustfmt || echo clippy)
+    rustup component add "$comp" || { echo "test.sh: cargo $tool is missing (rustup component add $comp)" >&2; exit 1; }
+  fi
+done
+cargo fmt --all -- --check
 cargo build --workspace --all-targets
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets "$@"

@@ -134,6 +134,50 @@ impl RunReport {
     }
 }
 
+impl EpochRecord {
+    /// The record of epoch `epoch` (ending at global step `step`) from its
+    /// workers' reports: mean train loss over all steps, samples and their
+    /// rate over the `seconds` of training, the time split, the test metrics.
+    pub fn from_reports(
+        epoch: usize,
+        step: u64,
+        reports: &[ember_worker::train::worker::WorkerReport],
+        seconds: f64,
+        restarts: u32,
+        test: &ember_worker::train::eval::EvalResult,
+    ) -> EpochRecord {
+        let steps: u64 = reports.iter().map(|r| r.steps).sum();
+        let samples: u64 = reports.iter().map(|r| r.samples).sum();
+        let per_step = |x: f64, empty: f64| if steps > 0 { x / steps as f64 } else { empty };
+        EpochRecord {
+            epoch,
+            step,
+            train_loss: per_step(reports.iter().map(|r| r.loss_sum).sum(), f64::NAN),
+            samples,
+            seconds,
+            samples_per_s: if seconds > 0.0 {
+                samples as f64 / seconds
+            } else {
+                0.0
+            },
+            dedup_ratio: per_step(reports.iter().map(|r| r.dedup_sum).sum(), 1.0),
+            time: TimeSplit {
+                pull_s: reports.iter().map(|r| r.pull_s).sum(),
+                compute_s: reports.iter().map(|r| r.compute_s).sum(),
+                push_s: reports.iter().map(|r| r.push_s).sum(),
+                wait_s: reports.iter().map(|r| r.wait_s).sum(),
+            },
+            test: Some(TestMetrics {
+                auc: test.auc,
+                gauc: test.gauc,
+                logloss: test.logloss,
+                rows: test.rows,
+            }),
+            restarts,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,49 +221,5 @@ mod tests {
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
         assert!(bytes.len() > 2000, "png too small: {}", bytes.len());
-    }
-}
-
-impl EpochRecord {
-    /// The record of epoch `epoch` (ending at global step `step`) from its
-    /// workers' reports: mean train loss over all steps, samples and their
-    /// rate over the `seconds` of training, the time split, the test metrics.
-    pub fn from_reports(
-        epoch: usize,
-        step: u64,
-        reports: &[ember_worker::train::worker::WorkerReport],
-        seconds: f64,
-        restarts: u32,
-        test: &ember_worker::train::eval::EvalResult,
-    ) -> EpochRecord {
-        let steps: u64 = reports.iter().map(|r| r.steps).sum();
-        let samples: u64 = reports.iter().map(|r| r.samples).sum();
-        let per_step = |x: f64, empty: f64| if steps > 0 { x / steps as f64 } else { empty };
-        EpochRecord {
-            epoch,
-            step,
-            train_loss: per_step(reports.iter().map(|r| r.loss_sum).sum(), f64::NAN),
-            samples,
-            seconds,
-            samples_per_s: if seconds > 0.0 {
-                samples as f64 / seconds
-            } else {
-                0.0
-            },
-            dedup_ratio: per_step(reports.iter().map(|r| r.dedup_sum).sum(), 1.0),
-            time: TimeSplit {
-                pull_s: reports.iter().map(|r| r.pull_s).sum(),
-                compute_s: reports.iter().map(|r| r.compute_s).sum(),
-                push_s: reports.iter().map(|r| r.push_s).sum(),
-                wait_s: reports.iter().map(|r| r.wait_s).sum(),
-            },
-            test: Some(TestMetrics {
-                auc: test.auc,
-                gauc: test.gauc,
-                logloss: test.logloss,
-                rows: test.rows,
-            }),
-            restarts,
-        }
     }
 }

@@ -249,7 +249,7 @@ fn mid_epoch_resume_in_a_fresh_process() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no resume line: {log}"));
     assert!(
-        step % 10 == 0 && (10..60).contains(&step),
+        step.is_multiple_of(10) && (10..60).contains(&step),
         "resumed at step {step}: {log}"
     );
     let rec = epochs(&report(dir.path()));

@@ -34,7 +34,7 @@ fn tag_of(h: u64) -> u8 {
 
 #[inline]
 fn home(h: u64, n: usize) -> usize {
-    ((h & 0xFFFF_FFFF) * n as u64 >> 32) as usize
+    (((h & 0xFFFF_FFFF) * n as u64) >> 32) as usize
 }
 
 /// Whether `len` entries over `cap` buckets are past the 7/8 limit.
@@ -282,7 +282,7 @@ mod tests {
             let found = idx.find(h, |s| keys[s as usize] == k);
             assert_eq!(found, model.get(&k).copied(), "step {step} key {k}");
             match found {
-                Some(s) if x % 3 == 0 => {
+                Some(s) if x.is_multiple_of(3) => {
                     assert!(idx.remove(h, s));
                     model.remove(&k);
                 }
@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn hash_sorted_inserts_into_a_reserved_index_stay_linear() {
         let n = 200_000usize;
-        let mut hashes: Vec<u64> = (0..n as u64).map(|k| splitmix64(k)).collect();
+        let mut hashes: Vec<u64> = (0..n as u64).map(splitmix64).collect();
         hashes.sort_unstable_by_key(|h| h & 0xFFFF_FFFF);
         let table = hashes.clone();
         let mut idx = Index::default();

@@ -80,7 +80,12 @@ pub(super) enum Workers {
     /// Child processes (`None`: died, waiting for [`Workers::restart_dead`]).
     Processes(Vec<Option<Child>>, ProcessSpec),
     /// Tasks of the launcher's runtime.
-    Tasks(Vec<Option<TaskWorker>>, JobConfig, Coordinator, Backend),
+    Tasks(
+        Vec<Option<TaskWorker>>,
+        Box<JobConfig>,
+        Coordinator,
+        Backend,
+    ),
     /// Started and restarted by someone else.
     External,
 }
@@ -112,7 +117,7 @@ impl Workers {
         let tasks = (0..cfg.cluster.workers)
             .map(|i| Some(spawn_task(i, cfg, coord, ps)))
             .collect();
-        Workers::Tasks(tasks, cfg.clone(), coord.clone(), ps.clone())
+        Workers::Tasks(tasks, Box::new(cfg.clone()), coord.clone(), ps.clone())
     }
 
     /// Workers that died since the last call, with the cause (exit status

@@ -118,7 +118,7 @@ async fn prefill(ps: &Backend, table: &str, dim: usize, n: u64) -> Result<(), Tr
                     0,
                 )
                 .await?;
-                if end % (PREFILL_BATCH * 256) == 0 {
+                if end.is_multiple_of(PREFILL_BATCH * 256) {
                     tracing::info!(table, rows = end, of = n, "prefill");
                 }
                 Ok::<(), TrainError>(())

@@ -31,7 +31,7 @@ use super::config::JobConfig;
 use super::TrainError;
 use crate::batch::{Batch, SparseIds};
 use crate::data::reader::{BatchReader, DataPosition, ReaderOptions};
-use crate::model::{build_model, CtrModel, SparseRows};
+use crate::model::{build_model, CtrModel, SparseRows, StepOutput};
 
 /// What one worker does in one epoch.
 #[derive(Debug, Clone)]
@@ -272,17 +272,15 @@ pub async fn run_epoch_cancellable(
         window.0 += 1;
         window.1 += f64::from(out.loss);
         // 4. Push (in the background when pipelined).
-        let ps2 = ps_arc.clone();
-        let (nw, wi) = (
-            if sync { job.num_workers as u32 } else { 1 },
+        let num_workers = if sync { job.num_workers as u32 } else { 1 };
+        let push = push_step(
+            ps_arc.clone(),
+            batch,
+            out,
+            step,
+            num_workers,
             job.worker_index as u32,
         );
-        let push = async move {
-            let t = Instant::now();
-            push_rows(&ps2, &batch, &out.sparse_grads, step).await?;
-            ps2.push_dense(&out.dense_grads, step, nw, wi).await?;
-            Ok(t.elapsed().as_secs_f64())
-        };
         if staleness == 0 {
             report.push_s += push.await?;
         } else {
@@ -317,6 +315,24 @@ pub async fn run_epoch_cancellable(
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The push of one step: the sparse gradients of every table, then the
+/// dense gradients (averaged over `num_workers` workers: all of them in
+/// synchronous mode, 1 = applied alone). Returns its seconds.
+async fn push_step(
+    ps: Arc<Backend>,
+    batch: Batch,
+    out: StepOutput,
+    step: u64,
+    num_workers: u32,
+    worker: u32,
+) -> Result<f64, TrainError> {
+    let t = Instant::now();
+    push_rows(&ps, &batch, &out.sparse_grads, step).await?;
+    ps.push_dense(&out.dense_grads, step, num_workers, worker)
+        .await?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Counts one trained step in `report` and in the worker's Prometheus series
@@ -413,7 +429,7 @@ async fn read_and_pull(
 /// (staleness 0), or by a prefetch task up to `staleness` batches ahead.
 enum Feed {
     Inline {
-        reader: BatchReader,
+        reader: Box<BatchReader>,
         limit: Option<u64>,
         async_dense: bool,
     },
@@ -435,7 +451,7 @@ impl Feed {
         let staleness = job.config.cluster.staleness;
         if staleness == 0 {
             return Ok(Feed::Inline {
-                reader,
+                reader: Box::new(reader),
                 limit,
                 async_dense,
             });
@@ -444,7 +460,7 @@ impl Feed {
         let (ps, tables) = (ps.clone(), tables.to_vec());
         let task = AbortOnDrop(tokio::spawn(async move {
             let mut n = 0u64;
-            while !limit.is_some_and(|l| n >= l) {
+            while limit.is_none_or(|l| n < l) {
                 let Some(item) = read_and_pull(&mut reader, &ps, &tables, async_dense)
                     .await
                     .transpose()
