@@ -10,6 +10,7 @@
 pub mod atomic;
 #[cfg(feature = "grpc")]
 pub mod codec;
+pub mod optim;
 #[cfg(feature = "pki")]
 pub mod pki;
 #[cfg(feature = "grpc")]

@@ -8,6 +8,7 @@
 //! - Adam:    `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;`
 //!   `w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`
 
+use ember_proto::optim as rules;
 use std::collections::HashMap;
 
 use super::{CtrModel, ModelError, Result};
@@ -100,19 +101,12 @@ impl DenseOptimizer {
         let n = param.len();
         let slot = self.slots.entry(name.to_string()).or_default();
         match self.kind {
-            OptimizerKind::Sgd { lr } => {
-                for (w, g) in param.iter_mut().zip(grad) {
-                    *w -= lr * g;
-                }
-            }
+            OptimizerKind::Sgd { lr } => rules::sgd(param, grad, lr),
             OptimizerKind::Adagrad { lr, eps, init_acc } => {
                 if slot.v.len() != n {
                     slot.v = vec![init_acc; n];
                 }
-                for ((w, g), acc) in param.iter_mut().zip(grad).zip(slot.v.iter_mut()) {
-                    *acc += g * g;
-                    *w -= lr * g / (acc.sqrt() + eps);
-                }
+                rules::adagrad(param, &mut slot.v, grad, lr, eps);
             }
             OptimizerKind::Adam {
                 lr,
@@ -127,12 +121,18 @@ impl DenseOptimizer {
                 slot.t += 1;
                 let c1 = 1.0 - beta1.powi(slot.t as i32);
                 let c2 = 1.0 - beta2.powi(slot.t as i32);
-                for i in 0..n {
-                    let g = grad[i];
-                    slot.m[i] = beta1 * slot.m[i] + (1.0 - beta1) * g;
-                    slot.v[i] = beta2 * slot.v[i] + (1.0 - beta2) * g * g;
-                    param[i] -= lr * (slot.m[i] / c1) / ((slot.v[i] / c2).sqrt() + eps);
-                }
+                rules::adam(
+                    param,
+                    &mut slot.m,
+                    &mut slot.v,
+                    grad,
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    c1,
+                    c2,
+                );
             }
         }
     }

@@ -108,17 +108,10 @@ impl InMemoryStore {
                 };
                 let gr = &g[u * dim..(u + 1) * dim];
                 match self.rule {
-                    RowRule::Sgd => {
-                        for (w, gi) in row.iter_mut().zip(gr) {
-                            *w -= self.lr * gi;
-                        }
-                    }
+                    RowRule::Sgd => ember_proto::optim::sgd(row, gr, self.lr),
                     RowRule::Adagrad => {
                         let a = acc.entry(id).or_insert_with(|| vec![0.1; dim]);
-                        for ((w, gi), ai) in row.iter_mut().zip(gr).zip(a.iter_mut()) {
-                            *ai += gi * gi;
-                            *w -= self.lr * gi / (ai.sqrt() + 1e-8);
-                        }
+                        ember_proto::optim::adagrad(row, a, gr, self.lr, 1e-8);
                     }
                 }
             }

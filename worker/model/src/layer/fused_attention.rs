@@ -16,14 +16,11 @@
 //! The parameters travel as one packed tensor (`cat` of the flattened
 //! `W1, b1, W2, b2, W3, b3`), whose backward splits the gradient again.
 
-use std::any::Any;
-use std::sync::Mutex;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::attention::ActivationUnit;
-use super::kernels::{col_sums, cpu_real, mm, slice, tensor, values, Real};
+use super::kernels::{col_sums, cpu_real, mm, slice, tensor, values, Real, SavedForward};
 use crate::dispatch_real;
 
 /// Whether the fused kernel can run on `k`'s device and dtype.
@@ -53,7 +50,7 @@ pub fn scores(unit: &ActivationUnit, q: &Tensor, k: &Tensor, lens: &[usize]) -> 
         e,
         h1: l[0].out_dim(),
         h2: l[1].out_dim(),
-        cache: Mutex::new(None),
+        cache: SavedForward::default(),
     };
     q.contiguous()?.apply_op3(&k.contiguous()?, &p, op)
 }
@@ -63,7 +60,7 @@ struct AttnScores {
     e: usize,
     h1: usize,
     h2: usize,
-    cache: Mutex<Option<Box<dyn Any + Send + Sync>>>,
+    cache: SavedForward,
 }
 
 struct Cache<T> {
@@ -197,13 +194,8 @@ impl AttnScores {
         let kv: Vec<T> = values(k)?;
         let pv: Vec<T> = values(p)?;
         let gv: Vec<T> = values(g)?;
-        let guard = self.cache.lock().expect("attention cache");
-        let cache = guard
-            .as_ref()
-            .and_then(|c| c.downcast_ref::<Cache<T>>())
-            .ok_or_else(|| {
-                candle_core::Error::Msg("fused attention: backward without forward cache".into())
-            })?;
+        let guard = self.cache.lock();
+        let cache: &Cache<T> = SavedForward::get(&guard, "fused attention")?;
         let nv = cache.valid.len();
         let mut dp = vec![T::zero_(); o.len];
         let mut dq = vec![T::zero_(); b * e];
@@ -304,7 +296,7 @@ impl CustomOp3 for AttnScores {
                 slice::<T>(s[2].0, s[2].1)?,
             );
             let (scores, cache) = op.fwd(q, k, p, b, t)?;
-            *op.cache.lock().expect("attention cache") = Some(Box::new(cache));
+            op.cache.save(cache);
             Ok((T::to_cpu_storage_owned(scores), Shape::from((b, t))))
         }
         dispatch_real!(s1.dtype(), run(self, [(s1, l1), (s2, l2), (s3, l3)], b, t))

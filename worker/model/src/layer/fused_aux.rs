@@ -12,14 +12,11 @@
 //! `dW_e = E^T dZ1`, `dW_h = H^T dG`, `db1 = sum dG`, `de = dZ1 W_e^T`,
 //! `dh = dG W_h^T`.
 
-use std::any::Any;
-use std::sync::Mutex;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::aux::AuxNet;
-use super::kernels::{col_sums, mm, slice, tensor, values, Real};
+use super::kernels::{col_sums, mm, slice, tensor, values, Real, SavedForward};
 use crate::dispatch_real;
 
 /// Logits `[2N]` of `[h, e_pos]` then `[h, e_neg]` for `hs` `[N, H]` and
@@ -43,7 +40,7 @@ pub fn aux_logits(net: &AuxNet, hs: &Tensor, e2: &Tensor) -> Result<Tensor> {
         e,
         h1: l[0].out_dim(),
         h2: l[1].out_dim(),
-        cache: Mutex::new(None),
+        cache: SavedForward::default(),
     };
     hs.contiguous()?.apply_op3(&e2.contiguous()?, &p, op)
 }
@@ -53,7 +50,7 @@ struct AuxOp {
     e: usize,
     h1: usize,
     h2: usize,
-    cache: Mutex<Option<Box<dyn Any + Send + Sync>>>,
+    cache: SavedForward,
 }
 
 struct Cache<T> {
@@ -134,13 +131,8 @@ impl AuxOp {
         let o = self.off();
         let (hv, ev, pv, gv): (Vec<T>, Vec<T>, Vec<T>, Vec<T>) =
             (values(hs)?, values(e2)?, values(p)?, values(grad)?);
-        let guard = self.cache.lock().expect("aux cache");
-        let c = guard
-            .as_ref()
-            .and_then(|c| c.downcast_ref::<Cache<T>>())
-            .ok_or_else(|| {
-                candle_core::Error::Msg("fused aux: backward without forward cache".into())
-            })?;
+        let guard = self.cache.lock();
+        let c: &Cache<T> = SavedForward::get(&guard, "fused aux")?;
         let mut dp = vec![T::zero_(); o.len];
         let w3 = &pv[o.w3..o.w3 + h2];
         let mut dz2 = vec![T::zero_(); 2 * n * h2];
@@ -193,7 +185,7 @@ fn run<T: Real>(op: &AuxOp, s: [(&CpuStorage, &Layout); 3]) -> Result<(CpuStorag
         slice::<T>(s[2].0, s[2].1)?,
     );
     let (out, cache) = op.fwd(hs, e2, p, n)?;
-    *op.cache.lock().expect("aux cache") = Some(Box::new(cache));
+    op.cache.save(cache);
     Ok((T::to_cpu_storage_owned(out), Shape::from(2 * n)))
 }
 

@@ -16,13 +16,10 @@
 //! `dh_{t-1} = dh (1 - z) + dgh U^T`, `dU = sum_t h_{t-1}^T dgh_t`.
 //! Only rows still inside their history are computed at each step.
 
-use std::any::Any;
-use std::sync::Mutex;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernels::{mm, slice, tensor, values, Real};
+use super::kernels::{mm, slice, tensor, values, Real, SavedForward};
 use crate::dispatch_real;
 
 /// How the attention enters the state update.
@@ -59,7 +56,7 @@ struct GruSeq {
     kind: GateKind,
     lens: Vec<usize>,
     h: usize,
-    cache: Mutex<Option<Box<dyn Any + Send + Sync>>>,
+    cache: SavedForward,
 }
 
 /// Per valid step (in step-major order): gates and the previous state.
@@ -79,7 +76,7 @@ impl GruSeq {
             kind,
             lens: lens.to_vec(),
             h,
-            cache: Mutex::new(None),
+            cache: SavedForward::default(),
         }
     }
 
@@ -157,13 +154,8 @@ impl GruSeq {
         let wv: Vec<T> = values(w)?;
         let av: Option<Vec<T>> = att.map(values).transpose()?;
         let gv: Vec<T> = values(grad)?;
-        let guard = self.cache.lock().expect("gru cache");
-        let c = guard
-            .as_ref()
-            .and_then(|c| c.downcast_ref::<Cache<T>>())
-            .ok_or_else(|| {
-                candle_core::Error::Msg("fused gru: backward without forward cache".into())
-            })?;
+        let guard = self.cache.lock();
+        let c: &Cache<T> = SavedForward::get(&guard, "fused gru")?;
         let mut dgx = vec![T::zero_(); b * t * g3];
         let mut datt = vec![T::zero_(); b * t];
         let mut dgh_all = vec![T::zero_(); c.steps.len() * g3];
@@ -263,7 +255,7 @@ impl GruSeq {
             None => None,
         };
         let (states, cache) = self.fwd(gxs, a, ws, b, t)?;
-        *self.cache.lock().expect("gru cache") = Some(Box::new(cache));
+        self.cache.save(cache);
         Ok((T::to_cpu_storage_owned(states), Shape::from((b, t, self.h))))
     }
 }

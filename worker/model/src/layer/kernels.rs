@@ -2,7 +2,40 @@
 //! `f64`, storage access, and matrix products through candle's gemm.
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, WithDType};
+use std::any::Any;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::sync::{Mutex, MutexGuard};
+
+/// What a fused op's forward pass keeps for its backward pass (its
+/// intermediate results, in the float type the op ran in): the one cache
+/// scaffolding of the fused kernels.
+#[derive(Default)]
+pub(crate) struct SavedForward(Mutex<Option<Box<dyn Any + Send + Sync>>>);
+
+/// The locked content of a [`SavedForward`].
+pub(crate) type Saved<'a> = MutexGuard<'a, Option<Box<dyn Any + Send + Sync>>>;
+
+impl SavedForward {
+    /// Keeps `v` for the next backward pass (replacing an older one).
+    pub(crate) fn save<T: Any + Send + Sync>(&self, v: T) {
+        *self.lock() = Some(Box::new(v));
+    }
+
+    /// The saved value; lock it, then [`SavedForward::get`] it.
+    pub(crate) fn lock(&self) -> Saved<'_> {
+        // Every write is one assignment: a panic elsewhere leaves it usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The value of type `T` in `saved`; an error naming `op` when the
+    /// forward pass did not run (or ran in another float type).
+    pub(crate) fn get<'a, T: Any>(saved: &'a Saved<'_>, op: &str) -> Result<&'a T> {
+        saved
+            .as_ref()
+            .and_then(|c| c.downcast_ref::<T>())
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: backward without forward cache")))
+    }
+}
 
 /// The float types the fused kernels run in.
 pub trait Real:
