@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 use ember_proto::security::ServerSecurity;
 use ember_proto::v1 as pb;
 use ember_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
-use ember_worker::train::remote::{report_from_proto, RemoteError, TaskSource};
+use ember_worker::train::remote::{report_from_proto, TaskSource};
 use ember_worker::train::worker::{Progress, WorkerReport};
+use ember_worker::train::TrainError;
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -467,7 +468,7 @@ impl TaskSource for Coordinator {
     fn next_task(
         &self,
         req: pb::NextTaskRequest,
-    ) -> impl Future<Output = Result<pb::Task, RemoteError>> + Send {
+    ) -> impl Future<Output = Result<pb::Task, TrainError>> + Send {
         std::future::ready(
             Coordinator::next_task(self, &req, Instant::now()).map_err(local("NextTask")),
         )
@@ -476,7 +477,7 @@ impl TaskSource for Coordinator {
     fn report_progress(
         &self,
         req: pb::ReportProgressRequest,
-    ) -> impl Future<Output = Result<pb::ReportProgressResponse, RemoteError>> + Send {
+    ) -> impl Future<Output = Result<pb::ReportProgressResponse, TrainError>> + Send {
         std::future::ready(
             Coordinator::report_progress(self, &req, Instant::now())
                 .map_err(local("ReportProgress")),
@@ -486,7 +487,7 @@ impl TaskSource for Coordinator {
     fn report_done(
         &self,
         req: pb::ReportDoneRequest,
-    ) -> impl Future<Output = Result<pb::ReportDoneResponse, RemoteError>> + Send {
+    ) -> impl Future<Output = Result<pb::ReportDoneResponse, TrainError>> + Send {
         std::future::ready(
             Coordinator::report_done(self, &req, Instant::now()).map_err(local("ReportDone")),
         )
@@ -495,14 +496,14 @@ impl TaskSource for Coordinator {
     fn report_failure(
         &self,
         req: pb::ReportFailureRequest,
-    ) -> impl Future<Output = Result<pb::ReportFailureResponse, RemoteError>> + Send {
+    ) -> impl Future<Output = Result<pb::ReportFailureResponse, TrainError>> + Send {
         std::future::ready(Coordinator::report_failure(self, &req).map_err(local("ReportFailure")))
     }
 }
 
 /// A rejected in-process call as the worker loop's error.
-fn local(what: &'static str) -> impl Fn(Status) -> RemoteError {
-    move |status| RemoteError::Coordinator {
+fn local(what: &'static str) -> impl Fn(Status) -> TrainError {
+    move |status| TrainError::Coordinator {
         addr: "in-process".into(),
         what,
         status,

@@ -115,12 +115,11 @@ pub async fn export(
         shards: n,
         model: format!("{:?}", cfg.model.kind).to_lowercase(),
     };
+    // Written last and atomically: a directory with a manifest is complete.
     let mpath = out.join("manifest.json");
-    std::fs::write(
-        &mpath,
-        serde_json::to_string_pretty(&manifest).unwrap_or_default(),
-    )
-    .map_err(io(&mpath))?;
+    let body = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| ClusterError::Report(format!("{}: {e}", mpath.display())))?;
+    ember_proto::atomic::write_atomic(&mpath, |f| std::io::Write::write_all(f, &body))?;
     Ok(manifest)
 }
 

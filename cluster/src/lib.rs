@@ -56,6 +56,9 @@ pub enum ClusterError {
     /// TLS or token settings of a server are unusable.
     #[error("security: {0}")]
     Security(#[from] ember_proto::security::SecurityError),
+    /// A file written atomically (temp file, fsync, rename) could not be.
+    #[error(transparent)]
+    Write(#[from] ember_proto::atomic::AtomicWriteError),
     /// An in-process shard or the metrics exporter failed.
     #[error("parameter server: {0}")]
     Ps(#[from] ember_ps::error::PsError),

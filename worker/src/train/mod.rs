@@ -32,6 +32,18 @@ pub enum TrainError {
         /// The final status.
         status: Status,
     },
+    /// The coordinator rejected a call, or stayed unreachable past the
+    /// deadline (transient for the job: the worker gives up, its
+    /// orchestrator or the launcher restarts it).
+    #[error("coordinator {addr} failed {what}: {} ({:?})", status.message(), status.code())]
+    Coordinator {
+        /// The coordinator's address (`in-process` for the launcher's tasks).
+        addr: String,
+        /// The call that failed.
+        what: &'static str,
+        /// The final status.
+        status: Status,
+    },
     /// A shard answered something that breaks the contract.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -41,30 +41,6 @@ use super::TrainError;
 /// A client of the coordinator service (with the bearer-token interceptor).
 pub type CoordinatorConn = CoordinatorClient<InterceptedService<Channel, BearerAuth>>;
 
-/// Errors of the external-worker loop.
-#[derive(Debug, thiserror::Error)]
-pub enum RemoteError {
-    /// The coordinator rejected a call, or stayed unreachable past the deadline.
-    #[error("coordinator {addr} failed {what}: {} ({:?})", status.message(), status.code())]
-    Coordinator {
-        /// The coordinator's address.
-        addr: String,
-        /// The call that failed.
-        what: &'static str,
-        /// The final status.
-        status: Status,
-    },
-    /// The coordinator answered something that breaks the contract.
-    #[error("coordinator protocol error: {0}")]
-    Protocol(String),
-    /// The coordinator address or the security settings are unusable.
-    #[error("coordinator setup: {0}")]
-    Setup(String),
-    /// Training (or connecting to the shards) failed outside a task.
-    #[error(transparent)]
-    Train(#[from] TrainError),
-}
-
 /// Who a worker is and how it talks to its coordinator.
 #[derive(Debug, Clone)]
 pub struct RemoteOptions {
@@ -104,10 +80,10 @@ pub fn default_worker_id() -> String {
 pub fn connect_coordinator(
     addr: &str,
     security: &ClientSecurity,
-) -> Result<CoordinatorConn, RemoteError> {
+) -> Result<CoordinatorConn, TrainError> {
     let ep = security
         .endpoint(addr)
-        .map_err(|e| RemoteError::Setup(e.to_string()))?
+        .map_err(|e| TrainError::Config(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true);
@@ -125,7 +101,7 @@ async fn retrying<T, Fut>(
     what: &'static str,
     deadline: Duration,
     f: impl FnMut() -> Fut,
-) -> Result<T, RemoteError>
+) -> Result<T, TrainError>
 where
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
@@ -137,7 +113,7 @@ where
     ember_proto::retry::retry(&policy, &format!("coordinator {addr}"), what, f)
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| RemoteError::Coordinator {
+        .map_err(|status| TrainError::Coordinator {
             addr: addr.to_string(),
             what,
             status,
@@ -186,23 +162,23 @@ pub trait TaskSource: Clone + Send + Sync + 'static {
     fn next_task(
         &self,
         req: pb::NextTaskRequest,
-    ) -> impl Future<Output = Result<pb::Task, RemoteError>> + Send;
+    ) -> impl Future<Output = Result<pb::Task, TrainError>> + Send;
     /// ReportProgress (also the heartbeat): `keep_going = false` means the
     /// task's attempt is stale and must be abandoned.
     fn report_progress(
         &self,
         req: pb::ReportProgressRequest,
-    ) -> impl Future<Output = Result<pb::ReportProgressResponse, RemoteError>> + Send;
+    ) -> impl Future<Output = Result<pb::ReportProgressResponse, TrainError>> + Send;
     /// ReportDone with the task's report.
     fn report_done(
         &self,
         req: pb::ReportDoneRequest,
-    ) -> impl Future<Output = Result<pb::ReportDoneResponse, RemoteError>> + Send;
+    ) -> impl Future<Output = Result<pb::ReportDoneResponse, TrainError>> + Send;
     /// ReportFailure with the error and whether it is deterministic.
     fn report_failure(
         &self,
         req: pb::ReportFailureRequest,
-    ) -> impl Future<Output = Result<pb::ReportFailureResponse, RemoteError>> + Send;
+    ) -> impl Future<Output = Result<pb::ReportFailureResponse, TrainError>> + Send;
 }
 
 /// The coordinator over gRPC: NextTask and the final reports are retried
@@ -221,7 +197,7 @@ impl GrpcTasks {
         addr: &str,
         security: &ClientSecurity,
         deadline: Duration,
-    ) -> Result<GrpcTasks, RemoteError> {
+    ) -> Result<GrpcTasks, TrainError> {
         Ok(GrpcTasks {
             client: connect_coordinator(addr, security)?,
             addr: addr.to_string(),
@@ -231,7 +207,7 @@ impl GrpcTasks {
 }
 
 impl TaskSource for GrpcTasks {
-    async fn next_task(&self, req: pb::NextTaskRequest) -> Result<pb::Task, RemoteError> {
+    async fn next_task(&self, req: pb::NextTaskRequest) -> Result<pb::Task, TrainError> {
         retrying(&self.addr, "NextTask", self.deadline, || {
             let mut c = self.client.clone();
             let r = req.clone();
@@ -243,12 +219,12 @@ impl TaskSource for GrpcTasks {
     async fn report_progress(
         &self,
         req: pb::ReportProgressRequest,
-    ) -> Result<pb::ReportProgressResponse, RemoteError> {
+    ) -> Result<pb::ReportProgressResponse, TrainError> {
         let mut c = self.client.clone();
         c.report_progress(req)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|status| RemoteError::Coordinator {
+            .map_err(|status| TrainError::Coordinator {
                 addr: self.addr.clone(),
                 what: "ReportProgress",
                 status,
@@ -258,7 +234,7 @@ impl TaskSource for GrpcTasks {
     async fn report_done(
         &self,
         req: pb::ReportDoneRequest,
-    ) -> Result<pb::ReportDoneResponse, RemoteError> {
+    ) -> Result<pb::ReportDoneResponse, TrainError> {
         retrying(&self.addr, "ReportDone", self.deadline, || {
             let mut c = self.client.clone();
             let r = req;
@@ -270,7 +246,7 @@ impl TaskSource for GrpcTasks {
     async fn report_failure(
         &self,
         req: pb::ReportFailureRequest,
-    ) -> Result<pb::ReportFailureResponse, RemoteError> {
+    ) -> Result<pb::ReportFailureResponse, TrainError> {
         retrying(&self.addr, "ReportFailure", self.deadline, || {
             let mut c = self.client.clone();
             let r = req.clone();
@@ -305,7 +281,7 @@ pub async fn run_remote<F>(
     opts: &RemoteOptions,
     security: &ClientSecurity,
     connect_shards: F,
-) -> Result<RemoteSummary, RemoteError>
+) -> Result<RemoteSummary, TrainError>
 where
     F: Fn(&[String]) -> Result<Backend, TrainError> + Send + Sync,
 {
@@ -321,7 +297,7 @@ pub async fn run_tasks<S, F>(
     opts: &RemoteOptions,
     source: S,
     connect_shards: F,
-) -> Result<RemoteSummary, RemoteError>
+) -> Result<RemoteSummary, TrainError>
 where
     S: TaskSource,
     F: Fn(&[String]) -> Result<Backend, TrainError> + Send + Sync,
@@ -354,8 +330,8 @@ where
             }
             Ok(pb::TaskKind::Run) => {
                 if task.shard_addrs.is_empty() {
-                    return Err(RemoteError::Protocol(format!(
-                        "task of attempt {} names no shards",
+                    return Err(TrainError::Protocol(format!(
+                        "coordinator: task of attempt {} names no shards",
                         task.attempt
                     )));
                 }
@@ -371,8 +347,8 @@ where
                 report_outcome(opts, &source, task.attempt, outcome, &mut summary).await?;
             }
             Ok(pb::TaskKind::Unspecified) | Err(_) => {
-                return Err(RemoteError::Protocol(format!(
-                    "NextTask answered task kind {}",
+                return Err(TrainError::Protocol(format!(
+                    "coordinator: NextTask answered task kind {}",
                     task.kind
                 )));
             }
@@ -415,7 +391,7 @@ async fn report_outcome<S: TaskSource>(
     attempt: u64,
     outcome: Outcome,
     summary: &mut RemoteSummary,
-) -> Result<(), RemoteError> {
+) -> Result<(), TrainError> {
     match outcome {
         Outcome::Completed(report) => {
             summary.completed += 1;
@@ -547,7 +523,7 @@ pub fn run_remote_blocking<F>(
     opts: &RemoteOptions,
     security: &ClientSecurity,
     connect_shards: F,
-) -> Result<RemoteSummary, RemoteError>
+) -> Result<RemoteSummary, TrainError>
 where
     F: Fn(&[String]) -> Result<Backend, TrainError> + Send + Sync,
 {
@@ -555,7 +531,7 @@ where
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| RemoteError::Setup(format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| TrainError::Config(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(run_remote(config, opts, security, connect_shards))
 }
 
