@@ -109,7 +109,14 @@ impl Shards {
         };
         let start = Instant::now();
         for (i, last) in seen.iter_mut().enumerate() {
-            let mut backoff = Duration::from_millis(500);
+            // Any error is retried here (a shard being restarted refuses
+            // connections), on the shared backoff schedule.
+            let policy = ember_proto::retry::RetryPolicy {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(10),
+                deadline,
+            };
+            let mut backoff = policy.initial;
             loop {
                 match client.health_once(i, Duration::from_secs(2)).await {
                     Ok(h) => {
@@ -131,7 +138,7 @@ impl Shards {
                             "shard does not answer Health (down, hung or unreachable): {e}"
                         );
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        backoff = policy.next_delay(backoff);
                     }
                 }
             }

@@ -218,23 +218,19 @@ pub async fn run_epoch_cancellable(
     let staleness = cfg.cluster.staleness;
     let mut model = build_job_model(cfg)?;
     let tables = model.sparse_tables();
-    let limit = match (job.steps, cfg.train.max_steps_per_epoch) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let mut feed = Feed::start(job, ps, &tables, !sync, limit)?;
+    let mut feed = Feed::start(job, ps, &tables, !sync, step_limit(job))?;
     let mut report = WorkerReport {
         worker: job.worker_index,
         ..WorkerReport::default()
     };
     let mut window = (0u64, 0.0f64);
     let ps_arc = Arc::new(ps.clone());
-    let mut pushes: VecDeque<AbortOnDrop<Result<f64, TrainError>>> = VecDeque::new();
+    let mut pushes = Pushes::new(staleness);
     let first_step = job.start_step + job.skip_steps;
     loop {
         if cancel.load(Ordering::Relaxed) {
             // Abandoned: drop (abort) outstanding pushes and the prefetch.
-            pushes.clear();
+            drop(pushes);
             drop(feed);
             report.seconds = started.elapsed().as_secs_f64();
             return Ok(report);
@@ -246,15 +242,7 @@ pub async fn run_epoch_cancellable(
         };
         report.pull_s += ready.pull_s;
         // 2. Dense parameters at this step.
-        let dense = match ready.dense {
-            Some(d) => d,
-            None => {
-                let t = Instant::now();
-                let d = ps.pull_dense(step).await?.0;
-                report.wait_s += t.elapsed().as_secs_f64();
-                d
-            }
-        };
+        let dense = dense_at(ps, ready.dense, step, &mut report).await?;
         load_dense(model.as_mut(), &dense)?;
         // 3. Forward/backward.
         let t = Instant::now();
@@ -281,40 +269,110 @@ pub async fn run_epoch_cancellable(
             num_workers,
             job.worker_index as u32,
         );
-        if staleness == 0 {
-            report.push_s += push.await?;
-        } else {
-            pushes.push_back(AbortOnDrop(tokio::spawn(push)));
-            while pushes.len() > staleness {
-                if let Some(h) = pushes.pop_front() {
-                    let t = Instant::now();
-                    report.push_s += join(h).await?;
-                    report.wait_s += t.elapsed().as_secs_f64();
-                }
-            }
-        }
+        pushes.submit(push, &mut report).await?;
         if window.0 >= cfg.train.log_every.max(1) {
             emit_progress(job, &report, &mut window, on_progress);
         }
     }
-    while let Some(h) = pushes.pop_front() {
-        let t = Instant::now();
-        report.push_s += join(h).await?;
-        report.wait_s += t.elapsed().as_secs_f64();
-    }
+    pushes.drain(&mut report).await?;
     report.skipped = feed.finish().await?;
-    // The chief publishes Dice running statistics for evaluation.
-    if job.worker_index == 0 {
-        let state = model.dense_state();
-        if !state.is_empty() {
-            ps.assign_dense(&state).await?;
-        }
-    }
+    publish_state(job, model.dense_state(), ps).await?;
     if window.0 > 0 {
         emit_progress(job, &report, &mut window, on_progress);
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Steps to run: the task's, capped by `train.max_steps_per_epoch`.
+fn step_limit(job: &WorkerJob) -> Option<u64> {
+    match (job.steps, job.config.train.max_steps_per_epoch) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// At the end of a task the chief (worker 0) publishes the model's `state`
+/// (Dice running statistics) to the shards for evaluation and export.
+async fn publish_state(
+    job: &WorkerJob,
+    state: Vec<(String, Vec<f32>)>,
+    ps: &Backend,
+) -> Result<(), TrainError> {
+    if job.worker_index == 0 && !state.is_empty() {
+        ps.assign_dense(&state).await?;
+    }
+    Ok(())
+}
+
+/// The dense parameters for `step`: those prefetched with the batch (async
+/// mode), else pulled at exactly `step` (sync mode: waits until every
+/// worker's previous step was applied; the wait counts as `wait_s`).
+async fn dense_at(
+    ps: &Backend,
+    prefetched: Option<Vec<(String, Vec<f32>)>>,
+    step: u64,
+    report: &mut WorkerReport,
+) -> Result<Vec<(String, Vec<f32>)>, TrainError> {
+    if let Some(d) = prefetched {
+        return Ok(d);
+    }
+    let t = Instant::now();
+    let d = ps.pull_dense(step).await?.0;
+    report.wait_s += t.elapsed().as_secs_f64();
+    Ok(d)
+}
+
+/// A worker's pushes: awaited at once (staleness 0), or run in the
+/// background with at most `staleness` outstanding. Dropping it aborts them.
+struct Pushes {
+    staleness: usize,
+    inflight: VecDeque<AbortOnDrop<Result<f64, TrainError>>>,
+}
+
+impl Pushes {
+    fn new(staleness: usize) -> Pushes {
+        Pushes {
+            staleness,
+            inflight: VecDeque::new(),
+        }
+    }
+
+    /// Runs `push` (inline, or spawned and then waits for the oldest while
+    /// more than `staleness` are outstanding); push time goes to `push_s`,
+    /// time spent waiting for the pipeline to `wait_s` as well.
+    async fn submit(
+        &mut self,
+        push: impl std::future::Future<Output = Result<f64, TrainError>> + Send + 'static,
+        report: &mut WorkerReport,
+    ) -> Result<(), TrainError> {
+        if self.staleness == 0 {
+            report.push_s += push.await?;
+            return Ok(());
+        }
+        self.inflight.push_back(AbortOnDrop(tokio::spawn(push)));
+        while self.inflight.len() > self.staleness {
+            self.wait_oldest(report).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding push.
+    async fn drain(&mut self, report: &mut WorkerReport) -> Result<(), TrainError> {
+        while !self.inflight.is_empty() {
+            self.wait_oldest(report).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self, report: &mut WorkerReport) -> Result<(), TrainError> {
+        if let Some(h) = self.inflight.pop_front() {
+            let t = Instant::now();
+            report.push_s += join(h).await?;
+            report.wait_s += t.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
 }
 
 /// The push of one step: the sparse gradients of every table, then the
