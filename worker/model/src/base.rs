@@ -24,9 +24,9 @@ impl Network for BaseModel {
     fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
         let e = cfg.behaviour_dim();
         let inp = 2 * e + if cfg.use_user { cfg.user_dim } else { 0 };
-        Ok(BaseModel {
-            mlp: Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?,
-        })
+        let mut mlp = Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?;
+        mlp.set_dice(cfg.dice_momentum, cfg.dice_eps);
+        Ok(BaseModel { mlp })
     }
 
     fn forward(&self, inp: &Inputs, mode: Mode) -> Result<NetOutput> {

@@ -58,6 +58,11 @@ pub struct ModelConfig {
     pub aux_alpha: f64,
     /// Use the fused CPU kernels where available (true; off = composed candle ops).
     pub fused: bool,
+    /// Dice: momentum of the running mean/variance,
+    /// `r <- (1 - momentum) r + momentum * batch_stat` (0.1); in (0, 1].
+    pub dice_momentum: f64,
+    /// Dice: epsilon of `sqrt(Var[s] + eps)` (1e-8); > 0.
+    pub dice_eps: f64,
     /// Seed of the dense-parameter initialisation (42).
     pub seed: u64,
 }
@@ -80,6 +85,8 @@ impl Default for ModelConfig {
             aux_loss: true,
             aux_alpha: 1.0,
             fused: true,
+            dice_momentum: 0.1,
+            dice_eps: 1e-8,
             seed: 42,
         }
     }
@@ -130,6 +137,12 @@ impl ModelConfig {
         }
         if !self.aux_alpha.is_finite() || self.aux_alpha < 0.0 {
             return bad("aux_alpha", "must be finite and >= 0");
+        }
+        if !(self.dice_momentum > 0.0 && self.dice_momentum <= 1.0) {
+            return bad("dice_momentum", "must be in (0, 1]");
+        }
+        if !(self.dice_eps.is_finite() && self.dice_eps > 0.0) {
+            return bad("dice_eps", "must be finite and > 0");
         }
         Ok(())
     }

@@ -50,6 +50,7 @@ impl Network for Dien {
             &pb.pp("att"),
         )?;
         att.fused = cfg.fused;
+        att.ffn.set_dice(cfg.dice_momentum, cfg.dice_eps);
         let evolve = AttentionGru::new(cfg.evolve, h, h, &pb.pp("evolve"))?;
         let aux = if cfg.aux_loss {
             let mut a = AuxNet::new(h, e, &pb.pp("aux"))?;
@@ -59,12 +60,14 @@ impl Network for Dien {
             None
         };
         let inp = 2 * e + h + e + if cfg.use_user { cfg.user_dim } else { 0 };
+        let mut mlp = Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?;
+        mlp.set_dice(cfg.dice_momentum, cfg.dice_eps);
         Ok(Dien {
             gru,
             aux,
             att,
             evolve,
-            mlp: Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?,
+            mlp,
         })
     }
 

@@ -37,11 +37,14 @@ impl Network for Din {
             &pb.pp("att"),
         )?;
         att.fused = cfg.fused;
+        att.ffn.set_dice(cfg.dice_momentum, cfg.dice_eps);
         let inp = 4 * e + if cfg.use_user { cfg.user_dim } else { 0 };
+        let mut mlp = Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?;
+        mlp.set_dice(cfg.dice_momentum, cfg.dice_eps);
         Ok(Din {
             att,
             att_mode: cfg.attention_mode,
-            mlp: Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?,
+            mlp,
         })
     }
 

@@ -455,3 +455,69 @@ fn allocator_tuning_applies_on_glibc() {
         assert!(applied);
     }
 }
+
+/// `dice_momentum` reaches every Dice layer (final MLP and attention FFN):
+/// after one training step from the initial statistics (mean 0, var 1), the
+/// running mean with momentum 0.1 is exactly 0.1 x the one with momentum 1
+/// (which is the batch mean itself), and the running variance 0.9 + 0.1 x.
+/// Bad values are rejected by name.
+#[test]
+fn dice_momentum_and_eps_come_from_the_config() {
+    let state_after_step = |momentum: f64| {
+        let cfg = ModelConfig {
+            activation: Activation::Dice,
+            attention_activation: Activation::Dice,
+            dice_momentum: momentum,
+            ..small(ModelKind::Din)
+        };
+        let mut model = build_model(&cfg, &Device::Cpu).unwrap();
+        let batch = small_batch(5, 16);
+        let rows = rows_for(&batch, model.as_ref(), 9);
+        model.step(&batch, &rows, true).unwrap();
+        model.dense_state()
+    };
+    let (full, slow) = (state_after_step(1.0), state_after_step(0.1));
+    assert!(full.iter().any(|(n, _)| n.starts_with("att.")), "{full:?}");
+    assert!(full.iter().any(|(n, _)| n.starts_with("mlp.")), "{full:?}");
+    for ((name, f), (_, s)) in full.iter().zip(&slow) {
+        for (a, b) in f.iter().zip(s) {
+            let want = if name.ends_with("running_mean") {
+                0.1 * a
+            } else {
+                0.9 + 0.1 * a
+            };
+            assert!(
+                (b - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{name}: {b} vs {want}"
+            );
+        }
+    }
+    for (field, cfg) in [
+        (
+            "dice_momentum",
+            ModelConfig {
+                dice_momentum: 0.0,
+                ..ModelConfig::default()
+            },
+        ),
+        (
+            "dice_momentum",
+            ModelConfig {
+                dice_momentum: 1.5,
+                ..ModelConfig::default()
+            },
+        ),
+        (
+            "dice_eps",
+            ModelConfig {
+                dice_eps: 0.0,
+                ..ModelConfig::default()
+            },
+        ),
+    ] {
+        assert!(
+            matches!(cfg.validate(), Err(ModelError::Config { field: f, .. }) if f == field),
+            "{field}"
+        );
+    }
+}

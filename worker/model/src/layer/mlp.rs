@@ -68,6 +68,17 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Sets the running-statistics `momentum` and `eps` of every Dice
+    /// activation (the defaults are 0.1 and 1e-8).
+    pub fn set_dice(&mut self, momentum: f64, eps: f64) {
+        for a in &mut self.acts {
+            if let Act::Dice(d) = a {
+                d.momentum = momentum;
+                d.eps = eps;
+            }
+        }
+    }
+
     /// Creates the MLP `inp -> hidden... -> out` under `pb`.
     pub fn new(
         inp: usize,
