@@ -270,7 +270,7 @@ proptest! {
 }
 
 /// Writes the seed corpora of the `counts_file` and `sample_line` fuzz
-/// targets from real files: `cargo test -p ember-worker --test decode_props
+/// targets from real files: `cargo test -p ember-data --test decode_props
 /// write_fuzz_seeds -- --ignored` (see docs/fuzzing.md).
 #[test]
 #[ignore = "writes fuzz/corpus/{counts_file,sample_line}"]
