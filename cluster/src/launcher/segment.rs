@@ -120,7 +120,6 @@ struct Tally {
     done: Vec<Option<WorkerReport>>,
     samples: Vec<u64>,
     losses: Vec<f64>,
-    reported: Vec<u64>,
 }
 
 impl Tally {
@@ -129,7 +128,6 @@ impl Tally {
             done: vec![None; m],
             samples: vec![0; m],
             losses: vec![f64::NAN; m],
-            reported: vec![0; m],
         }
     }
 
@@ -139,10 +137,11 @@ impl Tally {
         match ev {
             Event::Progress(p) if p.worker < m => {
                 let w = p.worker.to_string();
+                // Until its Done (the last event), a worker's samples are
+                // those of its last progress report.
                 metrics::counter!("ember_train_samples_total", "worker" => w.clone())
-                    .increment(p.samples.saturating_sub(self.reported[p.worker]));
+                    .increment(p.samples.saturating_sub(self.samples[p.worker]));
                 metrics::gauge!("ember_train_loss", "worker" => w).set(p.loss);
-                self.reported[p.worker] = p.samples;
                 self.samples[p.worker] = p.samples;
                 self.losses[p.worker] = p.loss;
             }

@@ -7,7 +7,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::ModelConfig;
-use super::net::{Inputs, NetOutput, Network};
+use super::net::{head_mlp, Inputs, NetOutput, Network};
 use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::ParamBuilder;
@@ -24,9 +24,9 @@ impl Network for BaseModel {
     fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
         let e = cfg.behaviour_dim();
         let inp = 2 * e + if cfg.use_user { cfg.user_dim } else { 0 };
-        let mut mlp = Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?;
-        mlp.set_dice(cfg.dice_momentum, cfg.dice_eps);
-        Ok(BaseModel { mlp })
+        Ok(BaseModel {
+            mlp: head_mlp(cfg, inp, pb)?,
+        })
     }
 
     fn forward(&self, inp: &Inputs, mode: Mode) -> Result<NetOutput> {

@@ -13,7 +13,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::ModelConfig;
-use super::net::{Inputs, NetOutput, Network};
+use super::net::{attention_unit, head_mlp, Inputs, NetOutput, Network};
 use crate::layer::attention::{ActivationUnit, AttentionMode};
 use crate::layer::attention_gru::AttentionGru;
 use crate::layer::aux::AuxNet;
@@ -43,14 +43,7 @@ impl Network for Dien {
         let e = cfg.behaviour_dim();
         let h = cfg.dien_hidden;
         let gru = Gru::new(e, h, &pb.pp("gru"))?;
-        let mut att = ActivationUnit::new(
-            h,
-            &cfg.attention_hidden,
-            cfg.attention_activation,
-            &pb.pp("att"),
-        )?;
-        att.fused = cfg.fused;
-        att.ffn.set_dice(cfg.dice_momentum, cfg.dice_eps);
+        let att = attention_unit(cfg, h, pb)?;
         let evolve = AttentionGru::new(cfg.evolve, h, h, &pb.pp("evolve"))?;
         let aux = if cfg.aux_loss {
             let mut a = AuxNet::new(h, e, &pb.pp("aux"))?;
@@ -60,14 +53,12 @@ impl Network for Dien {
             None
         };
         let inp = 2 * e + h + e + if cfg.use_user { cfg.user_dim } else { 0 };
-        let mut mlp = Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?;
-        mlp.set_dice(cfg.dice_momentum, cfg.dice_eps);
         Ok(Dien {
             gru,
             aux,
             att,
             evolve,
-            mlp,
+            mlp: head_mlp(cfg, inp, pb)?,
         })
     }
 

@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use super::config::ModelConfig;
-use super::net::{Inputs, NetOutput, Network};
+use super::net::{attention_unit, head_mlp, Inputs, NetOutput, Network};
 use crate::layer::attention::{ActivationUnit, AttentionMode};
 use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
@@ -30,21 +30,11 @@ pub struct Din {
 impl Network for Din {
     fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
         let e = cfg.behaviour_dim();
-        let mut att = ActivationUnit::new(
-            e,
-            &cfg.attention_hidden,
-            cfg.attention_activation,
-            &pb.pp("att"),
-        )?;
-        att.fused = cfg.fused;
-        att.ffn.set_dice(cfg.dice_momentum, cfg.dice_eps);
         let inp = 4 * e + if cfg.use_user { cfg.user_dim } else { 0 };
-        let mut mlp = Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?;
-        mlp.set_dice(cfg.dice_momentum, cfg.dice_eps);
         Ok(Din {
-            att,
+            att: attention_unit(cfg, e, pb)?,
             att_mode: cfg.attention_mode,
-            mlp,
+            mlp: head_mlp(cfg, inp, pb)?,
         })
     }
 

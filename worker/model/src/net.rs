@@ -11,8 +11,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::{CtrModel, ModelError, Result, SparseRows, StepOutput};
+use crate::layer::attention::ActivationUnit;
 use crate::layer::embedding::EmbeddingBlock;
 use crate::layer::loss::mean_bce_with_logits;
+use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::{to_f32_vec, ParamBuilder, ParamSet};
 use ember_data::batch::{Batch, CAT_TABLE, ITEM_TABLE, USER_TABLE};
@@ -103,6 +105,33 @@ pub struct NetOutput {
     pub logits: Tensor,
     /// Auxiliary loss (scalar), when the model has one and it was computed.
     pub aux_loss: Option<Tensor>,
+}
+
+/// The final MLP of every CTR model under `mlp`: `inp -> cfg.mlp_hidden -> 1`
+/// with `cfg.activation` (Dice with `cfg.dice_momentum` and `cfg.dice_eps`).
+pub fn head_mlp(cfg: &ModelConfig, inp: usize, pb: &ParamBuilder) -> candle_core::Result<Mlp> {
+    let mut mlp = Mlp::new(inp, &cfg.mlp_hidden, 1, cfg.activation, &pb.pp("mlp"))?;
+    mlp.set_dice(cfg.dice_momentum, cfg.dice_eps);
+    Ok(mlp)
+}
+
+/// The activation unit (DIN and DIEN attention) under `att` over vectors of
+/// width `width`: FFN `cfg.attention_hidden` with `cfg.attention_activation`
+/// (Dice settings as in [`head_mlp`]), fused kernels per `cfg.fused`.
+pub fn attention_unit(
+    cfg: &ModelConfig,
+    width: usize,
+    pb: &ParamBuilder,
+) -> candle_core::Result<ActivationUnit> {
+    let mut att = ActivationUnit::new(
+        width,
+        &cfg.attention_hidden,
+        cfg.attention_activation,
+        &pb.pp("att"),
+    )?;
+    att.fused = cfg.fused;
+    att.ffn.set_dice(cfg.dice_momentum, cfg.dice_eps);
+    Ok(att)
 }
 
 /// A CTR model body.

@@ -182,6 +182,17 @@ pub enum CountMode {
 }
 spelled!(CountMode { None => "none", Exact => "exact", Online => "online" });
 
+impl CountMode {
+    /// The wire form.
+    pub fn to_proto(self) -> pb::CountMode {
+        match self {
+            CountMode::None => pb::CountMode::CountNone,
+            CountMode::Exact => pb::CountMode::CountExact,
+            CountMode::Online => pb::CountMode::CountOnline,
+        }
+    }
+}
+
 /// Storage precision of embedding weights on the shards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -418,11 +429,7 @@ impl SparseConfig {
             InitKind::Normal => Kind::Normal,
             InitKind::TruncatedNormal => Kind::TruncatedNormal,
         };
-        let count_mode = match self.count_mode {
-            CountMode::None => pb::CountMode::CountNone,
-            CountMode::Exact => pb::CountMode::CountExact,
-            CountMode::Online => pb::CountMode::CountOnline,
-        };
+        let count_mode = self.count_mode.to_proto();
         let precision = match self.precision {
             Precision::F32 => pb::Precision::F32,
             Precision::F16 => pb::Precision::F16,
@@ -926,8 +933,7 @@ impl JobConfig {
             );
         }
         // The same rule and message as the shard's table validation.
-        let t = self.sparse.table("item", 1, 0);
-        ember_proto::table::check_mba(t.mba_lambda, t.count_mode())
+        ember_proto::table::check_mba(self.sparse.mba_lambda, self.sparse.count_mode.to_proto())
             .map_err(|e| format!("sparse: {e}"))?;
         Ok(())
     }
