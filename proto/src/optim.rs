@@ -46,12 +46,24 @@ pub fn adam(
 }
 
 /// Mean of `g²` over a row (0 for an empty row).
+///
+/// Summed in 8 interleaved lanes (value `i` into lane `i % 8`, the lanes
+/// then added in order, then the tail), so the adds are independent and
+/// vectorise; the order is fixed, so the result is deterministic.
 #[inline]
 fn mean_sq(g: &[f32]) -> f32 {
     if g.is_empty() {
         return 0.0;
     }
-    g.iter().map(|x| x * x).sum::<f32>() / g.len() as f32
+    let mut lanes = [0f32; 8];
+    let mut chunks = g.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += x * x;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|x| x * x).sum();
+    (lanes.iter().sum::<f32>() + tail) / g.len() as f32
 }
 
 /// Row-wise Adagrad: `acc += mean(g²); w -= lr * g / (sqrt(acc) + eps)`.
@@ -116,5 +128,39 @@ pub fn ftrl(
         } else {
             -(*z - z.signum() * l1) / ((beta + n.sqrt()) / alpha + l2)
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lane sum equals the mean of squares computed in f64, for widths
+    /// below, at and past one 8-value chunk (tail included), and is 0 for
+    /// an empty row.
+    #[test]
+    fn mean_sq_matches_the_f64_mean_at_every_width() {
+        assert_eq!(mean_sq(&[]), 0.0);
+        for n in [1usize, 3, 8, 9, 18, 32, 37] {
+            let g: Vec<f32> = (0..n).map(|i| (i as f32 - 4.5) * 0.37).collect();
+            let want = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / n as f64;
+            let got = f64::from(mean_sq(&g));
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1e-12),
+                "n {n}: {got} vs {want}"
+            );
+        }
+    }
+
+    /// Row-wise Adagrad by hand: acc 0.1 + mean(g²) = 0.1 + 2.5, one scale
+    /// for the row.
+    #[test]
+    fn rowwise_adagrad_by_hand() {
+        let mut w = [1.0f32, -1.0];
+        let mut acc = 0.1f32;
+        rowwise_adagrad(&mut w, &mut acc, &[1.0, 2.0], 0.5, 0.0);
+        let scale = 0.5 / 2.6f32.sqrt();
+        assert!((acc - 2.6).abs() < 1e-6);
+        assert!((w[0] - (1.0 - scale)).abs() < 1e-6 && (w[1] - (-1.0 - 2.0 * scale)).abs() < 1e-6);
     }
 }

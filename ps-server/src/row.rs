@@ -30,6 +30,7 @@
 use crate::error::{PsError, Result};
 use ember_proto::rng::{splitmix64, SplitMix64, GOLDEN_GAMMA};
 use ember_proto::v1::Precision;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 
 /// Words of the row header (key 2, count 1, step 1).
@@ -80,12 +81,25 @@ impl WeightPrecision {
         }
     }
 
-    /// Rounds every value to the nearest representable one, in place.
+    /// Rounds every value to the nearest representable one, in place
+    /// (through `half`'s slice conversions, 8 values at a time).
     pub fn round_nearest(self, v: &mut [f32]) {
-        match self {
-            Self::F32 => {}
-            Self::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
-            Self::Bf16 => v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+        let mut tmp = [0u16; 8];
+        for c in v.chunks_mut(8) {
+            let t = &mut tmp[..c.len()];
+            match self {
+                Self::F32 => return,
+                Self::F16 => {
+                    let h: &mut [f16] = t.reinterpret_cast_mut();
+                    h.convert_from_f32_slice(c);
+                    h.convert_to_f32_slice(c);
+                }
+                Self::Bf16 => {
+                    let h: &mut [bf16] = t.reinterpret_cast_mut();
+                    h.convert_from_f32_slice(c);
+                    h.convert_to_f32_slice(c);
+                }
+            }
         }
     }
 }
@@ -127,6 +141,9 @@ impl RowLayout {
     }
 
     /// Decodes the weights of `row` into `out` (`dim` values).
+    ///
+    /// f16 decodes a whole row with `half`'s slice conversion (F16C, 8
+    /// values per instruction, when the CPU has it), not value by value.
     #[inline]
     pub fn read_weights(&self, row: &[u32], out: &mut [f32]) {
         let w = &row[self.weights_at()..];
@@ -137,23 +154,26 @@ impl RowLayout {
                 }
             }
             WeightPrecision::F16 => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = f16::from_bits(half_word(w, i)).to_f32();
-                }
+                let h: &[f16] = halves(w, self.dim).reinterpret_cast();
+                h.convert_to_f32_slice(&mut out[..self.dim]);
             }
             WeightPrecision::Bf16 => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = bf16::from_bits(half_word(w, i)).to_f32();
-                }
+                let h: &[bf16] = halves(w, self.dim).reinterpret_cast();
+                h.convert_to_f32_slice(&mut out[..self.dim]);
             }
         }
     }
 
     /// Encodes `vals` (`dim` values) into the weights of `row`, rounding to
     /// nearest (`noise = None`) or stochastically with the given seed.
+    ///
+    /// Stochastic rounding draws one 64-bit word per block of 4 values
+    /// (block `j` takes `splitmix64(seed + (j + 1) * φ)`, value `i` its bits
+    /// `16 (i % 4)..`), so the rounding of a row is a function of the seed.
     #[inline]
     pub fn write_weights(&self, row: &mut [u32], vals: &[f32], noise: Option<u64>) {
         let at = self.weights_at();
+        let dim = self.dim;
         let w = &mut row[at..];
         match (self.precision, noise) {
             (WeightPrecision::F32, _) => {
@@ -162,30 +182,24 @@ impl RowLayout {
                 }
             }
             (WeightPrecision::F16, None) => {
-                for (i, &v) in vals.iter().enumerate() {
-                    set_half_word(w, i, f16::from_f32(v).to_bits());
-                }
+                let h: &mut [f16] = halves_mut(w, dim).reinterpret_cast_mut();
+                h.convert_from_f32_slice(&vals[..dim]);
             }
             (WeightPrecision::Bf16, None) => {
-                for (i, &v) in vals.iter().enumerate() {
-                    set_half_word(w, i, bf16::from_f32(v).to_bits());
-                }
+                let h: &mut [bf16] = halves_mut(w, dim).reinterpret_cast_mut();
+                h.convert_from_f32_slice(&vals[..dim]);
             }
-            (p, Some(seed)) => {
-                // Block j of 4 values takes splitmix64(seed + (j + 1) * φ).
+            (WeightPrecision::F16, Some(seed)) => {
+                f16_stochastic_slice(halves_mut(w, dim), &vals[..dim], seed);
+            }
+            (WeightPrecision::Bf16, Some(seed)) => {
                 let mut rng = SplitMix64::new(seed.wrapping_add(GOLDEN_GAMMA));
-                let mut bits = 0u64;
-                for (i, &v) in vals.iter().enumerate() {
-                    if i % 4 == 0 {
-                        bits = rng.next_u64();
+                let hs = halves_mut(w, dim);
+                for (hb, vb) in hs.chunks_mut(4).zip(vals[..dim].chunks(4)) {
+                    let bits = rng.next_u64();
+                    for (i, (h, &v)) in hb.iter_mut().zip(vb).enumerate() {
+                        *h = bf16_stochastic(v, (bits >> (i * 16)) as u16);
                     }
-                    let r = (bits >> ((i % 4) * 16)) as u16;
-                    let h = if p == WeightPrecision::F16 {
-                        f16_stochastic(v, r)
-                    } else {
-                        bf16_stochastic(v, r)
-                    };
-                    set_half_word(w, i, h);
                 }
             }
         }
@@ -237,17 +251,100 @@ pub fn noise_seed(table_seed: u64, id: u64, step: u64) -> u64 {
     splitmix64(table_seed ^ splitmix64(id ^ step.rotate_left(29)))
 }
 
+/// The first `dim` 16-bit halves of the words `w`: half `i` is the low
+/// (even `i`) or high (odd `i`) half of word `i / 2`, which is the in-memory
+/// order of a little-endian machine.
+#[cfg(target_endian = "little")]
 #[inline]
-fn half_word(w: &[u32], i: usize) -> u16 {
-    (w[i / 2] >> ((i % 2) * 16)) as u16
+fn halves(w: &[u32], dim: usize) -> &[u16] {
+    &bytemuck::cast_slice::<u32, u16>(w)[..dim]
 }
 
+/// [`halves`], mutable.
+#[cfg(target_endian = "little")]
 #[inline]
-fn set_half_word(w: &mut [u32], i: usize, h: u16) {
-    let sh = (i % 2) * 16;
-    let word = &mut w[i / 2];
-    *word = (*word & !(0xFFFF << sh)) | (u32::from(h) << sh);
+fn halves_mut(w: &mut [u32], dim: usize) -> &mut [u16] {
+    &mut bytemuck::cast_slice_mut::<u32, u16>(w)[..dim]
 }
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("ember-ps stores 16-bit weights as little-endian halves of u32 words");
+
+/// Values per pass of [`f16_stochastic_slice`].
+const SR_CHUNK: usize = 64;
+
+/// Stochastically rounds `v` into f16 bits `h` with the random stream of
+/// `seed`: block `j` of 4 values takes `splitmix64(seed + (j + 1) * φ)` and
+/// value `4 j + k` its bits `16 k..16 k + 16`, exactly as
+/// [`f16_stochastic`] value by value. The normal-range path runs over a
+/// whole chunk as lane arithmetic with no branch per value (the compiler
+/// vectorises it); a chunk holding a value outside the f16 normal range
+/// goes value by value.
+///
+/// On x86-64 CPUs with AVX2 the same code is compiled a second time for
+/// AVX2 (8 lanes instead of SSE2's 4) and chosen at run time.
+#[inline]
+fn f16_stochastic_slice(h: &mut [u16], v: &[f32], seed: u64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU was just found to support AVX2, the only
+        // requirement of calling a function compiled for it.
+        unsafe { f16_stochastic_slice_avx2(h, v, seed) };
+        return;
+    }
+    f16_stochastic_slice_body(h, v, seed);
+}
+
+/// [`f16_stochastic_slice`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn f16_stochastic_slice_avx2(h: &mut [u16], v: &[f32], seed: u64) {
+    f16_stochastic_slice_body(h, v, seed);
+}
+
+/// The body of [`f16_stochastic_slice`], inlined into each compiled copy.
+#[inline(always)]
+fn f16_stochastic_slice_body(h: &mut [u16], v: &[f32], seed: u64) {
+    let mut rng = SplitMix64::new(seed.wrapping_add(GOLDEN_GAMMA));
+    let mut r = [0u32; SR_CHUNK];
+    let mut out = [0u32; SR_CHUNK];
+    for (hc, vc) in h.chunks_mut(SR_CHUNK).zip(v.chunks(SR_CHUNK)) {
+        let n = vc.len();
+        for rb in r[..n.div_ceil(4) * 4].chunks_exact_mut(4) {
+            let bits = rng.next_u64();
+            rb[0] = bits as u32;
+            rb[1] = (bits >> 16) as u32;
+            rb[2] = (bits >> 32) as u32;
+            rb[3] = (bits >> 48) as u32;
+        }
+        // Sign bits (as i32) mark a value below 2^-14, one not below 2^16,
+        // or a rounding up into infinity.
+        let mut bad = 0u32;
+        for ((o, &x), &ri) in out[..n].iter_mut().zip(vc).zip(&r[..n]) {
+            let b = x.to_bits();
+            let abs = b & 0x7FFF_FFFF;
+            let hv = ((abs + (ri & 0x1FFF)) >> 13).wrapping_sub(112 << 10);
+            bad |= abs.wrapping_sub(F16_NORMAL_MIN)
+                | !abs.wrapping_sub(F16_NORMAL_MIN + F16_NORMAL_SPAN)
+                | !hv.wrapping_sub(0x7C00);
+            *o = ((b >> 16) & 0x8000) | (hv & 0x7FFF);
+        }
+        if bad >> 31 == 0 {
+            for (d, &o) in hc.iter_mut().zip(&out[..n]) {
+                *d = o as u16;
+            }
+        } else {
+            for ((d, &x), &ri) in hc.iter_mut().zip(vc).zip(&r[..n]) {
+                *d = f16_stochastic(x, ri as u16);
+            }
+        }
+    }
+}
+
+/// f32 bits of 2^-14, the smallest f16 normal.
+const F16_NORMAL_MIN: u32 = 0x3880_0000;
+/// f32 bits from 2^-14 up to 2^16 (exclusive), past the largest f16.
+const F16_NORMAL_SPAN: u32 = 0x4780_0000 - F16_NORMAL_MIN;
 
 /// bfloat16 with stochastic rounding: adds 16 random bits below the kept
 /// mantissa and truncates, which rounds the magnitude up with probability
@@ -304,7 +401,7 @@ fn f16_next_down(h: u16) -> u16 {
 pub fn f16_stochastic(v: f32, r: u16) -> u16 {
     let bits = v.to_bits();
     let abs = bits & 0x7FFF_FFFF;
-    if (0x3880_0000..0x4780_0000).contains(&abs) {
+    if abs.wrapping_sub(F16_NORMAL_MIN) < F16_NORMAL_SPAN {
         // Rebias the exponent from 127 to 15: (127 - 15) << 10 in f16 bits.
         let h = ((abs + u32::from(r & 0x1FFF)) >> 13) - (112 << 10);
         if h < 0x7C00 {
@@ -479,6 +576,80 @@ mod tests {
                 "{v}: rounded up {ups} times of 8192, dropped bits {dropped}"
             );
         }
+    }
+
+    /// The slice path equals the value-by-value path bit for bit, for
+    /// values inside and outside the f16 normal range, and a row written
+    /// with noise decodes to its values within one f16 ulp.
+    #[test]
+    fn block_stochastic_rounding_equals_the_scalar_path() {
+        let mut rng = SplitMix64::new(9);
+        let specials = [
+            0.0f32,
+            -0.0,
+            1e-6,
+            -3e-5,
+            6.1e-5,
+            65504.0,
+            7e4,
+            -1e9,
+            f32::NAN,
+        ];
+        for round in 0..20_000 {
+            let bits = rng.next_u64();
+            let mut v = [0f32; 4];
+            for (i, x) in v.iter_mut().enumerate() {
+                let u = rng.next_u64();
+                *x = if round % 7 == 0 && i == 1 {
+                    specials[(u % specials.len() as u64) as usize]
+                } else {
+                    // Log-uniform magnitudes from 2^-20 to 2^4, random sign.
+                    let e = (u % 24) as i32 - 20;
+                    let m = 1.0 + ((u >> 8) % 1024) as f32 / 1024.0;
+                    let s = if u >> 63 == 1 { -1.0 } else { 1.0 };
+                    s * m * 2f32.powi(e)
+                };
+            }
+            for n in 1..=4 {
+                let mut got = [0u16; 4];
+                let mut rng2 = SplitMix64::new(bits.wrapping_add(GOLDEN_GAMMA));
+                let stream = rng2.next_u64();
+                f16_stochastic_slice(&mut got[..n], &v[..n], bits);
+                for i in 0..n {
+                    let want = f16_stochastic(v[i], (stream >> (i * 16)) as u16);
+                    assert_eq!(got[i], want, "value {} (block of {n})", v[i]);
+                }
+            }
+        }
+        // Longer than one chunk, across the chunk boundary.
+        let v: Vec<f32> = (0..150).map(|i| (i as f32 - 75.0) * 1e-3 + 1e-7).collect();
+        let mut got = vec![0u16; 150];
+        f16_stochastic_slice(&mut got, &v, 5);
+        let mut rng2 = SplitMix64::new(5u64.wrapping_add(GOLDEN_GAMMA));
+        let mut bits = 0;
+        for (i, (&g, &x)) in got.iter().zip(&v).enumerate() {
+            if i % 4 == 0 {
+                bits = rng2.next_u64();
+            }
+            assert_eq!(
+                g,
+                f16_stochastic(x, (bits >> ((i % 4) * 16)) as u16),
+                "value {i}"
+            );
+        }
+        let l = RowLayout::new(7, 1, WeightPrecision::F16);
+        let mut row = vec![0u32; l.words];
+        let vals = [0.01f32, -0.02, 0.3, 1e-6, -4.0, 0.125, 0.0777];
+        l.write_weights(&mut row, &vals, Some(17));
+        let mut back = [0f32; 7];
+        l.read_weights(&row, &mut back);
+        for (b, v) in back.iter().zip(&vals) {
+            // An f16 ulp: 2^-10 of the magnitude, 2^-24 among subnormals.
+            let ulp = (v.abs() * 2f32.powi(-10)).max(2f32.powi(-24));
+            assert!((b - v).abs() <= ulp, "{b} vs {v}");
+        }
+        // The odd dim's padding half is left as it was.
+        assert_eq!(row[l.words - 1] >> 16, 0);
     }
 
     #[test]

@@ -346,8 +346,26 @@ fn config_diff(a: &TableConfig, b: &TableConfig) -> Vec<String> {
 }
 
 fn find_duplicate(ids: &[u64]) -> Option<u64> {
-    let mut seen = FxHashSet::with_capacity_and_hasher(ids.len(), Default::default());
-    ids.iter().copied().find(|&id| !seen.insert(id))
+    thread_local! {
+        /// The set of the last check, kept (cleared) so a push does not
+        /// allocate and zero a fresh table.
+        static SEEN: std::cell::RefCell<FxHashSet<u64>> = std::cell::RefCell::new(FxHashSet::default());
+    }
+    SEEN.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut seen) => {
+            seen.clear();
+            if seen.capacity() > 4 * ids.len().max(1 << 16) {
+                // Do not keep a huge set alive after one huge request.
+                *seen = FxHashSet::default();
+            }
+            seen.reserve(ids.len());
+            ids.iter().copied().find(|&id| !seen.insert(id))
+        }
+        Err(_) => {
+            let mut seen = FxHashSet::with_capacity_and_hasher(ids.len(), Default::default());
+            ids.iter().copied().find(|&id| !seen.insert(id))
+        }
+    })
 }
 
 impl Shard {
@@ -573,7 +591,13 @@ impl Shard {
                     "counts[{i}] is 0 (counts must be >= 1)"
                 )));
             }
-            if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
+            // A branch-free pass first (it vectorises); the position only
+            // when there is something to report.
+            let finite = grads.iter().fold(true, |ok, g| ok & g.is_finite());
+            if let Some(i) = (!finite)
+                .then(|| grads.iter().position(|g| !g.is_finite()))
+                .flatten()
+            {
                 return Err(PsError::invalid(format!(
                     "grads has a non-finite value {} at index {i} (id {})",
                     grads[i],
