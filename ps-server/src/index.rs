@@ -1,35 +1,60 @@
-//! The per-stripe hash index: id hash -> arena slot, 5 bytes per bucket.
+//! The per-stripe hash index: id hash -> arena slot, 4 bytes per bucket.
 //!
-//! Open addressing with linear probing over two parallel arrays: a one-byte
-//! tag per bucket (0 empty, 1 tombstone, 2..=255 the top byte of the id hash)
-//! and the `u32` arena slot. The key itself is only stored in the arena row,
-//! so a lookup compares tags first (a false match costs one arena read with
-//! probability ~1/254 per probed bucket) and the key in the row last.
+//! Open addressing with linear probing over one `u32` array. A bucket holds
+//! a 6-bit tag in its top bits (0 empty, 1 tombstone, 2..=63 from the top
+//! bits of the id hash) and the arena slot in its low 26 bits, so a probe
+//! reads one cache line, not a tag array and a slot array. The key itself
+//! is only stored in the arena row, so a lookup compares tags first (a false
+//! match costs one arena read with probability ~1/62 per probed bucket) and
+//! the key in the row last. A stripe holds at most [`MAX_SLOTS`] rows
+//! (2^26; 64 stripes make 4.3 x 10^9 rows per table and shard).
 //!
 //! The home bucket is `(h_lo32 * n) >> 32` (multiply-shift range reduction),
 //! so the capacity need not be a power of two: the table grows by 1.5x when
-//! live entries pass 7/8 (averaging ~7 bytes per row, where doubling at
-//! 3/4 load averaged ~14 with the old 8-byte buckets). Removals leave
+//! live entries pass 7/8 (averaging ~5.6 bytes per row). Removals leave
 //! tombstones; a rebuild at the same size clears them.
 
-/// Tag of an empty bucket.
-const EMPTY: u8 = 0;
+/// Bucket value of an empty bucket.
+const EMPTY: u32 = 0;
 /// Tag of a removed entry.
-const TOMB: u8 = 1;
+const TOMB: u32 = 1;
+/// Bits of the slot in a bucket.
+const SLOT_BITS: u32 = 26;
+/// Mask of the slot bits.
+const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
+/// Slots a stripe's index can address (`0..MAX_SLOTS`).
+pub const MAX_SLOTS: u32 = 1 << SLOT_BITS;
 /// Smallest non-empty capacity.
 pub const MIN_CAPACITY: usize = 16;
 
-/// Bytes per bucket (tag + slot).
-pub const BUCKET_BYTES: usize = 5;
+/// Bytes per bucket (tag and slot in one `u32`).
+pub const BUCKET_BYTES: usize = 4;
 
+/// The tag of hash `h`, `2..=63`.
 #[inline]
-fn tag_of(h: u64) -> u8 {
-    let t = (h >> 56) as u8;
+fn tag_of(h: u64) -> u32 {
+    let t = (h >> 58) as u32;
     if t < 2 {
         t + 2
     } else {
         t
     }
+}
+
+#[inline]
+fn tag(b: u32) -> u32 {
+    b >> SLOT_BITS
+}
+
+#[inline]
+fn slot(b: u32) -> u32 {
+    b & SLOT_MASK
+}
+
+#[inline]
+fn bucket(tag: u32, slot: u32) -> u32 {
+    debug_assert!(slot < MAX_SLOTS);
+    (tag << SLOT_BITS) | slot
 }
 
 #[inline]
@@ -65,8 +90,7 @@ pub fn capacity_for(n: usize) -> usize {
 /// A tagged linear-probing index of arena slots.
 #[derive(Default)]
 pub struct Index {
-    tags: Vec<u8>,
-    slots: Vec<u32>,
+    buckets: Vec<u32>,
     len: usize,
     tombs: usize,
 }
@@ -84,41 +108,39 @@ impl Index {
 
     /// Buckets.
     pub fn capacity(&self) -> usize {
-        self.tags.len()
+        self.buckets.len()
     }
 
     /// Bytes allocated.
     pub fn allocation_size(&self) -> usize {
-        self.tags.capacity() + self.slots.capacity() * 4
+        self.buckets.capacity() * BUCKET_BYTES
     }
 
     /// Hints the CPU to fetch the home bucket of `h`.
     #[inline]
     pub fn prefetch(&self, h: u64) {
-        let n = self.tags.len();
+        let n = self.buckets.len();
         if n > 0 {
-            let i = home(h, n);
-            crate::store::prefetch(self.tags.as_ptr().wrapping_add(i));
-            crate::store::prefetch(self.slots.as_ptr().wrapping_add(i));
+            crate::store::prefetch(self.buckets.as_ptr().wrapping_add(home(h, n)));
         }
     }
 
     /// The slot of hash `h` for which `eq(slot)` holds.
     #[inline]
     pub fn find(&self, h: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
-        let n = self.tags.len();
+        let n = self.buckets.len();
         if n == 0 {
             return None;
         }
-        let tag = tag_of(h);
+        let want = tag_of(h);
         let mut i = home(h, n);
         loop {
-            let t = self.tags[i];
-            if t == EMPTY {
+            let b = self.buckets[i];
+            if b == EMPTY {
                 return None;
             }
-            if t == tag && eq(self.slots[i]) {
-                return Some(self.slots[i]);
+            if tag(b) == want && eq(slot(b)) {
+                return Some(slot(b));
             }
             i += 1;
             if i == n {
@@ -135,10 +157,10 @@ impl Index {
 
     /// Extra bytes the next insert would allocate (0 when it fits).
     pub fn growth_bytes(&self) -> usize {
-        if !over(self.len + self.tombs + 1, self.tags.len()) {
+        if !over(self.len + self.tombs + 1, self.buckets.len()) {
             0
         } else {
-            let cap = self.tags.len();
+            let cap = self.buckets.len();
             let next = if over(self.len + 1, cap) || cap == 0 {
                 grown(cap)
             } else {
@@ -150,33 +172,29 @@ impl Index {
 
     /// Rebuilds into `cap` buckets; `hash_of(slot)` recomputes an entry's hash.
     fn rebuild(&mut self, cap: usize, hash_of: &impl Fn(u32) -> u64) {
-        let mut tags = vec![EMPTY; cap];
-        let mut slots = vec![0u32; cap];
-        for (i, &t) in self.tags.iter().enumerate() {
-            if t > TOMB {
-                let s = self.slots[i];
-                let mut j = home(hash_of(s), cap);
-                while tags[j] != EMPTY {
+        let mut buckets = vec![EMPTY; cap];
+        for &b in &self.buckets {
+            if tag(b) > TOMB {
+                let mut j = home(hash_of(slot(b)), cap);
+                while buckets[j] != EMPTY {
                     j += 1;
                     if j == cap {
                         j = 0;
                     }
                 }
-                tags[j] = t;
-                slots[j] = s;
+                buckets[j] = b;
             }
         }
-        self.tags = tags;
-        self.slots = slots;
+        self.buckets = buckets;
         self.tombs = 0;
     }
 
-    /// Inserts `slot` under hash `h` (the key must not be present). The index
-    /// grows only when the live entries would pass 7/8; when tombstones fill
-    /// it, it is rebuilt at its size (so replacing a removed entry, as budget
-    /// eviction does, never grows it).
+    /// Inserts `slot` (`< MAX_SLOTS`) under hash `h` (the key must not be
+    /// present). The index grows only when the live entries would pass 7/8;
+    /// when tombstones fill it, it is rebuilt at its size (so replacing a
+    /// removed entry, as budget eviction does, never grows it).
     pub fn insert(&mut self, h: u64, slot: u32, hash_of: &impl Fn(u32) -> u64) {
-        let cap = self.tags.len();
+        let cap = self.buckets.len();
         if cap == 0 || over(self.len + self.tombs + 1, cap) {
             let next = if cap == 0 || over(self.len + 1, cap) {
                 grown(cap)
@@ -185,16 +203,15 @@ impl Index {
             };
             self.rebuild(next.max(MIN_CAPACITY), hash_of);
         }
-        let n = self.tags.len();
+        let n = self.buckets.len();
         let mut i = home(h, n);
         loop {
-            let t = self.tags[i];
-            if t == EMPTY || t == TOMB {
+            let t = tag(self.buckets[i]);
+            if t <= TOMB {
                 if t == TOMB {
                     self.tombs -= 1;
                 }
-                self.tags[i] = tag_of(h);
-                self.slots[i] = slot;
+                self.buckets[i] = bucket(tag_of(h), slot);
                 self.len += 1;
                 return;
             }
@@ -208,26 +225,26 @@ impl Index {
     /// Grows to hold `n` entries without a rebuild (never shrinks).
     pub fn reserve(&mut self, n: usize, hash_of: &impl Fn(u32) -> u64) {
         let cap = capacity_for(n);
-        if cap > self.tags.len() {
+        if cap > self.buckets.len() {
             self.rebuild(cap, hash_of);
         }
     }
 
     /// Removes the entry of `slot` under hash `h`; false when absent.
     pub fn remove(&mut self, h: u64, slot: u32) -> bool {
-        let n = self.tags.len();
+        let n = self.buckets.len();
         if n == 0 {
             return false;
         }
-        let tag = tag_of(h);
+        let want = bucket(tag_of(h), slot);
         let mut i = home(h, n);
         loop {
-            let t = self.tags[i];
-            if t == EMPTY {
+            let b = self.buckets[i];
+            if b == EMPTY {
                 return false;
             }
-            if t == tag && self.slots[i] == slot {
-                self.tags[i] = TOMB;
+            if b == want {
+                self.buckets[i] = bucket(TOMB, 0);
                 self.tombs += 1;
                 self.len -= 1;
                 return true;
@@ -241,18 +258,17 @@ impl Index {
 
     /// Every live slot, in bucket order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.tags
+        self.buckets
             .iter()
-            .zip(&self.slots)
-            .filter(|(&t, _)| t > TOMB)
-            .map(|(_, &s)| s)
+            .filter(|&&b| tag(b) > TOMB)
+            .map(|&b| slot(b))
     }
 
     /// Keeps the slots for which `keep` holds (the others become tombstones).
     pub fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
-        for (t, &s) in self.tags.iter_mut().zip(&self.slots) {
-            if *t > TOMB && !keep(s) {
-                *t = TOMB;
+        for b in self.buckets.iter_mut() {
+            if tag(*b) > TOMB && !keep(slot(*b)) {
+                *b = bucket(TOMB, 0);
                 self.tombs += 1;
                 self.len -= 1;
             }
@@ -325,6 +341,26 @@ mod tests {
         for (s, &h) in hashes.iter().enumerate().step_by(97) {
             assert_eq!(idx.find(h, |x| x == s as u32), Some(s as u32));
         }
+    }
+
+    /// Slots use all 26 bits and tags never read as empty or tombstone:
+    /// the largest slot under every tag round-trips, and a slot that
+    /// differs only in its top bits is a different entry.
+    #[test]
+    fn buckets_keep_the_whole_slot_and_a_live_tag() {
+        for t in 0..64u64 {
+            let h = (t << 58) | 0x1234_5678;
+            assert!(tag_of(h) >= 2 && tag_of(h) < 64);
+            let mut idx = Index::default();
+            let top = MAX_SLOTS - 1;
+            idx.insert(h, top, &|_| h);
+            assert_eq!(idx.find(h, |s| s == top), Some(top));
+            assert_eq!(idx.find(h, |s| s == top & 0xFFFF), None);
+            assert!(!idx.remove(h, top & 0xFFFF));
+            assert!(idx.remove(h, top));
+            assert_eq!(idx.find(h, |_| true), None);
+        }
+        assert_eq!(BUCKET_BYTES, std::mem::size_of::<u32>());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! routing and stripe hashes spread ids evenly):
 //! - arena: `floor(r / CHUNK_ROWS)` full chunks plus the last one, which
 //!   grows by doubling from 16 rows, times `row_bytes`;
-//! - index: `index::capacity_for(r) * 5` bytes;
+//! - index: `index::capacity_for(r) * BUCKET_BYTES` (4) bytes;
 //! - nothing else for a table without admission or tombstones.
 //!
 //! Checked against the measured RSS of a shard by `ps-server bench`

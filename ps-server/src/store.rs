@@ -9,11 +9,11 @@
 //!   state, then the weights in the table's [`WeightPrecision`] (f32, f16 or
 //!   bf16). Dim 18 with f16 weights and row-wise Adagrad is 56 bytes;
 //! * the **index** ([`crate::index`]) maps the id hash to the arena slot with
-//!   5 bytes per bucket (a tag byte and the slot), growing by 1.5x at 7/8
-//!   load; the key is compared in the arena row.
+//!   4 bytes per bucket (a 6-bit tag and a 26-bit slot in one `u32`),
+//!   growing by 1.5x at 7/8 load; the key is compared in the arena row.
 //!
-//! Bytes per stored row, all-in: `RowLayout::bytes()` + the index (5 bytes /
-//! load, 5.7..8.6 B) + chunk slack; [`Table::stats`] reports the exact
+//! Bytes per stored row, all-in: `RowLayout::bytes()` + the index (4 bytes /
+//! load, 4.6..6.9 B) + chunk slack; [`Table::stats`] reports the exact
 //! allocated bytes and `ember plan` predicts them.
 //!
 //! Batched operations group their ids by stripe, take each stripe lock once
@@ -483,8 +483,11 @@ impl Stripe {
             Some(s) => s,
             None => {
                 let s = self.slots;
-                if s == u32::MAX {
-                    return Err(PsError::Internal("stripe slot space exhausted".into()));
+                if s >= crate::index::MAX_SLOTS {
+                    return Err(PsError::Internal(format!(
+                        "stripe slot space exhausted ({} rows per stripe)",
+                        crate::index::MAX_SLOTS
+                    )));
                 }
                 let ci = s as usize / CHUNK_ROWS;
                 if ci == self.chunks.len() {
@@ -1066,7 +1069,7 @@ impl Table {
                                 }
                             } else {
                                 let Ok(slot) = stripe.alloc(h, id, words) else {
-                                    // Slot space of a stripe (2^32 rows) exhausted:
+                                    // Slot space of a stripe (2^26 rows) exhausted:
                                     // treat as not admitted rather than corrupting.
                                     out.not_admitted += 1;
                                     continue;
