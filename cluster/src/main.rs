@@ -192,9 +192,45 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("ember: error: {e}");
-        std::process::exit(1);
+    // SIGTERM or SIGINT drops the command's future and then the runtime
+    // (with every task), so the shard and worker processes the command
+    // started are killed by their owners' `Drop` instead of outliving it.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(cli) => r.map(|()| None),
+            sig = terminated() => Ok(Some(sig)),
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    match outcome {
+        Ok(None) => {}
+        Ok(Some((name, code))) => {
+            eprintln!("ember: stopped by {name}; its child processes were stopped");
+            std::process::exit(128 + code);
+        }
+        Err(e) => {
+            eprintln!("ember: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; returns the signal's name and number.
+async fn terminated() -> (&'static str, i32) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => return ("SIGTERM", 15),
+                _ = tokio::signal::ctrl_c() => return ("SIGINT", 2),
+            }
+        }
+    }
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => ("SIGINT", 2),
+        // No signal handling on this platform: never resolve.
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -656,3 +656,100 @@ fn killed_worker_is_replaced_and_the_epoch_rerun() {
         "the rerun epoch is complete"
     );
 }
+
+/// The pids of the live processes whose parent is `ppid` (from /proc).
+fn children_of(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() != Some(&"Z") && fields.get(1).and_then(|p| p.parse().ok()) == Some(ppid)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGTERM to the launcher alone (not its process group, as a supervisor
+/// or `kill PID` sends it) stops the job: the launcher exits with 143 and
+/// takes its shard and worker processes with it, instead of leaving them
+/// running with their ports.
+#[test]
+fn sigterm_to_the_launcher_stops_its_shards_and_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let cluster = "shards = 2\nworkers = 2\nmode = \"process\"\nstaleness = 1";
+    let train = "epochs = 3\nmax_eval_samples = 300\nlog_every = 1";
+    let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
+    let log = dir.path().join("launcher.log");
+    let mut child = spawn_train(&job, &[], &log);
+    let pid = child.id();
+    // Wait for 2 shards and 2 workers to run, then give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut kids = Vec::new();
+    while Instant::now() < deadline {
+        kids = children_of(pid);
+        if kids.len() >= 4 || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        kids.len() >= 4,
+        "launcher never had 4 children: {kids:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "could not signal the launcher");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Whatever the outcome, leave no process behind.
+    let alive = |p: &u32| {
+        std::path::Path::new(&format!("/proc/{p}/stat")).exists()
+            && !std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kids.iter().any(alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = kids.iter().copied().filter(alive).collect();
+    for p in &left {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("launcher did not exit on SIGTERM\n{text}"));
+    assert!(
+        left.is_empty(),
+        "children outlived the launcher: {left:?}\n{text}"
+    );
+    assert_eq!(status.code(), Some(143), "{text}");
+    assert!(text.contains("stopped by SIGTERM"), "{text}");
+}
