@@ -6,6 +6,7 @@
 #   scripts/compact-quality.sh            # ~15 min on 2 idle cores
 #   VARIANTS="f32_adam f16_rowwise_adagrad" SEEDS="1 2 3" scripts/compact-quality.sh
 #   VARIANTS="f16_rowwise_adagrad_lr0.1" ...   # another row-wise Adagrad lr
+#   VARIANTS="f16_rowwise_adam f32_adam_dice" ... # row-wise Adam; DIN with Dice
 # A run whose metrics.json already holds its last epoch is not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,19 @@ for seed in $SEEDS; do
             configs/din_ml100k_compact.toml > "$cfg"
         grep -q "lr = $lr," "$cfg" || { echo "could not set lr $lr in $cfg" >&2; exit 2; } ;;
       f16_adam) cfg=runs/quality/din_ml100k_f16_adam.toml ;;
+      f16_rowwise_adam)
+        # f16 weights, row-wise Adam (first moment per value, second per row).
+        cfg=runs/quality/din_ml100k_f16_rowwise_adam.toml
+        sed -e 's/^name = .*/name = "din-ml100k-f16-rowwise-adam"/' \
+            -e 's/^optimizer = { kind = "rowwise_adagrad".*/optimizer = { kind = "rowwise_adam", lr = 0.001 }/' \
+            configs/din_ml100k_compact.toml > "$cfg"
+        grep -q 'kind = "rowwise_adam"' "$cfg" || { echo "could not set rowwise_adam in $cfg" >&2; exit 2; } ;;
+      f32_adam_dice)
+        # The f32 + Adam job with Dice instead of PReLU (issue 16's Dice vs PReLU).
+        cfg=runs/quality/din_ml100k_dice.toml
+        sed -e 's/^name = .*/name = "din-ml100k-dice"/' -e 's/^activation = "prelu".*/activation = "dice"/' \
+          configs/din_ml100k.toml > "$cfg"
+        grep -q '^activation = "dice"' "$cfg" || { echo "could not set dice in $cfg" >&2; exit 2; } ;;
       *) echo "unknown variant $name" >&2; exit 2 ;;
     esac
     out="runs/quality/$name-s$seed"
