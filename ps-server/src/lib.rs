@@ -7,7 +7,6 @@
 //! validation, routing check) -> [`store::Table`] (striped arena rows) ->
 //! [`optim::Optimizer`] (updates over `&mut [f32]`).
 
-pub mod alloc;
 pub mod error;
 pub mod index;
 pub mod init;

@@ -194,8 +194,6 @@ async fn wait_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Large arrays mapped, freed ones returned (ember_ps::alloc).
-    ember_ps::alloc::tune_allocator();
     if let Some(Cmd::Bench(args)) = cli.cmd {
         init_logs("text");
         let report = ember_ps::bench::run(args).await?;
