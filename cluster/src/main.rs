@@ -83,7 +83,7 @@ enum Cmd {
     },
     /// Next-item recommendation with GRU4Rec on user sequences (in-process).
     Gru4rec {
-        /// GRU4Rec job (TOML: train, test, epochs, k, [model]).
+        /// GRU4Rec job (TOML: train, test, epochs, k, seeds, holdout, [model]).
         #[arg(long)]
         config: PathBuf,
         /// Override `epochs`.
@@ -312,21 +312,30 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 job.epochs = e;
             }
             let k = job.k;
-            let rows = tokio::task::block_in_place(|| ember_cluster::seqrec::run(&job))?;
-            println!(
-                "{:>5} {:>8} {:>10} {:>8} {:>6}",
-                "epoch",
-                "loss",
-                format!("Recall@{k}"),
-                format!("MRR@{k}"),
-                "users"
-            );
-            for r in rows {
+            let report = tokio::task::block_in_place(|| ember_cluster::seqrec::run(&job))?;
+            for run in &report.runs {
+                println!("seed {}", run.seed);
                 println!(
-                    "{:>5} {:>8.4} {:>10.4} {:>8.4} {:>6}",
-                    r.epoch, r.loss, r.recall, r.mrr, r.users
+                    "{:>5} {:>8} {:>10} {:>8} {:>6}",
+                    "epoch",
+                    "loss",
+                    format!("Recall@{k}"),
+                    format!("MRR@{k}"),
+                    "users"
                 );
+                for r in &run.epochs {
+                    println!(
+                        "{:>5} {:>8.4} {:>10.4} {:>8.4} {:>6}",
+                        r.epoch, r.loss, r.recall, r.mrr, r.users
+                    );
+                }
             }
+            let users = report.runs.first().map_or(0, |r| r.row.users);
+            println!(
+                "full ranking of every training item, last item of each user ({users} users, {} skipped), ties against the target",
+                report.skipped
+            );
+            print!("{}", ember_cluster::seqrec::format_table(&report));
         }
         Cmd::Certs { out, hosts } => {
             let files = ember_proto::pki::write_test_pki(&out, &hosts)?;

@@ -171,6 +171,51 @@ pub fn recall_mrr_at_k(ranks: &[usize], k: usize) -> (f64, f64) {
     (m.recall(), m.mrr())
 }
 
+/// Conservative 0-based rank of `target` in a full ranking: the number of
+/// other candidates `j` (not in `exclude`) with `scores[j] >= scores[target]`,
+/// so ties count against the target (the official GRU4Rec "conservative"
+/// mode; constant scores never look good). `exclude` must be distinct and
+/// may contain `target` (it is never excluded from itself).
+pub fn rank_conservative(scores: &[f32], target: usize, exclude: &[usize]) -> usize {
+    let t = scores[target];
+    let ahead = scores.iter().filter(|&&s| s >= t).count().saturating_sub(1);
+    let skipped = exclude
+        .iter()
+        .filter(|&&j| j != target && scores.get(j).is_some_and(|&s| s >= t))
+        .count();
+    ahead - skipped
+}
+
+/// Recall@K and MRR@K for several K, over all items and with the user's
+/// already-seen items excluded from the ranking (the two protocols of the
+/// sequential-recommendation literature).
+#[derive(Debug, Clone, Default)]
+pub struct FullRankEval {
+    /// One accumulator per K, ranking every item.
+    pub all: Vec<RankingMetrics>,
+    /// One accumulator per K, seen items excluded.
+    pub unseen: Vec<RankingMetrics>,
+}
+
+impl FullRankEval {
+    /// Accumulators for the cut-offs `ks`.
+    pub fn new(ks: &[usize]) -> Self {
+        FullRankEval {
+            all: ks.iter().map(|&k| RankingMetrics::new(k)).collect(),
+            unseen: ks.iter().map(|&k| RankingMetrics::new(k)).collect(),
+        }
+    }
+
+    /// Adds one event: `scores` over every item, the `target`, and the
+    /// distinct items the user has already seen.
+    pub fn add(&mut self, scores: &[f32], target: usize, seen: &[usize]) {
+        let r_all = rank_conservative(scores, target, &[]);
+        let r_unseen = rank_conservative(scores, target, seen);
+        self.all.iter_mut().for_each(|m| m.add_rank(r_all));
+        self.unseen.iter_mut().for_each(|m| m.add_rank(r_unseen));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +285,21 @@ mod tests {
         assert!(close(m, (1.0 + 0.5) / 4.0));
         let (r, m) = recall_mrr_at_k(&[], 20);
         assert_eq!((r, m), (0.0, 0.0));
+    }
+
+    #[test]
+    fn conservative_rank_and_seen_exclusion() {
+        let s = [0.5, 0.9, 0.5, 0.1, 0.7];
+        // Target 0 (0.5): ahead are 1, 4 and the tie 2.
+        assert_eq!(rank_conservative(&s, 0, &[]), 3);
+        // Excluding 1 and 2 (and the target itself, which is ignored).
+        assert_eq!(rank_conservative(&s, 0, &[0, 1, 2]), 1);
+        // Constant scores put the target last.
+        assert_eq!(rank_conservative(&[1.0; 5], 2, &[]), 4);
+        let mut e = FullRankEval::new(&[1, 3]);
+        e.add(&s, 0, &[1, 2]);
+        assert_eq!((e.all[0].recall(), e.all[1].recall()), (0.0, 0.0));
+        assert_eq!((e.unseen[0].recall(), e.unseen[1].recall()), (0.0, 1.0));
+        assert!((e.unseen[1].mrr() - 0.5).abs() < 1e-12);
     }
 }
