@@ -349,23 +349,18 @@ fn find_duplicate(ids: &[u64]) -> Option<u64> {
     thread_local! {
         /// The set of the last check, kept (cleared) so a push does not
         /// allocate and zero a fresh table.
-        static SEEN: std::cell::RefCell<FxHashSet<u64>> = std::cell::RefCell::new(FxHashSet::default());
+        static SEEN: std::cell::Cell<FxHashSet<u64>> = std::cell::Cell::new(FxHashSet::default());
     }
-    SEEN.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut seen) => {
-            seen.clear();
-            if seen.capacity() > 4 * ids.len().max(1 << 16) {
-                // Do not keep a huge set alive after one huge request.
-                *seen = FxHashSet::default();
-            }
-            seen.reserve(ids.len());
-            ids.iter().copied().find(|&id| !seen.insert(id))
-        }
-        Err(_) => {
-            let mut seen = FxHashSet::with_capacity_and_hasher(ids.len(), Default::default());
-            ids.iter().copied().find(|&id| !seen.insert(id))
-        }
-    })
+    let mut seen = SEEN.take();
+    seen.clear();
+    if seen.capacity() > 4 * ids.len().max(1 << 16) {
+        // Do not keep a huge set alive after one huge request.
+        seen = FxHashSet::default();
+    }
+    seen.reserve(ids.len());
+    let dup = ids.iter().copied().find(|&id| !seen.insert(id));
+    SEEN.set(seen);
+    dup
 }
 
 impl Shard {

@@ -765,6 +765,17 @@ mod tests {
         assert!(losses[1] < 1.0, "losses {losses:?}");
     }
 
+    /// Gradients of `sum(w²)`.
+    fn square_grads(w: &Var) -> candle_core::backprop::GradStore {
+        w.as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     #[test]
     fn adagrad_momentum_matches_the_formula() {
         // One scalar, two steps with gradient 2w of w^2:
@@ -776,14 +787,7 @@ mod tests {
         let mut opt = AdagradMomentum::new(lr as f32, m as f32, eps as f32, a as f32);
         let (mut we, mut g_acc, mut v) = (1.0f64, a, 0.0f64);
         for _ in 0..2 {
-            let grads = w
-                .as_tensor()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = square_grads(&w);
             opt.step(&params, &grads).unwrap();
             let g = 2.0 * we;
             g_acc += g * g;
@@ -796,14 +800,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::new(&[3.0f64], &Device::Cpu).unwrap()).unwrap();
         let params = vec![("w".to_string(), w.clone())];
         let mut opt = AdagradMomentum::new(0.05, 0.0, 1e-6, 0.0);
-        let grads = w
-            .as_tensor()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = square_grads(&w);
         opt.step(&params, &grads).unwrap();
         let got = w.as_tensor().to_vec1::<f64>().unwrap()[0];
         assert!((got - 2.95).abs() < 1e-6, "{got}");
