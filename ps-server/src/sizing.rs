@@ -6,7 +6,8 @@
 //! routing and stripe hashes spread ids evenly):
 //! - arena: `floor(r / CHUNK_ROWS)` full chunks plus the last one, which
 //!   grows by doubling from 16 rows, times `row_bytes`;
-//! - index: `index::capacity_for(r) * BUCKET_BYTES` (4) bytes;
+//! - index: `index::capacity_for(r, stripe) * BUCKET_BYTES` (4) bytes (each
+//!   stripe's index grows along its own ladder of capacities);
 //! - nothing else for a table without admission or tombstones.
 //!
 //! Checked against the measured RSS of a shard by `ps-server bench`
@@ -47,7 +48,8 @@ pub fn table_bytes(rows: u64, layout: &RowLayout) -> u64 {
         .map(|s| {
             // Spread the remainder over the first stripes.
             let r = rows / stripes + u64::from(s < rows % stripes);
-            stripe_arena_bytes(r, row_bytes) + capacity_for(r as usize) as u64 * BUCKET_BYTES as u64
+            stripe_arena_bytes(r, row_bytes)
+                + capacity_for(r as usize, s as u32) as u64 * BUCKET_BYTES as u64
         })
         .sum()
 }

@@ -10,10 +10,11 @@
 //!   bf16). Dim 18 with f16 weights and row-wise Adagrad is 56 bytes;
 //! * the **index** ([`crate::index`]) maps the id hash to the arena slot with
 //!   4 bytes per bucket (a 6-bit tag and a 26-bit slot in one `u32`),
-//!   growing by 1.5x at 7/8 load; the key is compared in the arena row.
+//!   growing by 1.25x at 7/8 load, each stripe at its own sizes; the key is
+//!   compared in the arena row.
 //!
 //! Bytes per stored row, all-in: `RowLayout::bytes()` + the index (4 bytes /
-//! load, 4.6..6.9 B) + chunk slack; [`Table::stats`] reports the exact
+//! load, ~5.1 B) + chunk slack; [`Table::stats`] reports the exact
 //! allocated bytes and `ember plan` predicts them.
 //!
 //! Batched operations group their ids by stripe, take each stripe lock once
@@ -749,6 +750,7 @@ impl Table {
                 .map(|s| {
                     RwLock::new(Stripe {
                         rng: s as u64,
+                        index: Index::with_phase(s as u32),
                         ..Stripe::default()
                     })
                 })
@@ -929,6 +931,7 @@ impl Table {
             let charged = g.charged;
             *g = Stripe {
                 rng: s as u64,
+                index: Index::with_phase(s as u32),
                 charged,
                 ..Stripe::default()
             };
