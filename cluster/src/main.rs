@@ -116,6 +116,9 @@ enum Cmd {
         /// Weight precision: f32, f16 or bf16.
         #[arg(long, default_value = "f16")]
         precision: ember_worker::train::config::Precision,
+        /// Storage precision of row-wise Adam's first moment: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        moment_precision: ember_worker::train::config::Precision,
         /// Size for this many shards.
         #[arg(long, conflicts_with = "memory_per_shard")]
         shards: Option<u32>,
@@ -357,6 +360,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             dim,
             optimizer,
             precision,
+            moment_precision,
             shards,
             memory_per_shard,
         } => {
@@ -365,6 +369,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 dim,
                 optimizer,
                 precision,
+                moment_precision,
                 shards,
                 memory_per_shard,
             };

@@ -19,6 +19,8 @@ pub struct PlanRequest {
     pub optimizer: OptimizerKind,
     /// Weight precision.
     pub precision: Precision,
+    /// Storage precision of row-wise Adam's first moment.
+    pub moment_precision: Precision,
     /// Size for this many shards ...
     pub shards: Option<u32>,
     /// ... or find the fewest shards that fit this many bytes each.
@@ -31,11 +33,18 @@ fn gib(b: f64) -> String {
 
 /// The row layout of a request; the error names the bad argument.
 pub fn layout_of(req: &PlanRequest) -> Result<RowLayout, String> {
-    let precision = match req.precision {
+    let wp = |p: Precision| match p {
         Precision::F32 => WeightPrecision::F32,
         Precision::F16 => WeightPrecision::F16,
         Precision::Bf16 => WeightPrecision::Bf16,
     };
+    let (precision, moment) = (wp(req.precision), wp(req.moment_precision));
+    if moment != WeightPrecision::F32 && req.optimizer != OptimizerKind::RowwiseAdam {
+        return Err(format!(
+            "--moment-precision {}: only rowwise_adam keeps a per-coordinate moment that can be stored compact (optimizer is {})",
+            req.moment_precision, req.optimizer
+        ));
+    }
     if req.dim == 0 || req.dim > 4096 {
         return Err(format!("--dim {}: expected 1..=4096", req.dim));
     }
@@ -45,7 +54,7 @@ pub fn layout_of(req: &PlanRequest) -> Result<RowLayout, String> {
     };
     let proto = spec.to_proto();
     let opt = Optimizer::from_config(Some(&proto)).map_err(|e| e.to_string())?;
-    Ok(RowLayout::new(req.dim, opt.state_len(req.dim), precision))
+    Ok(RowLayout::new(req.dim, opt.state_len(req.dim), precision).with_moment(moment))
 }
 
 /// Sizes the request and renders the report.
@@ -66,15 +75,24 @@ pub fn run(req: &PlanRequest) -> Result<(Plan, String), String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "table: {} ids, dim {}, {} weights, {} ({} f32 state values per row)",
-        req.ids, req.dim, req.precision, req.optimizer, layout.state
+        "table: {} ids, dim {}, {} weights, {} ({} state values per row, {})",
+        req.ids,
+        req.dim,
+        req.precision,
+        req.optimizer,
+        layout.state,
+        if layout.state_is_f32() {
+            "f32".to_string()
+        } else {
+            format!("first moment {}", layout.moment.name())
+        }
     );
     let _ = writeln!(
         out,
         "row: {} B in the arena (key 8, count 4, step 4, state {}, weights {}), {:.1} B/row all-in with the index",
         p.row_bytes,
-        4 * layout.state,
-        p.row_bytes as usize - 16 - 4 * layout.state,
+        4 * layout.state_words,
+        p.row_bytes as usize - 16 - 4 * layout.state_words,
         p.bytes_per_row
     );
     let _ = writeln!(
@@ -113,6 +131,7 @@ mod tests {
             dim: 18,
             optimizer: OptimizerKind::RowwiseAdagrad,
             precision: Precision::F16,
+            moment_precision: Precision::F32,
             shards,
             memory_per_shard: mem,
         }
@@ -144,5 +163,22 @@ mod tests {
         r.dim = 0;
         assert!(run(&r).unwrap_err().contains("--dim 0"));
         assert!(run(&req(Some(0), None)).unwrap_err().contains("--shards 0"));
+        // A compact moment needs row-wise Adam.
+        let mut r = req(Some(1), None);
+        r.moment_precision = Precision::F16;
+        assert!(run(&r).unwrap_err().contains("--moment-precision f16"));
+    }
+
+    /// Row-wise Adam with an f16 first moment: 4 header + 3 scalar + 9 moment
+    /// + 9 weight words = 100 B, against 136 B with an f32 moment.
+    #[test]
+    fn an_f16_moment_shrinks_rowwise_adam_rows() {
+        let mut r = req(Some(1), None);
+        r.optimizer = OptimizerKind::RowwiseAdam;
+        assert_eq!(run(&r).unwrap().0.row_bytes, 136);
+        r.moment_precision = Precision::F16;
+        let (p, text) = run(&r).unwrap();
+        assert_eq!(p.row_bytes, 100);
+        assert!(text.contains("state 48"), "{text}");
     }
 }

@@ -16,6 +16,14 @@
 //! So dim 18 with f16 weights and row-wise Adagrad is 4 + 1 + 9 = 14 words =
 //! 56 bytes, against 5 + 18 + 18 = 41 words (164 bytes) for f32 Adagrad.
 //!
+//! A **compact moment** (`moment_precision` f16 or bf16, row-wise Adam only)
+//! stores the first `dim` state values (Adam's per-coordinate first moment
+//! `m`) as 16-bit halves after the remaining f32 state values (`v`, β1^t,
+//! β2^t), stochastically rounded like the weights (with their own random
+//! bits): dim 18, f16 weights and f16 `m` is 4 + 3 + 9 + 9 = 25 words =
+//! 100 bytes instead of 136. Checkpoints and tools still exchange the state
+//! as f32 in the optimizer's order (`m`, then the scalars).
+//!
 //! Reduced-precision weights are always computed in f32: a push decodes the
 //! row's weights, applies regularization and the optimizer in f32 and encodes
 //! the result with **stochastic rounding** (round up with probability equal
@@ -109,13 +117,21 @@ impl WeightPrecision {
 pub struct RowLayout {
     /// Embedding width.
     pub dim: usize,
-    /// f32 optimizer-state values.
+    /// Optimizer-state values (as exchanged: f32, in the optimizer's order).
     pub state: usize,
     /// Weight precision.
     pub precision: WeightPrecision,
+    /// Storage precision of the first `dim` state values (F32: stored with
+    /// the rest of the state).
+    pub moment: WeightPrecision,
+    /// Words of stored optimizer state.
+    pub state_words: usize,
     /// Words per row.
     pub words: usize,
 }
+
+/// Seed mix that gives a compact moment other random bits than the weights.
+const MOMENT_NOISE: u64 = 0x6D6F_6D65_6E74; // "moment"
 
 impl RowLayout {
     /// The layout of a row of `dim` weights and `state` f32 state values.
@@ -125,8 +141,36 @@ impl RowLayout {
             dim,
             state,
             precision,
+            moment: WeightPrecision::F32,
+            state_words: state,
             words: HEADER_WORDS + state + weight_words,
         }
+    }
+
+    /// This layout with its first `dim` state values (a per-coordinate
+    /// moment) stored at `moment` precision. The state must hold at least
+    /// `dim` values (row-wise Adam's `m` then its scalars).
+    pub fn with_moment(self, moment: WeightPrecision) -> Self {
+        if moment == WeightPrecision::F32 || self.state < self.dim {
+            return RowLayout {
+                moment: WeightPrecision::F32,
+                ..RowLayout::new(self.dim, self.state, self.precision)
+            };
+        }
+        let state_words = self.state - self.dim + (self.dim * moment.bytes()).div_ceil(4);
+        let weight_words = (self.dim * self.precision.bytes()).div_ceil(4);
+        RowLayout {
+            moment,
+            state_words,
+            words: HEADER_WORDS + state_words + weight_words,
+            ..self
+        }
+    }
+
+    /// Whether the stored state is plain f32 ([`Self::state`] applies).
+    #[inline]
+    pub fn state_is_f32(&self) -> bool {
+        self.moment == WeightPrecision::F32
     }
 
     /// Bytes per row in the arena.
@@ -137,7 +181,46 @@ impl RowLayout {
     /// First word of the weights.
     #[inline]
     pub fn weights_at(&self) -> usize {
-        HEADER_WORDS + self.state
+        HEADER_WORDS + self.state_words
+    }
+
+    /// Decodes the stored optimizer state of `row` into `out` (`state`
+    /// values, the optimizer's order).
+    #[inline]
+    pub fn read_state(&self, row: &[u32], out: &mut [f32]) {
+        let out = &mut out[..self.state];
+        if self.state_is_f32() {
+            out.copy_from_slice(self.state(row));
+            return;
+        }
+        let scalars = self.state - self.dim;
+        let (m, rest) = out.split_at_mut(self.dim);
+        rest.copy_from_slice(bytemuck::cast_slice(
+            &row[HEADER_WORDS..HEADER_WORDS + scalars],
+        ));
+        decode_halves(self.moment, &row[HEADER_WORDS + scalars..], m);
+    }
+
+    /// Encodes `vals` (`state` values) into the stored state of `row`; a
+    /// compact moment is rounded to nearest (`noise = None`) or
+    /// stochastically with the seed of the row's update.
+    #[inline]
+    pub fn write_state(&self, row: &mut [u32], vals: &[f32], noise: Option<u64>) {
+        let vals = &vals[..self.state];
+        if self.state_is_f32() {
+            self.state_mut(row).copy_from_slice(vals);
+            return;
+        }
+        let scalars = self.state - self.dim;
+        let (m, rest) = vals.split_at(self.dim);
+        bytemuck::cast_slice_mut(&mut row[HEADER_WORDS..HEADER_WORDS + scalars])
+            .copy_from_slice(rest);
+        encode_halves(
+            self.moment,
+            &mut row[HEADER_WORDS + scalars..],
+            m,
+            noise.map(|s| s ^ MOMENT_NOISE),
+        );
     }
 
     /// Decodes the weights of `row` into `out` (`dim` values).
@@ -146,80 +229,44 @@ impl RowLayout {
     /// values per instruction, when the CPU has it), not value by value.
     #[inline]
     pub fn read_weights(&self, row: &[u32], out: &mut [f32]) {
-        let w = &row[self.weights_at()..];
-        match self.precision {
-            WeightPrecision::F32 => {
-                for (o, &b) in out.iter_mut().zip(w) {
-                    *o = f32::from_bits(b);
-                }
-            }
-            WeightPrecision::F16 => {
-                let h: &[f16] = halves(w, self.dim).reinterpret_cast();
-                h.convert_to_f32_slice(&mut out[..self.dim]);
-            }
-            WeightPrecision::Bf16 => {
-                let h: &[bf16] = halves(w, self.dim).reinterpret_cast();
-                h.convert_to_f32_slice(&mut out[..self.dim]);
-            }
-        }
+        decode_halves(
+            self.precision,
+            &row[self.weights_at()..],
+            &mut out[..self.dim],
+        );
     }
 
     /// Encodes `vals` (`dim` values) into the weights of `row`, rounding to
     /// nearest (`noise = None`) or stochastically with the given seed.
     ///
-    /// Stochastic rounding draws one 64-bit word per block of 4 values
-    /// (block `j` takes `splitmix64(seed + (j + 1) * φ)`, value `i` its bits
-    /// `16 (i % 4)..`), so the rounding of a row is a function of the seed.
+    /// The random bits are [`encode_halves`]'s, so the rounding of a row is
+    /// a function of the seed.
     #[inline]
     pub fn write_weights(&self, row: &mut [u32], vals: &[f32], noise: Option<u64>) {
         let at = self.weights_at();
-        let dim = self.dim;
-        let w = &mut row[at..];
-        match (self.precision, noise) {
-            (WeightPrecision::F32, _) => {
-                for (b, &v) in w.iter_mut().zip(vals) {
-                    *b = v.to_bits();
-                }
-            }
-            (WeightPrecision::F16, None) => {
-                let h: &mut [f16] = halves_mut(w, dim).reinterpret_cast_mut();
-                h.convert_from_f32_slice(&vals[..dim]);
-            }
-            (WeightPrecision::Bf16, None) => {
-                let h: &mut [bf16] = halves_mut(w, dim).reinterpret_cast_mut();
-                h.convert_from_f32_slice(&vals[..dim]);
-            }
-            (WeightPrecision::F16, Some(seed)) => {
-                f16_stochastic_slice(halves_mut(w, dim), &vals[..dim], seed);
-            }
-            (WeightPrecision::Bf16, Some(seed)) => {
-                let mut rng = SplitMix64::new(seed.wrapping_add(GOLDEN_GAMMA));
-                let hs = halves_mut(w, dim);
-                for (hb, vb) in hs.chunks_mut(4).zip(vals[..dim].chunks(4)) {
-                    let bits = rng.next_u64();
-                    for (i, (h, &v)) in hb.iter_mut().zip(vb).enumerate() {
-                        *h = bf16_stochastic(v, (bits >> (i * 16)) as u16);
-                    }
-                }
-            }
-        }
+        encode_halves(self.precision, &mut row[at..], &vals[..self.dim], noise);
     }
 
-    /// The f32 optimizer state of `row`.
+    /// The f32 optimizer state of `row` (a plain-f32 state only, see
+    /// [`Self::state_is_f32`]; [`Self::read_state`] decodes any).
     #[inline]
     pub fn state<'a>(&self, row: &'a [u32]) -> &'a [f32] {
+        debug_assert!(self.state_is_f32());
         bytemuck::cast_slice(&row[HEADER_WORDS..HEADER_WORDS + self.state])
     }
 
-    /// The f32 optimizer state of `row`, mutable.
+    /// The f32 optimizer state of `row`, mutable (a plain-f32 state only).
     #[inline]
     pub fn state_mut<'a>(&self, row: &'a mut [u32]) -> &'a mut [f32] {
+        debug_assert!(self.state_is_f32());
         bytemuck::cast_slice_mut(&mut row[HEADER_WORDS..HEADER_WORDS + self.state])
     }
 
-    /// State and (f32 tables only) weights of `row` as mutable f32 slices.
+    /// State and weights of `row` as mutable f32 slices (f32 weights and a
+    /// plain-f32 state only).
     #[inline]
     pub fn split_f32_mut<'a>(&self, row: &'a mut [u32]) -> (&'a mut [f32], &'a mut [f32]) {
+        debug_assert!(self.state_is_f32() && self.precision == WeightPrecision::F32);
         let (head, w) = row.split_at_mut(self.weights_at());
         (
             bytemuck::cast_slice_mut(&mut head[HEADER_WORDS..]),
@@ -234,14 +281,77 @@ impl RowLayout {
         out.resize(self.dim + self.state, 0.0);
         let (w, s) = out.split_at_mut(self.dim);
         self.read_weights(row, w);
-        s.copy_from_slice(self.state(row));
+        self.read_state(row, s);
     }
 
-    /// Encodes `vals` (weights then state) into `row`, weights rounded to nearest.
+    /// Encodes `vals` (weights then state) into `row`, weights (and a compact
+    /// moment) rounded to nearest.
     pub fn write_values(&self, row: &mut [u32], vals: &[f32]) {
         let (w, s) = vals.split_at(self.dim);
         self.write_weights(row, w, None);
-        self.state_mut(row).copy_from_slice(s);
+        self.write_state(row, s, None);
+    }
+}
+
+/// Decodes `out.len()` values of precision `p` from the words `w` (f32: one
+/// value per word; f16/bf16: two per word, through `half`'s slice
+/// conversion, 8 values per instruction with F16C).
+#[inline]
+fn decode_halves(p: WeightPrecision, w: &[u32], out: &mut [f32]) {
+    let n = out.len();
+    match p {
+        WeightPrecision::F32 => {
+            for (o, &b) in out.iter_mut().zip(w) {
+                *o = f32::from_bits(b);
+            }
+        }
+        WeightPrecision::F16 => {
+            let h: &[f16] = halves(w, n).reinterpret_cast();
+            h.convert_to_f32_slice(out);
+        }
+        WeightPrecision::Bf16 => {
+            let h: &[bf16] = halves(w, n).reinterpret_cast();
+            h.convert_to_f32_slice(out);
+        }
+    }
+}
+
+/// Encodes `vals` at precision `p` into the words `w`, rounding to nearest
+/// (`noise = None`) or stochastically with the given seed.
+///
+/// Stochastic rounding draws one 64-bit word per block of 4 values
+/// (block `j` takes `splitmix64(seed + (j + 1) * φ)`, value `i` its bits
+/// `16 (i % 4)..`), so the rounding is a function of the seed.
+#[inline]
+fn encode_halves(p: WeightPrecision, w: &mut [u32], vals: &[f32], noise: Option<u64>) {
+    let dim = vals.len();
+    match (p, noise) {
+        (WeightPrecision::F32, _) => {
+            for (b, &v) in w.iter_mut().zip(vals) {
+                *b = v.to_bits();
+            }
+        }
+        (WeightPrecision::F16, None) => {
+            let h: &mut [f16] = halves_mut(w, dim).reinterpret_cast_mut();
+            h.convert_from_f32_slice(vals);
+        }
+        (WeightPrecision::Bf16, None) => {
+            let h: &mut [bf16] = halves_mut(w, dim).reinterpret_cast_mut();
+            h.convert_from_f32_slice(vals);
+        }
+        (WeightPrecision::F16, Some(seed)) => {
+            f16_stochastic_slice(halves_mut(w, dim), vals, seed);
+        }
+        (WeightPrecision::Bf16, Some(seed)) => {
+            let mut rng = SplitMix64::new(seed.wrapping_add(GOLDEN_GAMMA));
+            let hs = halves_mut(w, dim);
+            for (hb, vb) in hs.chunks_mut(4).zip(vals.chunks(4)) {
+                let bits = rng.next_u64();
+                for (i, (h, &v)) in hb.iter_mut().zip(vb).enumerate() {
+                    *h = bf16_stochastic(v, (bits >> (i * 16)) as u16);
+                }
+            }
+        }
     }
 }
 
@@ -470,6 +580,54 @@ mod tests {
             l.read_values(&row, &mut back);
             assert_eq!(back, vals, "{p:?}");
         }
+    }
+
+    /// A compact moment: dim 18 row-wise Adam (21 state values) with f16
+    /// weights and f16 `m` is 4 + 3 + 9 + 9 words; the state decodes in the
+    /// optimizer's order (m, then the f32 scalars, exactly), and a
+    /// stochastically rounded `m` is unbiased where nearest loses a small
+    /// change. `with_moment` leaves a state shorter than `dim` as f32.
+    #[test]
+    fn a_compact_moment_is_stored_in_halves_and_decodes_in_order() {
+        let l = RowLayout::new(18, 21, WeightPrecision::F16).with_moment(WeightPrecision::F16);
+        assert_eq!((l.state_words, l.words, l.bytes()), (12, 25, 100));
+        assert!(!l.state_is_f32());
+        assert_eq!(
+            RowLayout::new(18, 1, WeightPrecision::F16)
+                .with_moment(WeightPrecision::F16)
+                .bytes(),
+            56
+        );
+        let mut row = vec![0u32; l.words];
+        let mut vals: Vec<f32> = (0..18 + 21).map(|i| (i as f32 - 9.0) * 0.013).collect();
+        WeightPrecision::F16.round_nearest(&mut vals[..36]);
+        vals[36] = 1e-7; // v, below any f16 resolution: must stay exact
+        vals[37] = 0.9f32.powi(3);
+        vals[38] = 0.999f32.powi(3);
+        l.write_values(&mut row, &vals);
+        let mut back = Vec::new();
+        l.read_values(&row, &mut back);
+        assert_eq!(back, vals);
+        // m = 0.01 + 1e-6 (~0.2 f16 ulp) rounded stochastically 4000 times.
+        let mut state = vec![0.0f32; 21];
+        let mut sum = 0f64;
+        for seed in 0..4000u64 {
+            state[..18].fill(0.01 + 1e-6);
+            l.write_state(&mut row, &state, Some(splitmix64(seed)));
+            let mut out = vec![0.0f32; 21];
+            l.read_state(&row, &mut out);
+            sum += f64::from(out[0]);
+        }
+        let mean = sum / 4000.0;
+        assert!((mean - (0.01 + 1e-6)).abs() < 2e-7, "{mean}");
+        l.write_state(&mut row, &state, None);
+        let mut out = vec![0.0f32; 21];
+        l.read_state(&row, &mut out);
+        assert_eq!(
+            out[0],
+            f16::from_f32(0.01).to_f32(),
+            "nearest loses the 1e-6"
+        );
     }
 
     /// The mean of many stochastic roundings of v is v (and nearest rounding

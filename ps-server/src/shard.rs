@@ -313,6 +313,11 @@ fn config_diff(a: &TableConfig, b: &TableConfig) -> Vec<String> {
             .unwrap_or_else(|_| v.to_string())
     };
     f("precision", prec(a.precision), prec(b.precision));
+    f(
+        "moment_precision",
+        prec(a.moment_precision),
+        prec(b.moment_precision),
+    );
     f("dim", a.dim.to_string(), b.dim.to_string());
     f(
         "optimizer",
@@ -1048,6 +1053,39 @@ mod tests {
         assert_eq!(t.spec().precision, crate::store::WeightPrecision::F32);
         assert_eq!(t.get_row(1), before);
         assert!(!s.create_table(cfg(Precision::F32)).unwrap());
+    }
+
+    /// The same for the storage precision of row-wise Adam's first moment.
+    #[test]
+    fn moment_precision_mismatch_is_named_and_changes_nothing() {
+        use ember_proto::v1::{optimizer_config::Kind, Adam, OptimizerConfig};
+        let adam = |moment: Precision| TableConfig {
+            optimizer: Some(OptimizerConfig {
+                kind: Some(Kind::RowwiseAdam(Adam {
+                    lr: 0.01,
+                    ..Default::default()
+                })),
+            }),
+            moment_precision: moment as i32,
+            ..cfg(Precision::F16)
+        };
+        let s = Shard::new(ShardConfig::default()).unwrap();
+        assert!(s.create_table(adam(Precision::F16)).unwrap());
+        s.push("item", &[1, 2], &[0.5; 8], &[], 1).unwrap();
+        let before = s.table("item").unwrap().get_row(1);
+        let e = s
+            .create_table(adam(Precision::F32))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("moment_precision: existing f16, requested f32"),
+            "{e}"
+        );
+        assert_eq!(s.table("item").unwrap().get_row(1), before);
+        assert_eq!(
+            s.table("item").unwrap().layout().bytes(),
+            4 * (4 + 3 + 2 + 2)
+        );
     }
 
     /// A budget smaller than one row is refused at table creation, naming it.

@@ -207,6 +207,17 @@ pub enum Precision {
 }
 spelled!(Precision { F32 => "f32", F16 => "f16", Bf16 => "bf16" });
 
+impl Precision {
+    /// The wire value.
+    pub fn to_proto(self) -> pb::Precision {
+        match self {
+            Precision::F32 => pb::Precision::F32,
+            Precision::F16 => pb::Precision::F16,
+            Precision::Bf16 => pb::Precision::Bf16,
+        }
+    }
+}
+
 /// How `ember train` hosts the shards and its own workers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -397,6 +408,10 @@ pub struct SparseConfig {
     /// "f16" or "bf16" (stochastically rounded updates; workers compute in f32).
     #[serde(default)]
     pub precision: Precision,
+    /// Storage precision of row-wise Adam's first moment: "f32" (default),
+    /// "f16" or "bf16" (stochastically rounded; `rowwise_adam` only).
+    #[serde(default)]
+    pub moment_precision: Precision,
 }
 
 fn d_init_scale() -> f32 {
@@ -415,6 +430,7 @@ impl Default for SparseConfig {
             admit_min_count: 0,
             ttl_steps: 0,
             precision: Precision::default(),
+            moment_precision: Precision::default(),
         }
     }
 }
@@ -430,11 +446,7 @@ impl SparseConfig {
             InitKind::TruncatedNormal => Kind::TruncatedNormal,
         };
         let count_mode = self.count_mode.to_proto();
-        let precision = match self.precision {
-            Precision::F32 => pb::Precision::F32,
-            Precision::F16 => pb::Precision::F16,
-            Precision::Bf16 => pb::Precision::Bf16,
-        };
+        let precision = self.precision.to_proto();
         pb::TableConfig {
             name: name.to_string(),
             dim: dim as u32,
@@ -450,6 +462,7 @@ impl SparseConfig {
             ttl_steps: self.ttl_steps,
             plain_l2: self.plain_l2,
             precision: precision as i32,
+            moment_precision: self.moment_precision.to_proto() as i32,
         }
     }
 }
