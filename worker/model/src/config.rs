@@ -21,6 +21,17 @@ pub enum ModelKind {
     Dien,
 }
 
+/// How DIEN's interest-evolving attention scores an interest state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DienAttention {
+    /// The DIN activation unit on `[q, h_t, q - h_t, q * h_t]` (reference code).
+    #[default]
+    Mlp,
+    /// `h_t W e_target` (paper Eq. 8).
+    Bilinear,
+}
+
 /// Everything needed to build a CTR model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +65,10 @@ pub struct ModelConfig {
     pub evolve: EvolveKind,
     /// DIEN auxiliary loss on (true). Needs `neg_item_idx` in training batches.
     pub aux_loss: bool,
+    /// DIEN attention scores: `"mlp"` (default, the DIN activation unit as
+    /// in the reference code) or `"bilinear"` (`h_t W e_target`, paper Eq. 8);
+    /// both are softmax-normalised over the valid steps.
+    pub dien_attention: DienAttention,
     /// Weight of the auxiliary loss (1.0).
     pub aux_alpha: f64,
     /// Use the fused CPU kernels where available (true; off = composed candle ops).
@@ -83,6 +98,7 @@ impl Default for ModelConfig {
             dien_hidden: 36,
             evolve: EvolveKind::Augru,
             aux_loss: true,
+            dien_attention: DienAttention::Mlp,
             aux_alpha: 1.0,
             fused: true,
             dice_momentum: 0.1,

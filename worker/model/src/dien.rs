@@ -5,23 +5,35 @@
 //! `(h_t, e_{t+1})` against the sampled negative `e'_{t+1}`, weight
 //! `aux_alpha` (1). Interest evolving: attention `a_t` = masked softmax over
 //! valid `t` of the activation unit on `[q, h_t, q - h_t, q * h_t]`
-//! (`q = e_target`), then AUGRU (default) / AGRU / AIGRU / GRU over `h_t`;
+//! (`q = e_target`; `dien_attention = "bilinear"`: of `h_t W q`, paper Eq. 8),
+//! then AUGRU (default) / AGRU / AIGRU / GRU over `h_t`;
 //! final interest `h'_T` (state after the last valid step).
 //! `logit = MLP([e_target, h'_T, s, e_target * s (, e_user)])`, `s = sum_t m_t e_t`.
-//! Parameters: `gru.*`, `att.*`, `evolve.*`, `aux.*` (with aux), `mlp.*`.
+//! Parameters: `gru.*`, `att.*` (or `bilinear.w`), `evolve.*`, `aux.*` (with
+//! aux), `mlp.*`.
 
 use candle_core::{Result, Tensor};
 
-use super::config::ModelConfig;
+use super::config::{DienAttention, ModelConfig};
 use super::net::{attention_unit, head_mlp, Inputs, NetOutput, Network};
 use crate::layer::attention::{ActivationUnit, AttentionMode};
 use crate::layer::attention_gru::AttentionGru;
 use crate::layer::aux::AuxNet;
+use crate::layer::bilinear::BilinearAttention;
 use crate::layer::gru::Gru;
 use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::ParamBuilder;
 use crate::layer::pooling::masked_sum;
+
+/// How the target scores the interest states.
+#[derive(Debug, Clone)]
+pub enum Scorer {
+    /// DIN activation unit (reference code).
+    Mlp(ActivationUnit),
+    /// `h_t W q` (paper Eq. 8).
+    Bilinear(BilinearAttention),
+}
 
 /// The DIEN body.
 #[derive(Debug, Clone)]
@@ -31,7 +43,7 @@ pub struct Dien {
     /// Auxiliary net (when the aux loss is on).
     pub aux: Option<AuxNet>,
     /// Attention of the target over the interest states.
-    pub att: ActivationUnit,
+    pub att: Scorer,
     /// Interest evolving GRU.
     pub evolve: AttentionGru,
     /// Final MLP.
@@ -43,7 +55,12 @@ impl Network for Dien {
         let e = cfg.behaviour_dim();
         let h = cfg.dien_hidden;
         let gru = Gru::new(e, h, &pb.pp("gru"))?;
-        let att = attention_unit(cfg, h, pb)?;
+        let att = match cfg.dien_attention {
+            DienAttention::Mlp => Scorer::Mlp(attention_unit(cfg, h, pb)?),
+            DienAttention::Bilinear => {
+                Scorer::Bilinear(BilinearAttention::new(h, e, &pb.pp("bilinear"))?)
+            }
+        };
         let evolve = AttentionGru::new(cfg.evolve, h, h, &pb.pp("evolve"))?;
         let aux = if cfg.aux_loss {
             let mut a = AuxNet::new(h, e, &pb.pp("aux"))?;
@@ -77,7 +94,10 @@ impl Network for Dien {
             },
             _ => None,
         };
-        let scores = self.att.scores(&q, &states, &inp.batch.lens, mode)?;
+        let scores = match &self.att {
+            Scorer::Mlp(att) => att.scores(&q, &states, &inp.batch.lens, mode)?,
+            Scorer::Bilinear(att) => att.scores(&q, &states)?,
+        };
         let a = ActivationUnit::weights(&scores, &inp.mask, AttentionMode::Code)?;
         let final_h = self.evolve.forward(&states, &a, &inp.mask)?;
         let s = masked_sum(&hist, &inp.mask)?;

@@ -87,7 +87,7 @@ use candle_core::{DType, Device};
 use ember_data::batch::Batch;
 
 pub use alloc::tune_allocator;
-pub use config::{ModelConfig, ModelKind};
+pub use config::{DienAttention, ModelConfig, ModelKind};
 pub use net::CtrNet;
 pub use optim::{DenseOptimizer, OptimizerKind};
 

@@ -106,7 +106,7 @@ fn gradcheck_model<N: Network>(cfg: &ModelConfig, what: &str) {
         (softmax && n == "att.fc2.bias")
             || (cfg.kind == ModelKind::Dien
                 && cfg.evolve == EvolveKind::Gru
-                && n.starts_with("att."))
+                && (n.starts_with("att.") || n.starts_with("bilinear.")))
     };
     let g = f().unwrap().backward().unwrap();
     for (name, v) in vars.iter().filter(|(n, _)| !exempt(n)) {
@@ -148,24 +148,31 @@ fn gradcheck_base_and_din() {
 
 #[test]
 fn gradcheck_dien_variants() {
-    for (evolve, aux) in [
-        (EvolveKind::Augru, true),
-        (EvolveKind::Augru, false),
-        (EvolveKind::Agru, true),
-        (EvolveKind::Aigru, true),
-        (EvolveKind::Gru, false),
+    use crate::config::DienAttention::{Bilinear, Mlp};
+    for (evolve, aux, att) in [
+        (EvolveKind::Augru, true, Mlp),
+        (EvolveKind::Augru, false, Mlp),
+        (EvolveKind::Agru, true, Mlp),
+        (EvolveKind::Aigru, true, Mlp),
+        (EvolveKind::Gru, false, Mlp),
+        (EvolveKind::Augru, true, Bilinear),
+        (EvolveKind::Aigru, false, Bilinear),
     ] {
         for fused in [false, true] {
             let mut c = small(ModelKind::Dien);
             c.evolve = evolve;
             c.aux_loss = aux;
+            c.dien_attention = att;
             c.fused = fused;
             c.activation = if aux {
                 Activation::Dice
             } else {
                 Activation::Prelu
             };
-            gradcheck_model::<Dien>(&c, &format!("dien {evolve:?} aux={aux} fused={fused}"));
+            gradcheck_model::<Dien>(
+                &c,
+                &format!("dien {evolve:?} aux={aux} {att:?} fused={fused}"),
+            );
         }
     }
 }
@@ -437,15 +444,25 @@ fn dien_trains_end_to_end_in_process() {
     let train = synthetic_samples(&spec, 3000, 11);
     let test = synthetic_samples(&spec, 1000, 12);
     let (tb, eb) = (batches(&train, 64, 50), batches(&test, 250, 50));
-    let mut model = build_model(&ModelConfig::of(ModelKind::Dien), &Device::Cpu).unwrap();
-    let mut store = InMemoryStore::new(&model.sparse_tables(), 0.05, 3);
-    let mut opt = DenseOptimizer::adam(2e-3);
-    for _ in 0..2 {
-        train_epoch(&mut *model, &mut store, &mut opt, &tb).unwrap();
+    // The reference code's attention and the paper's bilinear one (Eq. 8).
+    for att in [
+        crate::config::DienAttention::Mlp,
+        crate::config::DienAttention::Bilinear,
+    ] {
+        let cfg = ModelConfig {
+            dien_attention: att,
+            ..ModelConfig::of(ModelKind::Dien)
+        };
+        let mut model = build_model(&cfg, &Device::Cpu).unwrap();
+        let mut store = InMemoryStore::new(&model.sparse_tables(), 0.05, 3);
+        let mut opt = DenseOptimizer::adam(2e-3);
+        for _ in 0..2 {
+            train_epoch(&mut *model, &mut store, &mut opt, &tb).unwrap();
+        }
+        let after = evaluate(&mut *model, &mut store, &eb).unwrap();
+        eprintln!("DIEN {att:?} synthetic: {after:?}");
+        assert!(after.auc > 0.7, "{att:?}: held-out AUC {}", after.auc);
     }
-    let after = evaluate(&mut *model, &mut store, &eb).unwrap();
-    eprintln!("DIEN synthetic: {after:?}");
-    assert!(after.auc > 0.7, "held-out AUC {}", after.auc);
 }
 
 #[test]

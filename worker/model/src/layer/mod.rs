@@ -16,6 +16,7 @@
 pub mod attention;
 pub mod attention_gru;
 pub mod aux;
+pub mod bilinear;
 pub mod dice;
 pub mod embedding;
 pub mod fused_attention;

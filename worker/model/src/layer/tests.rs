@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use super::attention::{ActivationUnit, AttentionMode};
 use super::attention_gru::{AttentionGru, EvolveKind};
 use super::aux::AuxNet;
+use super::bilinear::BilinearAttention;
 use super::dice::Dice;
 use super::gradcheck::{assert_ok, check};
 use super::gru::Gru;
@@ -173,6 +174,52 @@ fn attention_case(att: AttentionMode, fused: bool) -> Result<()> {
             assert!(row.iter().all(|&v| v == 0.0), "pad grad at {bi},{s}");
         }
     }
+    Ok(())
+}
+
+/// Bilinear scores equal `h_t W q` summed by hand, and the masked softmax
+/// over them passes the finite-difference check for `W`, `q` and the states.
+#[test]
+fn bilinear_attention_is_h_w_q_and_gradchecks() -> Result<()> {
+    let (bsz, t, h, e) = (3, 4, 5, 3);
+    let lens = [4, 1, 0];
+    let b = pb(21);
+    let unit = BilinearAttention::new(h, e, &b)?;
+    let q = rand_var(&[bsz, e], 22, 1.0)?;
+    let k = rand_var(&[bsz, t, h], 23, 1.0)?;
+    let s = unit
+        .scores(q.as_tensor(), k.as_tensor())?
+        .to_vec2::<f64>()?;
+    let w = unit.w.as_tensor().to_vec2::<f64>()?;
+    let (qv, kv) = (
+        q.as_tensor().to_vec2::<f64>()?,
+        k.as_tensor().to_vec3::<f64>()?,
+    );
+    for bi in 0..bsz {
+        for ti in 0..t {
+            let mut want = 0.0;
+            for i in 0..h {
+                for j in 0..e {
+                    want += kv[bi][ti][i] * w[i][j] * qv[bi][j];
+                }
+            }
+            assert!(
+                (s[bi][ti] - want).abs() < 1e-12,
+                "{bi},{ti}: {} vs {want}",
+                s[bi][ti]
+            );
+        }
+    }
+    let mask = mask_of(&lens, t)?;
+    let mut vars = b.finish().params;
+    vars.push(("q".into(), q.clone()));
+    vars.push(("k".into(), k.clone()));
+    let f = || {
+        let s = unit.scores(q.as_tensor(), k.as_tensor())?;
+        let a = ActivationUnit::weights(&s, &mask, AttentionMode::Code)?;
+        proj_loss(&ActivationUnit::pool(&a, k.as_tensor())?, 24)
+    };
+    assert_ok("bilinear attention", &check(&vars, f, 60, H, TOL)?);
     Ok(())
 }
 
