@@ -16,7 +16,7 @@
 //! - `ember reshard --from DIR --to-shards M --out DIR`: an N-shard cluster
 //!   checkpoint rewritten for M shards (offline).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use ember_cluster::launcher::{train, LaunchOptions};
@@ -160,6 +160,18 @@ enum Cmd {
         /// Shards for the loopback measurement.
         #[arg(long, default_value_t = 2)]
         shards: usize,
+    },
+    /// Draw several runs in one PNG: test logloss and AUC per epoch.
+    PlotRuns {
+        /// Title of the two panels.
+        #[arg(long, default_value = "runs")]
+        title: String,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// Runs as LABEL=RUN_DIR (each RUN_DIR holds the metrics.json of `ember train`).
+        #[arg(required = true)]
+        runs: Vec<String>,
     },
 }
 
@@ -413,6 +425,20 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let cfg = JobConfig::load(&config)?;
             let r = ember_cluster::bench::bench_e2e(&cfg, steps, shards).await?;
             println!("{r}");
+        }
+        Cmd::PlotRuns { title, out, runs } => {
+            let mut loaded = Vec::new();
+            for arg in &runs {
+                let (label, dir) = arg
+                    .split_once('=')
+                    .ok_or_else(|| format!("plot-runs: `{arg}` is not LABEL=RUN_DIR"))?;
+                let report = ember_cluster::report::RunReport::read_json(
+                    &Path::new(dir).join("metrics.json"),
+                )?;
+                loaded.push((label.to_string(), report.epochs));
+            }
+            ember_cluster::plot::plot_compare(&out, &title, &loaded)?;
+            println!("wrote {}", out.display());
         }
     }
     Ok(())

@@ -157,6 +157,79 @@ pub fn plot_curves(
     Ok(fonts)
 }
 
+/// Colours of the runs in [`plot_compare`], in order (then repeated).
+const RUN_COLORS: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, RGBColor(230, 140, 0), BLACK];
+
+/// Draws several runs side by side to `path` (PNG, 1200x480): test logloss
+/// per epoch (left) and test AUC per epoch (right), one line per
+/// `(label, records)`. Returns whether labels were drawn.
+pub fn plot_compare(
+    path: &Path,
+    title: &str,
+    runs: &[(String, Vec<EpochRecord>)],
+) -> Result<bool, ClusterError> {
+    let fonts = register_font();
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(600);
+    let n = runs.iter().map(|(_, r)| r.len()).max().unwrap_or(1).max(1) as f64;
+    type Metric = fn(&crate::report::TestMetrics) -> f64;
+    let panels: [(&_, &str, Metric, (f64, f64)); 2] = [
+        (&left, "test logloss", |t| t.logloss, (0.0, 1.0)),
+        (&right, "test AUC", |t| t.auc, (0.5, 1.0)),
+    ];
+    for (area, what, metric, default) in panels {
+        let series: Vec<Vec<(f64, f64)>> = runs
+            .iter()
+            .map(|(_, recs)| {
+                recs.iter()
+                    .filter_map(|r| r.test.as_ref().map(|t| (r.epoch as f64, metric(t))))
+                    .filter(|p| p.1.is_finite())
+                    .collect()
+            })
+            .collect();
+        let vals: Vec<f64> = series.iter().flatten().map(|p| p.1).collect();
+        let (lo, hi) = bounds(&vals, default.0, default.1);
+        let mut b = ChartBuilder::on(area);
+        b.margin(15)
+            .x_label_area_size(if fonts { 35 } else { 5 })
+            .y_label_area_size(if fonts { 55 } else { 5 });
+        if fonts {
+            b.caption(format!("{title}: {what}"), ("sans-serif", 20));
+        }
+        let mut chart = b.build_cartesian_2d(0.5f64..n + 0.5, lo..hi).map_err(err)?;
+        if fonts {
+            chart
+                .configure_mesh()
+                .x_desc("epoch")
+                .x_label_formatter(&epoch_label)
+                .y_desc(what)
+                .draw()
+                .map_err(err)?;
+        } else {
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .draw()
+                .map_err(err)?;
+        }
+        for (i, ((label, _), pts)) in runs.iter().zip(&series).enumerate() {
+            let color = RUN_COLORS[i % RUN_COLORS.len()];
+            draw_line(&mut chart, pts, color, fonts.then_some(label.as_str()))?;
+        }
+        if fonts {
+            chart
+                .configure_series_labels()
+                .border_style(BLACK)
+                .background_style(WHITE)
+                .draw()
+                .map_err(err)?;
+        }
+    }
+    root.present().map_err(err)?;
+    Ok(fonts)
+}
+
 type Chart<'a> = ChartContext<
     'a,
     BitMapBackend<'a>,

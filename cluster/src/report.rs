@@ -221,5 +221,19 @@ mod tests {
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
         assert!(bytes.len() > 2000, "png too small: {}", bytes.len());
+        // Several runs in one picture: a third line changes the image.
+        let runs = vec![
+            ("a".to_string(), r.epochs.clone()),
+            ("b".to_string(), vec![rec(1, 0.6), rec(2, 0.65)]),
+        ];
+        let two = dir.path().join("two.png");
+        crate::plot::plot_compare(&two, "t", &runs).unwrap();
+        let mut more = runs.clone();
+        more.push(("c".to_string(), vec![rec(1, 0.9), rec(2, 0.95)]));
+        let three = dir.path().join("three.png");
+        crate::plot::plot_compare(&three, "t", &more).unwrap();
+        let (a, b) = (std::fs::read(&two).unwrap(), std::fs::read(&three).unwrap());
+        assert_eq!(&a[1..4], b"PNG");
+        assert_ne!(a, b);
     }
 }
