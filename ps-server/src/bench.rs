@@ -67,21 +67,28 @@ pub struct BenchArgs {
     /// rowwise_adam or sgd.
     #[arg(long, default_value = "adagrad")]
     pub optimizer: String,
+    /// Storage precision of row-wise Adam's first moment: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub moment_precision: String,
 }
 
 /// The benchmark table with the precision and optimizer of the flags.
 fn table_cfg_for(a: &BenchArgs) -> Result<TableConfig> {
     let mut c = table_cfg(a.dim);
-    c.precision = match a.precision.as_str() {
-        "f32" => Precision::F32,
-        "f16" => Precision::F16,
-        "bf16" => Precision::Bf16,
-        p => {
-            return Err(PsError::invalid(format!(
-                "--precision {p}: expected f32, f16 or bf16"
-            )))
-        }
-    } as i32;
+    let precision = |flag: &str, p: &str| {
+        Ok(match p {
+            "f32" => Precision::F32,
+            "f16" => Precision::F16,
+            "bf16" => Precision::Bf16,
+            p => {
+                return Err(PsError::invalid(format!(
+                    "--{flag} {p}: expected f32, f16 or bf16"
+                )))
+            }
+        } as i32)
+    };
+    c.precision = precision("precision", &a.precision)?;
+    c.moment_precision = precision("moment-precision", &a.moment_precision)?;
     let adagrad = Adagrad {
         lr: 0.05,
         initial_accumulator: 0.1,
