@@ -7,6 +7,10 @@
 #   VARIANTS="f32_adam f16_rowwise_adagrad" SEEDS="1 2 3" scripts/compact-quality.sh
 #   VARIANTS="f16_rowwise_adagrad_lr0.1" ...   # another row-wise Adagrad lr
 #   VARIANTS="f16_rowwise_adam f32_adam_dice" ... # row-wise Adam; DIN with Dice
+#   VARIANTS="f16_rowwise_adam_f16m" ...       # row-wise Adam, f16 first moment too
+#   DATA=longtail scripts/compact-quality.sh   # the same variants on the synthetic
+#       long tail (ember-data synth: Zipf ids over a 10^9 id space, most ids seen
+#       once or twice), results under runs/quality-longtail
 # A run whose metrics.json already holds its last epoch is not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +22,24 @@ if [ ! -s data/ml100k-din/counts.bin ]; then
   target/debug/ember-data prepare --raw-dir data/ml-100k --out data/ml100k-din
   target/debug/ember-data count --train data/ml100k-din/train.txt --out data/ml100k-din/counts.bin
 fi
-mkdir -p runs/quality
+DATA="${DATA:-ml100k}"
+Q=runs/quality
+if [ "$DATA" = longtail ]; then
+  Q=runs/quality-longtail
+  d=data/longtail
+  if [ ! -s $d/counts.bin ]; then
+    mkdir -p $d
+    # 220k rows: 200k train, 20k test; 20k users with interests.
+    target/debug/ember-data synth --ids 1000000000 --users 20000 --rows 220000 --out $d/all.txt
+    head -n 200000 $d/all.txt > $d/train.txt
+    tail -n 20000 $d/all.txt > $d/test.txt
+    target/debug/ember-data count --train $d/train.txt --out $d/counts.bin
+  fi
+  target/debug/ember-data popularity --train $d/train.txt --test $d/test.txt
+elif [ "$DATA" != ml100k ]; then
+  echo "unknown DATA $DATA (ml100k or longtail)" >&2; exit 2
+fi
+mkdir -p runs/quality $Q
 sed -e 's/^name = .*/name = "din-ml100k-f16-adam"/' -e 's/^\[sparse\]$/[sparse]\nprecision = "f16"/' \
   configs/din_ml100k.toml > runs/quality/din_ml100k_f16_adam.toml
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -43,6 +64,14 @@ for seed in $SEEDS; do
             -e 's/^optimizer = { kind = "rowwise_adagrad".*/optimizer = { kind = "rowwise_adam", lr = 0.001 }/' \
             configs/din_ml100k_compact.toml > "$cfg"
         grep -q 'kind = "rowwise_adam"' "$cfg" || { echo "could not set rowwise_adam in $cfg" >&2; exit 2; } ;;
+      f16_rowwise_adam_f16m)
+        # Row-wise Adam with its first moment stored in f16 too (100 B/row).
+        cfg=runs/quality/din_ml100k_f16_rowwise_adam_f16m.toml
+        sed -e 's/^name = .*/name = "din-ml100k-f16-rowwise-adam-f16m"/' \
+            -e 's/^optimizer = { kind = "rowwise_adagrad".*/optimizer = { kind = "rowwise_adam", lr = 0.001 }/' \
+            -e 's/^precision = "f16".*/precision = "f16"\nmoment_precision = "f16"/' \
+            configs/din_ml100k_compact.toml > "$cfg"
+        grep -q '^moment_precision = "f16"' "$cfg" || { echo "could not set moment_precision in $cfg" >&2; exit 2; } ;;
       f32_adam_dice)
         # The f32 + Adam job with Dice instead of PReLU (issue 16's Dice vs PReLU).
         cfg=runs/quality/din_ml100k_dice.toml
@@ -51,7 +80,14 @@ for seed in $SEEDS; do
         grep -q '^activation = "dice"' "$cfg" || { echo "could not set dice in $cfg" >&2; exit 2; } ;;
       *) echo "unknown variant $name" >&2; exit 2 ;;
     esac
-    out="runs/quality/$name-s$seed"
+    if [ "$DATA" = longtail ]; then
+      # The same job on the long-tail files (max_len 50: synthetic histories are 5..50).
+      lcfg="$Q/$(basename "$cfg")"
+      sed -e 's#data/ml100k-din/#data/longtail/#' -e 's/^max_len = .*/max_len = 50/' "$cfg" > "$lcfg"
+      grep -q 'data/longtail/train.txt' "$lcfg" || { echo "could not point $lcfg at data/longtail" >&2; exit 2; }
+      cfg="$lcfg"
+    fi
+    out="$Q/$name-s$seed"
     if ! python3 -c "import json,sys;r=json.load(open('$out/metrics.json'));sys.exit(0 if len(r['epochs'])>=2 and r['epochs'][-1]['test'] else 1)" 2>/dev/null; then
       target/debug/ember train --quiet --config "$cfg" --seed "$seed" --out-dir "$out" > "$out.log" 2>&1
     fi
@@ -59,13 +95,12 @@ for seed in $SEEDS; do
   done
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-VARIANTS="$VARIANTS" python3 - $SEEDS <<'PY'
-import json, statistics as st, sys
+Q="$Q" VARIANTS="$VARIANTS" python3 - $SEEDS <<'PY'
+import json, os, statistics as st, sys
 seeds = sys.argv[1:]
 print("| variant | AUC | GAUC | test logloss |\n|---|---|---|---|")
-import os
 for name in os.environ.get("VARIANTS", "f32_adam f16_rowwise_adagrad f16_adam").split():
-    rows = [json.load(open(f"runs/quality/{name}-s{s}/metrics.json"))["epochs"][-1]["test"] for s in seeds]
+    rows = [json.load(open(f"{os.environ['Q']}/{name}-s{s}/metrics.json"))["epochs"][-1]["test"] for s in seeds]
     cell = lambda k: f"{st.mean(r[k] for r in rows):.4f} ± {st.stdev(r[k] for r in rows) if len(rows) > 1 else 0:.4f}"
     print(f"| {name} | {cell('auc')} | {cell('gauc')} | {cell('logloss')} |")
 PY
