@@ -27,14 +27,7 @@ Q=runs/quality
 if [ "$DATA" = longtail ]; then
   Q=runs/quality-longtail
   d=data/longtail
-  if [ ! -s $d/counts.bin ]; then
-    mkdir -p $d
-    # 220k rows: 200k train, 20k test; 20k users with interests.
-    target/debug/ember-data synth --ids 1000000000 --users 20000 --rows 220000 --out $d/all.txt
-    head -n 200000 $d/all.txt > $d/train.txt
-    tail -n 20000 $d/all.txt > $d/test.txt
-    target/debug/ember-data count --train $d/train.txt --out $d/counts.bin
-  fi
+  scripts/longtail-data.sh
   target/debug/ember-data popularity --train $d/train.txt --test $d/test.txt
 elif [ "$DATA" != ml100k ]; then
   echo "unknown DATA $DATA (ml100k or longtail)" >&2; exit 2
@@ -57,21 +50,19 @@ for seed in $SEEDS; do
             configs/din_ml100k_compact.toml > "$cfg"
         grep -q "lr = $lr," "$cfg" || { echo "could not set lr $lr in $cfg" >&2; exit 2; } ;;
       f16_adam) cfg=runs/quality/din_ml100k_f16_adam.toml ;;
-      f16_rowwise_adam)
-        # f16 weights, row-wise Adam (first moment per value, second per row).
-        cfg=runs/quality/din_ml100k_f16_rowwise_adam.toml
-        sed -e 's/^name = .*/name = "din-ml100k-f16-rowwise-adam"/' \
+      f16_rowwise_adam|f16_rowwise_adam_f16m)
+        # f16 weights, row-wise Adam (first moment per value, second per row);
+        # _f16m stores that first moment in f16 too (100 B/row).
+        cfg=runs/quality/din_ml100k_$name.toml
+        moment=
+        [ "$name" = f16_rowwise_adam_f16m ] && moment='\nmoment_precision = "f16"'
+        sed -e "s/^name = .*/name = \"din-ml100k-${name//_/-}\"/" \
             -e 's/^optimizer = { kind = "rowwise_adagrad".*/optimizer = { kind = "rowwise_adam", lr = 0.001 }/' \
+            -e "s/^precision = \"f16\".*/precision = \"f16\"$moment/" \
             configs/din_ml100k_compact.toml > "$cfg"
-        grep -q 'kind = "rowwise_adam"' "$cfg" || { echo "could not set rowwise_adam in $cfg" >&2; exit 2; } ;;
-      f16_rowwise_adam_f16m)
-        # Row-wise Adam with its first moment stored in f16 too (100 B/row).
-        cfg=runs/quality/din_ml100k_f16_rowwise_adam_f16m.toml
-        sed -e 's/^name = .*/name = "din-ml100k-f16-rowwise-adam-f16m"/' \
-            -e 's/^optimizer = { kind = "rowwise_adagrad".*/optimizer = { kind = "rowwise_adam", lr = 0.001 }/' \
-            -e 's/^precision = "f16".*/precision = "f16"\nmoment_precision = "f16"/' \
-            configs/din_ml100k_compact.toml > "$cfg"
-        grep -q '^moment_precision = "f16"' "$cfg" || { echo "could not set moment_precision in $cfg" >&2; exit 2; } ;;
+        grep -q 'kind = "rowwise_adam"' "$cfg" || { echo "could not set rowwise_adam in $cfg" >&2; exit 2; }
+        [ -z "$moment" ] || grep -q '^moment_precision = "f16"' "$cfg" \
+          || { echo "could not set moment_precision in $cfg" >&2; exit 2; } ;;
       f32_adam_dice)
         # The f32 + Adam job with Dice instead of PReLU (issue 16's Dice vs PReLU).
         cfg=runs/quality/din_ml100k_dice.toml

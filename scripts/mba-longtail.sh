@@ -12,21 +12,15 @@
 # validation logloss), never on the test rows. Writes runs/mba-longtail/ and
 # docs/mba_longtail.png.
 #   scripts/mba-longtail.sh          # ~35 min on 2 idle cores
-# Needs the long-tail files of `DATA=longtail scripts/compact-quality.sh`
-# (made here if missing) and a built tree (cargo build --workspace).
+# Needs a built tree (cargo build --workspace); the long-tail files come from
+# scripts/longtail-data.sh (made once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 E=target/debug/ember
 d=data/longtail
 R=runs/mba-longtail
 mkdir -p $R docs
-if [ ! -s $d/counts.bin ]; then
-  mkdir -p $d
-  target/debug/ember-data synth --ids 1000000000 --users 20000 --rows 220000 --out $d/all.txt
-  head -n 200000 $d/all.txt > $d/train.txt
-  tail -n 20000 $d/all.txt > $d/test.txt
-  target/debug/ember-data count --train $d/train.txt --out $d/counts.bin
-fi
+scripts/longtail-data.sh
 if [ ! -s $d/counts_trainv.bin ]; then
   head -n 180000 $d/train.txt > $d/trainv.txt
   tail -n 20000 $d/train.txt > $d/valid.txt

@@ -63,30 +63,8 @@ pub fn plot_curves(
         .copied()
         .filter(|v| v.is_finite())
         .collect();
-    let (lo, hi) = bounds(&all, 0.0, 1.0);
-    let mut b = ChartBuilder::on(&left);
-    b.margin(15)
-        .x_label_area_size(if fonts { 35 } else { 5 })
-        .y_label_area_size(if fonts { 55 } else { 5 });
-    if fonts {
-        b.caption(format!("{title}: loss"), ("sans-serif", 20));
-    }
-    let mut chart = b.build_cartesian_2d(0.5f64..n + 0.5, lo..hi).map_err(err)?;
-    if fonts {
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_label_formatter(&epoch_label)
-            .y_desc("logloss")
-            .draw()
-            .map_err(err)?;
-    } else {
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .draw()
-            .map_err(err)?;
-    }
+    let y = bounds(&all, 0.0, 1.0);
+    let mut chart = panel(&left, &format!("{title}: loss"), "logloss", n, y, fonts)?;
     let train_pts: Vec<(f64, f64)> = epochs.iter().copied().zip(losses.iter().copied()).collect();
     draw_line(&mut chart, &train_pts, BLUE, fonts.then_some("train"))?;
     let test_pts: Vec<(f64, f64)> = records
@@ -94,14 +72,7 @@ pub fn plot_curves(
         .filter_map(|r| r.test.as_ref().map(|t| (r.epoch as f64, t.logloss)))
         .collect();
     draw_line(&mut chart, &test_pts, RED, fonts.then_some("test"))?;
-    if fonts {
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()
-            .map_err(err)?;
-    }
+    legend(&mut chart, fonts, SeriesLabelPosition::MiddleRight)?;
 
     // AUC / GAUC.
     let auc: Vec<(f64, f64)> = records
@@ -118,41 +89,18 @@ pub fn plot_curves(
         .map(|p| p.1)
         .filter(|v| v.is_finite())
         .collect();
-    let (lo, hi) = bounds(&vals, 0.5, 1.0);
-    let mut b = ChartBuilder::on(&right);
-    b.margin(15)
-        .x_label_area_size(if fonts { 35 } else { 5 })
-        .y_label_area_size(if fonts { 55 } else { 5 });
-    if fonts {
-        b.caption(format!("{title}: test AUC / GAUC"), ("sans-serif", 20));
-    }
-    let mut chart = b.build_cartesian_2d(0.5f64..n + 0.5, lo..hi).map_err(err)?;
-    if fonts {
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_label_formatter(&epoch_label)
-            .y_desc("AUC")
-            .draw()
-            .map_err(err)?;
-    } else {
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .draw()
-            .map_err(err)?;
-    }
+    let y = bounds(&vals, 0.5, 1.0);
+    let mut chart = panel(
+        &right,
+        &format!("{title}: test AUC / GAUC"),
+        "AUC",
+        n,
+        y,
+        fonts,
+    )?;
     draw_line(&mut chart, &auc, GREEN, fonts.then_some("AUC"))?;
     draw_line(&mut chart, &gauc, MAGENTA, fonts.then_some("GAUC"))?;
-    if fonts {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()
-            .map_err(err)?;
-    }
+    legend(&mut chart, fonts, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(err)?;
     Ok(fonts)
 }
@@ -189,56 +137,82 @@ pub fn plot_compare(
             })
             .collect();
         let vals: Vec<f64> = series.iter().flatten().map(|p| p.1).collect();
-        let (lo, hi) = bounds(&vals, default.0, default.1);
-        let mut b = ChartBuilder::on(area);
-        b.margin(15)
-            .x_label_area_size(if fonts { 35 } else { 5 })
-            .y_label_area_size(if fonts { 55 } else { 5 });
-        if fonts {
-            b.caption(format!("{title}: {what}"), ("sans-serif", 20));
-        }
-        let mut chart = b.build_cartesian_2d(0.5f64..n + 0.5, lo..hi).map_err(err)?;
-        if fonts {
-            chart
-                .configure_mesh()
-                .x_desc("epoch")
-                .x_label_formatter(&epoch_label)
-                .y_desc(what)
-                .draw()
-                .map_err(err)?;
-        } else {
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .draw()
-                .map_err(err)?;
-        }
+        let y = bounds(&vals, default.0, default.1);
+        let mut chart = panel(area, &format!("{title}: {what}"), what, n, y, fonts)?;
         for (i, ((label, _), pts)) in runs.iter().zip(&series).enumerate() {
             let color = RUN_COLORS[i % RUN_COLORS.len()];
             draw_line(&mut chart, pts, color, fonts.then_some(label.as_str()))?;
         }
-        if fonts {
-            chart
-                .configure_series_labels()
-                .border_style(BLACK)
-                .background_style(WHITE)
-                .draw()
-                .map_err(err)?;
-        }
+        legend(&mut chart, fonts, SeriesLabelPosition::MiddleRight)?;
     }
     root.present().map_err(err)?;
     Ok(fonts)
 }
 
-type Chart<'a> = ChartContext<
+type Chart<'a, 'b> = ChartContext<
     'a,
-    BitMapBackend<'a>,
+    BitMapBackend<'b>,
     Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
 >;
 
+/// One panel over epochs `1..=n` and `y = (lo, hi)`: margins, the caption
+/// and axis labels when `fonts`, the mesh.
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    y_desc: &str,
+    n: f64,
+    (lo, hi): (f64, f64),
+    fonts: bool,
+) -> Result<Chart<'a, 'b>, ClusterError> {
+    let mut b = ChartBuilder::on(area);
+    b.margin(15)
+        .x_label_area_size(if fonts { 35 } else { 5 })
+        .y_label_area_size(if fonts { 55 } else { 5 });
+    if fonts {
+        b.caption(caption, ("sans-serif", 20));
+    }
+    let mut chart = b.build_cartesian_2d(0.5f64..n + 0.5, lo..hi).map_err(err)?;
+    if fonts {
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .x_label_formatter(&epoch_label)
+            .y_desc(y_desc)
+            .draw()
+            .map_err(err)?;
+    } else {
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(chart)
+}
+
+/// The legend of `chart` at `pos` (plotters' default is `MiddleRight`; only
+/// with fonts: labels need text).
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    fonts: bool,
+    pos: SeriesLabelPosition,
+) -> Result<(), ClusterError> {
+    if fonts {
+        chart
+            .configure_series_labels()
+            .position(pos)
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
 /// One series: a line with dots, labelled in the legend when `label` is set.
 fn draw_line(
-    chart: &mut Chart<'_>,
+    chart: &mut Chart<'_, '_>,
     pts: &[(f64, f64)],
     color: RGBColor,
     label: Option<&str>,

@@ -348,6 +348,16 @@ struct Stripe {
 const PENDING_ENTRY_BYTES: usize = std::mem::size_of::<(u64, u32)>() + 1;
 
 impl Stripe {
+    /// An empty stripe number `s` of a table: its eviction sampler and its
+    /// index's ladder of capacities are seeded by `s`.
+    fn new(s: usize) -> Self {
+        Stripe {
+            rng: s as u64,
+            index: Index::with_phase(s as u32),
+            ..Stripe::default()
+        }
+    }
+
     #[inline]
     fn row(&self, slot: u32, words: usize) -> &[u32] {
         let s = slot as usize;
@@ -764,13 +774,7 @@ impl Table {
             spec,
             layout,
             stripes: (0..NUM_STRIPES)
-                .map(|s| {
-                    RwLock::new(Stripe {
-                        rng: s as u64,
-                        index: Index::with_phase(s as u32),
-                        ..Stripe::default()
-                    })
-                })
+                .map(|s| RwLock::new(Stripe::new(s)))
                 .collect(),
             budget: RwLock::new(budget),
             half_life: AtomicU64::new(DEFAULT_EVICT_HALF_LIFE),
@@ -947,10 +951,8 @@ impl Table {
             let mut g = st.write();
             let charged = g.charged;
             *g = Stripe {
-                rng: s as u64,
-                index: Index::with_phase(s as u32),
                 charged,
-                ..Stripe::default()
+                ..Stripe::new(s)
             };
             g.charge(&budget);
         }
@@ -1118,24 +1120,22 @@ impl Table {
                     let row = stripe.row_mut(slot, words);
                     gbuf.copy_from_slice(&grads[pos * dim..(pos + 1) * dim]);
                     let nj = row_count(row).max(1);
-                    if !lay.state_is_f32() {
-                        // Compact moment: decode, step in f32, round both back.
-                        lay.read_weights(row, &mut wbuf);
-                        lay.read_state(row, &mut sbuf);
-                        regularize(&mut gbuf, &wbuf, lambda, nj, l2);
-                        spec.opt.step(&mut wbuf, &mut sbuf, &gbuf);
-                        let seed = noise_seed(spec.init.seed, id, step);
-                        lay.write_weights(row, &wbuf, Some(seed));
-                        lay.write_state(row, &sbuf, Some(seed));
-                    } else if lay.precision == WeightPrecision::F32 {
+                    if lay.precision == WeightPrecision::F32 && lay.state_is_f32() {
                         let (state, w) = lay.split_f32_mut(row);
                         regularize(&mut gbuf, w, lambda, nj, l2);
                         spec.opt.step(w, state, &gbuf);
                     } else {
+                        // Decode, step in f32, round back (a compact moment too).
                         lay.read_weights(row, &mut wbuf);
                         regularize(&mut gbuf, &wbuf, lambda, nj, l2);
-                        spec.opt.step(&mut wbuf, lay.state_mut(row), &gbuf);
                         let seed = noise_seed(spec.init.seed, id, step);
+                        if lay.state_is_f32() {
+                            spec.opt.step(&mut wbuf, lay.state_mut(row), &gbuf);
+                        } else {
+                            lay.read_state(row, &mut sbuf);
+                            spec.opt.step(&mut wbuf, &mut sbuf, &gbuf);
+                            lay.write_state(row, &sbuf, Some(seed));
+                        }
                         lay.write_weights(row, &wbuf, Some(seed));
                     }
                     let before = row_step(row);
