@@ -7,11 +7,15 @@
 #   l2        plain L2 on every touched row, once per step
 #   mba       DIN's mini-batch-aware L2, lambda / n_j, exact n_j (counting pass)
 #   mba_online  the same with n_j counted online by the shards
-# lambda of l2 and mba is chosen by a sweep on a validation split (the last
-# 20k rows of the training file, trained on the first 180k, 3 epochs, best
-# validation logloss), never on the test rows. Writes runs/mba-longtail/ and
-# docs/mba_longtail.png.
-#   scripts/mba-longtail.sh          # ~35 min on 2 idle cores
+#   dropout   id dropout: each goods-id occurrence of a training sample
+#             replaced by the zero row with probability r (`sparse.id_dropout`;
+#             the paper's "Dropout" baseline)
+# lambda of l2 and mba, and r, are chosen by a sweep on a validation split
+# (the last 20k rows of the training file, trained on the first 180k, 3
+# epochs, best validation logloss), never on the test rows. Writes
+# runs/mba-longtail/ and docs/mba_longtail.png.
+#   scripts/mba-longtail.sh          # ~50 min on 2 idle cores
+#   REGS="none dropout" scripts/mba-longtail.sh   # some of the runs (table and PNG of those)
 # Needs a built tree (cargo build --workspace); the long-tail files come from
 # scripts/longtail-data.sh (made once).
 set -euo pipefail
@@ -34,6 +38,7 @@ cfg() {
     l2=*) reg="mba_lambda = 0.0\nplain_l2 = ${6#l2=}" ;;
     mba=*) reg="mba_lambda = ${6#mba=}" ;;
     mbaonline=*) reg="mba_lambda = ${6#mbaonline=}" ;;
+    drop=*) reg="mba_lambda = 0.0\nid_dropout = ${6#drop=}" ;;
   esac
   local count=exact
   [ "${6%%=*}" = mbaonline ] && count=online
@@ -68,34 +73,60 @@ for d in sorted(glob.glob(f"{R}/{prefix}-*")):
 print(best[1])
 PY
 }
-for lam in 0.001 0.01 0.1; do
-  cfg sweep-l2-$lam $d/trainv.txt $d/valid.txt $d/counts_trainv.bin 3 l2=$lam; run sweep-l2-$lam
-  cfg sweep-mba-$lam $d/trainv.txt $d/valid.txt $d/counts_trainv.bin 3 mba=$lam; run sweep-mba-$lam
-done
-l2=$(best sweep-l2); mba=$(best sweep-mba)
-echo "chosen on the validation split: plain L2 $l2, MBA lambda $mba"
-cfg none $d/train.txt $d/test.txt $d/counts.bin 5 none; run none
-cfg l2 $d/train.txt $d/test.txt $d/counts.bin 5 l2=$l2; run l2
-cfg mba $d/train.txt $d/test.txt $d/counts.bin 5 mba=$mba; run mba
-cfg mba_online $d/train.txt $d/test.txt $d/counts.bin 5 mbaonline=$mba; run mba_online
+REGS="${REGS:-none l2 mba mba_online mba-0.01 dropout}"
+has() { case " $REGS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+l2=-; mba=-; drop=-
+if has l2; then
+  for lam in 0.001 0.01 0.1; do
+    cfg sweep-l2-$lam $d/trainv.txt $d/valid.txt $d/counts_trainv.bin 3 l2=$lam; run sweep-l2-$lam
+  done
+  l2=$(best sweep-l2)
+fi
+if has mba || has mba_online; then
+  for lam in 0.001 0.01 0.1; do
+    cfg sweep-mba-$lam $d/trainv.txt $d/valid.txt $d/counts_trainv.bin 3 mba=$lam; run sweep-mba-$lam
+  done
+  mba=$(best sweep-mba)
+fi
+if has dropout; then
+  for r in 0.1 0.3 0.5; do
+    cfg sweep-drop-$r $d/trainv.txt $d/valid.txt $d/counts_trainv.bin 3 drop=$r; run sweep-drop-$r
+  done
+  drop=$(best sweep-drop)
+fi
+echo "chosen on the validation split: plain L2 $l2, MBA lambda $mba, id dropout $drop"
+if has none; then cfg none $d/train.txt $d/test.txt $d/counts.bin 5 none; run none; fi
+if has l2; then cfg l2 $d/train.txt $d/test.txt $d/counts.bin 5 l2=$l2; run l2; fi
+if has mba; then cfg mba $d/train.txt $d/test.txt $d/counts.bin 5 mba=$mba; run mba; fi
+if has mba_online; then cfg mba_online $d/train.txt $d/test.txt $d/counts.bin 5 mbaonline=$mba; run mba_online; fi
 # Also MBA 0.01: the best MBA lambda at the sweep's last epoch rather than its
 # best epoch (added after the first run of this script; BENCHMARKS.md says so).
-cfg mba-0.01 $d/train.txt $d/test.txt $d/counts.bin 5 mba=0.01; run mba-0.01
+if has mba-0.01; then cfg mba-0.01 $d/train.txt $d/test.txt $d/counts.bin 5 mba=0.01; run mba-0.01; fi
+if has dropout; then cfg dropout $d/train.txt $d/test.txt $d/counts.bin 5 drop=$drop; run dropout; fi
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - "$R" "$l2" "$mba" <<'PY'
+labels=()
+for n in $REGS; do
+  case "$n" in
+    none) labels+=("none=$R/none") ;;
+    l2) labels+=("plain L2 $l2=$R/l2") ;;
+    mba) labels+=("MBA $mba=$R/mba") ;;
+    mba_online) labels+=("MBA $mba online=$R/mba_online") ;;
+    mba-0.01) labels+=("MBA 0.01=$R/mba-0.01") ;;
+    dropout) labels+=("id dropout $drop=$R/dropout") ;;
+  esac
+done
+python3 - "${labels[@]}" <<'PY'
 import json, sys
-R, l2, mba = sys.argv[1:]
-names = [("none", "none"), ("l2", f"plain L2 {l2}"), ("mba", f"MBA {mba}, exact n_j"), ("mba_online", f"MBA {mba}, online n_j"), ("mba-0.01", "MBA 0.01, exact n_j")]
-runs = {n: json.load(open(f"{R}/{n}/metrics.json"))["epochs"] for n, _ in names}
-print("| epoch | " + " | ".join(label + " AUC / GAUC / logloss" for _, label in names) + " |")
+names = [a.rsplit("=", 1) for a in sys.argv[1:]]
+runs = {d: json.load(open(f"{d}/metrics.json"))["epochs"] for _, d in names}
+print("| epoch | " + " | ".join(label + " AUC / GAUC / logloss" for label, _ in names) + " |")
 print("|---" * (len(names) + 1) + "|")
 for i in range(5):
     cells = []
-    for n, _ in names:
-        t = runs[n][i]["test"]
+    for _, d in names:
+        t = runs[d][i]["test"]
         cells.append(f"{t['auc']:.4f} / {t['gauc']:.4f} / {t['logloss']:.4f}")
     print(f"| {i + 1} | " + " | ".join(cells) + " |")
 PY
-$E plot-runs --title "DIN on the synthetic long tail" --out docs/mba_longtail.png \
-  "none=$R/none" "plain L2 $l2=$R/l2" "MBA $mba=$R/mba" "MBA $mba online=$R/mba_online" "MBA 0.01=$R/mba-0.01"
+$E plot-runs --title "DIN on the synthetic long tail" --out docs/mba_longtail.png "${labels[@]}"
 echo "wrote docs/mba_longtail.png"

@@ -249,6 +249,59 @@ async fn terminated() -> (&'static str, i32) {
     }
 }
 
+/// `ember train` of a GRU4Rec job (`[model] kind = "gru4rec"`).
+async fn train_gru4rec(
+    text: &str,
+    config: &Path,
+    epochs: Option<usize>,
+    seed: Option<u64>,
+    out_dir: Option<PathBuf>,
+    opts: &LaunchOptions,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut job = ember_cluster::launcher::SeqTrainJob::parse(text, &config.display().to_string())?;
+    if let Some(e) = epochs {
+        job.job.train.epochs = e;
+    }
+    if let Some(s) = seed {
+        job.job.train.seed = s;
+        job.model.seed = s;
+    }
+    if let Some(o) = out_dir {
+        job.job.train.out_dir = Some(o);
+    }
+    job.validate()
+        .map_err(|e| format!("{}: {e}", config.display()))?;
+    let out = job.job.out_dir();
+    let k = job.data.k;
+    let report = ember_cluster::launcher::train_seq(job, opts).await?;
+    if let Some(run) = report.runs.first() {
+        println!(
+            "{:>5} {:>8} {:>10} {:>8} {:>10}",
+            "epoch",
+            "loss",
+            format!("Recall@{k}"),
+            format!("MRR@{k}"),
+            "events/s"
+        );
+        for r in &run.epochs {
+            println!(
+                "{:>5} {:>8.4} {:>10.4} {:>8.4} {:>10.0}",
+                r.epoch, r.loss, r.recall, r.mrr, r.events_per_s
+            );
+        }
+        println!(
+            "full ranking of every training item, last item of each user ({} users, {} skipped), ties against the target",
+            run.row.users, report.skipped
+        );
+    }
+    print!("{}", ember_cluster::seqrec::format_table(&report));
+    println!(
+        "run directory: {} (metrics.json, checkpoints/, logs/)",
+        out.display()
+    );
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Cmd::Train {
@@ -260,6 +313,17 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             out_dir,
             metrics_addr,
         } => {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            if ember_cluster::launcher::is_seq_job(&text) {
+                let opts = LaunchOptions {
+                    config_path: config.clone(),
+                    resume,
+                    quiet,
+                    metrics_addr,
+                };
+                return train_gru4rec(&text, &config, epochs, seed, out_dir, &opts).await;
+            }
             let mut cfg = JobConfig::load(&config)?;
             if let Some(e) = epochs {
                 cfg.train.epochs = e;

@@ -23,7 +23,7 @@
 //! are not touched).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use ember_worker::data::reader::read_seqs;
@@ -92,6 +92,9 @@ pub struct SeqEpoch {
     pub mrr: f64,
     /// Test users ranked.
     pub users: usize,
+    /// Next-item events trained per second (all workers).
+    #[serde(default)]
+    pub events_per_s: f64,
 }
 
 /// Recall@K and MRR@K for K in [`KS`], all items and seen items excluded.
@@ -108,7 +111,8 @@ pub struct RankRow {
 }
 
 impl RankRow {
-    fn from_eval(name: &str, e: &FullRankEval) -> Self {
+    /// The row of `e` named `name`.
+    pub fn from_eval(name: &str, e: &FullRankEval) -> Self {
         let four = |m: &[RankingMetrics]| [m[0].recall(), m[0].mrr(), m[1].recall(), m[1].mrr()];
         RankRow {
             name: name.to_string(),
@@ -227,7 +231,7 @@ pub fn baselines(train: &[Vec<usize>], n_items: usize, rows: &EvalRows) -> Vec<R
     ]
 }
 
-fn model_err(e: impl Into<ember_worker::model::ModelError>) -> ClusterError {
+pub(crate) fn model_err(e: impl Into<ember_worker::model::ModelError>) -> ClusterError {
     ClusterError::Train(ember_worker::train::TrainError::Model(e.into()))
 }
 
@@ -261,15 +265,20 @@ pub fn last_item_ranks(model: &Gru4Rec, rows: &EvalRows) -> Result<Vec<usize>, C
     Ok(ranks)
 }
 
-/// Trains GRU4Rec once per seed (evaluating after every epoch) and returns
-/// the baselines and the final rows.
-pub fn run(job: &SeqJob) -> Result<SeqReport, ClusterError> {
-    let data = |p: &PathBuf| {
+/// The training sequences and the evaluation sequences (last item = target)
+/// of `holdout`: the test file's, or (`valid`) the full training sequences,
+/// whose last item is then removed from training.
+pub fn load_sequences(
+    train: &Path,
+    test: &Path,
+    holdout: Holdout,
+) -> Result<(Vec<Vec<u64>>, Vec<Vec<u64>>), ClusterError> {
+    let data = |p: &Path| {
         read_seqs(p).map_err(|e| ClusterError::Train(ember_worker::train::TrainError::Data(e)))
     };
-    let mut train: Vec<Vec<u64>> = data(&job.train)?.into_iter().map(|u| u.items).collect();
-    let targets: Vec<Vec<u64>> = match job.holdout {
-        Holdout::Test => data(&job.test)?.into_iter().map(|u| u.items).collect(),
+    let mut train: Vec<Vec<u64>> = data(train)?.into_iter().map(|u| u.items).collect();
+    let targets: Vec<Vec<u64>> = match holdout {
+        Holdout::Test => data(test)?.into_iter().map(|u| u.items).collect(),
         Holdout::Valid => {
             let full = train.clone();
             for s in &mut train {
@@ -278,6 +287,13 @@ pub fn run(job: &SeqJob) -> Result<SeqReport, ClusterError> {
             full
         }
     };
+    Ok((train, targets))
+}
+
+/// Trains GRU4Rec once per seed (evaluating after every epoch) and returns
+/// the baselines and the final rows.
+pub fn run(job: &SeqJob) -> Result<SeqReport, ClusterError> {
+    let (train, targets) = load_sequences(&job.train, &job.test, job.holdout)?;
     let seeds = if job.seeds.is_empty() {
         vec![job.model.seed]
     } else {
@@ -295,14 +311,16 @@ pub fn run(job: &SeqJob) -> Result<SeqReport, ClusterError> {
         };
         let mut model = Gru4Rec::new(&cfg, &train, &Device::Cpu).map_err(model_err)?;
         let train_idx = model.index_sequences(&train);
-        let (rows, skipped) = EvalRows::build(&targets, &model.vocab);
+        let (rows, skipped) = EvalRows::build(&targets, &model.items.vocab);
         if report.baselines.is_empty() {
             report.baselines = baselines(&train_idx, model.n_items(), &rows);
             report.skipped = skipped;
         }
         let mut epochs = Vec::new();
         for epoch in 1..=job.epochs {
+            let t = std::time::Instant::now();
             let loss = model.train_epoch(&train_idx).map_err(model_err)?;
+            let secs = t.elapsed().as_secs_f64();
             let ranks = last_item_ranks(&model, &rows)?;
             let (recall, mrr) = ember_worker::metrics::recall_mrr_at_k(&ranks, job.k);
             tracing::info!(seed, epoch, loss, recall, mrr, "gru4rec epoch");
@@ -312,12 +330,18 @@ pub fn run(job: &SeqJob) -> Result<SeqReport, ClusterError> {
                 recall,
                 mrr,
                 users: ranks.len(),
+                events_per_s: events(&train_idx) as f64 / secs.max(1e-9),
             });
         }
         let row = RankRow::from_eval("gru4rec", &evaluate_model(&model, &rows)?);
         report.runs.push(SeedRun { seed, epochs, row });
     }
     Ok(report)
+}
+
+/// Next-item events of index sequences (one per item after the first).
+pub fn events(seqs: &[Vec<usize>]) -> usize {
+    seqs.iter().map(|s| s.len().saturating_sub(1)).sum()
 }
 
 /// Mean and sample standard deviation of `xs` (sd 0 for fewer than 2).

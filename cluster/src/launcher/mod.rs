@@ -29,6 +29,7 @@
 mod cluster;
 mod recovery;
 mod segment;
+pub mod seq;
 mod setup;
 mod shards;
 mod workers;
@@ -48,6 +49,7 @@ use crate::ClusterError;
 use cluster::Cluster;
 use recovery::guard_failure;
 use segment::{EpochBar, Segment};
+pub use seq::{is_seq_job, train_seq, SeqTrainJob};
 
 /// Options of `ember train` beyond the job file.
 #[derive(Debug, Clone, Default)]

@@ -147,6 +147,37 @@ impl Dedup {
 }
 
 impl Batch {
+    /// Id dropout (the DIN paper's "Dropout" baseline, Sec. 6.3: randomly
+    /// discard feature ids of each sample): every goods-id occurrence of the
+    /// batch (targets and valid history steps; not DIEN's negatives) is
+    /// replaced by the zero pad row with probability `p`, independently,
+    /// drawing from `rng`. Categories, the mask and the per-id counts are
+    /// unchanged, so a dropped occurrence still counts for n_j but gets no
+    /// gradient. Returns how many occurrences were dropped.
+    pub fn drop_item_ids(&mut self, p: f64, rng: &mut ember_proto::rng::SplitMix64) -> usize {
+        if p <= 0.0 {
+            return 0;
+        }
+        let pad = self.items.pad_index();
+        let mut dropped = 0;
+        for i in self.item_idx.iter_mut() {
+            if rng.next_f64() < p {
+                *i = pad;
+                dropped += 1;
+            }
+        }
+        let t = self.max_len;
+        for (b, &len) in self.lens.iter().enumerate() {
+            for i in &mut self.hist_item_idx[b * t..b * t + len.min(t)] {
+                if *i != pad && rng.next_f64() < p {
+                    *i = pad;
+                    dropped += 1;
+                }
+            }
+        }
+        dropped
+    }
+
     /// Builds a batch from samples, keeping at most the last `max_len` history
     /// steps of each. DIEN negatives are included when every sample has them.
     pub fn from_samples(samples: &[Sample], max_len: usize) -> Batch {
@@ -302,5 +333,52 @@ mod tests {
         assert_eq!(batch.max_len, 1);
         assert_eq!(batch.mask, vec![0.0]);
         assert_eq!(batch.hist_item_idx, vec![batch.items.pad_index()]);
+    }
+
+    #[test]
+    fn id_dropout_drops_goods_ids_at_the_rate_and_nothing_else() {
+        let samples: Vec<Sample> = (0..200)
+            .map(|u| {
+                s(
+                    1.0,
+                    u,
+                    1000 + u % 37,
+                    &[1 + u % 11, 20 + u % 13, 40 + u % 7],
+                )
+            })
+            .collect();
+        let clean = Batch::from_samples(&samples, 100);
+        let mut b = clean.clone();
+        let mut rng = ember_proto::rng::SplitMix64::new(3);
+        assert_eq!(b.drop_item_ids(0.0, &mut rng), 0);
+        assert_eq!(b, clean);
+        let dropped = b.drop_item_ids(0.5, &mut rng);
+        // 200 targets + 600 history steps, each dropped with p = 0.5.
+        assert!((330..=470).contains(&dropped), "{dropped} of 800");
+        let pad = b.items.pad_index();
+        let changed = |x: &[u32], y: &[u32]| x.iter().zip(y).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            changed(&b.item_idx, &clean.item_idx) + changed(&b.hist_item_idx, &clean.hist_item_idx),
+            dropped
+        );
+        assert!(
+            b.item_idx
+                .iter()
+                .chain(&b.hist_item_idx)
+                .filter(|&&i| i == pad)
+                .count()
+                >= dropped
+        );
+        // Categories, mask, counts and ids untouched.
+        assert_eq!(b.hist_cat_idx, clean.hist_cat_idx);
+        assert_eq!(b.cat_idx, clean.cat_idx);
+        assert_eq!(b.mask, clean.mask);
+        assert_eq!(b.items, clean.items);
+        // Padded history steps stay padded; the same seed drops the same ids.
+        let mut c = clean.clone();
+        let mut d = clean.clone();
+        c.drop_item_ids(0.3, &mut ember_proto::rng::SplitMix64::new(9));
+        d.drop_item_ids(0.3, &mut ember_proto::rng::SplitMix64::new(9));
+        assert_eq!(c, d);
     }
 }

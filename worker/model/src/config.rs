@@ -61,7 +61,8 @@ pub struct ModelConfig {
     /// DIEN GRU hidden size (36; must equal `item_dim + cat_dim`, since the
     /// attention compares the target behaviour with the states).
     pub dien_hidden: usize,
-    /// DIEN interest evolving layer: `"augru"` (default), `"agru"`, `"aigru"`, `"gru"`.
+    /// DIEN interest evolving layer: `"augru"` (default), `"agru"`, `"aigru"`, `"gru"`,
+    /// or `"attpool"` (no evolving GRU: attention-weighted sum of the states).
     pub evolve: EvolveKind,
     /// DIEN auxiliary loss on (true). Needs `neg_item_idx` in training batches.
     pub aux_loss: bool,

@@ -7,7 +7,8 @@
 //! valid `t` of the activation unit on `[q, h_t, q - h_t, q * h_t]`
 //! (`q = e_target`; `dien_attention = "bilinear"`: of `h_t W q`, paper Eq. 8),
 //! then AUGRU (default) / AGRU / AIGRU / GRU over `h_t`;
-//! final interest `h'_T` (state after the last valid step).
+//! final interest `h'_T` (state after the last valid step); or, with
+//! `evolve = "attpool"` (ablation), `h' = sum_t a_t h_t`.
 //! `logit = MLP([e_target, h'_T, s, e_target * s (, e_user)])`, `s = sum_t m_t e_t`.
 //! Parameters: `gru.*`, `att.*` (or `bilinear.w`), `evolve.*`, `aux.*` (with
 //! aux), `mlp.*`.
@@ -17,7 +18,7 @@ use candle_core::{Result, Tensor};
 use super::config::{DienAttention, ModelConfig};
 use super::net::{attention_unit, head_mlp, Inputs, NetOutput, Network};
 use crate::layer::attention::{ActivationUnit, AttentionMode};
-use crate::layer::attention_gru::AttentionGru;
+use crate::layer::attention_gru::{AttentionGru, EvolveKind};
 use crate::layer::aux::AuxNet;
 use crate::layer::bilinear::BilinearAttention;
 use crate::layer::gru::Gru;
@@ -44,8 +45,8 @@ pub struct Dien {
     pub aux: Option<AuxNet>,
     /// Attention of the target over the interest states.
     pub att: Scorer,
-    /// Interest evolving GRU.
-    pub evolve: AttentionGru,
+    /// Interest evolving GRU (`None` for attention pooling).
+    pub evolve: Option<AttentionGru>,
     /// Final MLP.
     pub mlp: Mlp,
 }
@@ -61,7 +62,10 @@ impl Network for Dien {
                 Scorer::Bilinear(BilinearAttention::new(h, e, &pb.pp("bilinear"))?)
             }
         };
-        let evolve = AttentionGru::new(cfg.evolve, h, h, &pb.pp("evolve"))?;
+        let evolve = match cfg.evolve {
+            EvolveKind::Attpool => None,
+            kind => Some(AttentionGru::new(kind, h, h, &pb.pp("evolve"))?),
+        };
         let aux = if cfg.aux_loss {
             let mut a = AuxNet::new(h, e, &pb.pp("aux"))?;
             a.fused = cfg.fused;
@@ -99,7 +103,11 @@ impl Network for Dien {
             Scorer::Bilinear(att) => att.scores(&q, &states)?,
         };
         let a = ActivationUnit::weights(&scores, &inp.mask, AttentionMode::Code)?;
-        let final_h = self.evolve.forward(&states, &a, &inp.mask)?;
+        let final_h = match &self.evolve {
+            Some(evolve) => evolve.forward(&states, &a, &inp.mask)?,
+            // a is 0 at padded steps (masked softmax).
+            None => states.broadcast_mul(&a.unsqueeze(2)?)?.sum(1)?,
+        };
         let s = masked_sum(&hist, &inp.mask)?;
         let qs = (&q * &s)?;
         let mut parts = vec![q, final_h, s, qs];

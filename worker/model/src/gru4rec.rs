@@ -256,17 +256,194 @@ impl AdagradMomentum {
     }
 }
 
-/// The GRU4Rec model with its item vocabulary, slot states and optimizer.
-#[derive(Debug)]
-pub struct Gru4Rec {
-    /// Hyper-parameters.
-    pub cfg: Gru4RecConfig,
+/// Spread `sqrt(6 / (N + H))` of the uniform initialisation of the output
+/// table `W_y` (Glorot), as in the official code.
+pub fn output_init_scale(n_items: usize, hidden: usize) -> f64 {
+    (6.0 / (n_items + hidden) as f64).sqrt()
+}
+
+/// The item vocabulary of a training corpus with what sampling needs:
+/// id <-> index (order of first appearance), training counts `c_j`, the
+/// cumulative `c_j^a` of the popularity sampler and the logQ terms.
+#[derive(Debug, Clone, Default)]
+pub struct ItemStats {
     /// Item id -> index.
     pub vocab: HashMap<u64, usize>,
     /// Item index -> id.
     pub ids: Vec<u64>,
     /// Training count of each item index.
     pub counts: Vec<f64>,
+    cum_pop: Vec<f64>,
+    log_p_pop: Vec<f64>,
+    log_q_sample: Vec<f64>,
+}
+
+impl ItemStats {
+    /// Counts the items of `train` (id sequences); `sample_alpha` is the
+    /// popularity exponent `a` of the extra negatives.
+    pub fn new(train: &[Vec<u64>], sample_alpha: f64) -> Self {
+        let mut vocab = HashMap::new();
+        let mut ids = Vec::new();
+        let mut counts: Vec<f64> = Vec::new();
+        for s in train {
+            for &i in s {
+                let k = *vocab.entry(i).or_insert_with(|| {
+                    ids.push(i);
+                    counts.push(0.0);
+                    ids.len() - 1
+                });
+                counts[k] += 1.0;
+            }
+        }
+        let mut cum_pop = Vec::with_capacity(counts.len());
+        let mut acc = 0.0;
+        for c in &counts {
+            acc += c.powf(sample_alpha);
+            cum_pop.push(acc);
+        }
+        let total: f64 = counts.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let log_p_pop = counts.iter().map(|c| (c / total).ln()).collect();
+        let z = acc.max(f64::MIN_POSITIVE);
+        let log_q_sample = counts
+            .iter()
+            .map(|c| sample_alpha * c.ln() - z.ln())
+            .collect();
+        ItemStats {
+            vocab,
+            ids,
+            counts,
+            cum_pop,
+            log_p_pop,
+            log_q_sample,
+        }
+    }
+
+    /// Number of items N.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when the corpus has no item.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Maps id sequences to index sequences, dropping unknown ids.
+    pub fn index_sequences(&self, seqs: &[Vec<u64>]) -> Vec<Vec<usize>> {
+        seqs.iter()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|i| self.vocab.get(i).copied())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// `k` item indices drawn with probability `q_j = c_j^a / sum_k c_k^a`.
+    pub fn sample(&self, rng: &mut impl Rng, k: usize) -> Vec<usize> {
+        let total = *self.cum_pop.last().unwrap_or(&0.0);
+        (0..k)
+            .map(|_| {
+                let x = rng.random_range(0.0..total.max(f64::MIN_POSITIVE));
+                self.cum_pop
+                    .partition_point(|&c| c <= x)
+                    .min(self.cum_pop.len().saturating_sub(1))
+            })
+            .collect()
+    }
+
+    /// Per-candidate logQ values (`log p_j`, see the module docs) for `n`
+    /// in-batch targets followed by the extra samples.
+    pub fn log_q(&self, cands: &[usize], n: usize) -> Vec<f64> {
+        cands
+            .iter()
+            .enumerate()
+            .map(|(k, &j)| {
+                if k < n {
+                    self.log_p_pop[j]
+                } else {
+                    self.log_q_sample[j]
+                }
+            })
+            .collect()
+    }
+}
+
+/// The ranking loss of states `h` `[n, H]` against candidate output rows
+/// `w` `[C, H]` and biases `b` `[C]`, whose first `n` are the targets
+/// (candidate `i` is row `i`'s positive, the rest its negatives), with the
+/// logQ terms `log_q` `[C]` (already scaled by `cfg.logq`) subtracted from
+/// the scores when given. Formulas in the module docs.
+pub fn rank_loss(
+    cfg: &Gru4RecConfig,
+    h: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    log_q: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let c = w.dim(0)?;
+    let mut r = h.matmul(&w.t()?)?.broadcast_add(b)?; // [n, C]
+    if let Some(lq) = log_q {
+        r = r.broadcast_sub(lq)?;
+    }
+    let mut eye = vec![0f64; n * c];
+    for i in 0..n {
+        eye[i * c + i] = 1.0;
+    }
+    let eye = Tensor::from_vec(eye, (n, c), h.device())?.to_dtype(h.dtype())?;
+    let neg = eye.affine(-1.0, 1.0)?;
+    let pos = (&r * &eye)?.sum_keepdim(1)?; // [n, 1]
+    let n_neg = (c - 1).max(1) as f64;
+    match cfg.loss {
+        RankLoss::CrossEntropy => {
+            let lsm = candle_nn::ops::log_softmax(&r, D::Minus1)?;
+            (lsm * &eye)?.sum_all()?.affine(-1.0 / n as f64, 0.0)
+        }
+        RankLoss::Top1 => {
+            let diff = r.broadcast_sub(&pos)?;
+            let t = (candle_nn::ops::sigmoid(&diff)? + candle_nn::ops::sigmoid(&r.sqr()?)?)?;
+            (t * &neg)?.sum_all()?.affine(1.0 / (n as f64 * n_neg), 0.0)
+        }
+        RankLoss::BprMax => {
+            // Softmax over the negatives only.
+            let masked = ((&r * &neg)? + (&eye * -1e9)?)?;
+            let s = candle_nn::ops::softmax(&masked, D::Minus1)?;
+            let sig = candle_nn::ops::sigmoid(&pos.broadcast_sub(&r)?)?;
+            let inner = (&s * sig)?.sum(1)?; // [n]
+            let nll = inner.affine(1.0, 1e-24)?.log()?.neg()?;
+            let reg = (&s * r.sqr()?)?.sum(1)?.affine(cfg.bpreg, 0.0)?;
+            (nll + reg)?.mean_all()
+        }
+    }
+}
+
+/// Inverted dropout of rate `p` on `h` (training), drawing from `rng`.
+pub fn dropout(h: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(h.clone());
+    }
+    let keep = 1.0 / (1.0 - p).max(1e-6);
+    let m: Vec<f32> = (0..h.elem_count())
+        .map(|_| {
+            if rng.random_bool(p.clamp(0.0, 1.0)) {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
+        .collect();
+    let m = Tensor::from_vec(m, h.shape(), h.device())?.to_dtype(h.dtype())?;
+    h * m
+}
+
+/// The GRU4Rec model with its item vocabulary, slot states and optimizer.
+#[derive(Debug)]
+pub struct Gru4Rec {
+    /// Hyper-parameters.
+    pub cfg: Gru4RecConfig,
+    /// Item vocabulary, counts and sampler.
+    pub items: ItemStats,
     /// Item embeddings `[N, E]` (`None` when constrained: `W_y` is the input table).
     pub emb: Option<Var>,
     /// The GRU.
@@ -276,9 +453,6 @@ pub struct Gru4Rec {
     /// Output biases `[N]`.
     pub b_y: Var,
     params: ParamSet,
-    cum_pop: Vec<f64>,
-    log_p_pop: Vec<f64>,
-    log_q_sample: Vec<f64>,
     opt: AdagradMomentum,
     rng: StdRng,
     dtype: DType,
@@ -298,20 +472,8 @@ impl Gru4Rec {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let mut vocab = HashMap::new();
-        let mut ids = Vec::new();
-        let mut counts: Vec<f64> = Vec::new();
-        for s in train {
-            for &i in s {
-                let k = *vocab.entry(i).or_insert_with(|| {
-                    ids.push(i);
-                    counts.push(0.0);
-                    ids.len() - 1
-                });
-                counts[k] += 1.0;
-            }
-        }
-        let n = ids.len().max(1);
+        let items = ItemStats::new(train, cfg.sample_alpha);
+        let n = items.len().max(1);
         let pb = ParamBuilder::new(dtype, device, cfg.seed);
         let (emb, in_dim) = if cfg.constrained_embedding {
             (None, cfg.hidden)
@@ -323,35 +485,17 @@ impl Gru4Rec {
         let w_y = pb.var(
             "w_y",
             (n, cfg.hidden),
-            Init::Uniform((6.0 / (n + cfg.hidden) as f64).sqrt()),
+            Init::Uniform(output_init_scale(n, cfg.hidden)),
         )?;
         let b_y = pb.var("b_y", n, Init::Const(0.0))?;
-        let mut cum_pop = Vec::with_capacity(counts.len());
-        let mut acc = 0.0;
-        for c in &counts {
-            acc += c.powf(cfg.sample_alpha);
-            cum_pop.push(acc);
-        }
-        let total: f64 = counts.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-        let log_p_pop = counts.iter().map(|c| (c / total).ln()).collect();
-        let z = acc.max(f64::MIN_POSITIVE);
-        let log_q_sample = counts
-            .iter()
-            .map(|c| cfg.sample_alpha * c.ln() - z.ln())
-            .collect();
         Ok(Gru4Rec {
             cfg: cfg.clone(),
-            vocab,
-            ids,
-            counts,
+            items,
             emb,
             gru,
             w_y,
             b_y,
             params: pb.finish(),
-            cum_pop,
-            log_p_pop,
-            log_q_sample,
             opt: AdagradMomentum::new(cfg.lr, cfg.momentum, cfg.adagrad_eps, cfg.init_acc),
             rng: StdRng::seed_from_u64(cfg.seed ^ 0xabcdef),
             dtype,
@@ -361,7 +505,7 @@ impl Gru4Rec {
 
     /// Number of items N.
     pub fn n_items(&self) -> usize {
-        self.ids.len()
+        self.items.len()
     }
 
     /// Named dense parameters.
@@ -371,25 +515,7 @@ impl Gru4Rec {
 
     /// Maps id sequences to index sequences, dropping unknown ids.
     pub fn index_sequences(&self, seqs: &[Vec<u64>]) -> Vec<Vec<usize>> {
-        seqs.iter()
-            .map(|s| {
-                s.iter()
-                    .filter_map(|i| self.vocab.get(i).copied())
-                    .collect()
-            })
-            .collect()
-    }
-
-    fn sample_pop(&mut self, k: usize) -> Vec<usize> {
-        let total = *self.cum_pop.last().unwrap_or(&0.0);
-        (0..k)
-            .map(|_| {
-                let x = self.rng.random_range(0.0..total.max(f64::MIN_POSITIVE));
-                self.cum_pop
-                    .partition_point(|&c| c <= x)
-                    .min(self.cum_pop.len().saturating_sub(1))
-            })
-            .collect()
+        self.items.index_sequences(seqs)
     }
 
     fn ids_tensor(&self, v: &[usize]) -> Result<Tensor> {
@@ -443,91 +569,34 @@ impl Gru4Rec {
             .to_vec2::<f32>()
     }
 
-    /// Per-candidate logQ values (`log p_j`, see the module docs) for `n`
-    /// in-batch targets followed by the extra samples.
-    fn log_q(&self, cands: &[usize], n: usize) -> Vec<f64> {
-        cands
-            .iter()
-            .enumerate()
-            .map(|(k, &j)| {
-                if k < n {
-                    self.log_p_pop[j]
-                } else {
-                    self.log_q_sample[j]
-                }
-            })
-            .collect()
-    }
-
     /// Loss of states `h` `[n, H]` against `targets` with `extra` sampled
     /// negatives (scalar), logQ-corrected when `cfg.logq > 0`.
     pub fn loss(&self, h: &Tensor, targets: &[usize], extra: &[usize]) -> Result<Tensor> {
         let n = targets.len();
         let mut cands = targets.to_vec();
         cands.extend_from_slice(extra);
-        let c = cands.len();
         let ct = self.ids_tensor(&cands)?;
         let w = self.w_y.as_tensor().index_select(&ct, 0)?; // [C, H]
         let b = self.b_y.as_tensor().index_select(&ct, 0)?; // [C]
-        let mut r = h.matmul(&w.t()?)?.broadcast_add(&b)?; // [n, C]
-        if self.cfg.logq > 0.0 {
-            let lq: Vec<f64> = self
-                .log_q(&cands, n)
-                .iter()
-                .map(|v| self.cfg.logq * v)
-                .collect();
-            let lq = Tensor::from_vec(lq, c, &self.device)?.to_dtype(self.dtype)?;
-            r = r.broadcast_sub(&lq)?;
-        }
-        let mut eye = vec![0f64; n * c];
-        for i in 0..n {
-            eye[i * c + i] = 1.0;
-        }
-        let eye = Tensor::from_vec(eye, (n, c), &self.device)?.to_dtype(self.dtype)?;
-        let neg = eye.affine(-1.0, 1.0)?;
-        let pos = (&r * &eye)?.sum_keepdim(1)?; // [n, 1]
-        let n_neg = (c - 1).max(1) as f64;
-        match self.cfg.loss {
-            RankLoss::CrossEntropy => {
-                let lsm = candle_nn::ops::log_softmax(&r, D::Minus1)?;
-                (lsm * &eye)?.sum_all()?.affine(-1.0 / n as f64, 0.0)
-            }
-            RankLoss::Top1 => {
-                let diff = r.broadcast_sub(&pos)?;
-                let t = (candle_nn::ops::sigmoid(&diff)? + candle_nn::ops::sigmoid(&r.sqr()?)?)?;
-                (t * &neg)?.sum_all()?.affine(1.0 / (n as f64 * n_neg), 0.0)
-            }
-            RankLoss::BprMax => {
-                // Softmax over the negatives only.
-                let masked = ((&r * &neg)? + (&eye * -1e9)?)?;
-                let s = candle_nn::ops::softmax(&masked, D::Minus1)?;
-                let sig = candle_nn::ops::sigmoid(&pos.broadcast_sub(&r)?)?;
-                let inner = (&s * sig)?.sum(1)?; // [n]
-                let nll = inner.affine(1.0, 1e-24)?.log()?.neg()?;
-                let reg = (&s * r.sqr()?)?.sum(1)?.affine(self.cfg.bpreg, 0.0)?;
-                (nll + reg)?.mean_all()
-            }
-        }
+        let lq = self.log_q_tensor(&cands, n)?;
+        rank_loss(&self.cfg, h, &w, &b, lq.as_ref())
     }
 
-    /// Inverted dropout of rate `cfg.dropout_hidden` on `h` `[n, H]` (seeded).
-    fn dropout(&mut self, h: &Tensor) -> Result<Tensor> {
-        let p = self.cfg.dropout_hidden;
-        if p <= 0.0 {
-            return Ok(h.clone());
+    /// `cfg.logq * log p_j` per candidate (`None` when logQ is off).
+    fn log_q_tensor(&self, cands: &[usize], n: usize) -> Result<Option<Tensor>> {
+        if self.cfg.logq <= 0.0 {
+            return Ok(None);
         }
-        let keep = 1.0 / (1.0 - p).max(1e-6);
-        let m: Vec<f32> = (0..h.elem_count())
-            .map(|_| {
-                if self.rng.random_bool(p.clamp(0.0, 1.0)) {
-                    0.0
-                } else {
-                    keep as f32
-                }
-            })
+        let lq: Vec<f64> = self
+            .items
+            .log_q(cands, n)
+            .iter()
+            .map(|v| self.cfg.logq * v)
             .collect();
-        let m = Tensor::from_vec(m, h.shape(), &self.device)?.to_dtype(self.dtype)?;
-        h * m
+        let c = lq.len();
+        Ok(Some(
+            Tensor::from_vec(lq, c, &self.device)?.to_dtype(self.dtype)?,
+        ))
     }
 
     /// One training pass over `train` (index sequences) with session-parallel
@@ -551,9 +620,9 @@ impl Gru4Rec {
             }
             let h0 =
                 Tensor::from_vec(h0, (st.slots.len(), hd), &self.device)?.to_dtype(self.dtype)?;
-            let extra = self.sample_pop(self.cfg.n_sample);
+            let extra = self.items.sample(&mut self.rng, self.cfg.n_sample);
             let h = self.forward_states(&st.inputs, &h0)?;
-            let h = self.dropout(&h)?;
+            let h = dropout(&h, self.cfg.dropout_hidden, &mut self.rng)?;
             let loss = self.loss(&h, &st.targets, &extra)?;
             let grads = loss.backward()?;
             let params = self.params.params.clone();
@@ -840,7 +909,7 @@ mod tests {
             ..Default::default()
         };
         let m = Gru4Rec::new(&cfg, &seqs, &Device::Cpu).unwrap();
-        let lq = m.log_q(&[0, 1, 0, 1], 2);
+        let lq = m.items.log_q(&[0, 1, 0, 1], 2);
         let z = 3f64.sqrt() + 1.0;
         let want = [
             (0.75f64).ln(),

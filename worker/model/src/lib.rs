@@ -63,7 +63,7 @@
 //!   `mlp.act{0,1}.alpha`; with Dice also state `mlp.act{0,1}.running_{mean,var}`;
 //! - DIN and DIEN: `att.fc{0,1,2}.{weight,bias}` (activation unit);
 //! - DIEN: `gru.{w_ih,w_hh,bias}` (extractor), `evolve.{w_ih,w_hh,bias}`
-//!   (AUGRU/AGRU/AIGRU/GRU), `aux.fc{0,1,2}.{weight,bias}` (when aux loss on).
+//!   (AUGRU/AGRU/AIGRU/GRU; none for `attpool`), `aux.fc{0,1,2}.{weight,bias}` (when aux loss on).
 
 pub mod alloc;
 pub mod base;

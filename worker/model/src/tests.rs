@@ -155,6 +155,8 @@ fn gradcheck_dien_variants() {
         (EvolveKind::Agru, true, Mlp),
         (EvolveKind::Aigru, true, Mlp),
         (EvolveKind::Gru, false, Mlp),
+        (EvolveKind::Attpool, true, Mlp),
+        (EvolveKind::Attpool, false, Bilinear),
         (EvolveKind::Augru, true, Bilinear),
         (EvolveKind::Aigru, false, Bilinear),
     ] {

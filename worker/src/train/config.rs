@@ -412,6 +412,12 @@ pub struct SparseConfig {
     /// "f16" or "bf16" (stochastically rounded; `rowwise_adam` only).
     #[serde(default)]
     pub moment_precision: Precision,
+    /// Id dropout in training (the DIN paper's "Dropout" baseline): each
+    /// goods-id occurrence of a training sample (target and history) is
+    /// replaced by the zero row with this probability, seeded by
+    /// `train.seed`, worker and step. 0 (default) disables; in [0, 1).
+    #[serde(default)]
+    pub id_dropout: f64,
 }
 
 fn d_init_scale() -> f32 {
@@ -431,6 +437,7 @@ impl Default for SparseConfig {
             ttl_steps: 0,
             precision: Precision::default(),
             moment_precision: Precision::default(),
+            id_dropout: 0.0,
         }
     }
 }
@@ -938,6 +945,12 @@ impl JobConfig {
         if self.train.epochs == 0 {
             return Err("train.epochs must be >= 1".into());
         }
+        if !(0.0..1.0).contains(&self.sparse.id_dropout) {
+            return Err(format!(
+                "sparse.id_dropout = {}: must be in [0, 1)",
+                self.sparse.id_dropout
+            ));
+        }
         self.security.validate()?;
         if self.dense.optimizer.kind == OptimizerKind::Ftrl {
             return Err(
@@ -1016,6 +1029,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("cluster.worker_mode"), "{e}");
+        let e = JobConfig::parse(
+            &format!("{MINIMAL}[sparse]\nid_dropout = 1.0\n"),
+            "job.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sparse.id_dropout"), "{e}");
         let e = JobConfig::parse("[data]\ntrain = \"a\"\n", "job.toml").unwrap_err();
         assert!(e.to_string().contains("test"), "{e}");
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod eval;
 pub mod local;
 pub mod remote;
+pub mod seqrec;
 pub mod setup;
 pub mod worker;
 

@@ -96,6 +96,9 @@ pub struct WorkerReport {
     pub seconds: f64,
 }
 
+/// Salt of the id-dropout seeds (`sparse.id_dropout`).
+const ID_DROPOUT_SALT: u64 = 0x1d_d0_0b_5a17;
+
 /// A batch with its pulled rows (and dense parameters in async mode).
 struct Ready {
     batch: Batch,
@@ -237,9 +240,16 @@ pub async fn run_epoch_cancellable(
         }
         let step = first_step + report.steps;
         // 1. Next batch with its rows.
-        let Some(ready) = feed.next(&mut report, ps, &tables).await? else {
+        let Some(mut ready) = feed.next(&mut report, ps, &tables).await? else {
             break;
         };
+        if cfg.sparse.id_dropout > 0.0 {
+            // Seeded by seed, step and worker: a rerun drops the same ids.
+            let key = step.wrapping_mul(job.num_workers as u64) + job.worker_index as u64;
+            let seed = ember_proto::rng::derive_seed(cfg.train.seed ^ ID_DROPOUT_SALT, key);
+            let mut rng = ember_proto::rng::SplitMix64::new(seed);
+            ready.batch.drop_item_ids(cfg.sparse.id_dropout, &mut rng);
+        }
         report.pull_s += ready.pull_s;
         // 2. Dense parameters at this step.
         let dense = dense_at(ps, ready.dense, step, &mut report).await?;

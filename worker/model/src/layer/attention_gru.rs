@@ -9,6 +9,10 @@
 //!   (a = 0 freezes the state, a = 1 is the plain GRU);
 //! - GRU:   plain GRU on `i_t`, attention ignored (ablation).
 //!
+//! `attpool` (GRU + attention pooling, the DIEN paper's ablation without an
+//! evolving layer) is not a GRU: DIEN computes `sum_t a_t i_t` itself and
+//! builds no [`AttentionGru`] for it.
+//!
 //! Masked like [`Gru`]: the state is carried past the valid length, and the
 //! output is the final interest `h'_T` (state after the last valid step).
 //! Parameter names `w_ih`, `w_hh`, `bias` (same layout as [`Gru`]).
@@ -33,6 +37,9 @@ pub enum EvolveKind {
     Aigru,
     /// Plain GRU, no attention.
     Gru,
+    /// No evolving GRU: the final interest is the attention-weighted sum
+    /// `sum_t a_t i_t` of the extractor states (ablation).
+    Attpool,
 }
 
 /// An attention-gated GRU.
@@ -46,7 +53,11 @@ pub struct AttentionGru {
 
 impl AttentionGru {
     /// Creates the cell (input width `inp`, hidden `hidden`) under `pb`.
+    /// Errors for [`EvolveKind::Attpool`], which has no cell.
     pub fn new(kind: EvolveKind, inp: usize, hidden: usize, pb: &ParamBuilder) -> Result<Self> {
+        if kind == EvolveKind::Attpool {
+            candle_core::bail!("evolve = \"attpool\" has no attentional GRU");
+        }
         Ok(AttentionGru {
             cell: Gru::new(inp, hidden, pb)?,
             kind,
@@ -67,7 +78,9 @@ impl AttentionGru {
             let states = match self.kind {
                 EvolveKind::Augru => att_gru_states(GateKind::Augru, &gx, att, w, &lens)?,
                 EvolveKind::Agru => att_gru_states(GateKind::Agru, &gx, att, w, &lens)?,
-                EvolveKind::Aigru | EvolveKind::Gru => gru_states(&gx, w, &lens)?,
+                EvolveKind::Aigru | EvolveKind::Gru | EvolveKind::Attpool => {
+                    gru_states(&gx, w, &lens)?
+                }
             };
             return states.narrow(1, t - 1, 1)?.squeeze(1);
         }
@@ -78,7 +91,7 @@ impl AttentionGru {
             let u = match self.kind {
                 EvolveKind::Augru => g.u.broadcast_mul(&a)?,
                 EvolveKind::Agru => a.broadcast_as(g.u.shape())?.contiguous()?,
-                EvolveKind::Aigru | EvolveKind::Gru => g.u,
+                EvolveKind::Aigru | EvolveKind::Gru | EvolveKind::Attpool => g.u,
             };
             let hn = (&h + (u * (g.n - &h)?)?)?;
             let m = mask.narrow(1, s, 1)?;

@@ -1,0 +1,411 @@
+//! `ember train` for `[model] kind = "gru4rec"`: GRU4Rec through the shards.
+//!
+//! The shards are started as for every job (child `ps-server` processes,
+//! in-process servers or `cluster.shard_addrs`; TLS + token); the item
+//! tables `gru4rec_emb`, `gru4rec_out`, `gru4rec_bias` and the dense GRU
+//! live there (`ember_worker::train::seqrec`). `cluster.workers` workers run
+//! as tasks of this process, each on its share of every epoch's sequences,
+//! pulling and pushing over gRPC. After every epoch the launcher pulls the
+//! whole model back, ranks every training item for each test user (the
+//! protocol of `ember gru4rec`, `crate::seqrec`), checkpoints every shard,
+//! and writes `metrics.json`; the final table puts GRU4Rec next to the
+//! popularity and co-occurrence baselines.
+//!
+//! Not (yet) like the CTR jobs: workers are not separate processes, there
+//! is no mid-epoch checkpoint, no `--resume`, and a shard that dies ends
+//! the job (after the workers' retry deadline) instead of being rolled back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_worker::metrics::FullRankEval;
+use ember_worker::model::gru4rec::{Gru4RecConfig, ItemStats};
+use ember_worker::train::backend::Backend;
+use ember_worker::train::client::{PsClient, RetryPolicy};
+use ember_worker::train::config::{
+    ClusterConfig, CountMode, DataConfig, DenseConfig, JobConfig, SecurityConfig, SparseConfig,
+    SyncMode, TrainSettings,
+};
+use ember_worker::train::seqrec::{self, SeqWorker};
+use ember_worker::train::TrainError;
+use serde::{Deserialize, Serialize};
+
+use super::{io_err, setup, shards, LaunchOptions};
+use crate::seqrec::{
+    baselines, evaluate_model, events, last_item_ranks, load_sequences, EvalRows, Holdout, RankRow,
+    SeedRun, SeqEpoch, SeqReport, KS,
+};
+use crate::ClusterError;
+
+/// The `[data]` section of a GRU4Rec job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeqData {
+    /// Training sequences (`train.seq` of `ember-data prepare`).
+    pub train: PathBuf,
+    /// Test sequences (full; the last item is the target).
+    pub test: PathBuf,
+    /// Target rows: `"test"` (default) or `"valid"`.
+    #[serde(default)]
+    pub holdout: Holdout,
+    /// Cut-off K of the per-epoch Recall@K and MRR@K (20).
+    #[serde(default = "d_k")]
+    pub k: usize,
+}
+
+fn d_k() -> usize {
+    20
+}
+
+/// A GRU4Rec job of `ember train`: `[model]` (`kind = "gru4rec"` and the
+/// fields of [`Gru4RecConfig`] but its in-process optimizer), `[data]`
+/// ([`SeqData`]), and the `[sparse]`, `[dense]`, `[cluster]`, `[train]`,
+/// `[security]` sections of every job.
+#[derive(Debug, Clone)]
+pub struct SeqTrainJob {
+    /// Job name.
+    pub name: String,
+    /// Model hyper-parameters (`seed` = `train.seed`).
+    pub model: Gru4RecConfig,
+    /// Input sequences.
+    pub data: SeqData,
+    /// The job's other sections (its `model` and `data` unused).
+    pub job: JobConfig,
+}
+
+/// True when the job file's `[model] kind` is `"gru4rec"`.
+pub fn is_seq_job(text: &str) -> bool {
+    toml::from_str::<toml::Table>(text)
+        .ok()
+        .and_then(|t| {
+            t.get("model")
+                .and_then(|m| m.get("kind"))
+                .and_then(|k| k.as_str().map(|s| s == "gru4rec"))
+        })
+        .unwrap_or(false)
+}
+
+fn section<T: serde::de::DeserializeOwned>(
+    table: &mut toml::Table,
+    name: &str,
+    origin: &str,
+) -> Result<Option<T>, ClusterError> {
+    let Some(v) = table.remove(name) else {
+        return Ok(None);
+    };
+    serde_path_to_error::deserialize(v).map(Some).map_err(|e| {
+        let path = e.path().to_string();
+        cfg_err(format!("{origin}: {name}.{path}: {}", e.into_inner()))
+    })
+}
+
+fn cfg_err(msg: String) -> ClusterError {
+    ClusterError::Train(TrainError::Config(msg))
+}
+
+impl SeqTrainJob {
+    /// Parses a job file's text (`origin` names it in errors) and validates it.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ClusterError> {
+        let mut t: toml::Table =
+            toml::from_str(text).map_err(|e| cfg_err(format!("{origin}: {e}")))?;
+        let name = match t.remove("name") {
+            Some(toml::Value::String(s)) => s,
+            Some(v) => return Err(cfg_err(format!("{origin}: name = {v}: expected a string"))),
+            None => "gru4rec".to_string(),
+        };
+        let mut model_t = match t.remove("model") {
+            Some(toml::Value::Table(m)) => m,
+            _ => return Err(cfg_err(format!("{origin}: [model] is missing"))),
+        };
+        model_t.remove("kind");
+        // The in-process optimizer fields have no meaning here: the shards'
+        // optimizers are [sparse] and [dense].
+        for f in ["lr", "momentum", "init_acc", "adagrad_eps", "seed"] {
+            if model_t.contains_key(f) {
+                return Err(cfg_err(format!(
+                    "{origin}: model.{f}: not used by `ember train` (the optimizers are \
+                     sparse.optimizer and dense.optimizer, the seed is train.seed)"
+                )));
+            }
+        }
+        let mut wrap = toml::Table::new();
+        wrap.insert("model".into(), toml::Value::Table(model_t));
+        let model: Gru4RecConfig = section(&mut wrap, "model", origin)?.unwrap_or_default();
+        let data: SeqData = section(&mut t, "data", origin)?
+            .ok_or_else(|| cfg_err(format!("{origin}: [data] is missing")))?;
+        let sparse: SparseConfig = section(&mut t, "sparse", origin)?.unwrap_or_default();
+        let dense: DenseConfig = section(&mut t, "dense", origin)?.unwrap_or_default();
+        let cluster: ClusterConfig = section(&mut t, "cluster", origin)?.unwrap_or_default();
+        let train: TrainSettings = section(&mut t, "train", origin)?.unwrap_or_default();
+        let security: SecurityConfig = section(&mut t, "security", origin)?.unwrap_or_default();
+        if let Some(k) = t.keys().next() {
+            return Err(cfg_err(format!("{origin}: unknown field `{k}`")));
+        }
+        let job = JobConfig {
+            name: name.clone(),
+            model: Default::default(),
+            data: DataConfig {
+                train: data.train.clone(),
+                test: data.test.clone(),
+                counts: None,
+                batch_size: model.batch_size,
+                eval_batch_size: 1024,
+                max_len: 100,
+                shuffle_buffer: 0,
+                skip_malformed: false,
+            },
+            sparse,
+            dense,
+            cluster,
+            train,
+            security,
+        };
+        let mut j = SeqTrainJob {
+            name,
+            model,
+            data,
+            job,
+        };
+        j.model.seed = j.job.train.seed;
+        j.validate()
+            .map_err(|e| cfg_err(format!("{origin}: {e}")))?;
+        Ok(j)
+    }
+
+    /// Reads and validates a job file.
+    pub fn load(path: &Path) -> Result<Self, ClusterError> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks every field; the error names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        self.job.validate()?;
+        seqrec::validate(&self.model)?;
+        if self.data.k == 0 {
+            return Err("data.k must be >= 1".into());
+        }
+        if self.job.cluster.sync != SyncMode::Async {
+            return Err(
+                "cluster.sync: GRU4Rec's workers run different numbers of steps per epoch, \
+                 so its dense GRU is updated asynchronously: set sync = \"async\""
+                    .into(),
+            );
+        }
+        if self.job.cluster.external_workers() {
+            return Err(
+                "cluster.worker_mode = \"external\": GRU4Rec's workers run in the launcher".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Trains the job; returns the report (also written to `metrics.json`).
+pub async fn train_seq(job: SeqTrainJob, opts: &LaunchOptions) -> Result<SeqReport, ClusterError> {
+    if opts.resume {
+        return Err(cfg_err(
+            "--resume: GRU4Rec jobs cannot resume yet (they checkpoint every epoch, but \
+             the workers' place in the sequences is not saved)"
+                .into(),
+        ));
+    }
+    let SeqTrainJob {
+        model: mcfg,
+        data,
+        job: mut cfg,
+        ..
+    } = job;
+    let out = cfg.out_dir();
+    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    // Read the data before any shard is touched: a bad file fails first.
+    let (train, targets) = load_sequences(&data.train, &data.test, data.holdout)?;
+    let items = Arc::new(ItemStats::new(&train, mcfg.sample_alpha));
+    if items.is_empty() {
+        return Err(cfg_err(format!(
+            "{}: no training sequence with an item",
+            data.train.display()
+        )));
+    }
+    let train_idx = Arc::new(items.index_sequences(&train));
+    let (rows, skipped) = EvalRows::build(&targets, &items.vocab);
+    setup::resolve_security(&mut cfg)?;
+    let ckpt = cfg.checkpoint_dir();
+    if ckpt.starts_with(&out) && ckpt.exists() && cfg.cluster.shard_addrs.is_empty() {
+        std::fs::remove_dir_all(&ckpt).map_err(io_err(&ckpt))?;
+    }
+    std::fs::create_dir_all(&ckpt).map_err(io_err(&ckpt))?;
+    let mut shards = shards::start_shards(&cfg, false).await?;
+    let result = run(
+        &cfg,
+        &mcfg,
+        &data,
+        &mut shards,
+        &items,
+        &train,
+        &train_idx,
+        &rows,
+        skipped,
+        opts,
+    )
+    .await;
+    let ps = client(&cfg, &shards.addrs());
+    if let Ok(ps) = ps {
+        shards.stop(&ps).await;
+    }
+    result
+}
+
+fn client(cfg: &JobConfig, addrs: &[String]) -> Result<Backend, ClusterError> {
+    let retry = RetryPolicy {
+        deadline: Duration::from_secs(cfg.cluster.retry_deadline_s),
+        ..RetryPolicy::default()
+    };
+    Ok(Backend::Remote(PsClient::new(
+        addrs,
+        retry,
+        &cfg.security.client()?,
+    )?))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    cfg: &JobConfig,
+    mcfg: &Gru4RecConfig,
+    data: &SeqData,
+    shards: &mut shards::Shards,
+    items: &Arc<ItemStats>,
+    train: &[Vec<u64>],
+    train_idx: &Arc<Vec<Vec<usize>>>,
+    rows: &EvalRows,
+    skipped: usize,
+    opts: &LaunchOptions,
+) -> Result<SeqReport, ClusterError> {
+    let out = cfg.out_dir();
+    let ps = client(cfg, &shards.addrs())?;
+    shards
+        .wait_external(&ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
+        .await?;
+    let info = shards.info();
+    let info_path = out.join("cluster.json");
+    std::fs::write(
+        &info_path,
+        serde_json::to_string_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(io_err(&info_path))?;
+    let seed = cfg.train.seed;
+    for t in seqrec::tables(mcfg, &cfg.sparse, items.len(), seed) {
+        ps.create_table(&t).await?;
+        if cfg.sparse.count_mode == CountMode::Exact {
+            let counts: Vec<(u64, u32)> = items
+                .ids
+                .iter()
+                .zip(&items.counts)
+                .map(|(&id, &c)| (id, c as u32))
+                .collect();
+            ps.load_counts(&t.name, &counts).await?;
+        }
+    }
+    ps.init_dense(
+        &seqrec::initial_dense(mcfg, seed)?,
+        &cfg.dense.optimizer.to_proto(),
+    )
+    .await?;
+    let keep = cfg.cluster.keep_checkpoints.max(2);
+    ps.checkpoint(0, keep).await?;
+    tracing::info!(
+        shards = ?shards.addrs(),
+        items = items.len(),
+        sequences = train.len(),
+        test_users = rows.len(),
+        "gru4rec: tables created, training"
+    );
+    let m = cfg.cluster.workers;
+    let mut workers: Vec<Option<SeqWorker>> = (0..m)
+        .map(|w| SeqWorker::new(mcfg, items.clone(), ps.clone(), w, m, seed).map(Some))
+        .collect::<Result<_, _>>()?;
+    let mut report = SeqReport {
+        baselines: baselines(train_idx, items.len(), rows),
+        runs: Vec::new(),
+        skipped,
+    };
+    let mut run = SeedRun {
+        seed,
+        epochs: Vec::new(),
+        row: RankRow::from_eval("gru4rec", &FullRankEval::new(&KS)),
+    };
+    let total_events = events(train_idx);
+    let mut ckpt_step = 0u64;
+    for epoch in 1..=cfg.train.epochs {
+        let t = Instant::now();
+        let mut tasks = Vec::with_capacity(m);
+        for slot in workers.iter_mut() {
+            let Some(mut w) = slot.take() else {
+                return Err(ClusterError::Launch("a GRU4Rec worker was lost".into()));
+            };
+            let idx = train_idx.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = w.train_epoch(&idx, epoch).await;
+                (w, r)
+            }));
+        }
+        let (mut loss, mut steps) = (0.0, 0u64);
+        for (slot, task) in workers.iter_mut().zip(tasks) {
+            let (w, r) = task.await.map_err(|e| TrainError::Task {
+                what: "gru4rec worker",
+                source: e,
+            })?;
+            let st = r?;
+            loss += st.loss_sum;
+            steps += st.steps;
+            ckpt_step = ckpt_step.max(w.step);
+            *slot = Some(w);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let model = seqrec::pull_model(&ps, mcfg, train).await?;
+        let (recall, mrr, row) = tokio::task::block_in_place(|| {
+            let ranks = last_item_ranks(&model, rows)?;
+            let (r, mr) = ember_worker::metrics::recall_mrr_at_k(&ranks, data.k);
+            Ok::<_, ClusterError>((r, mr, evaluate_model(&model, rows)?))
+        })?;
+        ps.checkpoint(ckpt_step, keep).await?;
+        let rec = SeqEpoch {
+            epoch,
+            loss: loss / steps.max(1) as f64,
+            recall,
+            mrr,
+            users: rows.len(),
+            events_per_s: total_events as f64 / secs.max(1e-9),
+        };
+        tracing::info!(
+            epoch,
+            loss = rec.loss,
+            recall,
+            mrr,
+            events_per_s = rec.events_per_s as u64,
+            "gru4rec epoch done (Recall@{k}, MRR@{k})",
+            k = data.k
+        );
+        if !opts.quiet {
+            eprintln!(
+                "epoch {epoch}: loss {:.4}  Recall@{k} {recall:.4}  MRR@{k} {mrr:.4}  ({:.0} events/s, {secs:.1} s)",
+                rec.loss,
+                rec.events_per_s,
+                k = data.k
+            );
+        }
+        run.epochs.push(rec);
+        run.row = RankRow::from_eval("gru4rec", &row);
+        let mut r = report.clone();
+        r.runs.push(run.clone());
+        let text =
+            serde_json::to_string_pretty(&r).map_err(|e| ClusterError::Report(e.to_string()))?;
+        let path = out.join("metrics.json");
+        ember_proto::atomic::write_atomic(&path, |f| {
+            std::io::Write::write_all(f, text.as_bytes())
+        })?;
+    }
+    report.runs.push(run);
+    Ok(report)
+}
