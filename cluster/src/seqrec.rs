@@ -95,6 +95,9 @@ pub struct SeqEpoch {
     /// Next-item events trained per second (all workers).
     #[serde(default)]
     pub events_per_s: f64,
+    /// Times the epoch was rolled back and rerun (`ember train`).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// Recall@K and MRR@K for K in [`KS`], all items and seen items excluded.
@@ -331,6 +334,7 @@ pub fn run(job: &SeqJob) -> Result<SeqReport, ClusterError> {
                 mrr,
                 users: ranks.len(),
                 events_per_s: events(&train_idx) as f64 / secs.max(1e-9),
+                restarts: 0,
             });
         }
         let row = RankRow::from_eval("gru4rec", &evaluate_model(&model, &rows)?);

@@ -754,16 +754,9 @@ fn sigterm_to_the_launcher_stops_its_shards_and_workers() {
     assert!(text.contains("stopped by SIGTERM"), "{text}");
 }
 
-/// `ember train` with `[model] kind = "gru4rec"`: two `ps-server` processes
-/// hold the item tables and the GRU, two workers train through them, and a
-/// deterministic next-item rule over 50 items (`i -> 7 i + 3 mod 50`) is
-/// learned: Recall@10 of each user's last item near 1, far above the
-/// popularity ranking of the same rows. Every shard checkpointed every epoch. A model field that only
-/// the in-process trainer has is rejected by name before anything starts.
-/// Expected time: a few seconds on 2 cores.
-#[test]
-fn gru4rec_trains_through_two_shards() {
-    let dir = tempfile::tempdir().unwrap();
+/// Writes `train.seq` / `test.seq` in `dir`: 400 users following a
+/// deterministic next-item rule over 50 items (`i -> 7 i + 3 mod 50`).
+fn rule_sequences(dir: &std::path::Path) {
     let n = 50u64;
     let (mut train, mut test) = (String::new(), String::new());
     for u in 0..400u64 {
@@ -776,25 +769,46 @@ fn gru4rec_trains_through_two_shards() {
         train.push_str(&format!("{u}\t{}\n", ids[..9].join("\u{2}")));
         test.push_str(&format!("{u}\t{}\n", ids.join("\u{2}")));
     }
-    std::fs::write(dir.path().join("train.seq"), train).unwrap();
-    std::fs::write(dir.path().join("test.seq"), test).unwrap();
-    let job_text = |model_extra: &str| {
-        format!(
-            "name = \"it-gru4rec\"\n[model]\nkind = \"gru4rec\"\nhidden = 64\nemb_dim = 32\n\
-             batch_size = 32\nn_sample = 32\nsample_alpha = 0.5\nlogq = 1.0\n{model_extra}\n\
-             [data]\ntrain = {:?}\ntest = {:?}\nk = 10\n\
-             [sparse]\noptimizer = {{ kind = \"adagrad\", lr = 0.05, initial_accumulator = 0.0, eps = 1e-6 }}\n\
-             init = \"uniform\"\ninit_scale = 0.1\ncount_mode = \"none\"\n\
-             [dense]\noptimizer = {{ kind = \"adagrad\", lr = 0.05, initial_accumulator = 0.0, eps = 1e-6 }}\n\
-             [cluster]\nshards = 2\nworkers = 2\nmode = \"process\"\nsync = \"async\"\n\
-             [train]\nepochs = 3\nout_dir = {:?}\n",
-            dir.path().join("train.seq"),
-            dir.path().join("test.seq"),
-            dir.path().join("run"),
-        )
-    };
+    std::fs::write(dir.join("train.seq"), train).unwrap();
+    std::fs::write(dir.join("test.seq"), test).unwrap();
+}
+
+/// A GRU4Rec job on [`rule_sequences`] (2 shard processes, 2 workers,
+/// `epochs` epochs) with `model_extra` appended to `[model]`.
+fn gru4rec_job(dir: &std::path::Path, model_extra: &str, epochs: usize) -> String {
+    format!(
+        "name = \"it-gru4rec\"\n[model]\nkind = \"gru4rec\"\nhidden = 64\nemb_dim = 32\n\
+         batch_size = 32\nn_sample = 32\nsample_alpha = 0.5\nlogq = 1.0\n{model_extra}\n\
+         [data]\ntrain = {:?}\ntest = {:?}\nk = 10\n\
+         [sparse]\noptimizer = {{ kind = \"adagrad\", lr = 0.05, initial_accumulator = 0.0, eps = 1e-6 }}\n\
+         init = \"uniform\"\ninit_scale = 0.1\ncount_mode = \"none\"\n\
+         [dense]\noptimizer = {{ kind = \"adagrad\", lr = 0.05, initial_accumulator = 0.0, eps = 1e-6 }}\n\
+         [cluster]\nshards = 2\nworkers = 2\nmode = \"process\"\nsync = \"async\"\n\
+         [train]\nepochs = {epochs}\nout_dir = {:?}\n",
+        dir.join("train.seq"),
+        dir.join("test.seq"),
+        dir.join("run"),
+    )
+}
+
+/// Recall@10 (all items) of a GRU4Rec report row.
+fn recall10(row: &serde_json::Value) -> f64 {
+    row["all"][0].as_f64().unwrap()
+}
+
+/// `ember train` with `[model] kind = "gru4rec"`: two `ps-server` processes
+/// hold the item tables and the GRU, two workers train through them, and a
+/// deterministic next-item rule over 50 items is learned: Recall@10 of each
+/// user's last item near 1, far above the popularity ranking of the same
+/// rows. Every shard checkpointed every epoch. A model field that only the
+/// in-process trainer has is rejected by name before anything starts.
+/// Expected time: a few seconds on 2 cores.
+#[test]
+fn gru4rec_trains_through_two_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    rule_sequences(dir.path());
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, job_text("lr = 0.1")).unwrap();
+    std::fs::write(&bad, gru4rec_job(dir.path(), "lr = 0.1", 3)).unwrap();
     let out = Command::new(bin("ember"))
         .args(["train", "--quiet", "--config"])
         .arg(&bad)
@@ -808,7 +822,7 @@ fn gru4rec_trains_through_two_shards() {
     );
 
     let job = dir.path().join("job.toml");
-    std::fs::write(&job, job_text("")).unwrap();
+    std::fs::write(&job, gru4rec_job(dir.path(), "", 3)).unwrap();
     let out = ember_train(&job, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -819,9 +833,8 @@ fn gru4rec_trains_through_two_shards() {
     let run = &r["runs"][0];
     let ep = run["epochs"].as_array().unwrap();
     assert_eq!(ep.len(), 3);
-    let recall = |row: &serde_json::Value| row["all"][0].as_f64().unwrap();
-    let pop = recall(&r["baselines"][0]);
-    let model = recall(&run["row"]);
+    let pop = recall10(&r["baselines"][0]);
+    let model = recall10(&run["row"]);
     eprintln!(
         "gru4rec through 2 shards: R@10 {model:.3} (popularity {pop:.3}), losses {:?}",
         ep.iter()
@@ -848,4 +861,29 @@ fn gru4rec_trains_through_two_shards() {
             .count();
         assert!(ckpts >= 2, "{}: {ckpts} checkpoints", d.display());
     }
+}
+
+/// `kill -9` of a shard of a GRU4Rec job once epoch 1 is recorded: the
+/// launcher restarts it from its checkpoint, rolls every shard back to the
+/// last epoch's checkpoint, reruns the epoch, and the job ends with every
+/// epoch recorded, one restart, and the rule still learned.
+/// Expected time: ~10 s on 2 cores.
+#[test]
+fn gru4rec_recovers_from_a_killed_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    rule_sequences(dir.path());
+    let job = dir.path().join("job.toml");
+    std::fs::write(&job, gru4rec_job(dir.path(), "", 8)).unwrap();
+    let run = dir.path().join("run");
+    let r = train_signalling_shard_1(&job, &run, "-9", |run| run.join("metrics.json").exists());
+    assert!(r.sent, "never saw epoch 1: {}", r.log);
+    assert!(r.status.success(), "{}", r.log);
+    assert_eq!(rollback_steps(&r.log).len(), 1, "{}", r.log);
+    let rep = report(dir.path());
+    let ep = rep["runs"][0]["epochs"].as_array().unwrap();
+    assert_eq!(ep.len(), 8);
+    let restarts: u64 = ep.iter().map(|e| e["restarts"].as_u64().unwrap()).sum();
+    assert_eq!(restarts, 1, "{}", r.log);
+    let model = recall10(&rep["runs"][0]["row"]);
+    assert!(model > 0.9, "R@10 {model} after the recovery");
 }

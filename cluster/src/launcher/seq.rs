@@ -11,9 +11,13 @@
 //! and writes `metrics.json`; the final table puts GRU4Rec next to the
 //! popularity and co-occurrence baselines.
 //!
-//! Not (yet) like the CTR jobs: workers are not separate processes, there
-//! is no mid-epoch checkpoint, no `--resume`, and a shard that dies ends
-//! the job (after the workers' retry deadline) instead of being rolled back.
+//! A shard that dies or hangs (no Health answer for `cluster.shard_timeout_s`)
+//! aborts the epoch: hung shard processes are killed, dead ones restarted
+//! from their checkpoints, every shard restored to the last epoch's
+//! checkpoint, and the epoch rerun (at most `cluster.max_restarts` times;
+//! the rerun draws the same negatives). Not (yet) like the CTR jobs: workers
+//! are not separate processes, there is no mid-epoch checkpoint and no
+//! `--resume`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +36,7 @@ use ember_worker::train::TrainError;
 use serde::{Deserialize, Serialize};
 
 use super::{io_err, setup, shards, LaunchOptions};
+use crate::health::{guarded, Guarded, HealthWatch};
 use crate::seqrec::{
     baselines, evaluate_model, events, last_item_ranks, load_sequences, EvalRows, Holdout, RankRow,
     SeedRun, SeqEpoch, SeqReport, KS,
@@ -322,9 +327,6 @@ async fn run(
         "gru4rec: tables created, training"
     );
     let m = cfg.cluster.workers;
-    let mut workers: Vec<Option<SeqWorker>> = (0..m)
-        .map(|w| SeqWorker::new(mcfg, items.clone(), ps.clone(), w, m, seed).map(Some))
-        .collect::<Result<_, _>>()?;
     let mut report = SeqReport {
         baselines: baselines(train_idx, items.len(), rows),
         runs: Vec::new(),
@@ -336,43 +338,70 @@ async fn run(
         row: RankRow::from_eval("gru4rec", &FullRankEval::new(&KS)),
     };
     let total_events = events(train_idx);
+    let control = Duration::from_secs(cfg.cluster.control_timeout_s);
+    let mut health = HealthWatch::new(
+        shards.addrs().len(),
+        Duration::from_secs(cfg.cluster.shard_timeout_s),
+    );
+    // Each worker's next push step (continues across epochs and reruns).
+    let mut steps = vec![0u64; m];
     let mut ckpt_step = 0u64;
     for epoch in 1..=cfg.train.epochs {
-        let t = Instant::now();
-        let mut tasks = Vec::with_capacity(m);
-        for slot in workers.iter_mut() {
-            let Some(mut w) = slot.take() else {
-                return Err(ClusterError::Launch("a GRU4Rec worker was lost".into()));
+        let mut restarts = 0u32;
+        let (loss, step_count, model, secs) = loop {
+            // Train, pull the model back, checkpoint: one attempt, watched.
+            let attempt = async {
+                let t = Instant::now();
+                let (loss, count) =
+                    train_epoch(mcfg, items, &ps, train_idx, seed, epoch, &mut steps).await?;
+                let secs = t.elapsed().as_secs_f64();
+                let model = seqrec::pull_model(&ps, mcfg, train).await?;
+                let step = steps.iter().copied().max().unwrap_or(0);
+                ps.checkpoint(step, keep).await?;
+                Ok::<_, TrainError>((loss, count, model, secs))
             };
-            let idx = train_idx.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = w.train_epoch(&idx, epoch).await;
-                (w, r)
-            }));
-        }
-        let (mut loss, mut steps) = (0.0, 0u64);
-        for (slot, task) in workers.iter_mut().zip(tasks) {
-            let (w, r) = task.await.map_err(|e| TrainError::Task {
-                what: "gru4rec worker",
-                source: e,
-            })?;
-            let st = r?;
-            loss += st.loss_sum;
-            steps += st.steps;
-            ckpt_step = ckpt_step.max(w.step);
-            *slot = Some(w);
-        }
-        let secs = t.elapsed().as_secs_f64();
-        let model = seqrec::pull_model(&ps, mcfg, train).await?;
+            match guarded(&ps, &mut health, Duration::MAX, attempt).await {
+                Ok(r) => break r,
+                Err(Guarded::Failed(e)) if e.is_deterministic() => return Err(e.into()),
+                Err(g) => {
+                    restarts += 1;
+                    if restarts > cfg.cluster.max_restarts {
+                        return Err(ClusterError::Launch(format!(
+                            "epoch {epoch} failed {restarts} times, giving up; last failure: {g}"
+                        )));
+                    }
+                    tracing::warn!(
+                        epoch,
+                        restarts,
+                        "{g}; rolling the cluster back to step {ckpt_step}"
+                    );
+                    if let Guarded::Hung(h) = &g {
+                        shards.kill_hung(h);
+                    }
+                    let restarted = shards.restart_dead()?;
+                    if !restarted.is_empty() {
+                        tracing::warn!(?restarted, "restarted shards");
+                    }
+                    health.reset();
+                    guarded(&ps, &mut health, control, ps.restore(ckpt_step))
+                        .await
+                        .map_err(|e| {
+                            ClusterError::Launch(format!("restore of step {ckpt_step}: {e}"))
+                        })?;
+                    tracing::info!(step = ckpt_step, "cluster rolled back");
+                }
+            }
+        };
+        ckpt_step = steps.iter().copied().max().unwrap_or(0);
         let (recall, mrr, row) = tokio::task::block_in_place(|| {
             let ranks = last_item_ranks(&model, rows)?;
             let (r, mr) = ember_worker::metrics::recall_mrr_at_k(&ranks, data.k);
             Ok::<_, ClusterError>((r, mr, evaluate_model(&model, rows)?))
         })?;
-        ps.checkpoint(ckpt_step, keep).await?;
         let rec = SeqEpoch {
             epoch,
-            loss: loss / steps.max(1) as f64,
+            restarts,
+            loss: loss / step_count.max(1) as f64,
             recall,
             mrr,
             users: rows.len(),
@@ -408,4 +437,52 @@ async fn run(
     }
     report.runs.push(run);
     Ok(report)
+}
+
+/// A spawned task aborted when dropped (an abandoned epoch leaves no worker
+/// running behind it).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One attempt of `epoch`: every worker (a task, fresh from `steps`) trains
+/// its share; returns the summed loss and the step count, and advances
+/// `steps`. Dropping the future aborts the workers.
+async fn train_epoch(
+    mcfg: &Gru4RecConfig,
+    items: &Arc<ItemStats>,
+    ps: &Backend,
+    train_idx: &Arc<Vec<Vec<usize>>>,
+    seed: u64,
+    epoch: usize,
+    steps: &mut [u64],
+) -> Result<(f64, u64), TrainError> {
+    let m = steps.len();
+    let mut tasks = Vec::with_capacity(m);
+    for (w, &step) in steps.iter().enumerate() {
+        let mut wk = SeqWorker::new(mcfg, items.clone(), ps.clone(), w, m, seed)?;
+        wk.step = step;
+        let idx = train_idx.clone();
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let r = wk.train_epoch(&idx, epoch).await;
+            r.map(|st| (st, wk.step))
+        })));
+    }
+    let (mut loss, mut count) = (0.0, 0u64);
+    let mut next = Vec::with_capacity(m);
+    for t in &mut tasks {
+        let (st, step) = (&mut t.0).await.map_err(|e| TrainError::Task {
+            what: "gru4rec worker",
+            source: e,
+        })??;
+        loss += st.loss_sum;
+        count += st.steps;
+        next.push(step);
+    }
+    steps.copy_from_slice(&next);
+    Ok((loss, count))
 }

@@ -149,6 +149,11 @@ fn dedup(xs: &[usize]) -> (Vec<usize>, Vec<u32>, Vec<u32>) {
     (uniq, pos, counts)
 }
 
+fn epoch_rng(seed: u64, index: usize, epoch: usize) -> StdRng {
+    let key = ((index as u64) << 32) ^ epoch as u64;
+    StdRng::seed_from_u64(ember_proto::rng::derive_seed(seed ^ 0x5e9_5a3b, key))
+}
+
 /// What one worker's epoch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SeqEpochStats {
@@ -204,7 +209,7 @@ impl SeqWorker {
             index,
             workers: workers.max(1),
             seed,
-            rng: StdRng::seed_from_u64(seed ^ 0x5e9_0000 ^ (index as u64) << 32),
+            rng: epoch_rng(seed, index, 0),
             step: 0,
         })
     }
@@ -234,6 +239,9 @@ impl SeqWorker {
         let mut hidden = vec![vec![0f32; hd]; bs];
         let mut stats = SeqEpochStats::default();
         let order = self.share(train.len(), epoch);
+        // Sampling and dropout depend on (seed, worker, epoch) only: a rerun
+        // of the epoch after a rollback draws the same negatives.
+        self.rng = epoch_rng(self.seed, self.index, epoch);
         for st in SessionBatcher::with_order(train, order, bs) {
             let mut h0 = Vec::with_capacity(st.slots.len() * hd);
             for (k, &s) in st.slots.iter().enumerate() {
