@@ -16,11 +16,11 @@
 # runs/mba-longtail/ and docs/mba_longtail.png.
 #   scripts/mba-longtail.sh          # ~50 min on 2 idle cores
 #   REGS="none dropout" scripts/mba-longtail.sh   # some of the runs (table and PNG of those)
-# Needs a built tree (cargo build --workspace); the long-tail files come from
+# Needs a built tree (cargo build --workspace; or BIN=dir of binaries); the long-tail files come from
 # scripts/longtail-data.sh (made once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-E=target/debug/ember
+E="${BIN:-target/debug}/ember"
 d=data/longtail
 R=runs/mba-longtail
 mkdir -p $R docs
@@ -28,7 +28,7 @@ scripts/longtail-data.sh
 if [ ! -s $d/counts_trainv.bin ]; then
   head -n 180000 $d/train.txt > $d/trainv.txt
   tail -n 20000 $d/train.txt > $d/valid.txt
-  target/debug/ember-data count --train $d/trainv.txt --out $d/counts_trainv.bin
+  "${BIN:-target/debug}/ember-data" count --train $d/trainv.txt --out $d/counts_trainv.bin
 fi
 # cfg NAME TRAIN TEST COUNTS EPOCHS REG: the DIN job on the long-tail files.
 cfg() {
