@@ -1,6 +1,7 @@
 //! BaseModel (Embedding + MLP).
 //!
-//! `u = masked_mean_t(e_t)` (sum over valid steps / length),
+//! `u = masked_mean_t(e_t)` (sum over valid steps / length; the fused
+//! embedding bag with `fused`),
 //! `logit = MLP([e_target, u (, e_user)])`, MLP `-> 200 -> 80 -> 1` with PReLU
 //! or Dice. Parameters: `mlp.*`.
 
@@ -11,13 +12,14 @@ use super::net::{head_mlp, Inputs, NetOutput, Network};
 use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::ParamBuilder;
-use crate::layer::pooling::masked_mean;
 
 /// The BaseModel body.
 #[derive(Debug, Clone)]
 pub struct BaseModel {
     /// Final MLP.
     pub mlp: Mlp,
+    /// Pool the history with the fused embedding bag (CPU).
+    pub fused: bool,
 }
 
 impl Network for BaseModel {
@@ -26,12 +28,13 @@ impl Network for BaseModel {
         let inp = 2 * e + if cfg.use_user { cfg.user_dim } else { 0 };
         Ok(BaseModel {
             mlp: head_mlp(cfg, inp, pb)?,
+            fused: cfg.fused,
         })
     }
 
     fn forward(&self, inp: &Inputs, mode: Mode) -> Result<NetOutput> {
         let target = inp.target()?;
-        let u = masked_mean(&inp.history()?, &inp.mask)?;
+        let u = inp.history_pool(true, self.fused)?;
         let mut parts = vec![target, u];
         if let Some(e) = inp.user()? {
             parts.push(e);

@@ -25,7 +25,6 @@ use crate::layer::gru::Gru;
 use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::ParamBuilder;
-use crate::layer::pooling::masked_sum;
 
 /// How the target scores the interest states.
 #[derive(Debug, Clone)]
@@ -49,6 +48,8 @@ pub struct Dien {
     pub evolve: Option<AttentionGru>,
     /// Final MLP.
     pub mlp: Mlp,
+    /// Pool `s` with the fused embedding bag (CPU).
+    pub fused: bool,
 }
 
 impl Network for Dien {
@@ -80,6 +81,7 @@ impl Network for Dien {
             att,
             evolve,
             mlp: head_mlp(cfg, inp, pb)?,
+            fused: cfg.fused,
         })
     }
 
@@ -108,7 +110,7 @@ impl Network for Dien {
             // a is 0 at padded steps (masked softmax).
             None => states.broadcast_mul(&a.unsqueeze(2)?)?.sum(1)?,
         };
-        let s = masked_sum(&hist, &inp.mask)?;
+        let s = inp.history_pool(false, self.fused)?;
         let qs = (&q * &s)?;
         let mut parts = vec![q, final_h, s, qs];
         if let Some(e) = inp.user()? {

@@ -14,7 +14,6 @@ use crate::layer::attention::{ActivationUnit, AttentionMode};
 use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::ParamBuilder;
-use crate::layer::pooling::masked_sum;
 
 /// The DIN body.
 #[derive(Debug, Clone)]
@@ -25,6 +24,8 @@ pub struct Din {
     pub att_mode: AttentionMode,
     /// Final MLP.
     pub mlp: Mlp,
+    /// Pool `s` with the fused embedding bag (CPU).
+    pub fused: bool,
 }
 
 impl Network for Din {
@@ -35,6 +36,7 @@ impl Network for Din {
             att: attention_unit(cfg, e, pb)?,
             att_mode: cfg.attention_mode,
             mlp: head_mlp(cfg, inp, pb)?,
+            fused: cfg.fused,
         })
     }
 
@@ -44,7 +46,7 @@ impl Network for Din {
         let (v, _) =
             self.att
                 .forward(&q, &hist, &inp.mask, &inp.batch.lens, self.att_mode, mode)?;
-        let s = masked_sum(&hist, &inp.mask)?;
+        let s = inp.history_pool(false, self.fused)?;
         let qs = (&q * &s)?;
         let mut parts = vec![q, v, s, qs];
         if let Some(e) = inp.user()? {

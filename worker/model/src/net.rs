@@ -81,6 +81,40 @@ impl<'a> Inputs<'a> {
         self.behaviours(&self.batch.hist_item_idx, &self.batch.hist_cat_idx)
     }
 
+    /// Masked pooling of the history behaviours, `[B, E]`: the sum
+    /// `sum_t m_t e_t` or (with `mean`) the mean over the valid steps, as
+    /// `pooling::masked_sum` / `masked_mean` of [`Inputs::history`]. With
+    /// `fused` on a CPU float tensor it runs the embedding bag of
+    /// `fused_bag` on the pulled rows (no padded intermediate).
+    pub fn history_pool(&self, mean: bool, fused: bool) -> candle_core::Result<Tensor> {
+        use crate::layer::fused_bag::EmbeddingBag;
+        use crate::layer::pooling::{masked_mean, masked_sum};
+        if !(fused && crate::layer::kernels::cpu_real(&self.item.padded)) {
+            let h = self.history()?;
+            return if mean {
+                masked_mean(&h, &self.mask)
+            } else {
+                masked_sum(&h, &self.mask)
+            };
+        }
+        let bag = |idx: &[u32], rows: &Tensor| {
+            EmbeddingBag {
+                idx: idx.to_vec(),
+                lens: self.batch.lens.clone(),
+                t: self.batch.max_len,
+                mean,
+            }
+            .apply(rows)
+        };
+        Tensor::cat(
+            &[
+                &bag(&self.batch.hist_item_idx, self.item.rows.as_tensor())?,
+                &bag(&self.batch.hist_cat_idx, self.cat.rows.as_tensor())?,
+            ],
+            1,
+        )
+    }
+
     /// DIEN negative behaviours `[B, T, E]`, when the batch has them.
     pub fn negatives(&self) -> candle_core::Result<Option<Tensor>> {
         match (&self.batch.neg_item_idx, &self.batch.neg_cat_idx) {

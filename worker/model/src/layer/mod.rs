@@ -9,7 +9,8 @@
 //! Hot layers have fused CPU kernels (candle `CustomOp`s with hand-written
 //! backward, `f32`/`f64`): [`fused_attention`] (DIN activation unit over the
 //! valid steps), [`fused_gru`] (masked GRU / AUGRU / AGRU recurrence with
-//! BPTT) and [`fused_aux`] (DIEN auxiliary net). Each layer keeps its composed
+//! BPTT), [`fused_aux`] (DIEN auxiliary net) and [`fused_bag`] (masked
+//! sum / mean pooling of gathered rows, an embedding bag). Each layer keeps its composed
 //! candle version (used on other devices and with `fused = false`), and the
 //! tests check both against finite differences.
 
@@ -21,6 +22,7 @@ pub mod dice;
 pub mod embedding;
 pub mod fused_attention;
 pub mod fused_aux;
+pub mod fused_bag;
 pub mod fused_gru;
 pub mod gradcheck;
 pub mod gru;

@@ -508,3 +508,69 @@ fn attention_dice_statistics_run_over_padded_steps() -> Result<()> {
     assert_eq!(w[5], 0.0);
     Ok(())
 }
+
+#[test]
+fn embedding_bag_matches_masked_pooling_and_gradcheck() -> Result<()> {
+    use super::embedding::EmbeddingBlock;
+    use super::fused_bag::EmbeddingBag;
+    use super::pooling::{masked_mean, masked_sum};
+    // 3 bags of T = 4 over U = 5 rows (index 5 = padding), one empty bag,
+    // a repeated row, and a padded index inside a valid step (id dropout).
+    let (u, d, t) = (5, 3, 4);
+    let lens = vec![4, 2, 0];
+    let idx: Vec<u32> = vec![0, 3, 3, 5, 4, 1, 5, 5, 5, 5, 5, 5];
+    let mask: Vec<f64> = lens
+        .iter()
+        .flat_map(|&l| (0..t).map(move |s| if s < l { 1.0 } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (3, t), &candle_core::Device::Cpu)?;
+    let rows = rand_var(&[u, d], 31, 1.0)?;
+    for mean in [false, true] {
+        let bag = || {
+            EmbeddingBag {
+                idx: idx.clone(),
+                lens: lens.clone(),
+                t,
+                mean,
+            }
+            .apply(rows.as_tensor())
+        };
+        let block = EmbeddingBlock::from_var(rows.clone())?;
+        let h = block.lookup(&idx)?.reshape((3, t, d))?;
+        let reference = if mean {
+            masked_mean(&h, &mask)?
+        } else {
+            masked_sum(&h, &mask)?
+        };
+        let (a, b) = (bag()?.to_vec2::<f64>()?, reference.to_vec2::<f64>()?);
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-12, "mean={mean}: {a:?} vs {b:?}");
+        }
+        // Gradients equal the composed path's (scatter of index_select).
+        let ga = proj_loss(&bag()?, 32)?.backward()?;
+        let gb = proj_loss(&reference, 32)?.backward()?;
+        let (ga, gb) = (
+            ga.get(rows.as_tensor()).unwrap().to_vec2::<f64>()?,
+            gb.get(rows.as_tensor()).unwrap().to_vec2::<f64>()?,
+        );
+        for (x, y) in ga.iter().flatten().zip(gb.iter().flatten()) {
+            assert!((x - y).abs() < 1e-12, "mean={mean}: grad {ga:?} vs {gb:?}");
+        }
+        // Row 2 is never referenced: zero gradient.
+        assert!(ga[2].iter().all(|&v| v == 0.0));
+        let vars = vec![("rows".to_string(), rows.clone())];
+        assert_ok(
+            &format!("embedding bag mean={mean}"),
+            &check(&vars, || proj_loss(&bag()?, 33), 60, H, TOL)?,
+        );
+    }
+    // Wrong shapes are an error, not a panic.
+    let bad = EmbeddingBag {
+        idx: vec![0; 5],
+        lens: vec![1, 1],
+        t: 4,
+        mean: true,
+    };
+    assert!(bad.apply(rows.as_tensor()).is_err());
+    Ok(())
+}
