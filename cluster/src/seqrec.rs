@@ -268,6 +268,9 @@ pub fn last_item_ranks(model: &Gru4Rec, rows: &EvalRows) -> Result<Vec<usize>, C
     Ok(ranks)
 }
 
+/// Item-id sequences, one per user.
+pub type Seqs = Vec<Vec<u64>>;
+
 /// The training sequences and the evaluation sequences (last item = target)
 /// of `holdout`: the test file's, or (`valid`) the full training sequences,
 /// whose last item is then removed from training.
@@ -275,7 +278,7 @@ pub fn load_sequences(
     train: &Path,
     test: &Path,
     holdout: Holdout,
-) -> Result<(Vec<Vec<u64>>, Vec<Vec<u64>>), ClusterError> {
+) -> Result<(Seqs, Seqs), ClusterError> {
     let data = |p: &Path| {
         read_seqs(p).map_err(|e| ClusterError::Train(ember_worker::train::TrainError::Data(e)))
     };

@@ -97,7 +97,7 @@ pub struct WorkerReport {
 }
 
 /// Salt of the id-dropout seeds (`sparse.id_dropout`).
-const ID_DROPOUT_SALT: u64 = 0x1d_d0_0b_5a17;
+const ID_DROPOUT_SALT: u64 = 0x001d_d00b_5a17;
 
 /// A batch with its pulled rows (and dense parameters in async mode).
 struct Ready {

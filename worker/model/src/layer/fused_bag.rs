@@ -75,7 +75,7 @@ impl EmbeddingBag {
                 }
             }
             let c = T::from_f64(self.scale(b));
-            o.iter_mut().for_each(|x| *x = *x * c);
+            o.iter_mut().for_each(|x| *x *= c);
         }
         out
     }

@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, WithDType};
 use std::any::Any;
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 use std::sync::{Mutex, MutexGuard};
 
 /// What a fused op's forward pass keeps for its backward pass (its
@@ -49,6 +49,7 @@ pub trait Real:
     + Div<Output = Self>
     + Neg<Output = Self>
     + AddAssign
+    + MulAssign
 {
     /// `e^x`.
     fn exp_(self) -> Self;
