@@ -6,11 +6,14 @@
 #   scripts/compact-quality.sh            # ~15 min on 2 idle cores
 #   VARIANTS="f32_adam f16_rowwise_adagrad" SEEDS="1 2 3" scripts/compact-quality.sh
 #   VARIANTS="f16_rowwise_adagrad_lr0.1" ...   # another row-wise Adagrad lr
+#   VARIANTS="f16_rowwise_adagrad_catadam_lr0.0001" ... # that, with Adam for the cat table
 #   VARIANTS="f16_rowwise_adam f32_adam_dice" ... # row-wise Adam; DIN with Dice
 #   VARIANTS="f16_rowwise_adam_f16m" ...       # row-wise Adam, f16 first moment too
 #   DATA=longtail scripts/compact-quality.sh   # the same variants on the synthetic
 #       long tail (ember-data synth: Zipf ids over a 10^9 id space, most ids seen
 #       once or twice), results under runs/quality-longtail
+#   DATA=longtail-valid ...                  # tuning split: first 180k training rows
+#       against the last 20k (runs/quality-longtail-valid); the test rows untouched
 # A run whose metrics.json already holds its last epoch is not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,13 +27,18 @@ if [ ! -s data/ml100k-din/counts.bin ]; then
 fi
 DATA="${DATA:-ml100k}"
 Q=runs/quality
-if [ "$DATA" = longtail ]; then
-  Q=runs/quality-longtail
+if [ "$DATA" = longtail ] || [ "$DATA" = longtail-valid ]; then
+  Q=runs/quality-$DATA
   d=data/longtail
   scripts/longtail-data.sh
+  if [ ! -s $d/counts_trainv.bin ]; then
+    head -n 180000 $d/train.txt > $d/trainv.txt
+    tail -n 20000 $d/train.txt > $d/valid.txt
+    target/debug/ember-data count --train $d/trainv.txt --out $d/counts_trainv.bin
+  fi
   target/debug/ember-data popularity --train $d/train.txt --test $d/test.txt
 elif [ "$DATA" != ml100k ]; then
-  echo "unknown DATA $DATA (ml100k or longtail)" >&2; exit 2
+  echo "unknown DATA $DATA (ml100k, longtail or longtail-valid)" >&2; exit 2
 fi
 mkdir -p runs/quality $Q
 sed -e 's/^name = .*/name = "din-ml100k-f16-adam"/' -e 's/^\[sparse\]$/[sparse]\nprecision = "f16"/' \
@@ -48,6 +56,16 @@ for seed in $SEEDS; do
         sed -e "s/^name = .*/name = \"din-ml100k-compact-lr$lr\"/" \
             -e "s/kind = \"rowwise_adagrad\", lr = [0-9.e-]*/kind = \"rowwise_adagrad\", lr = $lr/" \
             configs/din_ml100k_compact.toml > "$cfg"
+        grep -q "lr = $lr," "$cfg" || { echo "could not set lr $lr in $cfg" >&2; exit 2; } ;;
+      f16_rowwise_adagrad_catadam_lr*)
+        # The compact config with another row-wise Adagrad learning rate for
+        # the item table and Adam (f32, lr 0.001) for the small cat table.
+        lr="${name#f16_rowwise_adagrad_catadam_lr}"
+        cfg="runs/quality/din_ml100k_compact_catadam_lr$lr.toml"
+        sed -e "s/^name = .*/name = \"din-ml100k-compact-catadam-lr$lr\"/" \
+            -e "s/kind = \"rowwise_adagrad\", lr = [0-9.e-]*/kind = \"rowwise_adagrad\", lr = $lr/" \
+            configs/din_ml100k_compact.toml > "$cfg"
+        printf '\n[sparse.tables.cat]\noptimizer = { kind = "adam", lr = 0.001 }\nprecision = "f32"\n' >> "$cfg"
         grep -q "lr = $lr," "$cfg" || { echo "could not set lr $lr in $cfg" >&2; exit 2; } ;;
       f16_adam) cfg=runs/quality/din_ml100k_f16_adam.toml ;;
       f16_rowwise_adam|f16_rowwise_adam_f16m)
@@ -76,6 +94,15 @@ for seed in $SEEDS; do
       lcfg="$Q/$(basename "$cfg")"
       sed -e 's#data/ml100k-din/#data/longtail/#' -e 's/^max_len = .*/max_len = 50/' "$cfg" > "$lcfg"
       grep -q 'data/longtail/train.txt' "$lcfg" || { echo "could not point $lcfg at data/longtail" >&2; exit 2; }
+      cfg="$lcfg"
+    elif [ "$DATA" = longtail-valid ]; then
+      # Tuning: trained on the first 180k training rows, tested on the last 20k.
+      lcfg="$Q/$(basename "$cfg")"
+      sed -e 's#data/ml100k-din/train.txt#data/longtail/trainv.txt#' \
+          -e 's#data/ml100k-din/test.txt#data/longtail/valid.txt#' \
+          -e 's#data/ml100k-din/counts.bin#data/longtail/counts_trainv.bin#' \
+          -e 's/^max_len = .*/max_len = 50/' "$cfg" > "$lcfg"
+      grep -q 'data/longtail/valid.txt' "$lcfg" || { echo "could not point $lcfg at data/longtail" >&2; exit 2; }
       cfg="$lcfg"
     fi
     out="$Q/$name-s$seed"

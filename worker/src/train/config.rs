@@ -412,6 +412,12 @@ pub struct SparseConfig {
     /// "f16" or "bf16" (stochastically rounded; `rowwise_adam` only).
     #[serde(default)]
     pub moment_precision: Precision,
+    /// Per-table overrides (`[sparse.tables.<name>]`: `optimizer`,
+    /// `precision`, `moment_precision`), e.g. row-wise Adagrad in f16 for
+    /// the huge `item` table and Adam for the small `cat` table. A table
+    /// without an entry takes the settings above.
+    #[serde(default)]
+    pub tables: std::collections::BTreeMap<String, TableOverride>,
     /// Id dropout in training (the DIN paper's "Dropout" baseline): each
     /// goods-id occurrence of a training sample (target and history) is
     /// replaced by the zero row with this probability, seeded by
@@ -437,6 +443,7 @@ impl Default for SparseConfig {
             ttl_steps: 0,
             precision: Precision::default(),
             moment_precision: Precision::default(),
+            tables: Default::default(),
             id_dropout: 0.0,
         }
     }
@@ -446,6 +453,14 @@ impl SparseConfig {
     /// The wire config of table `name` with width `dim`.
     pub fn table(&self, name: &str, dim: usize, seed: u64) -> pb::TableConfig {
         use pb::initializer::Kind;
+        let o = self.tables.get(name);
+        let optimizer = o
+            .and_then(|o| o.optimizer.as_ref())
+            .unwrap_or(&self.optimizer);
+        let precision = o.and_then(|o| o.precision).unwrap_or(self.precision);
+        let moment = o
+            .and_then(|o| o.moment_precision)
+            .unwrap_or(self.moment_precision);
         let kind = match self.init {
             InitKind::Zero => Kind::Zero,
             InitKind::Uniform => Kind::Uniform,
@@ -453,7 +468,7 @@ impl SparseConfig {
             InitKind::TruncatedNormal => Kind::TruncatedNormal,
         };
         let count_mode = self.count_mode.to_proto();
-        let precision = self.precision.to_proto();
+        let precision = precision.to_proto();
         pb::TableConfig {
             name: name.to_string(),
             dim: dim as u32,
@@ -462,16 +477,31 @@ impl SparseConfig {
                 scale: self.init_scale,
             }),
             seed: seed ^ ember_proto::route::fnv1a64(name.as_bytes()),
-            optimizer: Some(self.optimizer.to_proto()),
+            optimizer: Some(optimizer.to_proto()),
             mba_lambda: self.mba_lambda,
             count_mode: count_mode as i32,
             admit_min_count: self.admit_min_count,
             ttl_steps: self.ttl_steps,
             plain_l2: self.plain_l2,
             precision: precision as i32,
-            moment_precision: self.moment_precision.to_proto() as i32,
+            moment_precision: moment.to_proto() as i32,
         }
     }
+}
+
+/// What `[sparse.tables.<name>]` may change for one table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TableOverride {
+    /// The table's optimizer (instead of `sparse.optimizer`).
+    #[serde(default)]
+    pub optimizer: Option<OptimizerSpec>,
+    /// The table's weight precision (instead of `sparse.precision`).
+    #[serde(default)]
+    pub precision: Option<Precision>,
+    /// The table's row-wise Adam moment precision.
+    #[serde(default)]
+    pub moment_precision: Option<Precision>,
 }
 
 /// Dense parameters on the parameter server.
@@ -945,6 +975,25 @@ impl JobConfig {
         if self.train.epochs == 0 {
             return Err("train.epochs must be >= 1".into());
         }
+        const TABLES: [&str; 6] = [
+            "item",
+            "cat",
+            "user",
+            "gru4rec_emb",
+            "gru4rec_out",
+            "gru4rec_bias",
+        ];
+        if let Some(t) = self
+            .sparse
+            .tables
+            .keys()
+            .find(|t| !TABLES.contains(&t.as_str()))
+        {
+            return Err(format!(
+                "sparse.tables.{t}: no such table (the tables are {})",
+                TABLES.join(", ")
+            ));
+        }
         if !(0.0..1.0).contains(&self.sparse.id_dropout) {
             return Err(format!(
                 "sparse.id_dropout = {}: must be in [0, 1)",
@@ -1053,5 +1102,42 @@ mod tests {
             t.optimizer.unwrap().kind,
             Some(pb::optimizer_config::Kind::Adam(_))
         ));
+    }
+
+    #[test]
+    fn per_table_overrides_apply_to_their_table_only() {
+        let cfg = JobConfig::parse(
+            &format!(
+                "{MINIMAL}[sparse]\nprecision = \"f16\"\n\
+                 optimizer = {{ kind = \"rowwise_adagrad\", lr = 0.0001, initial_accumulator = 0.0 }}\n\
+                 [sparse.tables.cat]\noptimizer = {{ kind = \"adam\", lr = 0.001 }}\nprecision = \"f32\"\n"
+            ),
+            "job.toml",
+        )
+        .unwrap();
+        let item = cfg.sparse.table("item", 18, 1);
+        let cat = cfg.sparse.table("cat", 18, 1);
+        assert_eq!(item.precision, pb::Precision::F16 as i32);
+        assert_eq!(cat.precision, pb::Precision::F32 as i32);
+        assert!(matches!(
+            item.optimizer.unwrap().kind,
+            Some(pb::optimizer_config::Kind::RowwiseAdagrad(_))
+        ));
+        assert!(matches!(
+            cat.optimizer.unwrap().kind,
+            Some(pb::optimizer_config::Kind::Adam(_))
+        ));
+        let e = JobConfig::parse(
+            &format!("{MINIMAL}[sparse.tables.items]\nprecision = \"f16\"\n"),
+            "job.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("sparse.tables.items"), "{e}");
+        let e = JobConfig::parse(
+            &format!("{MINIMAL}[sparse.tables.cat]\nlr = 0.1\n"),
+            "job.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lr"), "{e}");
     }
 }
