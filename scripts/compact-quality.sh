@@ -7,6 +7,8 @@
 #   VARIANTS="f32_adam f16_rowwise_adagrad" SEEDS="1 2 3" scripts/compact-quality.sh
 #   VARIANTS="f16_rowwise_adagrad_lr0.1" ...   # another row-wise Adagrad lr
 #   VARIANTS="f16_rowwise_adagrad_catadam_lr0.0001" ... # that, with Adam for the cat table
+#   VARIANTS="compact" ...                     # configs/din_ml100k_compact.toml as shipped
+#       (f16_rowwise_* start from it with the cat-table override removed)
 #   VARIANTS="f16_rowwise_adam f32_adam_dice" ... # row-wise Adam; DIN with Dice
 #   VARIANTS="f16_rowwise_adam_f16m" ...       # row-wise Adam, f16 first moment too
 #   DATA=longtail scripts/compact-quality.sh   # the same variants on the synthetic
@@ -41,6 +43,11 @@ elif [ "$DATA" != ml100k ]; then
   echo "unknown DATA $DATA (ml100k, longtail or longtail-valid)" >&2; exit 2
 fi
 mkdir -p runs/quality $Q
+# The compact config without its per-table override (every table row-wise
+# Adagrad): the f16_rowwise_* variants below start from it.
+C=runs/quality/din_ml100k_compact_onetable.toml
+sed '/^\[sparse.tables.cat\]/,/^$/d' configs/din_ml100k_compact.toml > $C
+grep -q 'sparse.tables' $C && { echo "could not strip the override from $C" >&2; exit 2; }
 sed -e 's/^name = .*/name = "din-ml100k-f16-adam"/' -e 's/^\[sparse\]$/[sparse]\nprecision = "f16"/' \
   configs/din_ml100k.toml > runs/quality/din_ml100k_f16_adam.toml
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -48,14 +55,15 @@ for seed in $SEEDS; do
   for name in $VARIANTS; do
     case "$name" in
       f32_adam) cfg=configs/din_ml100k.toml ;;
-      f16_rowwise_adagrad) cfg=configs/din_ml100k_compact.toml ;;
+      f16_rowwise_adagrad) cfg=$C ;;
+      compact) cfg=configs/din_ml100k_compact.toml ;;   # as shipped: cat table on Adam
       f16_rowwise_adagrad_lr*)
         # The compact config with another row-wise Adagrad learning rate.
         lr="${name#f16_rowwise_adagrad_lr}"
         cfg="runs/quality/din_ml100k_compact_lr$lr.toml"
         sed -e "s/^name = .*/name = \"din-ml100k-compact-lr$lr\"/" \
             -e "s/kind = \"rowwise_adagrad\", lr = [0-9.e-]*/kind = \"rowwise_adagrad\", lr = $lr/" \
-            configs/din_ml100k_compact.toml > "$cfg"
+            "$C" > "$cfg"
         grep -q "lr = $lr," "$cfg" || { echo "could not set lr $lr in $cfg" >&2; exit 2; } ;;
       f16_rowwise_adagrad_catadam_lr*)
         # The compact config with another row-wise Adagrad learning rate for
@@ -64,7 +72,7 @@ for seed in $SEEDS; do
         cfg="runs/quality/din_ml100k_compact_catadam_lr$lr.toml"
         sed -e "s/^name = .*/name = \"din-ml100k-compact-catadam-lr$lr\"/" \
             -e "s/kind = \"rowwise_adagrad\", lr = [0-9.e-]*/kind = \"rowwise_adagrad\", lr = $lr/" \
-            configs/din_ml100k_compact.toml > "$cfg"
+            "$C" > "$cfg"
         printf '\n[sparse.tables.cat]\noptimizer = { kind = "adam", lr = 0.001 }\nprecision = "f32"\n' >> "$cfg"
         grep -q "lr = $lr," "$cfg" || { echo "could not set lr $lr in $cfg" >&2; exit 2; } ;;
       f16_adam) cfg=runs/quality/din_ml100k_f16_adam.toml ;;
@@ -77,7 +85,7 @@ for seed in $SEEDS; do
         sed -e "s/^name = .*/name = \"din-ml100k-${name//_/-}\"/" \
             -e 's/^optimizer = { kind = "rowwise_adagrad".*/optimizer = { kind = "rowwise_adam", lr = 0.001 }/' \
             -e "s/^precision = \"f16\".*/precision = \"f16\"$moment/" \
-            configs/din_ml100k_compact.toml > "$cfg"
+            "$C" > "$cfg"
         grep -q 'kind = "rowwise_adam"' "$cfg" || { echo "could not set rowwise_adam in $cfg" >&2; exit 2; }
         [ -z "$moment" ] || grep -q '^moment_precision = "f16"' "$cfg" \
           || { echo "could not set moment_precision in $cfg" >&2; exit 2; } ;;
