@@ -65,8 +65,8 @@ fn d_k() -> usize {
 
 /// A GRU4Rec job of `ember train`: `[model]` (`kind = "gru4rec"` and the
 /// fields of [`Gru4RecConfig`] but its in-process optimizer), `[data]`
-/// ([`SeqData`]), and the `[sparse]`, `[dense]`, `[cluster]`, `[train]`,
-/// `[security]` sections of every job.
+/// ([`SeqData`]), and the `[sparse]`, `[dense]`, `[cluster]` (`sync`
+/// defaults to `"async"` here), `[train]`, `[security]` sections of every job.
 #[derive(Debug, Clone)]
 pub struct SeqTrainJob {
     /// Job name.
@@ -141,6 +141,19 @@ impl SeqTrainJob {
             .ok_or_else(|| cfg_err(format!("{origin}: [data] is missing")))?;
         let sparse: SparseConfig = section(&mut t, "sparse", origin)?.unwrap_or_default();
         let dense: DenseConfig = section(&mut t, "dense", origin)?.unwrap_or_default();
+        // Asynchronous dense updates unless the file says otherwise (then
+        // validation explains why "sync" cannot work).
+        match t.get_mut("cluster") {
+            Some(toml::Value::Table(c)) => {
+                c.entry("sync").or_insert_with(|| "async".into());
+            }
+            Some(_) => {}
+            None => {
+                let mut c = toml::Table::new();
+                c.insert("sync".into(), "async".into());
+                t.insert("cluster".into(), toml::Value::Table(c));
+            }
+        }
         let cluster: ClusterConfig = section(&mut t, "cluster", origin)?.unwrap_or_default();
         let train: TrainSettings = section(&mut t, "train", origin)?.unwrap_or_default();
         let security: SecurityConfig = section(&mut t, "security", origin)?.unwrap_or_default();
@@ -485,4 +498,35 @@ async fn train_epoch(
     }
     steps.copy_from_slice(&next);
     Ok((loss, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str =
+        "[model]\nkind = \"gru4rec\"\nhidden = 8\n[data]\ntrain = \"a.seq\"\ntest = \"b.seq\"\n";
+
+    #[test]
+    fn parses_with_async_dense_by_default_and_names_bad_fields() {
+        assert!(is_seq_job(JOB));
+        assert!(!is_seq_job("[model]\nkind = \"din\"\n"));
+        let j = SeqTrainJob::parse(JOB, "job.toml").unwrap();
+        assert_eq!(j.model.hidden, 8);
+        assert_eq!(j.job.cluster.sync, SyncMode::Async);
+        assert_eq!(j.data.k, 20);
+        let e = SeqTrainJob::parse(&format!("{JOB}[cluster]\nsync = \"sync\"\n"), "job.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("cluster.sync"), "{e}");
+        let e =
+            SeqTrainJob::parse(&format!("{JOB}[cluster]\nshardz = 2\n"), "job.toml").unwrap_err();
+        assert!(e.to_string().contains("shardz"), "{e}");
+        let e =
+            SeqTrainJob::parse(&JOB.replace("hidden = 8", "hiden = 8"), "job.toml").unwrap_err();
+        assert!(e.to_string().contains("hiden"), "{e}");
+        let e = SeqTrainJob::parse(&format!("{JOB}[extra]\nx = 1\n"), "job.toml").unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+        let e = SeqTrainJob::parse("[model]\nkind = \"gru4rec\"\n", "job.toml").unwrap_err();
+        assert!(e.to_string().contains("[data]"), "{e}");
+    }
 }
