@@ -111,8 +111,10 @@ pub fn tensor<T: Real>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
-/// `op(A) op(B)` through candle's gemm, where `A` is `[m, k]` (or `[k, m]` with
-/// `ta`) and `B` is `[k, n]` (or `[n, k]` with `tb`). Returns `[m, n]` row-major.
+/// `op(A) op(B)` through the `gemm` crate (candle's own kernel) straight on
+/// the slices, where `A` is `[m, k]` (or `[k, m]` with `ta`) and `B` is
+/// `[k, n]` (or `[n, k]` with `tb`). Returns `[m, n]` row-major. Threads as
+/// candle's matmul: rayon when candle uses more than one thread.
 #[allow(clippy::too_many_arguments)]
 pub fn mm<T: Real>(
     a: &[T],
@@ -123,17 +125,55 @@ pub fn mm<T: Real>(
     k: usize,
     n: usize,
 ) -> Result<Vec<T>> {
-    let at = if ta {
-        Tensor::from_slice(a, (k, m), &Device::Cpu)?.t()?
+    if a.len() != m * k || b.len() != k * n {
+        candle_core::bail!(
+            "mm: operands of {} and {} values for [{m}, {k}] x [{k}, {n}]",
+            a.len(),
+            b.len()
+        );
+    }
+    let mut c = vec![T::zero_(); m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(c);
+    }
+    // Strides (column, row) of op(A) [m, k] and op(B) [k, n] in their slices.
+    let (a_cs, a_rs) = if ta { (m, 1) } else { (1, k) };
+    let (b_cs, b_rs) = if tb { (k, 1) } else { (1, n) };
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
     } else {
-        Tensor::from_slice(a, (m, k), &Device::Cpu)?
+        gemm::Parallelism::None
     };
-    let bt = if tb {
-        Tensor::from_slice(b, (n, k), &Device::Cpu)?.t()?
-    } else {
-        Tensor::from_slice(b, (k, n), &Device::Cpu)?
-    };
-    at.matmul(&bt)?.flatten_all()?.to_vec1::<T>()
+    // SAFETY: `T` is f32 or f64 (the only `Real` types), which `gemm`
+    // supports; `a` holds m*k and `b` k*n values (checked above) and every
+    // index the strides address is inside them; `c` holds m*n values,
+    // written row-major (column stride 1, row stride n) and not read
+    // (`read_dst = false`); no slice aliases another.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::zero_(),
+            T::one_(),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(c)
 }
 
 /// Column sums of a row-major `[rows, cols]` matrix.

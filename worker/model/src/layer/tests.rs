@@ -574,3 +574,44 @@ fn embedding_bag_matches_masked_pooling_and_gradcheck() -> Result<()> {
     assert!(bad.apply(rows.as_tensor()).is_err());
     Ok(())
 }
+
+#[test]
+fn mm_on_slices_matches_candle_matmul_for_every_transposition() -> Result<()> {
+    use super::kernels::mm;
+    let (m, k, n) = (7, 5, 3);
+    let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+    let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.91).cos()).collect();
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let at = if ta {
+            Tensor::from_slice(&a, (k, m), &Device::Cpu)?.t()?
+        } else {
+            Tensor::from_slice(&a, (m, k), &Device::Cpu)?
+        };
+        let bt = if tb {
+            Tensor::from_slice(&b, (n, k), &Device::Cpu)?.t()?
+        } else {
+            Tensor::from_slice(&b, (k, n), &Device::Cpu)?
+        };
+        let want = at.matmul(&bt)?.flatten_all()?.to_vec1::<f64>()?;
+        let got = mm(&a, ta, &b, tb, m, k, n)?;
+        for (x, y) in got.iter().zip(&want) {
+            assert!(
+                (x - y).abs() < 1e-12,
+                "ta={ta} tb={tb}: {got:?} vs {want:?}"
+            );
+        }
+        let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+        let b32: Vec<f32> = b.iter().map(|&v| v as f32).collect();
+        let got32 = mm(&a32, ta, &b32, tb, m, k, n)?;
+        for (x, y) in got32.iter().zip(&want) {
+            assert!((f64::from(*x) - y).abs() < 1e-5, "f32 ta={ta} tb={tb}");
+        }
+    }
+    assert!(mm(&a, false, &b, false, m, k + 1, n).is_err());
+    assert_eq!(
+        mm::<f64>(&[], false, &[], false, 0, 0, 3)?,
+        Vec::<f64>::new()
+    );
+    assert_eq!(mm::<f64>(&[], false, &[], false, 2, 0, 2)?, vec![0.0; 4]);
+    Ok(())
+}
