@@ -249,6 +249,25 @@ async fn terminated() -> (&'static str, i32) {
     }
 }
 
+/// The per-epoch table of one GRU4Rec run (Recall@k and MRR@k of the last
+/// item, events trained per second).
+fn print_seq_epochs(run: &ember_cluster::seqrec::SeedRun, k: usize) {
+    println!(
+        "{:>5} {:>8} {:>10} {:>8} {:>10}",
+        "epoch",
+        "loss",
+        format!("Recall@{k}"),
+        format!("MRR@{k}"),
+        "events/s"
+    );
+    for r in &run.epochs {
+        println!(
+            "{:>5} {:>8.4} {:>10.4} {:>8.4} {:>10.0}",
+            r.epoch, r.loss, r.recall, r.mrr, r.events_per_s
+        );
+    }
+}
+
 /// `ember train` of a GRU4Rec job (`[model] kind = "gru4rec"`).
 async fn train_gru4rec(
     text: &str,
@@ -275,20 +294,7 @@ async fn train_gru4rec(
     let k = job.data.k;
     let report = ember_cluster::launcher::train_seq(job, opts).await?;
     if let Some(run) = report.runs.first() {
-        println!(
-            "{:>5} {:>8} {:>10} {:>8} {:>10}",
-            "epoch",
-            "loss",
-            format!("Recall@{k}"),
-            format!("MRR@{k}"),
-            "events/s"
-        );
-        for r in &run.epochs {
-            println!(
-                "{:>5} {:>8.4} {:>10.4} {:>8.4} {:>10.0}",
-                r.epoch, r.loss, r.recall, r.mrr, r.events_per_s
-            );
-        }
+        print_seq_epochs(run, k);
         println!(
             "full ranking of every training item, last item of each user ({} users, {} skipped), ties against the target",
             run.row.users, report.skipped
@@ -394,20 +400,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let report = tokio::task::block_in_place(|| ember_cluster::seqrec::run(&job))?;
             for run in &report.runs {
                 println!("seed {}", run.seed);
-                println!(
-                    "{:>5} {:>8} {:>10} {:>8} {:>6}",
-                    "epoch",
-                    "loss",
-                    format!("Recall@{k}"),
-                    format!("MRR@{k}"),
-                    "users"
-                );
-                for r in &run.epochs {
-                    println!(
-                        "{:>5} {:>8.4} {:>10.4} {:>8.4} {:>6}",
-                        r.epoch, r.loss, r.recall, r.mrr, r.users
-                    );
-                }
+                print_seq_epochs(run, k);
             }
             let users = report.runs.first().map_or(0, |r| r.row.users);
             println!(

@@ -197,6 +197,31 @@ impl Iterator for SessionBatcher<'_> {
     }
 }
 
+impl SessionStep {
+    /// The carried states `[n, H]` (row-major) of this step's slots from
+    /// `hidden` (one `[H]` state per slot), zeroing the slots that start a
+    /// new sequence first.
+    pub fn gather_states(&self, hidden: &mut [Vec<f32>]) -> Vec<f32> {
+        let hd = hidden.first().map_or(0, Vec::len);
+        let mut h0 = Vec::with_capacity(self.slots.len() * hd);
+        for (k, &s) in self.slots.iter().enumerate() {
+            if self.reset[k] {
+                hidden[s].iter_mut().for_each(|v| *v = 0.0);
+            }
+            h0.extend_from_slice(&hidden[s]);
+        }
+        h0
+    }
+
+    /// Stores the new states `h` (`[n, H]` row-major) back into the slots.
+    pub fn scatter_states(&self, hidden: &mut [Vec<f32>], h: &[f32]) {
+        for (k, &s) in self.slots.iter().enumerate() {
+            let hd = hidden[s].len();
+            hidden[s].copy_from_slice(&h[k * hd..(k + 1) * hd]);
+        }
+    }
+}
+
 /// Adagrad with optional momentum over named `Var`s (the official GRU4Rec
 /// rule): `G += g^2; v = m v - lr g / sqrt(G + eps); w += v`.
 #[derive(Debug, Clone)]
@@ -611,13 +636,7 @@ impl Gru4Rec {
             order.shuffle(&mut self.rng);
         }
         for st in SessionBatcher::with_order(train, order, bs) {
-            let mut h0 = Vec::with_capacity(st.slots.len() * hd);
-            for (k, &s) in st.slots.iter().enumerate() {
-                if st.reset[k] {
-                    hidden[s].iter_mut().for_each(|v| *v = 0.0);
-                }
-                h0.extend_from_slice(&hidden[s]);
-            }
+            let h0 = st.gather_states(&mut hidden);
             let h0 =
                 Tensor::from_vec(h0, (st.slots.len(), hd), &self.device)?.to_dtype(self.dtype)?;
             let extra = self.items.sample(&mut self.rng, self.cfg.n_sample);
@@ -627,10 +646,10 @@ impl Gru4Rec {
             let grads = loss.backward()?;
             let params = self.params.params.clone();
             self.opt.step(&params, &grads)?;
-            let hv = h.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            for (k, &s) in st.slots.iter().enumerate() {
-                hidden[s].copy_from_slice(&hv[k]);
-            }
+            st.scatter_states(
+                &mut hidden,
+                &h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            );
             total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             steps += 1;
         }
@@ -644,23 +663,17 @@ impl Gru4Rec {
         let mut hidden = vec![vec![0f32; hd]; bs];
         let mut m = RankingMetrics::new(k);
         for st in SessionBatcher::new(test, bs) {
-            let mut h0 = Vec::with_capacity(st.slots.len() * hd);
-            for (j, &s) in st.slots.iter().enumerate() {
-                if st.reset[j] {
-                    hidden[s].iter_mut().for_each(|v| *v = 0.0);
-                }
-                h0.extend_from_slice(&hidden[s]);
-            }
+            let h0 = st.gather_states(&mut hidden);
             let h0 =
                 Tensor::from_vec(h0, (st.slots.len(), hd), &self.device)?.to_dtype(self.dtype)?;
             let h = self.forward_states(&st.inputs, &h0)?;
             for (j, row) in self.scores_all(&h)?.iter().enumerate() {
                 m.add_rank(rank_of(row, st.targets[j]));
             }
-            let hv = h.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            for (j, &s) in st.slots.iter().enumerate() {
-                hidden[s].copy_from_slice(&hv[j]);
-            }
+            st.scatter_states(
+                &mut hidden,
+                &h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            );
         }
         Ok(m)
     }

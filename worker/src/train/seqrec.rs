@@ -243,17 +243,9 @@ impl SeqWorker {
         // of the epoch after a rollback draws the same negatives.
         self.rng = epoch_rng(self.seed, self.index, epoch);
         for st in SessionBatcher::with_order(train, order, bs) {
-            let mut h0 = Vec::with_capacity(st.slots.len() * hd);
-            for (k, &s) in st.slots.iter().enumerate() {
-                if st.reset[k] {
-                    hidden[s].iter_mut().for_each(|v| *v = 0.0);
-                }
-                h0.extend_from_slice(&hidden[s]);
-            }
+            let h0 = st.gather_states(&mut hidden);
             let (loss, h) = self.step_once(&st.inputs, &st.targets, h0).await?;
-            for (k, &s) in st.slots.iter().enumerate() {
-                hidden[s].copy_from_slice(&h[k * hd..(k + 1) * hd]);
-            }
+            st.scatter_states(&mut hidden, &h);
             if !loss.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
                     loss: loss as f32,
