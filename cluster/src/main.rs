@@ -302,7 +302,7 @@ async fn train_gru4rec(
     }
     print!("{}", ember_cluster::seqrec::format_table(&report));
     println!(
-        "run directory: {} (metrics.json, checkpoints/, logs/)",
+        "run directory: {} (metrics.json, curves.png, checkpoints/, logs/)",
         out.display()
     );
     Ok(())

@@ -105,6 +105,56 @@ pub fn plot_curves(
     Ok(fonts)
 }
 
+/// A GRU4Rec run's curves to `path` (PNG, 1200x480): training loss per
+/// epoch (left), test Recall@k and MRR@k of the last item per epoch
+/// (right). Returns whether labels were drawn.
+pub fn plot_seq_curves(
+    path: &Path,
+    title: &str,
+    k: usize,
+    epochs: &[crate::seqrec::SeqEpoch],
+) -> Result<bool, ClusterError> {
+    let fonts = register_font();
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(600);
+    let n = epochs.len().max(1) as f64;
+    let pts = |f: fn(&crate::seqrec::SeqEpoch) -> f64| -> Vec<(f64, f64)> {
+        epochs
+            .iter()
+            .map(|e| (e.epoch as f64, f(e)))
+            .filter(|p| p.1.is_finite())
+            .collect()
+    };
+    let loss = pts(|e| e.loss);
+    let vals: Vec<f64> = loss.iter().map(|p| p.1).collect();
+    let mut chart = panel(
+        &left,
+        &format!("{title}: train loss"),
+        "loss",
+        n,
+        bounds(&vals, 0.0, 1.0),
+        fonts,
+    )?;
+    draw_line(&mut chart, &loss, BLUE, fonts.then_some("train"))?;
+    legend(&mut chart, fonts, SeriesLabelPosition::UpperRight)?;
+    let (recall, mrr) = (pts(|e| e.recall), pts(|e| e.mrr));
+    let vals: Vec<f64> = recall.iter().chain(&mrr).map(|p| p.1).collect();
+    let mut chart = panel(
+        &right,
+        &format!("{title}: test Recall@{k} / MRR@{k}"),
+        "",
+        n,
+        bounds(&vals, 0.0, 1.0),
+        fonts,
+    )?;
+    draw_line(&mut chart, &recall, GREEN, fonts.then_some("Recall"))?;
+    draw_line(&mut chart, &mrr, MAGENTA, fonts.then_some("MRR"))?;
+    legend(&mut chart, fonts, SeriesLabelPosition::MiddleRight)?;
+    root.present().map_err(err)?;
+    Ok(fonts)
+}
+
 /// Colours of the runs in [`plot_compare`], in order (then repeated).
 const RUN_COLORS: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, RGBColor(230, 140, 0), BLACK];
 

@@ -849,6 +849,7 @@ fn gru4rec_trains_through_two_shards() {
     let l0 = ep[0]["loss"].as_f64().unwrap();
     let l2 = ep[2]["loss"].as_f64().unwrap();
     assert!(l2 < l0, "loss {l0} -> {l2}");
+    assert!(dir.path().join("run/curves.png").exists());
     for s in 0..2 {
         let d = dir.path().join(format!("run/checkpoints/shard-{s}-of-2"));
         let ckpts = std::fs::read_dir(&d)

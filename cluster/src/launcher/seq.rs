@@ -8,7 +8,7 @@
 //! pulling and pushing over gRPC. After every epoch the launcher pulls the
 //! whole model back, ranks every training item for each test user (the
 //! protocol of `ember gru4rec`, `crate::seqrec`), checkpoints every shard,
-//! and writes `metrics.json`; the final table puts GRU4Rec next to the
+//! and writes `metrics.json` and `curves.png`; the final table puts GRU4Rec next to the
 //! popularity and co-occurrence baselines.
 //!
 //! A shard that dies or hangs (no Health answer for `cluster.shard_timeout_s`)
@@ -447,6 +447,10 @@ async fn run(
         ember_proto::atomic::write_atomic(&path, |f| {
             std::io::Write::write_all(f, text.as_bytes())
         })?;
+        let png = out.join("curves.png");
+        if let Err(e) = crate::plot::plot_seq_curves(&png, &cfg.name, data.k, &run.epochs) {
+            tracing::warn!("could not draw curves: {e}");
+        }
     }
     report.runs.push(run);
     Ok(report)
