@@ -283,7 +283,6 @@ async fn train_gru4rec(
     }
     if let Some(s) = seed {
         job.job.train.seed = s;
-        job.model.seed = s;
     }
     if let Some(o) = out_dir {
         job.job.train.out_dir = Some(o);

@@ -71,7 +71,7 @@ fn d_k() -> usize {
 pub struct SeqTrainJob {
     /// Job name.
     pub name: String,
-    /// Model hyper-parameters (`seed` = `train.seed`).
+    /// Model hyper-parameters (their `seed` is replaced by `train.seed` at launch).
     pub model: Gru4RecConfig,
     /// Input sequences.
     pub data: SeqData,
@@ -179,13 +179,12 @@ impl SeqTrainJob {
             train,
             security,
         };
-        let mut j = SeqTrainJob {
+        let j = SeqTrainJob {
             name,
             model,
             data,
             job,
         };
-        j.model.seed = j.job.train.seed;
         j.validate()
             .map_err(|e| cfg_err(format!("{origin}: {e}")))?;
         Ok(j)
@@ -230,11 +229,12 @@ pub async fn train_seq(job: SeqTrainJob, opts: &LaunchOptions) -> Result<SeqRepo
         ));
     }
     let SeqTrainJob {
-        model: mcfg,
+        model: mut mcfg,
         data,
         job: mut cfg,
         ..
     } = job;
+    mcfg.seed = cfg.train.seed;
     let out = cfg.out_dir();
     std::fs::create_dir_all(&out).map_err(io_err(&out))?;
     // Read the data before any shard is touched: a bad file fails first.
@@ -255,8 +255,12 @@ pub async fn train_seq(job: SeqTrainJob, opts: &LaunchOptions) -> Result<SeqRepo
     }
     std::fs::create_dir_all(&ckpt).map_err(io_err(&ckpt))?;
     let mut shards = shards::start_shards(&cfg, false).await?;
+    // A client that cannot be built leaves the shard processes to their
+    // drop (killed).
+    let ps = client(&cfg, &shards.addrs())?;
     let result = run(
         &cfg,
+        &ps,
         &mcfg,
         &data,
         &mut shards,
@@ -268,10 +272,7 @@ pub async fn train_seq(job: SeqTrainJob, opts: &LaunchOptions) -> Result<SeqRepo
         opts,
     )
     .await;
-    let ps = client(&cfg, &shards.addrs());
-    if let Ok(ps) = ps {
-        shards.stop(&ps).await;
-    }
+    shards.stop(&ps).await;
     result
 }
 
@@ -290,6 +291,7 @@ fn client(cfg: &JobConfig, addrs: &[String]) -> Result<Backend, ClusterError> {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     cfg: &JobConfig,
+    ps: &Backend,
     mcfg: &Gru4RecConfig,
     data: &SeqData,
     shards: &mut shards::Shards,
@@ -301,9 +303,8 @@ async fn run(
     opts: &LaunchOptions,
 ) -> Result<SeqReport, ClusterError> {
     let out = cfg.out_dir();
-    let ps = client(cfg, &shards.addrs())?;
     shards
-        .wait_external(&ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
+        .wait_external(ps, Duration::from_secs(cfg.cluster.retry_deadline_s))
         .await?;
     let info = shards.info();
     let info_path = out.join("cluster.json");
@@ -366,14 +367,14 @@ async fn run(
             let attempt = async {
                 let t = Instant::now();
                 let (loss, count) =
-                    train_epoch(mcfg, items, &ps, train_idx, seed, epoch, &mut steps).await?;
+                    train_epoch(mcfg, items, ps, train_idx, seed, epoch, &mut steps).await?;
                 let secs = t.elapsed().as_secs_f64();
-                let model = seqrec::pull_model(&ps, mcfg, train).await?;
+                let model = seqrec::pull_model(ps, mcfg, train).await?;
                 let step = steps.iter().copied().max().unwrap_or(0);
                 ps.checkpoint(step, keep).await?;
                 Ok::<_, TrainError>((loss, count, model, secs))
             };
-            match guarded(&ps, &mut health, Duration::MAX, attempt).await {
+            match guarded(ps, &mut health, Duration::MAX, attempt).await {
                 Ok(r) => break r,
                 Err(Guarded::Failed(e)) if e.is_deterministic() => return Err(e.into()),
                 Err(g) => {
@@ -396,7 +397,7 @@ async fn run(
                         tracing::warn!(?restarted, "restarted shards");
                     }
                     health.reset();
-                    guarded(&ps, &mut health, control, ps.restore(ckpt_step))
+                    guarded(ps, &mut health, control, ps.restore(ckpt_step))
                         .await
                         .map_err(|e| {
                             ClusterError::Launch(format!("restore of step {ckpt_step}: {e}"))

@@ -443,6 +443,26 @@ pub fn rank_loss(
     }
 }
 
+/// The logQ terms `cfg.logq * log p_j` of the candidates `cands` (`n`
+/// in-batch targets, then the extra samples) as a `[C]` tensor on the
+/// device and dtype of `like`; `None` when logQ is off.
+pub fn log_q_tensor(
+    cfg: &Gru4RecConfig,
+    items: &ItemStats,
+    cands: &[usize],
+    n: usize,
+    like: &Tensor,
+) -> Result<Option<Tensor>> {
+    if cfg.logq <= 0.0 {
+        return Ok(None);
+    }
+    let lq: Vec<f64> = items.log_q(cands, n).iter().map(|v| cfg.logq * v).collect();
+    let c = lq.len();
+    Ok(Some(
+        Tensor::from_vec(lq, c, like.device())?.to_dtype(like.dtype())?,
+    ))
+}
+
 /// Inverted dropout of rate `p` on `h` (training), drawing from `rng`.
 pub fn dropout(h: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Tensor> {
     if p <= 0.0 {
@@ -603,25 +623,8 @@ impl Gru4Rec {
         let ct = self.ids_tensor(&cands)?;
         let w = self.w_y.as_tensor().index_select(&ct, 0)?; // [C, H]
         let b = self.b_y.as_tensor().index_select(&ct, 0)?; // [C]
-        let lq = self.log_q_tensor(&cands, n)?;
+        let lq = log_q_tensor(&self.cfg, &self.items, &cands, n, h)?;
         rank_loss(&self.cfg, h, &w, &b, lq.as_ref())
-    }
-
-    /// `cfg.logq * log p_j` per candidate (`None` when logQ is off).
-    fn log_q_tensor(&self, cands: &[usize], n: usize) -> Result<Option<Tensor>> {
-        if self.cfg.logq <= 0.0 {
-            return Ok(None);
-        }
-        let lq: Vec<f64> = self
-            .items
-            .log_q(cands, n)
-            .iter()
-            .map(|v| self.cfg.logq * v)
-            .collect();
-        let c = lq.len();
-        Ok(Some(
-            Tensor::from_vec(lq, c, &self.device)?.to_dtype(self.dtype)?,
-        ))
     }
 
     /// One training pass over `train` (index sequences) with session-parallel

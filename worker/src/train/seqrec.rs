@@ -33,9 +33,11 @@ use super::backend::Backend;
 use super::config::SparseConfig;
 use super::TrainError;
 use crate::model::gru4rec::{
-    dropout, output_init_scale, rank_loss, Gru4Rec, Gru4RecConfig, ItemStats, SessionBatcher,
+    dropout, log_q_tensor, output_init_scale, rank_loss, Gru4Rec, Gru4RecConfig, ItemStats,
+    SessionBatcher,
 };
 use crate::model::layer::gru::Gru;
+use crate::model::layer::params::to_f32_vec;
 use crate::model::layer::params::ParamBuilder;
 use crate::model::ModelError;
 
@@ -109,14 +111,8 @@ pub fn initial_dense(
     let (_, params) = build_gru(cfg, seed)?;
     params
         .iter()
-        .map(|(n, v)| Ok((n.clone(), to_vec(v.as_tensor())?)))
+        .map(|(n, v)| Ok((n.clone(), to_f32_vec(v.as_tensor()).map_err(model_err)?)))
         .collect()
-}
-
-fn to_vec(t: &Tensor) -> Result<Vec<f32>, TrainError> {
-    t.flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(model_err)
 }
 
 /// Sets `vars` from pulled dense values (by name; unknown names are an error).
@@ -159,8 +155,6 @@ fn epoch_rng(seed: u64, index: usize, epoch: usize) -> StdRng {
 pub struct SeqEpochStats {
     /// Steps trained.
     pub steps: u64,
-    /// Next-item events trained (sum of the active slots over the steps).
-    pub events: u64,
     /// Sum of the per-step mean losses.
     pub loss_sum: f64,
 }
@@ -253,7 +247,6 @@ impl SeqWorker {
                 });
             }
             stats.steps += 1;
-            stats.events += st.slots.len() as u64;
             stats.loss_sum += loss;
         }
         Ok(stats)
@@ -288,22 +281,12 @@ impl SeqWorker {
         let x_rows = var(emb.0, in_u.len(), self.cfg.emb_dim)?;
         let w_rows = var(out.0, c_u.len(), self.cfg.hidden)?;
         let b_rows = var(bias.0, c_u.len(), 1)?;
-        let lq = if self.cfg.logq > 0.0 {
-            let v: Vec<f32> = self
-                .items
-                .log_q(&cands, n)
-                .iter()
-                .map(|q| (self.cfg.logq * q) as f32)
-                .collect();
-            Some(Tensor::from_vec(v, cands.len(), &dev).map_err(model_err)?)
-        } else {
-            None
-        };
         let (loss, h, grads) = (|| {
             let ip = Tensor::from_vec(in_pos, n, &dev)?;
             let cp = Tensor::from_vec(c_pos, cands.len(), &dev)?;
             let x = x_rows.as_tensor().index_select(&ip, 0)?;
             let h0 = Tensor::from_vec(h0, (n, self.cfg.hidden), &dev)?;
+            let lq = log_q_tensor(&self.cfg, &self.items, &cands, n, &h0)?;
             let h = self.gru.step(&x, &h0)?;
             let h = dropout(&h, self.cfg.dropout_hidden, &mut self.rng)?;
             let w = w_rows.as_tensor().index_select(&cp, 0)?;
@@ -316,7 +299,7 @@ impl SeqWorker {
         .map_err(model_err)?;
         let grad_of = |v: &Var| -> Result<Vec<f32>, TrainError> {
             match grads.get(v.as_tensor()) {
-                Some(g) => to_vec(g),
+                Some(g) => to_f32_vec(g).map_err(model_err),
                 None => Ok(vec![0.0; v.elem_count()]),
             }
         };
@@ -349,7 +332,6 @@ pub async fn pull_model(
 ) -> Result<Gru4Rec, TrainError> {
     let model = Gru4Rec::new(cfg, train, &Device::Cpu).map_err(model_err)?;
     let ids = model.items.ids.clone();
-    let n = ids.len();
     let (emb, out, bias, dense) = tokio::try_join!(
         ps.pull(EMB_TABLE, &ids),
         ps.pull(OUT_TABLE, &ids),
@@ -365,7 +347,6 @@ pub async fn pull_model(
     }
     set(&model.w_y, out.0)?;
     set(&model.b_y, bias.0)?;
-    debug_assert_eq!(model.b_y.elem_count(), n);
     load_vars(model.params(), &dense.0)?;
     Ok(model)
 }
