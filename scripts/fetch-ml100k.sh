@@ -3,9 +3,11 @@
 # DATA_DIR (default: data/ml-100k under the repository root, gitignored).
 #
 # The recbole==1.2.1 wheel on PyPI ships the full data set; we download the
-# wheel with pip (no install), extract the two files with python's zipfile,
-# and verify their sha256 (see shared/DATA.md). A re-run is a no-op when both
-# files are present and valid. Needs only python3 with pip.
+# wheel with pip (no install), extract the three files (ml-100k.inter, the
+# ratings; ml-100k.item, the movies; ml-100k.user, the user profiles: user_id,
+# age, gender, occupation, zip_code) with python's zipfile, and verify their
+# sha256 (see shared/DATA.md). A re-run is a no-op when all three files are
+# present and valid. Needs only python3 with pip.
 #
 # Usage: scripts/fetch-ml100k.sh [DATA_DIR]
 set -euo pipefail
@@ -15,6 +17,7 @@ DATA_DIR="${1:-$ROOT/data/ml-100k}"
 
 INTER_SHA=4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff
 ITEM_SHA=51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532
+USER_SHA=4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972
 WHEEL_SPEC="recbole==1.2.1"
 MEMBER_DIR="recbole/dataset_example/ml-100k"
 
@@ -27,8 +30,9 @@ valid() {
     [ -f "$1" ] && [ "$(sha256_of "$1")" = "$2" ]
 }
 
-if valid "$DATA_DIR/ml-100k.inter" "$INTER_SHA" && valid "$DATA_DIR/ml-100k.item" "$ITEM_SHA"; then
-    echo "fetch-ml100k: $DATA_DIR already holds valid ml-100k.inter and ml-100k.item"
+if valid "$DATA_DIR/ml-100k.inter" "$INTER_SHA" && valid "$DATA_DIR/ml-100k.item" "$ITEM_SHA" \
+    && valid "$DATA_DIR/ml-100k.user" "$USER_SHA"; then
+    echo "fetch-ml100k: $DATA_DIR already holds valid ml-100k.inter, ml-100k.item and ml-100k.user"
     exit 0
 fi
 
@@ -49,7 +53,7 @@ import sys, zipfile, os
 wheel, dest, member_dir = sys.argv[1:4]
 os.makedirs(dest, exist_ok=True)
 with zipfile.ZipFile(wheel) as z:
-    for name in ("ml-100k.inter", "ml-100k.item"):
+    for name in ("ml-100k.inter", "ml-100k.item", "ml-100k.user"):
         member = f"{member_dir}/{name}"
         try:
             data = z.read(member)
@@ -60,7 +64,7 @@ with zipfile.ZipFile(wheel) as z:
 EOF
 
 status=0
-for pair in "ml-100k.inter:$INTER_SHA" "ml-100k.item:$ITEM_SHA"; do
+for pair in "ml-100k.inter:$INTER_SHA" "ml-100k.item:$ITEM_SHA" "ml-100k.user:$USER_SHA"; do
     name="${pair%%:*}"
     want="${pair#*:}"
     got="$(sha256_of "$TMP/extract/$name")"
@@ -73,9 +77,9 @@ if [ "$status" -ne 0 ]; then
     exit 1
 fi
 
-# Move into place only after both files verified (atomic per file).
-for name in ml-100k.inter ml-100k.item; do
+# Move into place only after all three files verified (atomic per file).
+for name in ml-100k.inter ml-100k.item ml-100k.user; do
     cp "$TMP/extract/$name" "$DATA_DIR/.$name.tmp"
     mv "$DATA_DIR/.$name.tmp" "$DATA_DIR/$name"
 done
-echo "fetch-ml100k: wrote $DATA_DIR/ml-100k.inter and $DATA_DIR/ml-100k.item (sha256 verified)"
+echo "fetch-ml100k: wrote $DATA_DIR/ml-100k.inter, ml-100k.item and ml-100k.user (sha256 verified)"

@@ -30,7 +30,7 @@ fn example_configs_are_valid() {
             let model = build_job_model(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             assert!(!model.sparse_tables().is_empty());
             for (name, dim) in model.sparse_tables() {
-                cfg.sparse.table(name, dim, cfg.train.seed);
+                cfg.sparse.table(&name, dim, cfg.train.seed);
             }
             n += 1;
         }

@@ -178,6 +178,8 @@ impl SeqTrainJob {
             cluster,
             train,
             security,
+            features: Vec::new(),
+            prepare: None,
         };
         let j = SeqTrainJob {
             name,

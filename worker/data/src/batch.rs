@@ -11,6 +11,9 @@
 
 use rustc_hash::FxHashMap;
 
+use crate::schema::FeatureSchema;
+use crate::schema_format::steps_of;
+
 /// Name of the item-id table.
 pub const ITEM_TABLE: &str = "item";
 /// Name of the category-id table.
@@ -37,6 +40,19 @@ pub struct Sample {
     pub neg_items: Vec<u64>,
     /// DIEN: categories of the negative items.
     pub neg_cats: Vec<u64>,
+    /// Schema files ([`crate::schema`]): the ids of every sparse and
+    /// multi-hot feature, in [`FeatureSchema::sparse`](crate::schema::FeatureSchema::sparse) order (the legacy
+    /// fields above stay empty). One id for a sparse feature; up to
+    /// `max_len` for a multi-hot one; one per step for a sparse behaviour
+    /// feature; `max_len` per step (zero-padded) for a multi-hot behaviour
+    /// feature. Every behaviour feature has the same number of steps.
+    pub fields: Vec<Vec<u64>>,
+    /// Schema files: the DIEN negative sequence of every behaviour feature
+    /// (in [`FeatureSchema::pairs`](crate::schema::FeatureSchema::pairs) order, laid out like the behaviour
+    /// feature), or empty when the file has none.
+    pub neg_fields: Vec<Vec<u64>>,
+    /// Schema files: the dense features' values, in [`FeatureSchema::dense`](crate::schema::FeatureSchema::dense) order.
+    pub dense: Vec<f32>,
 }
 
 /// The unique ids of one sparse table in a batch.
@@ -94,20 +110,47 @@ pub struct Batch {
     pub neg_item_idx: Option<Vec<u32>>,
     /// `[B*T]` DIEN negative history categories.
     pub neg_cat_idx: Option<Vec<u32>>,
+    /// Schema batches ([`Batch::from_schema_samples`]): the ids of every
+    /// embedding table of the schema, in
+    /// [`FeatureSchema::tables`](crate::schema::FeatureSchema::tables) order
+    /// (the legacy `items`, `cats`, `users` and index arrays stay empty).
+    pub schema_tables: Vec<SparseIds>,
+    /// Schema batches: the index arrays of every sparse and multi-hot
+    /// feature, in [`FeatureSchema::sparse`](crate::schema::FeatureSchema::sparse) order.
+    pub features: Vec<FeatureIdx>,
+    /// Schema batches: the dense features' values `[B, n_dense]`, row-major.
+    pub dense: Vec<f32>,
+}
+
+/// The index array of one feature of a schema batch.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FeatureIdx {
+    /// Index of its table in [`Batch::schema_tables`].
+    pub table: usize,
+    /// Ids per position (1 for sparse, `max_len` for multi-hot).
+    pub width: usize,
+    /// Whether it is a behaviour feature.
+    pub behaviour: bool,
+    /// Indices into the table's unique ids (pad = its `pad_index()`):
+    /// `[B * width]`, or `[B * T * width]` for a behaviour feature.
+    pub idx: Vec<u32>,
+    /// Behaviour features: the DIEN negatives `[B * T * width]` when every
+    /// sample of the batch has them.
+    pub neg: Option<Vec<u32>>,
 }
 
 /// Deduplicates ids of one table while indexing positions.
 struct Dedup {
-    table: &'static str,
+    table: String,
     map: FxHashMap<u64, u32>,
     unique: Vec<u64>,
     counts: Vec<u32>,
 }
 
 impl Dedup {
-    fn new(table: &'static str) -> Self {
+    fn new(table: &str) -> Self {
         Dedup {
-            table,
+            table: table.to_string(),
             map: FxHashMap::default(),
             unique: Vec::new(),
             counts: Vec::new(),
@@ -139,7 +182,7 @@ impl Dedup {
             }
         }
         SparseIds {
-            table: self.table.to_string(),
+            table: self.table,
             unique: self.unique,
             counts: self.counts,
         }
@@ -158,6 +201,9 @@ impl Batch {
         if p <= 0.0 {
             return 0;
         }
+        if self.is_schema() {
+            return self.drop_schema_item_ids(p, rng);
+        }
         let pad = self.items.pad_index();
         let mut dropped = 0;
         for i in self.item_idx.iter_mut() {
@@ -172,6 +218,38 @@ impl Batch {
                 if *i != pad && rng.next_f64() < p {
                     *i = pad;
                     dropped += 1;
+                }
+            }
+        }
+        dropped
+    }
+
+    /// [`Batch::drop_item_ids`] of a schema batch: the features on the
+    /// [`ITEM_TABLE`] table (targets, then valid behaviour steps).
+    fn drop_schema_item_ids(&mut self, p: f64, rng: &mut ember_proto::rng::SplitMix64) -> usize {
+        let Some(ti) = self
+            .schema_tables
+            .iter()
+            .position(|t| t.table == ITEM_TABLE)
+        else {
+            return 0;
+        };
+        let pad = self.schema_tables[ti].pad_index();
+        let (t, lens) = (self.max_len, &self.lens);
+        let mut dropped = 0;
+        for f in self.features.iter_mut().filter(|f| f.table == ti) {
+            let w = f.width;
+            for (b, &len) in lens.iter().enumerate() {
+                let range = if f.behaviour {
+                    b * t * w..(b * t + len.min(t)) * w
+                } else {
+                    b * w..(b + 1) * w
+                };
+                for i in &mut f.idx[range] {
+                    if *i != pad && rng.next_f64() < p {
+                        *i = pad;
+                        dropped += 1;
+                    }
                 }
             }
         }
@@ -253,11 +331,12 @@ impl Batch {
     /// Total id occurrences over the number of unique ids, over all tables
     /// (the in-batch dedup ratio, >= 1).
     pub fn dedup_ratio(&self) -> f64 {
-        let occ: u64 = [&self.items, &self.cats, &self.users]
+        let tables = self.tables();
+        let occ: u64 = tables
             .iter()
             .map(|s| s.counts.iter().map(|c| u64::from(*c)).sum::<u64>())
             .sum();
-        let uniq = self.items.unique.len() + self.cats.unique.len() + self.users.unique.len();
+        let uniq: usize = tables.iter().map(|s| s.unique.len()).sum();
         if uniq == 0 {
             1.0
         } else {
@@ -265,9 +344,135 @@ impl Batch {
         }
     }
 
-    /// The sparse tables of this batch, in a fixed order (item, cat, user).
-    pub fn tables(&self) -> [&SparseIds; 3] {
-        [&self.items, &self.cats, &self.users]
+    /// Whether this batch was built from schema samples.
+    pub fn is_schema(&self) -> bool {
+        !self.schema_tables.is_empty()
+    }
+
+    /// The sparse tables of this batch: a schema batch's tables in schema
+    /// order, else the fixed order item, cat, user.
+    pub fn tables(&self) -> Vec<&SparseIds> {
+        if self.is_schema() {
+            self.schema_tables.iter().collect()
+        } else {
+            vec![&self.items, &self.cats, &self.users]
+        }
+    }
+
+    /// Builds a batch from samples of a schema file (see [`Sample::fields`]),
+    /// keeping at most the last `max_len` behaviour steps of each. DIEN
+    /// negatives are included when every sample has them. Ids are
+    /// deduplicated per table sample by sample, features in schema order.
+    pub fn from_schema_samples(
+        samples: &[Sample],
+        max_len: usize,
+        schema: &FeatureSchema,
+    ) -> Batch {
+        let b = samples.len();
+        let steps: Vec<usize> = samples.iter().map(|s| steps_of(s, schema)).collect();
+        let t = steps
+            .iter()
+            .map(|&n| n.min(max_len))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let with_neg = !samples.is_empty()
+            && samples
+                .iter()
+                .all(|s| !s.neg_fields.is_empty() && s.neg_fields.len() == schema.pairs().len());
+        let tables = schema.tables();
+        let mut dedup: Vec<Dedup> = tables.iter().map(|(n, _)| Dedup::new(n)).collect();
+        let sparse = schema.sparse();
+        let pairs = schema.pairs();
+        let mut feats: Vec<FeatureIdx> = sparse
+            .iter()
+            .map(|&i| {
+                let f = &schema.features()[i];
+                let table = tables
+                    .iter()
+                    .position(|(n, _)| n == f.table_name())
+                    .unwrap_or(0);
+                let width = f.width();
+                let n = if f.is_behaviour() {
+                    b * t * width
+                } else {
+                    b * width
+                };
+                FeatureIdx {
+                    table,
+                    width,
+                    behaviour: f.is_behaviour(),
+                    idx: vec![u32::MAX; n],
+                    neg: (f.is_behaviour() && with_neg).then(|| vec![u32::MAX; n]),
+                }
+            })
+            .collect();
+        // Slot in `Sample::neg_fields` of each sparse feature (behaviour only).
+        let neg_slot: Vec<Option<usize>> = sparse
+            .iter()
+            .map(|&i| pairs.iter().position(|p| p.behaviour == i))
+            .collect();
+        let n_dense = schema.dense().len();
+        let mut batch = Batch {
+            batch_size: b,
+            max_len: t,
+            labels: Vec::with_capacity(b),
+            user_ids: Vec::with_capacity(b),
+            lens: Vec::with_capacity(b),
+            mask: vec![0.0; b * t],
+            dense: Vec::with_capacity(b * n_dense),
+            ..Batch::default()
+        };
+        for (r, s) in samples.iter().enumerate() {
+            batch.labels.push(s.label);
+            batch.user_ids.push(s.user);
+            let n = steps[r];
+            let start = n.saturating_sub(max_len);
+            let len = n - start;
+            batch.lens.push(len);
+            for k in 0..len {
+                batch.mask[r * t + k] = 1.0;
+            }
+            for (slot, f) in feats.iter_mut().enumerate() {
+                let d = &mut dedup[f.table];
+                let ids = s.fields.get(slot).map_or(&[][..], |v| v.as_slice());
+                let w = f.width;
+                if !f.behaviour {
+                    for (j, &id) in ids.iter().take(w).enumerate() {
+                        f.idx[r * w + j] = d.index(id);
+                    }
+                    continue;
+                }
+                let neg = neg_slot[slot].and_then(|k| s.neg_fields.get(k));
+                for k in 0..len {
+                    let src = (start + k) * w;
+                    let dst = (r * t + k) * w;
+                    for j in 0..w {
+                        f.idx[dst + j] = d.index(ids.get(src + j).copied().unwrap_or(0));
+                    }
+                    if let (Some(out), Some(neg)) = (f.neg.as_mut(), neg) {
+                        for j in 0..w {
+                            out[dst + j] = d.index(neg.get(src + j).copied().unwrap_or(0));
+                        }
+                    }
+                }
+            }
+            batch
+                .dense
+                .extend((0..n_dense).map(|j| s.dense.get(j).copied().unwrap_or(0.0)));
+        }
+        for (ti, d) in dedup.into_iter().enumerate() {
+            let mut lists: Vec<&mut Vec<u32>> = Vec::new();
+            for f in feats.iter_mut().filter(|f| f.table == ti) {
+                lists.push(&mut f.idx);
+                if let Some(n) = f.neg.as_mut() {
+                    lists.push(n);
+                }
+            }
+            batch.schema_tables.push(d.finish(&mut lists));
+        }
+        batch.features = feats;
+        batch
     }
 }
 
@@ -285,6 +490,123 @@ mod tests {
             hist_cats: hist.iter().map(|h| h % 3 + 1).collect(),
             ..Sample::default()
         }
+    }
+
+    #[test]
+    fn ids_only_schema_batch_equals_the_legacy_batch() {
+        use crate::schema_format::from_legacy;
+        let mut a = s(1.0, 7, 10, &[11, 12, 10, 14]);
+        a.neg_items = vec![20, 21, 22, 23];
+        a.neg_cats = vec![1, 2, 3, 1];
+        let mut b = s(0.0, 8, 13, &[11]);
+        b.neg_items = vec![24];
+        b.neg_cats = vec![2];
+        let legacy_samples = vec![a, b];
+        for with_user in [false, true] {
+            let schema = FeatureSchema::ids_only(4, 4, with_user.then_some(2)).unwrap();
+            let wide: Vec<Sample> = legacy_samples
+                .iter()
+                .map(|x| from_legacy(x, with_user))
+                .collect();
+            // max_len 3 truncates the first history to its last 3 steps.
+            let l = Batch::from_samples(&legacy_samples, 3);
+            let w = Batch::from_schema_samples(&wide, 3, &schema);
+            assert!(w.is_schema() && !l.is_schema());
+            assert_eq!(
+                (w.max_len, &w.lens, &w.mask, &w.labels, &w.user_ids),
+                (l.max_len, &l.lens, &l.mask, &l.labels, &l.user_ids)
+            );
+            let off = usize::from(with_user);
+            assert_eq!(w.schema_tables[off], l.items);
+            assert_eq!(w.schema_tables[off + 1], l.cats);
+            if with_user {
+                assert_eq!(w.schema_tables[0], l.users);
+                assert_eq!(w.features[0].idx, l.user_idx);
+            }
+            let f = &w.features[off..];
+            assert_eq!(
+                (&f[0].idx, &f[1].idx, &f[2].idx, &f[3].idx),
+                (&l.item_idx, &l.cat_idx, &l.hist_item_idx, &l.hist_cat_idx)
+            );
+            assert_eq!(f[2].neg, l.neg_item_idx);
+            assert_eq!(f[3].neg, l.neg_cat_idx);
+            assert_eq!(w.tables().len(), 2 + off);
+        }
+    }
+
+    #[test]
+    fn schema_batch_pads_multi_hot_and_keeps_dense() {
+        let text = r#"
+[[features]]
+name = "movie"
+kind = "sparse"
+group = "ad"
+table = "item"
+dim = 2
+[[features]]
+name = "genres"
+kind = "multi_hot"
+max_len = 2
+group = "ad"
+table = "genre"
+dim = 2
+[[features]]
+name = "hist_genres"
+kind = "multi_hot"
+max_len = 2
+group = "behaviour"
+table = "genre"
+dim = 2
+align = "genres"
+[[features]]
+name = "hist_movie"
+kind = "sparse"
+group = "behaviour"
+table = "item"
+dim = 2
+align = "movie"
+[[features]]
+name = "age"
+kind = "dense"
+group = "user"
+"#;
+        let schema = FeatureSchema::from_toml(text).unwrap();
+        let x = Sample {
+            label: 1.0,
+            user: 3,
+            fields: vec![vec![5], vec![7], vec![7, 8, 9, 0], vec![5, 6]],
+            dense: vec![0.5],
+            ..Sample::default()
+        };
+        let y = Sample {
+            label: 0.0,
+            user: 4,
+            fields: vec![vec![6], vec![8, 9], vec![], vec![]],
+            dense: vec![-1.0],
+            ..Sample::default()
+        };
+        let b = Batch::from_schema_samples(&[x, y], 10, &schema);
+        assert_eq!(
+            (b.batch_size, b.max_len, b.lens.clone()),
+            (2, 2, vec![2, 0])
+        );
+        assert_eq!(b.schema_tables[0].unique, vec![5, 6]);
+        assert_eq!(b.schema_tables[1].unique, vec![7, 8, 9]);
+        let gp = 3; // genre pad index
+        assert_eq!(b.features[1].idx, vec![0, gp, 1, 2]);
+        assert_eq!(b.features[2].idx, vec![0, 1, 2, gp, gp, gp, gp, gp]);
+        assert_eq!(b.features[3].idx, vec![0, 1, 2, 2]);
+        assert_eq!(b.dense, vec![0.5, -1.0]);
+        assert_eq!(b.schema_tables[0].counts, vec![2, 2]);
+        let mut rng = ember_proto::rng::SplitMix64::new(1);
+        let mut d = b.clone();
+        assert_eq!(d.drop_item_ids(0.999, &mut rng), 4);
+        assert!(d.features[0]
+            .idx
+            .iter()
+            .chain(&d.features[3].idx[..2])
+            .all(|&i| i == 2));
+        assert_eq!(d.features[1], b.features[1]);
     }
 
     #[test]

@@ -47,6 +47,8 @@ use super::progress::rows_bar;
 use super::reader::SampleReader;
 use super::DataError;
 use crate::batch::{Sample, CAT_TABLE, ITEM_TABLE, USER_TABLE};
+use crate::schema::FeatureSchema;
+use std::sync::Arc;
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"EMBRCNT\0";
@@ -68,6 +70,8 @@ pub struct CountOptions {
     pub skip_malformed: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// The feature schema of the files (`None`: legacy files).
+    pub schema: Option<Arc<FeatureSchema>>,
 }
 
 impl Default for CountOptions {
@@ -79,6 +83,7 @@ impl Default for CountOptions {
             include_neg: false,
             skip_malformed: false,
             progress: false,
+            schema: None,
         }
     }
 }
@@ -88,8 +93,8 @@ impl Default for CountOptions {
 pub struct TableCounts {
     /// Samples counted.
     pub samples: u64,
-    /// `(table name, (id, n) pairs sorted by id)`, tables in the order item,
-    /// cat, user.
+    /// `(table name, (id, n) pairs sorted by id)`: legacy files item,
+    /// cat, user; schema files the schema's tables in schema order.
     pub tables: Vec<(String, Vec<(u64, u32)>)>,
 }
 
@@ -116,9 +121,10 @@ pub struct Counter {
     max_len: usize,
     include_neg: bool,
     samples: u64,
-    item: FxHashMap<u64, u32>,
-    cat: FxHashMap<u64, u32>,
-    user: FxHashMap<u64, u32>,
+    /// `(table, id -> n)`: item, cat, user for legacy samples; the schema's
+    /// tables in schema order otherwise.
+    tables: Vec<(String, FxHashMap<u64, u32>)>,
+    schema: Option<Arc<FeatureSchema>>,
 }
 
 #[inline]
@@ -130,11 +136,32 @@ fn bump(m: &mut FxHashMap<u64, u32>, id: u64) {
 }
 
 impl Counter {
-    /// An empty counter.
+    /// An empty counter of legacy samples.
     pub fn new(max_len: usize, include_neg: bool) -> Self {
         Counter {
             max_len,
             include_neg,
+            tables: [ITEM_TABLE, CAT_TABLE, USER_TABLE]
+                .iter()
+                .map(|t| (t.to_string(), FxHashMap::default()))
+                .collect(),
+            ..Counter::default()
+        }
+    }
+
+    /// An empty counter of samples of `schema`: every id of every sparse and
+    /// multi-hot feature counts for its table (behaviour features: the last
+    /// `max_len` steps; their DIEN negatives with `include_neg`).
+    pub fn with_schema(max_len: usize, include_neg: bool, schema: Arc<FeatureSchema>) -> Self {
+        Counter {
+            max_len,
+            include_neg,
+            tables: schema
+                .tables()
+                .into_iter()
+                .map(|(t, _)| (t, FxHashMap::default()))
+                .collect(),
+            schema: Some(schema),
             ..Counter::default()
         }
     }
@@ -142,19 +169,58 @@ impl Counter {
     /// Counts one sample.
     pub fn add(&mut self, s: &Sample) {
         self.samples += 1;
-        bump(&mut self.user, s.user);
-        bump(&mut self.item, s.item);
-        bump(&mut self.cat, s.cat);
+        if let Some(schema) = self.schema.clone() {
+            self.add_schema(s, &schema);
+            return;
+        }
+        let [item, cat, user] = &mut self.tables[..] else {
+            return;
+        };
+        let (item, cat, user) = (&mut item.1, &mut cat.1, &mut user.1);
+        bump(user, s.user);
+        bump(item, s.item);
+        bump(cat, s.cat);
         let n = s.hist_items.len();
         let start = n.saturating_sub(self.max_len);
         for k in start..n {
-            bump(&mut self.item, s.hist_items[k]);
-            bump(&mut self.cat, s.hist_cats.get(k).copied().unwrap_or(0));
+            bump(item, s.hist_items[k]);
+            bump(cat, s.hist_cats.get(k).copied().unwrap_or(0));
         }
         if self.include_neg && s.neg_items.len() == n {
             for k in start..n {
-                bump(&mut self.item, s.neg_items[k]);
-                bump(&mut self.cat, s.neg_cats.get(k).copied().unwrap_or(0));
+                bump(item, s.neg_items[k]);
+                bump(cat, s.neg_cats.get(k).copied().unwrap_or(0));
+            }
+        }
+    }
+
+    fn add_schema(&mut self, s: &Sample, schema: &FeatureSchema) {
+        let pairs = schema.pairs();
+        for (slot, &i) in schema.sparse().iter().enumerate() {
+            let f = &schema.features()[i];
+            let Some(t) = self.tables.iter().position(|(n, _)| n == f.table_name()) else {
+                continue;
+            };
+            let m = &mut self.tables[t].1;
+            let ids = s.fields.get(slot).map_or(&[][..], |v| v.as_slice());
+            if !f.is_behaviour() {
+                ids.iter().for_each(|&id| bump(m, id));
+                continue;
+            }
+            let w = f.width().max(1);
+            let start = (ids.len() / w).saturating_sub(self.max_len) * w;
+            ids[start..].iter().for_each(|&id| bump(m, id));
+            if self.include_neg {
+                let neg = pairs
+                    .iter()
+                    .position(|p| p.behaviour == i)
+                    .and_then(|k| s.neg_fields.get(k));
+                if let Some(neg) = neg {
+                    neg.get(start..)
+                        .unwrap_or(&[])
+                        .iter()
+                        .for_each(|&id| bump(m, id));
+                }
             }
         }
     }
@@ -168,11 +234,11 @@ impl Counter {
         };
         TableCounts {
             samples: self.samples,
-            tables: vec![
-                (ITEM_TABLE.to_string(), sorted(self.item)),
-                (CAT_TABLE.to_string(), sorted(self.cat)),
-                (USER_TABLE.to_string(), sorted(self.user)),
-            ],
+            tables: self
+                .tables
+                .into_iter()
+                .map(|(t, m)| (t, sorted(m)))
+                .collect(),
         }
     }
 }
@@ -342,8 +408,12 @@ impl fmt::Display for CountSummary {
 /// docs for what counts) and writes the counts file.
 pub fn count(opts: &CountOptions) -> Result<CountSummary, DataError> {
     let t0 = Instant::now();
-    let mut reader = SampleReader::open(&opts.train, 0, 1, opts.skip_malformed)?;
-    let mut counter = Counter::new(opts.max_len, opts.include_neg);
+    let mut reader = SampleReader::open(&opts.train, 0, 1, opts.skip_malformed)?
+        .with_schema(opts.schema.clone());
+    let mut counter = match &opts.schema {
+        Some(schema) => Counter::with_schema(opts.max_len, opts.include_neg, schema.clone()),
+        None => Counter::new(opts.max_len, opts.include_neg),
+    };
     let bar = rows_bar("count", None, opts.progress);
     while let Some(s) = reader.read()? {
         counter.add(&s);
@@ -403,6 +473,7 @@ mod tests {
                     neg_cats: neg.iter().map(|x| x % 5 + 1).collect(),
                     hist_items: hist,
                     neg_items: neg,
+                    ..Default::default()
                 }
             })
             .collect()
@@ -472,6 +543,26 @@ mod tests {
                 }
             }
             assert_eq!(from_batches, want);
+        }
+    }
+
+    #[test]
+    fn schema_counts_match_legacy_counts() {
+        use crate::schema_format::from_legacy;
+        let samples = random_samples(300, true);
+        let schema = Arc::new(crate::schema::FeatureSchema::ids_only(4, 4, Some(2)).unwrap());
+        for neg in [false, true] {
+            let mut legacy = Counter::new(5, neg);
+            let mut wide = Counter::with_schema(5, neg, schema.clone());
+            for s in &samples {
+                legacy.add(s);
+                wide.add(&from_legacy(s, true));
+            }
+            let (l, w) = (legacy.finish(), wide.finish());
+            assert_eq!(l.samples, w.samples);
+            for t in ["item", "cat", "user"] {
+                assert_eq!(l.get(t), w.get(t), "table {t}, negatives {neg}");
+            }
         }
     }
 

@@ -258,6 +258,7 @@ mod tests {
             hist_cats: vec![1, 2],
             neg_items: vec![7, 8],
             neg_cats: vec![2, 2],
+            ..Default::default()
         }
     }
 

@@ -10,6 +10,11 @@
 //!   shuffle, worker split, epochs, resume from a [`reader::DataPosition`].
 //! - [`counts`]: the offline counting pass (n_j per id per sparse table) and
 //!   its binary file.
+//! - [`schema`]: the declared feature schema (`[[features]]`: user profile,
+//!   behaviours, ad, context) and [`schema_format`], the sample files with a
+//!   header that carry any number of such features.
+//! - [`tabular`]: `ember-data prepare --config`: CSV / TSV / Parquet events
+//!   and side tables -> [`schema_format`] files for a job's declared features.
 //! - [`synth`]: a seeded synthetic generator (Zipf items, user interests).
 //!
 //! Every fallible function returns [`DataError`].
@@ -22,7 +27,10 @@ pub mod format;
 pub mod prepare;
 pub mod progress;
 pub mod reader;
+pub mod schema;
+pub mod schema_format;
 pub mod synth;
+pub mod tabular;
 
 /// Errors of the data path.
 #[derive(Debug, thiserror::Error)]

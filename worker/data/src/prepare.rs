@@ -950,6 +950,7 @@ mod tests {
             hist_cats: hc.to_vec(),
             neg_items: n.to_vec(),
             neg_cats: nc.to_vec(),
+            ..Default::default()
         }
     }
 
@@ -1163,12 +1164,9 @@ mod tests {
     /// `scripts/fetch-ml100k.sh` first); skipped with a message otherwise.
     #[test]
     fn real_ml100k_counts() {
-        let raw = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ml-100k");
+        let raw = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/ml-100k");
         if !raw.join("ml-100k.inter").exists() || !raw.join("ml-100k.item").exists() {
-            eprintln!(
-                "SKIPPED real_ml100k_counts: {} absent (run scripts/fetch-ml100k.sh)",
-                raw.display()
-            );
+            crate::tabular::tests::skip_without_data("real_ml100k_counts");
             return;
         }
         let out = tempfile::tempdir().unwrap();

@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 use super::format::{parse_sample_into, parse_u64, LineCtx, LIST_SEP};
 use super::DataError;
 use crate::batch::{Batch, Sample};
+use crate::schema::FeatureSchema;
+use crate::schema_format::{is_header, Layout};
 use ember_proto::rng::{derive_seed, SplitMix64};
+use std::sync::Arc;
 
 /// Longest accepted sample line in bytes (without its `\n`); longer lines
 /// are malformed.
@@ -58,6 +61,10 @@ pub struct ReaderOptions {
     pub skip_malformed: bool,
     /// Drop the last, short batch of each epoch.
     pub drop_last: bool,
+    /// The job's feature schema: files must then have a schema header
+    /// ([`crate::schema_format`]) and batches are schema batches
+    /// ([`Batch::from_schema_samples`]); `None` reads the legacy format.
+    pub schema: Option<Arc<FeatureSchema>>,
 }
 
 impl Default for ReaderOptions {
@@ -72,6 +79,7 @@ impl Default for ReaderOptions {
             epochs: 1,
             skip_malformed: false,
             drop_last: false,
+            schema: None,
         }
     }
 }
@@ -130,6 +138,12 @@ pub struct SampleReader {
     buf: Vec<u8>,
     /// Recycled samples (vectors keep their capacity).
     spare: Vec<Sample>,
+    /// The schema files must follow (see [`SampleReader::with_schema`]).
+    schema: Option<Arc<FeatureSchema>>,
+    /// The current file's header mapped onto `schema`.
+    layout: Option<Layout>,
+    /// The current file's first line has not been checked yet.
+    fresh: bool,
 }
 
 impl SampleReader {
@@ -158,7 +172,53 @@ impl SampleReader {
             skipped: 0,
             buf: Vec::with_capacity(4096),
             spare: Vec::new(),
+            schema: None,
+            layout: None,
+            fresh: false,
         })
+    }
+
+    /// Reads schema files ([`crate::schema_format`]) of `schema` (every file
+    /// must start with a header naming its features), or with `None` the
+    /// legacy format (a file with a schema header is then an error).
+    pub fn with_schema(mut self, schema: Option<Arc<FeatureSchema>>) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// Checks the first line of a newly opened file: a schema header is
+    /// consumed and mapped onto the schema; its absence (or presence) where
+    /// the schema says otherwise is an error naming the file.
+    fn start_file(&mut self) -> Result<(), DataError> {
+        self.fresh = false;
+        self.layout = None;
+        let Some((reader, path)) = self.current.as_mut() else {
+            return Ok(());
+        };
+        let head = reader.fill_buf().map_err(|e| DataError::io(&*path, e))?;
+        let has_header = is_header(head);
+        match (&self.schema, has_header) {
+            (None, false) => Ok(()),
+            (None, true) => Err(DataError::Inconsistent {
+                path: path.clone(),
+                reason: "this file has a feature-schema header (`#ember-samples`): the job must declare its [[features]]".into(),
+            }),
+            (Some(_), false) => Err(DataError::Inconsistent {
+                path: path.clone(),
+                reason: "the job declares [[features]] but this file has no `#ember-samples` header (write it with `ember-data prepare --config JOB.toml`)".into(),
+            }),
+            (Some(schema), true) => {
+                let mut line = Vec::new();
+                reader
+                    .by_ref()
+                    .take(MAX_LINE_BYTES as u64)
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| DataError::io(&*path, e))?;
+                self.layout = Some(Layout::from_header(path, &line, schema)?);
+                self.line_in_file += 1;
+                Ok(())
+            }
+        }
     }
 
     /// Reader of worker `worker_index` of `num_workers` over one already
@@ -173,6 +233,7 @@ impl SampleReader {
     ) -> Result<Self, DataError> {
         let mut r = SampleReader::open(&[], worker_index, num_workers, skip_malformed)?;
         r.current = Some((Box::new(stream), label.into()));
+        r.fresh = true;
         Ok(r)
     }
 
@@ -199,6 +260,10 @@ impl SampleReader {
                 self.current = Some((Box::new(BufReader::with_capacity(1 << 20, f)), path.clone()));
                 self.next_file += 1;
                 self.line_in_file = 0;
+                self.fresh = true;
+            }
+            if self.fresh {
+                self.start_file()?;
             }
             let Some((reader, path)) = self.current.as_mut() else {
                 continue;
@@ -250,7 +315,13 @@ impl SampleReader {
                 path: path.as_path(),
                 line: self.line_in_file,
             };
-            match parse_sample_into(ctx, line, &mut s) {
+            let parsed = match (&self.layout, &self.schema) {
+                (Some(layout), Some(schema)) => {
+                    layout.parse_into(schema, path, self.line_in_file, line, &mut s)
+                }
+                _ => parse_sample_into(ctx, line, &mut s),
+            };
+            match parsed {
                 Ok(()) => return Ok(Some(s)),
                 Err(e) if self.skip_malformed => {
                     self.skipped += 1;
@@ -449,7 +520,8 @@ impl BatchReader {
             self.opts.worker_index,
             self.opts.num_workers,
             self.opts.skip_malformed,
-        )?;
+        )?
+        .with_schema(self.opts.schema.clone());
         self.epoch_reader = Some((
             reader,
             ShuffleBuffer::new(self.opts.shuffle_buffer, seed),
@@ -565,7 +637,10 @@ impl BatchReader {
         let mut samples = std::mem::take(&mut self.samples);
         let more = self.next_samples(&mut samples);
         let result = match more {
-            Ok(true) => Ok(Some(Batch::from_samples(&samples, self.opts.max_len))),
+            Ok(true) => Ok(Some(match &self.opts.schema {
+                Some(schema) => Batch::from_schema_samples(&samples, self.opts.max_len, schema),
+                None => Batch::from_samples(&samples, self.opts.max_len),
+            })),
             Ok(false) => Ok(None),
             Err(e) => Err(e),
         };
@@ -733,6 +808,7 @@ mod tests {
             neg_items: h.iter().map(|x| x + 7).collect(),
             neg_cats: h.iter().map(|x| x % 3 + 1).collect(),
             hist_items: h,
+            ..Default::default()
         }
     }
 
@@ -748,6 +824,83 @@ mod tests {
 
     fn users(reader: BatchReader) -> Vec<u64> {
         reader.flat_map(|b| b.unwrap().user_ids).collect()
+    }
+
+    #[test]
+    fn schema_files_read_like_legacy_files_and_mismatches_are_named() {
+        use crate::schema_format::{encode, from_legacy, header};
+        let d = tempfile::tempdir().unwrap();
+        let legacy = write_file(d.path(), "legacy.txt", 0..50);
+        let schema = Arc::new(FeatureSchema::ids_only(4, 4, Some(2)).unwrap());
+        let mut buf = header(&schema, true).into_bytes();
+        for k in 0..50 {
+            encode(&mut buf, &from_legacy(&sample(k), true), &schema, true);
+        }
+        let wide = d.path().join("wide.txt");
+        std::fs::write(&wide, buf).unwrap();
+        for workers in [1usize, 3] {
+            for i in 0..workers {
+                let opts = ReaderOptions {
+                    batch_size: 8,
+                    max_len: 4,
+                    shuffle_buffer: 16,
+                    worker_index: i,
+                    num_workers: workers,
+                    ..ReaderOptions::default()
+                };
+                let l: Vec<Batch> = BatchReader::new(std::slice::from_ref(&legacy), opts.clone())
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                let wide_opts = ReaderOptions {
+                    schema: Some(schema.clone()),
+                    ..opts
+                };
+                let w: Vec<Batch> = BatchReader::new(std::slice::from_ref(&wide), wide_opts)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                assert_eq!(l.len(), w.len());
+                for (l, w) in l.iter().zip(&w) {
+                    assert_eq!(
+                        (&l.user_ids, &l.labels, &l.mask),
+                        (&w.user_ids, &w.labels, &w.mask)
+                    );
+                    assert_eq!(
+                        (&l.items, &l.hist_item_idx),
+                        (&w.schema_tables[1], &w.features[3].idx)
+                    );
+                    assert_eq!(l.neg_cat_idx, w.features[4].neg);
+                }
+            }
+        }
+        let e = SampleReader::open(std::slice::from_ref(&legacy), 0, 1, false)
+            .unwrap()
+            .with_schema(Some(schema.clone()))
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("legacy.txt") && e.contains("no `#ember-samples` header"),
+            "{e}"
+        );
+        let e = SampleReader::open(std::slice::from_ref(&wide), 0, 1, false)
+            .unwrap()
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wide.txt") && e.contains("[[features]]"), "{e}");
+        let full = FeatureSchema::ids_only(4, 4, Some(2)).unwrap();
+        let mut feats: Vec<crate::schema::Feature> = full.features().to_vec();
+        feats[0].name = "uid".into();
+        let other = Arc::new(FeatureSchema::new(feats).unwrap());
+        let e = SampleReader::open(std::slice::from_ref(&wide), 0, 1, false)
+            .unwrap()
+            .with_schema(Some(other))
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wide.txt") && e.contains("feature `uid`"), "{e}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct BaseModel {
 impl Network for BaseModel {
     fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
         let e = cfg.behaviour_dim();
-        let inp = 2 * e + if cfg.use_user { cfg.user_dim } else { 0 };
+        let inp = 2 * e + cfg.other_dim();
         Ok(BaseModel {
             mlp: head_mlp(cfg, inp, pb)?,
             fused: cfg.fused,
@@ -36,7 +36,7 @@ impl Network for BaseModel {
         let target = inp.target()?;
         let u = inp.history_pool(true, self.fused)?;
         let mut parts = vec![target, u];
-        if let Some(e) = inp.user()? {
+        if let Some(e) = inp.others()? {
             parts.push(e);
         }
         let x = Tensor::cat(&parts, 1)?;

@@ -7,6 +7,8 @@ use super::{ModelError, Result};
 use crate::layer::attention::AttentionMode;
 use crate::layer::attention_gru::EvolveKind;
 use crate::layer::mlp::Activation;
+use ember_data::batch::{CAT_TABLE, ITEM_TABLE, USER_TABLE};
+use ember_data::schema::FeatureSchema;
 
 /// Which CTR model to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -46,6 +48,12 @@ pub struct ModelConfig {
     pub use_user: bool,
     /// User embedding width (18).
     pub user_dim: usize,
+    /// The declared feature schema (a job's `[[features]]`); `None` = the
+    /// fixed ids-only layout (`item_dim`, `cat_dim`, `use_user`, `user_dim`).
+    /// With a schema the query/keys of the attention are its aligned
+    /// ad/behaviour features and every other feature joins the MLP input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<FeatureSchema>,
     /// Hidden sizes of the final MLP (`[200, 80]`; output 1).
     pub mlp_hidden: Vec<usize>,
     /// Hidden activation of the final MLP: `"prelu"` (default) or `"dice"`.
@@ -91,6 +99,7 @@ impl Default for ModelConfig {
             cat_dim: 18,
             use_user: false,
             user_dim: 18,
+            features: None,
             mlp_hidden: vec![200, 80],
             activation: Activation::Prelu,
             attention_hidden: vec![80, 40],
@@ -118,9 +127,40 @@ impl ModelConfig {
         }
     }
 
-    /// Width of one behaviour `[e_item; e_cat]`.
+    /// Width of one behaviour step (= of the attention query): `[e_item;
+    /// e_cat]`, or the schema's behaviour features concatenated.
     pub fn behaviour_dim(&self) -> usize {
-        self.item_dim + self.cat_dim
+        match &self.features {
+            Some(s) => s.behaviour_dim(),
+            None => self.item_dim + self.cat_dim,
+        }
+    }
+
+    /// Width of the features outside the attention that join the MLP
+    /// input: the user embedding when `use_user`, or the schema's user,
+    /// context and unaligned ad features (embeddings, pooled multi-hot, dense).
+    pub fn other_dim(&self) -> usize {
+        match &self.features {
+            Some(s) => s.other_dim(),
+            None if self.use_user => self.user_dim,
+            None => 0,
+        }
+    }
+
+    /// The sparse tables and their widths, in pull order: the schema's
+    /// tables, or item, cat (and user when `use_user`).
+    pub fn tables(&self) -> Vec<(String, usize)> {
+        if let Some(s) = &self.features {
+            return s.tables();
+        }
+        let mut t = vec![
+            (ITEM_TABLE.to_string(), self.item_dim),
+            (CAT_TABLE.to_string(), self.cat_dim),
+        ];
+        if self.use_user {
+            t.push((USER_TABLE.to_string(), self.user_dim));
+        }
+        t
     }
 
     /// Checks the fields; the error names the first bad one.
@@ -131,6 +171,12 @@ impl ModelConfig {
                 msg: msg.to_string(),
             })
         };
+        if self.features.is_some() && self.use_user {
+            return bad(
+                "use_user",
+                "with [[features]], declare a feature of group \"user\" (table \"user\") instead",
+            );
+        }
         if self.item_dim == 0 {
             return bad("item_dim", "must be > 0");
         }
@@ -149,7 +195,10 @@ impl ModelConfig {
         if self.kind == ModelKind::Dien && self.dien_hidden != self.behaviour_dim() {
             return bad(
                 "dien_hidden",
-                &format!("must equal item_dim + cat_dim = {}", self.behaviour_dim()),
+                &format!(
+                    "must equal the behaviour width (item_dim + cat_dim, or the behaviour features' dims) = {}",
+                    self.behaviour_dim()
+                ),
             );
         }
         if !self.aux_alpha.is_finite() || self.aux_alpha < 0.0 {

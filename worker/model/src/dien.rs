@@ -74,7 +74,7 @@ impl Network for Dien {
         } else {
             None
         };
-        let inp = 2 * e + h + e + if cfg.use_user { cfg.user_dim } else { 0 };
+        let inp = 2 * e + h + e + cfg.other_dim();
         Ok(Dien {
             gru,
             aux,
@@ -113,7 +113,7 @@ impl Network for Dien {
         let s = inp.history_pool(false, self.fused)?;
         let qs = (&q * &s)?;
         let mut parts = vec![q, final_h, s, qs];
-        if let Some(e) = inp.user()? {
+        if let Some(e) = inp.others()? {
             parts.push(e);
         }
         let x = Tensor::cat(&parts, 1)?;

@@ -31,7 +31,7 @@ pub struct Din {
 impl Network for Din {
     fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
         let e = cfg.behaviour_dim();
-        let inp = 4 * e + if cfg.use_user { cfg.user_dim } else { 0 };
+        let inp = 4 * e + cfg.other_dim();
         Ok(Din {
             att: attention_unit(cfg, e, pb)?,
             att_mode: cfg.attention_mode,
@@ -49,7 +49,7 @@ impl Network for Din {
         let s = inp.history_pool(false, self.fused)?;
         let qs = (&q * &s)?;
         let mut parts = vec![q, v, s, qs];
-        if let Some(e) = inp.user()? {
+        if let Some(e) = inp.others()? {
             parts.push(e);
         }
         let x = Tensor::cat(&parts, 1)?;

@@ -12,7 +12,7 @@
 //! ```no_run
 //! use ember_data::batch::Batch;
 //! use ember_model::{build_model, CtrModel, ModelConfig, SparseRows, DenseOptimizer};
-//! # fn pull(_: &Batch, _: &[(&'static str, usize)]) -> SparseRows { SparseRows::new() }
+//! # fn pull(_: &Batch, _: &[(String, usize)]) -> SparseRows { SparseRows::new() }
 //! # fn batches() -> Vec<Batch> { vec![] }
 //! let cfg: ModelConfig = toml::from_str("kind = \"din\"").unwrap();
 //! let mut model = build_model(&cfg, &candle_core::Device::Cpu).unwrap();
@@ -193,8 +193,9 @@ pub trait CtrModel: Send {
     fn config(&self) -> &ModelConfig;
 
     /// Sparse tables to pull for each batch, with their row widths, e.g.
-    /// `[("item", 18), ("cat", 18)]`, plus `("user", 18)` when `use_user`.
-    fn sparse_tables(&self) -> Vec<(&'static str, usize)>;
+    /// `[("item", 18), ("cat", 18)]`, plus `("user", 18)` when `use_user`;
+    /// with a feature schema, its tables in schema order.
+    fn sparse_tables(&self) -> Vec<(String, usize)>;
 
     /// Forward (and, when `train`, backward) on one batch. In training Dice
     /// uses batch statistics and updates its running averages; in eval it uses

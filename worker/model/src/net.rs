@@ -18,18 +18,62 @@ use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::{to_f32_vec, ParamBuilder, ParamSet};
 use ember_data::batch::{Batch, CAT_TABLE, ITEM_TABLE, USER_TABLE};
+use ember_data::schema::{FeatureSchema, Pooling};
 
-/// The tensors of one batch a model body consumes.
+/// One feature's positions in a batch: which row block it reads and its
+/// index array (`width` ids per position; pad index = the block's `U`).
+#[derive(Debug, Clone, Copy)]
+pub struct FieldRef<'a> {
+    /// Index into [`Inputs::blocks`].
+    pub block: usize,
+    /// Indices into the block, `width` per position.
+    pub idx: &'a [u32],
+    /// Ids per position (1: one-hot; more: multi-hot, pooled).
+    pub width: usize,
+    /// Multi-hot pooling: mean over the non-padding ids (else sum).
+    pub mean: bool,
+}
+
+/// A behaviour feature with the ad feature it is aligned with in the
+/// attention (and its DIEN negatives).
+#[derive(Debug, Clone, Copy)]
+pub struct AlignedField<'a> {
+    /// The candidate's feature: one position per sample.
+    pub ad: FieldRef<'a>,
+    /// The behaviour feature: `T` positions per sample.
+    pub hist: FieldRef<'a>,
+    /// DIEN's negative behaviours, when the batch has them.
+    pub neg: Option<FieldRef<'a>>,
+}
+
+/// A feature outside the attention that joins the MLP input.
+#[derive(Debug, Clone, Copy)]
+pub enum OtherField<'a> {
+    /// An embedded (pooled, when multi-hot) feature, one position per sample.
+    Emb(FieldRef<'a>),
+    /// Column `col` of the batch's dense values `[B, n]`.
+    Dense {
+        /// Column.
+        col: usize,
+        /// Number of dense columns n.
+        n: usize,
+    },
+}
+
+/// The tensors of one batch a model body consumes: the pulled row blocks and
+/// how the batch's features read them. The fixed ids-only layout is the
+/// special case blocks `[item, cat(, user)]`, aligned pairs `(item,
+/// hist_item)`, `(cat, hist_cat)` and the user as the one other feature.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
     /// The batch (indices, lengths).
     pub batch: &'a Batch,
-    /// Item rows.
-    pub item: EmbeddingBlock,
-    /// Category rows.
-    pub cat: EmbeddingBlock,
-    /// User rows (when the model uses them).
-    pub user: Option<EmbeddingBlock>,
+    /// Pulled rows per table, in [`ModelConfig::tables`] order.
+    pub blocks: Vec<EmbeddingBlock>,
+    /// Aligned ad/behaviour features, in schema order.
+    pub aligned: Vec<AlignedField<'a>>,
+    /// Features outside the attention, in schema order.
+    pub others: Vec<OtherField<'a>>,
     /// History mask `[B, T]`.
     pub mask: Tensor,
     /// Labels `[B]`.
@@ -37,59 +81,194 @@ pub struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    /// Assembles inputs from row blocks (already shape-checked).
+    /// Assembles the fixed ids-only layout from row blocks (already
+    /// shape-checked).
     pub fn from_blocks(
         batch: &'a Batch,
         item: EmbeddingBlock,
         cat: EmbeddingBlock,
         user: Option<EmbeddingBlock>,
     ) -> candle_core::Result<Self> {
-        let dev = item.padded.device().clone();
-        let dtype = item.padded.dtype();
+        let one = |block: usize, idx: &'a [u32]| FieldRef {
+            block,
+            idx,
+            width: 1,
+            mean: false,
+        };
+        let aligned = vec![
+            AlignedField {
+                ad: one(0, &batch.item_idx),
+                hist: one(0, &batch.hist_item_idx),
+                neg: batch.neg_item_idx.as_deref().map(|i| one(0, i)),
+            },
+            AlignedField {
+                ad: one(1, &batch.cat_idx),
+                hist: one(1, &batch.hist_cat_idx),
+                neg: batch.neg_cat_idx.as_deref().map(|i| one(1, i)),
+            },
+        ];
+        let mut blocks = vec![item, cat];
+        let mut others = Vec::new();
+        if let Some(u) = user {
+            blocks.push(u);
+            others.push(OtherField::Emb(one(2, &batch.user_idx)));
+        }
+        Self::assemble(batch, blocks, aligned, others)
+    }
+
+    /// Assembles a schema batch's inputs: `blocks` in `schema.tables()`
+    /// order, features per the schema (the batch was checked against it).
+    pub fn from_schema(
+        batch: &'a Batch,
+        schema: &FeatureSchema,
+        blocks: Vec<EmbeddingBlock>,
+    ) -> candle_core::Result<Self> {
+        let sparse = schema.sparse();
+        let dense = schema.dense();
+        let field = |i: usize| -> candle_core::Result<FieldRef<'a>> {
+            let slot = sparse
+                .iter()
+                .position(|&j| j == i)
+                .ok_or_else(|| candle_core::Error::Msg(format!("feature {i} is not sparse")))?;
+            let f = batch.features.get(slot).ok_or_else(|| {
+                candle_core::Error::Msg(format!("batch lacks feature slot {slot}"))
+            })?;
+            Ok(FieldRef {
+                block: f.table,
+                idx: &f.idx,
+                width: f.width,
+                mean: schema.features()[i].pooling == Pooling::Mean,
+            })
+        };
+        let mut aligned = Vec::new();
+        for p in schema.pairs() {
+            let hist = field(p.behaviour)?;
+            let slot = sparse.iter().position(|&j| j == p.behaviour).unwrap_or(0);
+            let neg = batch.features[slot]
+                .neg
+                .as_deref()
+                .map(|idx| FieldRef { idx, ..hist });
+            aligned.push(AlignedField {
+                ad: field(p.ad)?,
+                hist,
+                neg,
+            });
+        }
+        let mut others = Vec::new();
+        for i in schema.others() {
+            if schema.features()[i].is_sparse() {
+                others.push(OtherField::Emb(field(i)?));
+            } else {
+                let col = dense.iter().position(|&j| j == i).unwrap_or(0);
+                others.push(OtherField::Dense {
+                    col,
+                    n: dense.len(),
+                });
+            }
+        }
+        Self::assemble(batch, blocks, aligned, others)
+    }
+
+    fn assemble(
+        batch: &'a Batch,
+        blocks: Vec<EmbeddingBlock>,
+        aligned: Vec<AlignedField<'a>>,
+        others: Vec<OtherField<'a>>,
+    ) -> candle_core::Result<Self> {
+        let first = blocks
+            .first()
+            .ok_or_else(|| candle_core::Error::Msg("no embedding table".into()))?;
+        let dev = first.padded.device().clone();
+        let dtype = first.padded.dtype();
         let (b, t) = (batch.batch_size, batch.max_len);
         let mask = Tensor::from_slice(&batch.mask, (b, t), &dev)?.to_dtype(dtype)?;
         let labels = Tensor::from_slice(&batch.labels, b, &dev)?.to_dtype(dtype)?;
         Ok(Inputs {
             batch,
-            item,
-            cat,
-            user,
+            blocks,
+            aligned,
+            others,
             mask,
             labels,
         })
     }
 
-    /// Target behaviour `[e_item; e_cat]`: `[B, E]`.
-    pub fn target(&self) -> candle_core::Result<Tensor> {
-        Tensor::cat(
-            &[
-                &self.item.lookup(&self.batch.item_idx)?,
-                &self.cat.lookup(&self.batch.cat_idx)?,
-            ],
-            1,
-        )
+    /// Embeddings of `f` at its positions, `[P, D]`: the row for one-hot
+    /// fields, `sum_k e_k` (or the mean over the non-padding ids) for
+    /// multi-hot ones.
+    pub fn field(&self, f: &FieldRef) -> candle_core::Result<Tensor> {
+        let block = &self.blocks[f.block];
+        let e = block.lookup(f.idx)?;
+        if f.width <= 1 {
+            return Ok(e);
+        }
+        let p = f.idx.len() / f.width;
+        let pooled = e.reshape((p, f.width, block.dim))?.sum(1)?;
+        if !f.mean {
+            return Ok(pooled);
+        }
+        let pad = block.unique as u32;
+        let inv: Vec<f32> = f
+            .idx
+            .chunks(f.width)
+            .map(|c| {
+                let n = c.iter().filter(|&&i| i != pad).count();
+                if n == 0 {
+                    0.0
+                } else {
+                    1.0 / n as f32
+                }
+            })
+            .collect();
+        let inv = Tensor::from_slice(&inv, (p, 1), pooled.device())?.to_dtype(pooled.dtype())?;
+        pooled.broadcast_mul(&inv)
     }
 
-    fn behaviours(&self, items: &[u32], cats: &[u32]) -> candle_core::Result<Tensor> {
+    /// Target behaviour (the attention query), the aligned ad features
+    /// concatenated: `[B, E]` (`[e_item; e_cat]` for the ids-only layout).
+    pub fn target(&self) -> candle_core::Result<Tensor> {
+        let parts = self
+            .aligned
+            .iter()
+            .map(|a| self.field(&a.ad))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)
+    }
+
+    fn behaviours(
+        &self,
+        pick: impl Fn(&AlignedField<'a>) -> Option<FieldRef<'a>>,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (b, t) = (self.batch.batch_size, self.batch.max_len);
-        let e = Tensor::cat(&[&self.item.lookup(items)?, &self.cat.lookup(cats)?], 1)?;
-        e.reshape((b, t, self.item.dim + self.cat.dim))
+        let mut parts = Vec::with_capacity(self.aligned.len());
+        for a in &self.aligned {
+            match pick(a) {
+                Some(f) => parts.push(self.field(&f)?),
+                None => return Ok(None),
+            }
+        }
+        let e = Tensor::cat(&parts, 1)?;
+        let width = e.dim(1)?;
+        Ok(Some(e.reshape((b, t, width))?))
     }
 
     /// History behaviours `[B, T, E]` (padded steps are zero rows).
     pub fn history(&self) -> candle_core::Result<Tensor> {
-        self.behaviours(&self.batch.hist_item_idx, &self.batch.hist_cat_idx)
+        self.behaviours(|a| Some(a.hist))?
+            .ok_or_else(|| candle_core::Error::Msg("no behaviour features".into()))
     }
 
     /// Masked pooling of the history behaviours, `[B, E]`: the sum
     /// `sum_t m_t e_t` or (with `mean`) the mean over the valid steps, as
     /// `pooling::masked_sum` / `masked_mean` of [`Inputs::history`]. With
-    /// `fused` on a CPU float tensor it runs the embedding bag of
-    /// `fused_bag` on the pulled rows (no padded intermediate).
+    /// `fused` on a CPU float tensor and one id per step it runs the
+    /// embedding bag of `fused_bag` on the pulled rows (no padded
+    /// intermediate).
     pub fn history_pool(&self, mean: bool, fused: bool) -> candle_core::Result<Tensor> {
         use crate::layer::fused_bag::EmbeddingBag;
         use crate::layer::pooling::{masked_mean, masked_sum};
-        if !(fused && crate::layer::kernels::cpu_real(&self.item.padded)) {
+        let one_hot = self.aligned.iter().all(|a| a.hist.width == 1);
+        if !(fused && one_hot && crate::layer::kernels::cpu_real(&self.blocks[0].padded)) {
             let h = self.history()?;
             return if mean {
                 masked_mean(&h, &self.mask)
@@ -97,38 +276,48 @@ impl<'a> Inputs<'a> {
                 masked_sum(&h, &self.mask)
             };
         }
-        let bag = |idx: &[u32], rows: &Tensor| {
-            EmbeddingBag {
-                idx: idx.to_vec(),
-                lens: self.batch.lens.clone(),
-                t: self.batch.max_len,
-                mean,
-            }
-            .apply(rows)
-        };
-        Tensor::cat(
-            &[
-                &bag(&self.batch.hist_item_idx, self.item.rows.as_tensor())?,
-                &bag(&self.batch.hist_cat_idx, self.cat.rows.as_tensor())?,
-            ],
-            1,
-        )
+        let parts = self
+            .aligned
+            .iter()
+            .map(|a| {
+                EmbeddingBag {
+                    idx: a.hist.idx.to_vec(),
+                    lens: self.batch.lens.clone(),
+                    t: self.batch.max_len,
+                    mean,
+                }
+                .apply(self.blocks[a.hist.block].rows.as_tensor())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)
     }
 
     /// DIEN negative behaviours `[B, T, E]`, when the batch has them.
     pub fn negatives(&self) -> candle_core::Result<Option<Tensor>> {
-        match (&self.batch.neg_item_idx, &self.batch.neg_cat_idx) {
-            (Some(i), Some(c)) => Ok(Some(self.behaviours(i, c)?)),
-            _ => Ok(None),
-        }
+        self.behaviours(|a| a.neg)
     }
 
-    /// User embeddings `[B, Du]` when used.
-    pub fn user(&self) -> candle_core::Result<Option<Tensor>> {
-        match &self.user {
-            Some(u) => Ok(Some(u.lookup(&self.batch.user_idx)?)),
-            None => Ok(None),
+    /// The features outside the attention concatenated, `[B, O]` (the user
+    /// embedding in the ids-only layout), or `None` when there are none.
+    pub fn others(&self) -> candle_core::Result<Option<Tensor>> {
+        if self.others.is_empty() {
+            return Ok(None);
         }
+        let b = self.batch.batch_size;
+        let dev = self.labels.device();
+        let dtype = self.labels.dtype();
+        let mut parts = Vec::with_capacity(self.others.len());
+        for o in &self.others {
+            parts.push(match o {
+                OtherField::Emb(f) => self.field(f)?,
+                OtherField::Dense { col, n } => {
+                    Tensor::from_slice(&self.batch.dense, (b, *n), dev)?
+                        .to_dtype(dtype)?
+                        .narrow(1, *col, 1)?
+                }
+            });
+        }
+        Ok(Some(Tensor::cat(&parts, 1)?))
     }
 }
 
@@ -231,7 +420,11 @@ impl<N: Network> CtrNet<N> {
         rows: &SparseRows,
         train: bool,
     ) -> Result<Inputs<'a>> {
-        validate_batch(batch, train && N::needs_negatives(&self.cfg))?;
+        let negatives = train && N::needs_negatives(&self.cfg);
+        match &self.cfg.features {
+            Some(schema) => validate_schema_batch(batch, schema, negatives)?,
+            None => validate_batch(batch, negatives)?,
+        }
         let block = |table: &str, unique: usize, dim: usize| -> Result<EmbeddingBlock> {
             let r = rows
                 .get(table)
@@ -253,6 +446,13 @@ impl<N: Network> CtrNet<N> {
                 &self.device,
             )?)
         };
+        if let Some(schema) = &self.cfg.features {
+            let mut blocks = Vec::new();
+            for (i, (table, dim)) in schema.tables().iter().enumerate() {
+                blocks.push(block(table, batch.schema_tables[i].unique.len(), *dim)?);
+            }
+            return Ok(Inputs::from_schema(batch, schema, blocks)?);
+        }
         let item = block(ITEM_TABLE, batch.items.unique.len(), self.cfg.item_dim)?;
         let cat = block(CAT_TABLE, batch.cats.unique.len(), self.cfg.cat_dim)?;
         let user = if self.cfg.use_user {
@@ -293,15 +493,8 @@ impl<N: Network> CtrModel for CtrNet<N> {
         &self.cfg
     }
 
-    fn sparse_tables(&self) -> Vec<(&'static str, usize)> {
-        let mut t = vec![
-            (ITEM_TABLE, self.cfg.item_dim),
-            (CAT_TABLE, self.cfg.cat_dim),
-        ];
-        if self.cfg.use_user {
-            t.push((USER_TABLE, self.cfg.user_dim));
-        }
-        t
+    fn sparse_tables(&self) -> Vec<(String, usize)> {
+        self.cfg.tables()
     }
 
     fn step(&mut self, batch: &Batch, rows: &SparseRows, train: bool) -> Result<StepOutput> {
@@ -317,13 +510,8 @@ impl<N: Network> CtrModel for CtrNet<N> {
         };
         if train {
             let grads = obj.total.backward()?;
-            out.sparse_grads
-                .insert(ITEM_TABLE.to_string(), inp.item.grad(&grads)?);
-            out.sparse_grads
-                .insert(CAT_TABLE.to_string(), inp.cat.grad(&grads)?);
-            if let Some(u) = &inp.user {
-                out.sparse_grads
-                    .insert(USER_TABLE.to_string(), u.grad(&grads)?);
+            for ((table, _), block) in self.cfg.tables().into_iter().zip(&inp.blocks) {
+                out.sparse_grads.insert(table, block.grad(&grads)?);
             }
             for (name, var) in &self.set.params {
                 let g = match grads.get(var.as_tensor()) {
@@ -389,6 +577,99 @@ fn set_named(list: &[(String, candle_core::Var)], name: &str, values: &[f32]) ->
     }
     let new = Tensor::from_slice(values, t.shape(), t.device())?.to_dtype(t.dtype())?;
     var.set(&new)?;
+    Ok(())
+}
+
+/// Checks a schema batch against `schema`: its tables and features, array
+/// lengths and index ranges, and DIEN negatives when `needs_negatives`.
+pub fn validate_schema_batch(
+    batch: &Batch,
+    schema: &FeatureSchema,
+    needs_negatives: bool,
+) -> Result<()> {
+    let (b, t) = (batch.batch_size, batch.max_len);
+    let bad = |m: String| Err(ModelError::Batch(m));
+    if !batch.is_schema() {
+        return bad("the model has a feature schema ([[features]]) but the batch was read from a file without one".into());
+    }
+    if b == 0 || t == 0 {
+        return bad(format!("empty batch (B = {b}, T = {t})"));
+    }
+    let tables = schema.tables();
+    if batch.schema_tables.len() != tables.len()
+        || batch
+            .schema_tables
+            .iter()
+            .zip(&tables)
+            .any(|(a, (n, _))| &a.table != n)
+    {
+        return bad("the batch's tables are not the schema's".into());
+    }
+    let sparse = schema.sparse();
+    if batch.features.len() != sparse.len() {
+        return bad(format!(
+            "{} features, the schema has {} sparse ones",
+            batch.features.len(),
+            sparse.len()
+        ));
+    }
+    for (name, len, want) in [
+        ("labels", batch.labels.len(), b),
+        ("lens", batch.lens.len(), b),
+        ("mask", batch.mask.len(), b * t),
+        ("dense", batch.dense.len(), b * schema.dense().len()),
+    ] {
+        if len != want {
+            return bad(format!("`{name}` has {len} entries, expected {want}"));
+        }
+    }
+    if batch.lens.iter().any(|&l| l > t) {
+        return bad(format!("a history length exceeds max_len {t}"));
+    }
+    for (f, &i) in batch.features.iter().zip(&sparse) {
+        let feat = &schema.features()[i];
+        let name = &feat.name;
+        let want = if feat.is_behaviour() {
+            b * t * f.width
+        } else {
+            b * f.width
+        };
+        let pad = batch
+            .schema_tables
+            .get(f.table)
+            .map(|s| s.pad_index())
+            .ok_or_else(|| {
+                ModelError::Batch(format!(
+                    "`{name}` reads table {} of {}",
+                    f.table,
+                    tables.len()
+                ))
+            })?;
+        if tables[f.table].0 != feat.table_name() || f.width != feat.width() {
+            return bad(format!(
+                "`{name}` does not match the schema (table or width)"
+            ));
+        }
+        for (what, idx) in std::iter::once(("", Some(&f.idx)))
+            .chain(std::iter::once((" negatives", f.neg.as_ref())))
+        {
+            let Some(idx) = idx else { continue };
+            if idx.len() != want {
+                return bad(format!(
+                    "`{name}`{what} has {} indices, expected {want}",
+                    idx.len()
+                ));
+            }
+            if let Some(&i) = idx.iter().find(|&&i| i > pad) {
+                return bad(format!("`{name}`{what} index {i} > pad index {pad}"));
+            }
+        }
+        if needs_negatives && feat.is_behaviour() && f.neg.is_none() {
+            return bad(format!(
+                "DIEN with aux loss needs negative behaviours (`neg:{name}` columns) in training batches"
+            ));
+        }
+    }
     Ok(())
 }
 

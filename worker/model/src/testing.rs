@@ -43,7 +43,7 @@ pub struct InMemoryStore {
 
 impl InMemoryStore {
     /// Store for `tables` (name, width), Adagrad with `lr`, seeded row init.
-    pub fn new(tables: &[(&str, usize)], lr: f32, seed: u64) -> Self {
+    pub fn new(tables: &[(String, usize)], lr: f32, seed: u64) -> Self {
         InMemoryStore {
             dims: tables.iter().map(|(n, d)| (n.to_string(), *d)).collect(),
             rows: HashMap::new(),
@@ -206,6 +206,7 @@ pub fn synthetic_samples(spec: &SyntheticSpec, n: usize, seed: u64) -> Vec<Sampl
                 hist_items: hist,
                 neg_cats: neg.iter().map(|&i| cat_of(i)).collect(),
                 neg_items: neg,
+                ..Default::default()
             }
         })
         .collect()

@@ -294,7 +294,10 @@ fn trait_surface_names_grads_and_state() {
     ));
 
     let mut model = build_model(&cfg, &Device::Cpu).unwrap();
-    assert_eq!(model.sparse_tables(), vec![("item", 18), ("cat", 18)]);
+    assert_eq!(
+        model.sparse_tables(),
+        vec![("item".to_string(), 18), ("cat".to_string(), 18)]
+    );
     let names: Vec<String> = model.dense_params().into_iter().map(|(n, _)| n).collect();
     for want in [
         "gru.w_ih",
@@ -539,4 +542,243 @@ fn dice_momentum_and_eps_come_from_the_config() {
             "{field}"
         );
     }
+}
+
+/// A schema with every feature kind: a multi-hot ad feature with a
+/// multi-hot behaviour (mean), an unaligned multi-hot ad feature (sum), a
+/// user id, a context id sharing no table, and a dense feature.
+const FULL_SCHEMA: &str = r#"
+[[features]]
+name = "movie"
+kind = "sparse"
+group = "ad"
+table = "item"
+dim = 3
+[[features]]
+name = "genres"
+kind = "multi_hot"
+max_len = 3
+pooling = "mean"
+group = "ad"
+table = "genre"
+dim = 2
+[[features]]
+name = "hist_movie"
+kind = "sparse"
+group = "behaviour"
+table = "item"
+dim = 3
+align = "movie"
+[[features]]
+name = "hist_genres"
+kind = "multi_hot"
+max_len = 3
+pooling = "mean"
+group = "behaviour"
+table = "genre"
+dim = 2
+align = "genres"
+[[features]]
+name = "tags"
+kind = "multi_hot"
+max_len = 2
+group = "ad"
+table = "genre"
+dim = 2
+[[features]]
+name = "user"
+kind = "sparse"
+group = "user"
+dim = 2
+[[features]]
+name = "hour"
+kind = "sparse"
+group = "context"
+dim = 2
+[[features]]
+name = "age"
+kind = "dense"
+group = "user"
+"#;
+
+/// Schema samples of [`FULL_SCHEMA`] (random ids, some empty multi-hot
+/// cells and histories), with DIEN negatives.
+fn full_samples(n: usize, seed: u64) -> Vec<ember_data::batch::Sample> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|r| {
+            let t = if r == 0 { 0 } else { rng.random_range(1..=4) };
+            let genres = |rng: &mut StdRng| -> Vec<u64> {
+                let k = rng.random_range(0..=3);
+                let mut v: Vec<u64> = (0..k).map(|_| rng.random_range(1..=6)).collect();
+                v.resize(3, 0);
+                v
+            };
+            let hist_genres: Vec<u64> = (0..t).flat_map(|_| genres(&mut rng)).collect();
+            let neg_genres: Vec<u64> = (0..t).flat_map(|_| genres(&mut rng)).collect();
+            let mut g = genres(&mut rng);
+            g.retain(|&x| x != 0);
+            ember_data::batch::Sample {
+                label: (r % 2) as f32,
+                user: r as u64 + 1,
+                fields: vec![
+                    vec![rng.random_range(1..=9)],
+                    g,
+                    (0..t).map(|_| rng.random_range(1..=9)).collect(),
+                    hist_genres,
+                    (0..rng.random_range(0..=2))
+                        .map(|_| rng.random_range(1..=6))
+                        .collect(),
+                    vec![rng.random_range(1..=4)],
+                    vec![rng.random_range(1..=3)],
+                ],
+                neg_fields: vec![
+                    (0..t).map(|_| rng.random_range(1..=9)).collect(),
+                    neg_genres,
+                ],
+                dense: vec![rng.random_range(-1.0..1.0)],
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+fn gradcheck_schema_model<N: Network>(cfg: &ModelConfig, what: &str) {
+    let schema = cfg.features.clone().unwrap();
+    let net = CtrNet::<N>::new(cfg, &Device::Cpu, DType::F64).unwrap();
+    let batch = Batch::from_schema_samples(&full_samples(6, 5), 4, &schema);
+    let rows: Vec<Var> = schema
+        .tables()
+        .iter()
+        .enumerate()
+        .map(|(i, (_, d))| rand_rows(batch.schema_tables[i].unique.len(), *d, 10 + i as u64))
+        .collect();
+    let f = || {
+        let blocks = rows
+            .iter()
+            .map(|v| EmbeddingBlock::from_var(v.clone()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let inp = Inputs::from_schema(&batch, &schema, blocks)?;
+        Ok(net.objective(&inp, Mode::TRAIN_FROZEN)?.total)
+    };
+    let mut vars = net.param_set().params.clone();
+    for ((t, _), v) in schema.tables().iter().zip(&rows) {
+        vars.push((format!("rows.{t}"), v.clone()));
+    }
+    let g = f().unwrap().backward().unwrap();
+    for ((t, _), v) in schema.tables().iter().zip(&rows) {
+        let n = g.get(v.as_tensor()).map(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        });
+        assert!(n.unwrap_or(0.0) > 0.0, "{what}: no gradient for table {t}");
+    }
+    let rep = check(&vars, f, 12, 1e-5, 1e-3).unwrap();
+    assert_ok(what, &rep);
+}
+
+#[test]
+fn gradcheck_schema_models_with_multi_hot_dense_and_context() {
+    let schema = ember_data::schema::FeatureSchema::from_toml(FULL_SCHEMA).unwrap();
+    assert_eq!(
+        (schema.behaviour_dim(), schema.other_dim()),
+        (5, 2 + 2 + 2 + 1)
+    );
+    for kind in [ModelKind::Base, ModelKind::Din, ModelKind::Dien] {
+        for fused in [false, true] {
+            let mut c = small(kind);
+            c.features = Some(schema.clone());
+            c.dien_hidden = 5;
+            c.aux_loss = kind == ModelKind::Dien;
+            c.fused = fused;
+            let what = format!("schema {kind:?} fused={fused}");
+            match kind {
+                ModelKind::Base => gradcheck_schema_model::<BaseModel>(&c, &what),
+                ModelKind::Din => gradcheck_schema_model::<Din>(&c, &what),
+                ModelKind::Dien => gradcheck_schema_model::<Dien>(&c, &what),
+            }
+        }
+    }
+}
+
+#[test]
+fn ids_only_schema_is_bit_identical_to_the_fixed_layout() {
+    use ember_data::schema::FeatureSchema;
+    use ember_data::schema_format::from_legacy;
+    let spec = SyntheticSpec {
+        items: 40,
+        cats: 5,
+        users: 9,
+        hist_len: (1, 7),
+        negatives: true,
+    };
+    let samples = synthetic_samples(&spec, 32, 11);
+    for kind in [ModelKind::Base, ModelKind::Din, ModelKind::Dien] {
+        for use_user in [false, true] {
+            let mut fixed = small(kind);
+            fixed.use_user = use_user;
+            fixed.aux_loss = kind == ModelKind::Dien;
+            fixed.activation = Activation::Dice;
+            let mut wide = fixed.clone();
+            wide.use_user = false;
+            wide.features = Some(FeatureSchema::ids_only(3, 3, use_user.then_some(2)).unwrap());
+            let schema = wide.features.clone().unwrap();
+            let lb = Batch::from_samples(&samples, 6);
+            let converted: Vec<_> = samples.iter().map(|s| from_legacy(s, use_user)).collect();
+            let wb = Batch::from_schema_samples(&converted, 6, &schema);
+            let mut a = build_model(&fixed, &Device::Cpu).unwrap();
+            let mut b = build_model(&wide, &Device::Cpu).unwrap();
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut rows = SparseRows::new();
+            for ids in lb.tables() {
+                let d = if ids.table == "user" { 2 } else { 3 };
+                rows.insert(
+                    &ids.table,
+                    (0..ids.unique.len() * d)
+                        .map(|_| rng.random_range(-0.5..0.5))
+                        .collect(),
+                );
+            }
+            for train in [true, false] {
+                let x = a.step(&lb, &rows, train).unwrap();
+                let y = b.step(&wb, &rows, train).unwrap();
+                assert_eq!(x, y, "{kind:?} use_user={use_user} train={train}");
+            }
+            assert_eq!(a.dense_state(), b.dense_state());
+        }
+    }
+}
+
+#[test]
+fn schema_models_refuse_legacy_batches_and_bad_config() {
+    let schema = ember_data::schema::FeatureSchema::from_toml(FULL_SCHEMA).unwrap();
+    let mut c = small(ModelKind::Din);
+    c.features = Some(schema.clone());
+    let mut m = build_model(&c, &Device::Cpu).unwrap();
+    let legacy = small_batch(1, 4);
+    let e = m
+        .step(&legacy, &SparseRows::new(), true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("without one"), "{e}");
+    let wide = Batch::from_schema_samples(&full_samples(4, 2), 4, &schema);
+    let e = m
+        .step(&wide, &SparseRows::new(), true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("sparse rows of table `item` missing"), "{e}");
+    c.use_user = true;
+    let e = build_model(&c, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("use_user"), "{e}");
+    let mut d = small(ModelKind::Dien);
+    d.features = Some(schema);
+    d.dien_hidden = 6;
+    let e = build_model(&d, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("dien_hidden") && e.contains("= 5"), "{e}");
 }

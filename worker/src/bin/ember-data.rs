@@ -6,6 +6,7 @@
 //! ```text
 //! scripts/fetch-ml100k.sh
 //! ember-data prepare --raw-dir data/ml-100k --out data/ml100k-din
+//! ember-data prepare --config configs/din_ml100k_full.toml
 //! ember-data count --train data/ml100k-din/train.txt --out data/ml100k-din/counts.bin
 //! ember-data synth --ids 100000000 --users 1000000 --rows 1000000 --out data/synth.txt
 //! ember-data bench-reader --file data/ml100k-din/train.txt --batch 128
@@ -19,6 +20,7 @@ use ember_worker::data::counts::{count, CountOptions};
 use ember_worker::data::prepare::{prepare, PrepareOptions, Protocol};
 use ember_worker::data::reader::{bench_reader, ReaderOptions};
 use ember_worker::data::synth::{write_synth, SynthOptions};
+use ember_worker::data::tabular::{load_job, prepare_tabular};
 use ember_worker::data::DataError;
 
 /// Ember data tools.
@@ -43,14 +45,21 @@ enum ProtocolArg {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Raw ML-100k -> train/test sample files, sequences, id maps, meta.json.
+    /// Raw ML-100k -> train/test sample files, sequences, id maps, meta.json;
+    /// or, with --config, tabular files -> sample files of the job's features.
     Prepare {
+        /// A job file: prepare its `[[features]]` from the tables its
+        /// `[prepare]` section names (CSV, TSV, Parquet; other sections are
+        /// ignored). Replaces the ML-100k options below.
+        #[arg(long, conflicts_with_all = ["raw_dir", "seed", "protocol", "max_len", "no_neg", "test_fraction"])]
+        config: Option<PathBuf>,
         /// Directory with ml-100k.inter and ml-100k.item.
         #[arg(long, default_value = "data/ml-100k")]
         raw_dir: PathBuf,
-        /// Output directory.
-        #[arg(long, default_value = "data/ml100k-din")]
-        out: PathBuf,
+        /// Output directory [default: data/ml100k-din; with --config, the
+        /// job's `prepare.out`].
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Seed (negatives, shuffle, split).
         #[arg(long, default_value_t = 1234)]
         seed: u64,
@@ -84,6 +93,10 @@ enum Cmd {
         /// Skip and count malformed lines.
         #[arg(long)]
         skip_malformed: bool,
+        /// A job file whose `[[features]]` the training files follow (files
+        /// with a schema header); every sparse feature is counted per table.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Seeded synthetic data (Zipf item popularity, user interests).
     Synth {
@@ -118,6 +131,10 @@ enum Cmd {
         /// Test sample file.
         #[arg(long)]
         test: PathBuf,
+        /// A job file whose `[[features]]` the files follow; the item is
+        /// the ad feature of its first behaviour feature.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Reader throughput (samples/s into ready batches, one thread).
     BenchReader {
@@ -136,13 +153,44 @@ enum Cmd {
         /// Epochs to read.
         #[arg(long, default_value_t = 1)]
         epochs: u64,
+        /// A job file whose `[[features]]` the file follows (schema header).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
+}
+
+/// The `[[features]]` of a job file, when a job file is given.
+fn job_schema(
+    config: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<ember_worker::data::schema::FeatureSchema>>, DataError> {
+    let Some(path) = config else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    ember_worker::data::schema::FeatureSchema::from_toml(&text)
+        .map(|s| Some(std::sync::Arc::new(s)))
+        .map_err(|reason| DataError::Inconsistent {
+            path: path.to_path_buf(),
+            reason,
+        })
 }
 
 fn run(cli: Cli) -> Result<String, DataError> {
     let progress = !cli.quiet;
     Ok(match cli.cmd {
         Cmd::Prepare {
+            config: Some(config),
+            out,
+            ..
+        } => {
+            let (schema, mut spec) = load_job(&config)?;
+            if out.is_some() {
+                spec.out = out;
+            }
+            prepare_tabular(&schema, &spec, progress)?.to_string()
+        }
+        Cmd::Prepare {
+            config: None,
             raw_dir,
             out,
             seed,
@@ -152,7 +200,7 @@ fn run(cli: Cli) -> Result<String, DataError> {
             test_fraction,
         } => prepare(&PrepareOptions {
             raw_dir,
-            out_dir: out,
+            out_dir: out.unwrap_or_else(|| PathBuf::from("data/ml100k-din")),
             seed,
             protocol: match protocol {
                 ProtocolArg::Din => Protocol::Din,
@@ -170,6 +218,7 @@ fn run(cli: Cli) -> Result<String, DataError> {
             max_len,
             include_neg,
             skip_malformed,
+            config,
         } => count(&CountOptions {
             train,
             out,
@@ -177,6 +226,7 @@ fn run(cli: Cli) -> Result<String, DataError> {
             include_neg,
             skip_malformed,
             progress,
+            schema: job_schema(config.as_deref())?,
         })?
         .to_string(),
         Cmd::Synth {
@@ -200,8 +250,12 @@ fn run(cli: Cli) -> Result<String, DataError> {
             };
             write_synth(&opts, &out)?.to_string()
         }
-        Cmd::Popularity { train, test } => {
-            let (auc, gauc, rows) = popularity(&train, &test)?;
+        Cmd::Popularity {
+            train,
+            test,
+            config,
+        } => {
+            let (auc, gauc, rows) = popularity(&train, &test, job_schema(config.as_deref())?)?;
             format!(
                 "popularity baseline on {} ({rows} rows): AUC {auc:.4}  GAUC {gauc:.4}",
                 test.display()
@@ -213,6 +267,7 @@ fn run(cli: Cli) -> Result<String, DataError> {
             max_len,
             shuffle_buffer,
             epochs,
+            config,
         } => bench_reader(
             &[file],
             ReaderOptions {
@@ -220,6 +275,7 @@ fn run(cli: Cli) -> Result<String, DataError> {
                 max_len,
                 shuffle_buffer,
                 epochs,
+                schema: job_schema(config.as_deref())?,
                 ..ReaderOptions::default()
             },
         )?
@@ -231,20 +287,39 @@ fn run(cli: Cli) -> Result<String, DataError> {
 fn popularity(
     train: &std::path::Path,
     test: &std::path::Path,
+    schema: Option<std::sync::Arc<ember_worker::data::schema::FeatureSchema>>,
 ) -> Result<(f64, f64, usize), DataError> {
     use ember_worker::data::reader::SampleReader;
+    // The item of a schema sample: the first id of the first aligned ad feature.
+    let slot = match &schema {
+        Some(sc) => {
+            let ad = sc.pairs().first().map(|p| p.ad).unwrap_or(0);
+            Some(sc.sparse().iter().position(|&i| i == ad).unwrap_or(0))
+        }
+        None => None,
+    };
+    let item = |s: &ember_worker::batch::Sample| match slot {
+        Some(k) => s
+            .fields
+            .get(k)
+            .and_then(|v| v.first())
+            .copied()
+            .unwrap_or(0),
+        None => s.item,
+    };
     let mut clicks: std::collections::HashMap<u64, f32> = std::collections::HashMap::new();
-    let mut r = SampleReader::open(&[train.to_path_buf()], 0, 1, false)?;
+    let mut r =
+        SampleReader::open(&[train.to_path_buf()], 0, 1, false)?.with_schema(schema.clone());
     while let Some(s) = r.read()? {
         if s.label > 0.5 {
-            *clicks.entry(s.item).or_default() += 1.0;
+            *clicks.entry(item(&s)).or_default() += 1.0;
         }
         r.recycle(s);
     }
     let (mut scores, mut labels, mut users) = (Vec::new(), Vec::new(), Vec::new());
-    let mut r = SampleReader::open(&[test.to_path_buf()], 0, 1, false)?;
+    let mut r = SampleReader::open(&[test.to_path_buf()], 0, 1, false)?.with_schema(schema);
     while let Some(s) = r.read()? {
-        scores.push(clicks.get(&s.item).copied().unwrap_or(0.0));
+        scores.push(clicks.get(&item(&s)).copied().unwrap_or(0.0));
         labels.push(s.label);
         users.push(s.user);
         r.recycle(s);

@@ -81,12 +81,13 @@ fn samples(n: usize, max_len: usize, rng: &mut StdRng) -> Vec<Sample> {
                 hist_items: hist,
                 neg_cats: neg.iter().map(|&i| cat(i)).collect(),
                 neg_items: neg,
+                ..Default::default()
             }
         })
         .collect()
 }
 
-fn rows(batch: &Batch, tables: &[(&'static str, usize)], rng: &mut StdRng) -> SparseRows {
+fn rows(batch: &Batch, tables: &[(String, usize)], rng: &mut StdRng) -> SparseRows {
     let mut r = SparseRows::new();
     for ids in batch.tables() {
         if let Some((_, d)) = tables.iter().find(|(n, _)| *n == ids.table) {

@@ -51,6 +51,15 @@ pub struct JobConfig {
     /// TLS and the bearer token of every gRPC connection.
     #[serde(default)]
     pub security: SecurityConfig,
+    /// The declared features (`[[features]]`, see `ember_data::schema`):
+    /// [`JobConfig::parse`] validates them and moves them into
+    /// `model.features`, so this list is empty after parsing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<ember_data::schema::Feature>,
+    /// How `ember-data prepare --config` builds `data.train` / `data.test`
+    /// from tabular files (CSV/TSV/Parquet) by the schema; unused by training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<ember_data::tabular::PrepareSpec>,
 }
 
 fn default_name() -> String {
@@ -929,9 +938,25 @@ impl JobConfig {
             let path = e.path().to_string();
             TrainError::Config(format!("{origin}: {path}: {}", e.into_inner()))
         })?;
+        let mut cfg = cfg;
+        if !cfg.features.is_empty() {
+            if cfg.model.features.is_some() {
+                return Err(TrainError::Config(format!(
+                    "{origin}: features: declared both as [[features]] and in [model]; keep one"
+                )));
+            }
+            let schema = ember_data::schema::FeatureSchema::new(std::mem::take(&mut cfg.features))
+                .map_err(|e| TrainError::Config(format!("{origin}: features: {e}")))?;
+            cfg.model.features = Some(schema);
+        }
         cfg.validate()
             .map_err(|e| TrainError::Config(format!("{origin}: {e}")))?;
         Ok(cfg)
+    }
+
+    /// The feature schema the data files must follow (`None`: legacy files).
+    pub fn schema(&self) -> Option<std::sync::Arc<ember_data::schema::FeatureSchema>> {
+        self.model.features.clone().map(std::sync::Arc::new)
     }
 
     /// Checks every field; the error names the bad one.
@@ -983,15 +1008,14 @@ impl JobConfig {
             "gru4rec_out",
             "gru4rec_bias",
         ];
-        if let Some(t) = self
-            .sparse
-            .tables
-            .keys()
-            .find(|t| !TABLES.contains(&t.as_str()))
-        {
+        let mut known: Vec<String> = TABLES.iter().map(|t| t.to_string()).collect();
+        if let Some(schema) = &self.model.features {
+            known.extend(schema.tables().into_iter().map(|(t, _)| t));
+        }
+        if let Some(t) = self.sparse.tables.keys().find(|t| !known.contains(t)) {
             return Err(format!(
                 "sparse.tables.{t}: no such table (the tables are {})",
-                TABLES.join(", ")
+                known.join(", ")
             ));
         }
         if !(0.0..1.0).contains(&self.sparse.id_dropout) {

@@ -47,6 +47,7 @@ pub async fn evaluate(
         epochs: 1,
         skip_malformed: cfg.data.skip_malformed,
         drop_last: false,
+        schema: cfg.schema(),
     };
     let mut reader = BatchReader::new(&[path.to_path_buf()], opts).map_err(TrainError::Data)?;
     let tables = model.sparse_tables();

@@ -146,8 +146,12 @@ fn count_in_memory(cfg: &JobConfig) -> Result<counts::TableCounts, TrainError> {
         1,
         cfg.data.skip_malformed,
     )
-    .map_err(TrainError::Data)?;
-    let mut counter = counts::Counter::new(cfg.data.max_len, false);
+    .map_err(TrainError::Data)?
+    .with_schema(cfg.schema());
+    let mut counter = match cfg.schema() {
+        Some(schema) => counts::Counter::with_schema(cfg.data.max_len, false, schema),
+        None => counts::Counter::new(cfg.data.max_len, false),
+    };
     while let Some(s) = reader.read().map_err(TrainError::Data)? {
         counter.add(&s);
         reader.recycle(s);

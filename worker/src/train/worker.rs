@@ -124,12 +124,12 @@ fn ids_of<'a>(batch: &'a Batch, table: &str) -> Result<&'a SparseIds, TrainError
 pub async fn pull_rows(
     ps: &Backend,
     batch: &Batch,
-    tables: &[(&'static str, usize)],
+    tables: &[(String, usize)],
 ) -> Result<SparseRows, TrainError> {
     let futs = tables.iter().map(|(t, _)| async move {
         let ids = ids_of(batch, t)?;
         let (rows, _) = ps.pull(t, &ids.unique).await?;
-        Ok::<_, TrainError>((*t, rows))
+        Ok::<_, TrainError>((t.as_str(), rows))
     });
     let mut out = SparseRows::new();
     for (t, rows) in try_join_all(futs).await? {
@@ -453,6 +453,7 @@ fn open_reader(job: &WorkerJob) -> Result<BatchReader, TrainError> {
         epochs: 1,
         skip_malformed: cfg.data.skip_malformed,
         drop_last: false,
+        schema: cfg.schema(),
     };
     let files = std::slice::from_ref(&cfg.data.train);
     let reader = if job.skip_steps > 0 {
@@ -473,7 +474,7 @@ fn open_reader(job: &WorkerJob) -> Result<BatchReader, TrainError> {
 async fn read_and_pull(
     reader: &mut BatchReader,
     ps: &Backend,
-    tables: &[(&'static str, usize)],
+    tables: &[(String, usize)],
     async_dense: bool,
 ) -> Result<Option<Ready>, TrainError> {
     let Some(batch) = reader.next_batch().map_err(TrainError::Data)? else {
@@ -511,7 +512,7 @@ impl Feed {
     fn start(
         job: &WorkerJob,
         ps: &Backend,
-        tables: &[(&'static str, usize)],
+        tables: &[(String, usize)],
         async_dense: bool,
         limit: Option<u64>,
     ) -> Result<Feed, TrainError> {
@@ -552,7 +553,7 @@ impl Feed {
         &mut self,
         report: &mut WorkerReport,
         ps: &Backend,
-        tables: &[(&'static str, usize)],
+        tables: &[(String, usize)],
     ) -> Result<Option<Ready>, TrainError> {
         match self {
             Feed::Inline {
