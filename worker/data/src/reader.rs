@@ -65,6 +65,10 @@ pub struct ReaderOptions {
     /// ([`crate::schema_format`]) and batches are schema batches
     /// ([`Batch::from_schema_samples`]); `None` reads the legacy format.
     pub schema: Option<Arc<FeatureSchema>>,
+    /// Parse the DIEN negative columns of schema files (only the auxiliary
+    /// loss reads them; skipping them roughly halves the parsing of files
+    /// with wide behaviour features). Legacy files always carry them.
+    pub negatives: bool,
 }
 
 impl Default for ReaderOptions {
@@ -80,6 +84,7 @@ impl Default for ReaderOptions {
             skip_malformed: false,
             drop_last: false,
             schema: None,
+            negatives: true,
         }
     }
 }
@@ -144,6 +149,8 @@ pub struct SampleReader {
     layout: Option<Layout>,
     /// The current file's first line has not been checked yet.
     fresh: bool,
+    /// Parse DIEN negative columns of schema files.
+    negatives: bool,
 }
 
 impl SampleReader {
@@ -175,6 +182,7 @@ impl SampleReader {
             schema: None,
             layout: None,
             fresh: false,
+            negatives: true,
         })
     }
 
@@ -183,6 +191,13 @@ impl SampleReader {
     /// legacy format (a file with a schema header is then an error).
     pub fn with_schema(mut self, schema: Option<Arc<FeatureSchema>>) -> Self {
         self.schema = schema;
+        self
+    }
+
+    /// Whether to parse the DIEN negative columns of schema files (default
+    /// true; see [`ReaderOptions::negatives`]).
+    pub fn with_negatives(mut self, negatives: bool) -> Self {
+        self.negatives = negatives;
         self
     }
 
@@ -214,7 +229,7 @@ impl SampleReader {
                     .take(MAX_LINE_BYTES as u64)
                     .read_until(b'\n', &mut line)
                     .map_err(|e| DataError::io(&*path, e))?;
-                self.layout = Some(Layout::from_header(path, &line, schema)?);
+                self.layout = Some(Layout::from_header(path, &line, schema, self.negatives)?);
                 self.line_in_file += 1;
                 Ok(())
             }
@@ -521,7 +536,8 @@ impl BatchReader {
             self.opts.num_workers,
             self.opts.skip_malformed,
         )?
-        .with_schema(self.opts.schema.clone());
+        .with_schema(self.opts.schema.clone())
+        .with_negatives(self.opts.negatives);
         self.epoch_reader = Some((
             reader,
             ShuffleBuffer::new(self.opts.shuffle_buffer, seed),

@@ -166,11 +166,13 @@ pub struct Layout {
 
 impl Layout {
     /// Maps the header `line` of `path` onto `schema`; names the first
-    /// declared feature the file lacks.
+    /// declared feature the file lacks. With `negatives` false the DIEN
+    /// `neg:` columns are skipped unparsed (only the auxiliary loss reads them).
     pub fn from_header(
         path: &Path,
         line: &[u8],
         schema: &FeatureSchema,
+        negatives: bool,
     ) -> Result<Self, DataError> {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -241,7 +243,7 @@ impl Layout {
                 names[4..].join(", ")
             )));
         }
-        let with_neg = !neg_found.is_empty() && neg_found.iter().all(|&f| f);
+        let with_neg = negatives && !neg_found.is_empty() && neg_found.iter().all(|&f| f);
         if !with_neg {
             // Partial negatives are unusable: ignore them all.
             for c in cols.iter_mut() {
@@ -510,7 +512,7 @@ group = "user"
         let schema = FeatureSchema::from_toml(FULL).unwrap();
         for with_neg in [false, true] {
             let h = header(&schema, with_neg);
-            let layout = Layout::from_header(Path::new("f"), h.as_bytes(), &schema).unwrap();
+            let layout = Layout::from_header(Path::new("f"), h.as_bytes(), &schema, true).unwrap();
             assert_eq!(layout.has_negatives(), with_neg);
             let mut buf = Vec::new();
             encode(&mut buf, &sample(), &schema, with_neg);
@@ -524,6 +526,14 @@ group = "user"
             }
             assert_eq!(back, want);
             assert_eq!(steps_of(&back, &schema), 2);
+            // Without negatives requested the neg: columns are skipped.
+            let plain = Layout::from_header(Path::new("f"), h.as_bytes(), &schema, false).unwrap();
+            assert!(!plain.has_negatives());
+            plain
+                .parse_into(&schema, Path::new("f"), 2, &buf[..buf.len() - 1], &mut back)
+                .unwrap();
+            want.neg_fields.clear();
+            assert_eq!(back, want);
         }
     }
 
@@ -532,7 +542,7 @@ group = "user"
         let full = FeatureSchema::from_toml(FULL).unwrap();
         let ids = full.subset(&["movie", "hist_movie"]).unwrap();
         let h = header(&full, true);
-        let layout = Layout::from_header(Path::new("f"), h.as_bytes(), &ids).unwrap();
+        let layout = Layout::from_header(Path::new("f"), h.as_bytes(), &ids, true).unwrap();
         assert!(
             layout.has_negatives(),
             "neg:hist_movie is there; neg:hist_genres is ignored"
@@ -556,6 +566,7 @@ group = "user"
             Path::new("data/x.txt"),
             header(&ids, false).as_bytes(),
             &full,
+            true,
         )
         .unwrap_err()
         .to_string();
@@ -563,13 +574,14 @@ group = "user"
             e.contains("data/x.txt") && e.contains("feature `genres`"),
             "{e}"
         );
-        let e = Layout::from_header(Path::new("x"), b"label\tuser\n", &full)
+        let e = Layout::from_header(Path::new("x"), b"label\tuser\n", &full, true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("#ember-samples"), "{e}");
 
         let layout =
-            Layout::from_header(Path::new("f"), header(&full, false).as_bytes(), &full).unwrap();
+            Layout::from_header(Path::new("f"), header(&full, false).as_bytes(), &full, true)
+                .unwrap();
         let mut s = Sample::default();
         let e = layout
             .parse_into(

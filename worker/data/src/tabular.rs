@@ -1957,7 +1957,7 @@ pub(crate) mod tests {
             .subset(&["item", "hist_item", "genres", "hist_genres"])
             .unwrap();
         for s in [&schema, &sub] {
-            let layout = Layout::from_header(Path::new("test.txt"), head, s).unwrap();
+            let layout = Layout::from_header(Path::new("test.txt"), head, s, true).unwrap();
             let mut sample = Sample::default();
             let first = it.clone().next().unwrap();
             layout

@@ -156,6 +156,10 @@ enum Cmd {
         /// A job file whose `[[features]]` the file follows (schema header).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Schema files: also parse the DIEN negative columns (as a DIEN
+        /// job with the auxiliary loss does; DIN and Base skip them).
+        #[arg(long)]
+        with_neg: bool,
     },
 }
 
@@ -268,6 +272,7 @@ fn run(cli: Cli) -> Result<String, DataError> {
             shuffle_buffer,
             epochs,
             config,
+            with_neg,
         } => bench_reader(
             &[file],
             ReaderOptions {
@@ -276,6 +281,7 @@ fn run(cli: Cli) -> Result<String, DataError> {
                 shuffle_buffer,
                 epochs,
                 schema: job_schema(config.as_deref())?,
+                negatives: with_neg,
                 ..ReaderOptions::default()
             },
         )?

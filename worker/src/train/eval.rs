@@ -48,6 +48,7 @@ pub async fn evaluate(
         skip_malformed: cfg.data.skip_malformed,
         drop_last: false,
         schema: cfg.schema(),
+        negatives: false,
     };
     let mut reader = BatchReader::new(&[path.to_path_buf()], opts).map_err(TrainError::Data)?;
     let tables = model.sparse_tables();

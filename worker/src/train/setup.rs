@@ -147,7 +147,8 @@ fn count_in_memory(cfg: &JobConfig) -> Result<counts::TableCounts, TrainError> {
         cfg.data.skip_malformed,
     )
     .map_err(TrainError::Data)?
-    .with_schema(cfg.schema());
+    .with_schema(cfg.schema())
+    .with_negatives(false);
     let mut counter = match cfg.schema() {
         Some(schema) => counts::Counter::with_schema(cfg.data.max_len, false, schema),
         None => counts::Counter::new(cfg.data.max_len, false),

@@ -454,6 +454,7 @@ fn open_reader(job: &WorkerJob) -> Result<BatchReader, TrainError> {
         skip_malformed: cfg.data.skip_malformed,
         drop_last: false,
         schema: cfg.schema(),
+        negatives: cfg.model.kind == crate::model::ModelKind::Dien && cfg.model.aux_loss,
     };
     let files = std::slice::from_ref(&cfg.data.train);
     let reader = if job.skip_steps > 0 {
