@@ -39,7 +39,7 @@ for run in $RUNS; do
   case "$kind" in base|din|dien) ;; *) echo "unknown model in $name" >&2; exit 2 ;; esac
   case "$set_" in ids|full) ;; *) echo "unknown feature set in $name" >&2; exit 2 ;; esac
   cfg="$Q/$name.toml"
-  sed -e "s/^name = .*/name = \"features-$name\"/" \
+  sed -e "0,/^name = .*/s//name = \"features-$name\"/" \
       -e "s/^kind = \"din\"/kind = \"$kind\"/" \
       -e "s/^epochs = .*/epochs = $EPOCHS/" \
       "configs/din_ml100k_$set_.toml" > "$cfg"

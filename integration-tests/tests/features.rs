@@ -205,6 +205,24 @@ fn click_logs_with_profile_and_multi_hot_features_train_on_shards() {
             "column {col} missing: {header}"
         );
     }
+    // A feature the prepared files lack: named with the file, before any shard starts.
+    let region = "[[features]]\nname = \"region\"\nkind = \"sparse\"\ngroup = \"user\"\ndim = 4\n";
+    let bad = job(d, "bad", &format!("{IDS_FEATURES}{region}"), cluster, train);
+    let out = Command::new(bin("ember"))
+        .args(["train", "--quiet", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("feature `region`") && stderr.contains("data/train.txt"),
+        "{stderr}"
+    );
+    assert!(
+        !d.join("run-bad/logs/shard-0.log").exists(),
+        "a shard was started"
+    );
     let mut auc = Vec::new();
     for (name, job) in [("full", &full), ("ids", &ids)] {
         let out = ember_train(job, &[]);

@@ -130,6 +130,7 @@ pub async fn train(mut cfg: JobConfig, opts: &LaunchOptions) -> Result<RunReport
         std::fs::remove_dir_all(&ckpt).map_err(io_err(&ckpt))?;
     }
     std::fs::create_dir_all(&ckpt).map_err(io_err(&ckpt))?;
+    ember_worker::train::setup::check_data(&cfg)?;
     let mut cl = Cluster::start(cfg, opts).await?;
     let k = steps_per_epoch(&cl.cfg)?;
     let report_path = out.join("metrics.json");

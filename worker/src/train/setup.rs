@@ -11,7 +11,8 @@ use super::TrainError;
 use crate::data::counts;
 use crate::data::reader::SampleReader;
 
-/// Number of lines of a sample file (the launcher splits steps evenly).
+/// Number of samples of a sample file: its lines, less the header line of a
+/// schema file (the launcher splits steps evenly).
 pub fn count_rows(path: &Path) -> Result<u64, TrainError> {
     let f = std::fs::File::open(path).map_err(|e| TrainError::Io {
         path: path.display().to_string(),
@@ -19,6 +20,7 @@ pub fn count_rows(path: &Path) -> Result<u64, TrainError> {
     })?;
     let mut n = 0u64;
     let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut first = true;
     loop {
         let buf = r.fill_buf().map_err(|e| TrainError::Io {
             path: path.display().to_string(),
@@ -27,11 +29,28 @@ pub fn count_rows(path: &Path) -> Result<u64, TrainError> {
         if buf.is_empty() {
             break;
         }
-        n += buf.iter().filter(|b| **b == b'\n').count() as u64;
+        if first && crate::data::schema_format::is_header(buf) {
+            n = n.wrapping_sub(1);
+        }
+        first = false;
+        n = n.wrapping_add(buf.iter().filter(|b| **b == b'\n').count() as u64);
         let len = buf.len();
         r.consume(len);
     }
     Ok(n)
+}
+
+/// Reads the first sample of the training and test files the way the
+/// workers will (the job's schema, header mapped by name), so that a file
+/// of the wrong format, a schema feature missing from a file or a malformed
+/// first line stop the job before any shard starts.
+pub fn check_data(cfg: &JobConfig) -> Result<(), TrainError> {
+    for path in [&cfg.data.train, &cfg.data.test] {
+        SampleReader::open(std::slice::from_ref(path), 0, 1, false)
+            .and_then(|r| r.with_schema(cfg.schema()).with_negatives(false).read())
+            .map_err(TrainError::Data)?;
+    }
+    Ok(())
 }
 
 /// Creates the model's sparse tables, loads exact counts when the job asks
