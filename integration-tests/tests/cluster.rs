@@ -864,6 +864,64 @@ fn gru4rec_trains_through_two_shards() {
     }
 }
 
+/// `--resume` of a GRU4Rec job continues after its last completed epoch:
+/// a run stopped after epoch 1 (`--epochs 1`) and resumed to 3 epochs keeps
+/// its epoch-1 record and trains epochs 2 and 3 exactly as the uninterrupted
+/// run (1 worker: deterministic). A resume with another seed is refused.
+/// Expected time: ~15 s on 2 cores.
+#[test]
+fn gru4rec_resumes_after_its_last_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    rule_sequences(dir.path());
+    let one_worker = |d: &std::path::Path| {
+        gru4rec_job(dir.path(), "", 3)
+            .replace("workers = 2", "workers = 1")
+            .replace(
+                &format!("{:?}", dir.path().join("run")),
+                &format!("{:?}", d.join("run")),
+            )
+    };
+    let clean = dir.path().join("clean");
+    std::fs::create_dir_all(&clean).unwrap();
+    let job = clean.join("job.toml");
+    std::fs::write(&job, one_worker(&clean)).unwrap();
+    ember_train(&job, &[]);
+    let full = report(&clean);
+
+    let part = dir.path().join("part");
+    std::fs::create_dir_all(&part).unwrap();
+    let job = part.join("job.toml");
+    std::fs::write(&job, one_worker(&part)).unwrap();
+    ember_train(&job, &["--epochs", "1"]);
+    assert_eq!(
+        report(&part)["runs"][0]["epochs"].as_array().unwrap().len(),
+        1
+    );
+    let out = Command::new(bin("ember"))
+        .args(["train", "--quiet", "--seed", "7", "--resume", "--config"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("seed 1") && err.contains("seed 7"),
+        "{err}"
+    );
+    ember_train(&job, &["--resume"]);
+    let resumed = report(&part);
+    let (a, b) = (
+        full["runs"][0]["epochs"].as_array().unwrap(),
+        resumed["runs"][0]["epochs"].as_array().unwrap(),
+    );
+    assert_eq!(b.len(), 3);
+    for (x, y) in a.iter().zip(b) {
+        for key in ["epoch", "loss", "recall", "mrr"] {
+            assert_eq!(x[key], y[key], "epoch {}: {key}", x["epoch"]);
+        }
+    }
+    assert_eq!(full["runs"][0]["row"], resumed["runs"][0]["row"]);
+}
+
 /// `kill -9` of a shard of a GRU4Rec job once epoch 1 is recorded: the
 /// launcher restarts it from its checkpoint, rolls every shard back to the
 /// last epoch's checkpoint, reruns the epoch, and the job ends with every

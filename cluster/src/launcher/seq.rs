@@ -15,9 +15,14 @@
 //! aborts the epoch: hung shard processes are killed, dead ones restarted
 //! from their checkpoints, every shard restored to the last epoch's
 //! checkpoint, and the epoch rerun (at most `cluster.max_restarts` times;
-//! the rerun draws the same negatives). Not (yet) like the CTR jobs: workers
-//! are not separate processes, there is no mid-epoch checkpoint and no
-//! `--resume`.
+//! the rerun draws the same negatives).
+//!
+//! `--resume` continues a run after its last completed epoch: the shards
+//! restore that epoch's checkpoint, the workers continue from their saved
+//! push steps (`seq_state.json` in the run directory, written after every
+//! epoch), and the epochs already in `metrics.json` are kept. Not (yet) like
+//! the CTR jobs: workers are not separate processes and there is no
+//! mid-epoch checkpoint (a run stopped inside an epoch reruns that epoch).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -223,13 +228,6 @@ impl SeqTrainJob {
 
 /// Trains the job; returns the report (also written to `metrics.json`).
 pub async fn train_seq(job: SeqTrainJob, opts: &LaunchOptions) -> Result<SeqReport, ClusterError> {
-    if opts.resume {
-        return Err(cfg_err(
-            "--resume: GRU4Rec jobs cannot resume yet (they checkpoint every epoch, but \
-             the workers' place in the sequences is not saved)"
-                .into(),
-        ));
-    }
     let SeqTrainJob {
         model: mut mcfg,
         data,
@@ -252,11 +250,20 @@ pub async fn train_seq(job: SeqTrainJob, opts: &LaunchOptions) -> Result<SeqRepo
     let (rows, skipped) = EvalRows::build(&targets, &items.vocab);
     setup::resolve_security(&mut cfg)?;
     let ckpt = cfg.checkpoint_dir();
-    if ckpt.starts_with(&out) && ckpt.exists() && cfg.cluster.shard_addrs.is_empty() {
+    let resume = if opts.resume {
+        Some(SeqState::read(&out, &cfg)?)
+    } else {
+        None
+    };
+    if resume.is_none()
+        && ckpt.starts_with(&out)
+        && ckpt.exists()
+        && cfg.cluster.shard_addrs.is_empty()
+    {
         std::fs::remove_dir_all(&ckpt).map_err(io_err(&ckpt))?;
     }
     std::fs::create_dir_all(&ckpt).map_err(io_err(&ckpt))?;
-    let mut shards = shards::start_shards(&cfg, false).await?;
+    let mut shards = shards::start_shards(&cfg, resume.is_some()).await?;
     // A client that cannot be built leaves the shard processes to their
     // drop (killed).
     let ps = client(&cfg, &shards.addrs())?;
@@ -271,11 +278,66 @@ pub async fn train_seq(job: SeqTrainJob, opts: &LaunchOptions) -> Result<SeqRepo
         &train_idx,
         &rows,
         skipped,
+        resume,
         opts,
     )
     .await;
     shards.stop(&ps).await;
     result
+}
+
+/// Where a GRU4Rec run stands after an epoch: `<out_dir>/seq_state.json`,
+/// written (atomically) after the epoch's checkpoint and `metrics.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeqState {
+    /// The last completed epoch.
+    pub epoch: usize,
+    /// The cluster checkpoint taken at its end.
+    pub ckpt_step: u64,
+    /// Each worker's next push step.
+    pub steps: Vec<u64>,
+    /// The run's seed.
+    pub seed: u64,
+}
+
+impl SeqState {
+    fn path(out: &Path) -> PathBuf {
+        out.join("seq_state.json")
+    }
+
+    /// The state of the run in `out`, checked against the job (same seed and
+    /// workers: the sequences' split and negatives depend on both).
+    fn read(out: &Path, cfg: &JobConfig) -> Result<Self, ClusterError> {
+        let p = Self::path(out);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            cfg_err(format!(
+                "--resume: {} ({e}): no completed epoch to continue from",
+                p.display()
+            ))
+        })?;
+        let st: SeqState = serde_json::from_str(&text)
+            .map_err(|e| cfg_err(format!("--resume: {}: {e}", p.display())))?;
+        if st.steps.len() != cfg.cluster.workers || st.seed != cfg.train.seed {
+            return Err(cfg_err(format!(
+                "--resume: {} was written with {} workers and seed {}, the job has {} workers and seed {}",
+                p.display(),
+                st.steps.len(),
+                st.seed,
+                cfg.cluster.workers,
+                cfg.train.seed
+            )));
+        }
+        Ok(st)
+    }
+
+    fn write(&self, out: &Path) -> Result<(), ClusterError> {
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| ClusterError::Report(e.to_string()))?;
+        ember_proto::atomic::write_atomic(&Self::path(out), |f| {
+            std::io::Write::write_all(f, text.as_bytes())
+        })?;
+        Ok(())
+    }
 }
 
 fn client(cfg: &JobConfig, addrs: &[String]) -> Result<Backend, ClusterError> {
@@ -302,6 +364,7 @@ async fn run(
     train_idx: &Arc<Vec<Vec<usize>>>,
     rows: &EvalRows,
     skipped: usize,
+    resume: Option<SeqState>,
     opts: &LaunchOptions,
 ) -> Result<SeqReport, ClusterError> {
     let out = cfg.out_dir();
@@ -316,32 +379,39 @@ async fn run(
     )
     .map_err(io_err(&info_path))?;
     let seed = cfg.train.seed;
-    for t in seqrec::tables(mcfg, &cfg.sparse, items.len(), seed) {
-        ps.create_table(&t).await?;
-        if cfg.sparse.count_mode == CountMode::Exact {
-            let counts: Vec<(u64, u32)> = items
-                .ids
-                .iter()
-                .zip(&items.counts)
-                .map(|(&id, &c)| (id, c as u32))
-                .collect();
-            ps.load_counts(&t.name, &counts).await?;
-        }
-    }
-    ps.init_dense(
-        &seqrec::initial_dense(mcfg, seed)?,
-        &cfg.dense.optimizer.to_proto(),
-    )
-    .await?;
     let keep = cfg.cluster.keep_checkpoints.max(2);
-    ps.checkpoint(0, keep).await?;
-    tracing::info!(
-        shards = ?shards.addrs(),
-        items = items.len(),
-        sequences = train.len(),
-        test_users = rows.len(),
-        "gru4rec: tables created, training"
-    );
+    let control = Duration::from_secs(cfg.cluster.control_timeout_s);
+    if let Some(st) = &resume {
+        crate::health::with_deadline(control, ps.restore(st.ckpt_step))
+            .await
+            .map_err(|e| {
+                ClusterError::Launch(format!("--resume: restore of step {}: {e}", st.ckpt_step))
+            })?;
+        tracing::info!(
+            epoch = st.epoch,
+            step = st.ckpt_step,
+            "gru4rec: resumed after the last completed epoch"
+        );
+    } else {
+        for t in seqrec::tables(mcfg, &cfg.sparse, items.len(), seed) {
+            ps.create_table(&t).await?;
+            if cfg.sparse.count_mode == CountMode::Exact {
+                let counts: Vec<(u64, u32)> = items
+                    .ids
+                    .iter()
+                    .zip(&items.counts)
+                    .map(|(&id, &c)| (id, c as u32))
+                    .collect();
+                ps.load_counts(&t.name, &counts).await?;
+            }
+        }
+        ps.init_dense(
+            &seqrec::initial_dense(mcfg, seed)?,
+            &cfg.dense.optimizer.to_proto(),
+        )
+        .await?;
+        ps.checkpoint(0, keep).await?;
+    }
     let m = cfg.cluster.workers;
     let mut report = SeqReport {
         baselines: baselines(train_idx, items.len(), rows),
@@ -354,7 +424,6 @@ async fn run(
         row: RankRow::from_eval("gru4rec", &FullRankEval::new(&KS)),
     };
     let total_events = events(train_idx);
-    let control = Duration::from_secs(cfg.cluster.control_timeout_s);
     let mut health = HealthWatch::new(
         shards.addrs().len(),
         Duration::from_secs(cfg.cluster.shard_timeout_s),
@@ -362,7 +431,24 @@ async fn run(
     // Each worker's next push step (continues across epochs and reruns).
     let mut steps = vec![0u64; m];
     let mut ckpt_step = 0u64;
-    for epoch in 1..=cfg.train.epochs {
+    let mut first_epoch = 1;
+    if let Some(st) = &resume {
+        steps.clone_from(&st.steps);
+        ckpt_step = st.ckpt_step;
+        first_epoch = st.epoch + 1;
+        let old: Option<SeqReport> = std::fs::read_to_string(out.join("metrics.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if let Some(old_run) = old.and_then(|r| r.runs.into_iter().next()) {
+            run.epochs = old_run
+                .epochs
+                .into_iter()
+                .filter(|e| e.epoch <= st.epoch)
+                .collect();
+            run.row = old_run.row;
+        }
+    }
+    for epoch in first_epoch..=cfg.train.epochs {
         let mut restarts = 0u32;
         let (loss, step_count, model, secs) = loop {
             // Train, pull the model back, checkpoint: one attempt, watched.
@@ -450,6 +536,13 @@ async fn run(
         ember_proto::atomic::write_atomic(&path, |f| {
             std::io::Write::write_all(f, text.as_bytes())
         })?;
+        SeqState {
+            epoch,
+            ckpt_step,
+            steps: steps.clone(),
+            seed,
+        }
+        .write(&out)?;
         let png = out.join("curves.png");
         if let Err(e) = crate::plot::plot_seq_curves(&png, &cfg.name, data.k, &run.epochs) {
             tracing::warn!("could not draw curves: {e}");
