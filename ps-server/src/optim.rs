@@ -307,6 +307,150 @@ impl Optimizer {
 // workers' in-process dense optimizer: one implementation of the math.
 pub use ember_proto::optim::{adagrad, adam, ftrl, rowwise_adagrad, rowwise_adam, sgd};
 
+/// Lanes of the fused row kernels (one AVX register of f32).
+const LANES: usize = 8;
+
+impl Optimizer {
+    /// [`Optimizer::step`] with the gradient `g + coef * w` (the MBA and L2
+    /// terms of [`crate::store::regularize`], added only when `coef != 0`),
+    /// bit for bit the same as regularizing a copy of `g` and stepping it.
+    ///
+    /// SGD and Adagrad run as one pass over the row that never writes the
+    /// regularized gradient out (Adagrad 8 lanes per iteration with AVX,
+    /// chosen at run time when the CPU has it): the same IEEE operations in
+    /// the same order per coordinate (no fused multiply-add), so the
+    /// results are exact copies of the two-pass ones. The other optimizers
+    /// regularize into `scratch` (at least `g.len()` values) and step.
+    #[inline]
+    pub fn step_regularized(
+        &self,
+        w: &mut [f32],
+        state: &mut [f32],
+        g: &[f32],
+        coef: f32,
+        scratch: &mut [f32],
+    ) {
+        match *self {
+            Optimizer::Adagrad { lr, eps, .. } => fused_adagrad(w, state, g, coef, lr, eps),
+            Optimizer::Sgd { lr } => fused_sgd(w, g, coef, lr),
+            _ => {
+                let s = &mut scratch[..g.len()];
+                regularized_into(s, g, w, coef);
+                self.step(w, state, s);
+            }
+        }
+    }
+}
+
+/// Writes `g + coef * w` into `out` when `coef != 0`, else `g` (the result
+/// of copying `g` and regularizing the copy in place, in one pass).
+#[inline]
+pub fn regularized_into(out: &mut [f32], g: &[f32], w: &[f32], coef: f32) {
+    if coef != 0.0 {
+        for ((o, &g), &w) in out.iter_mut().zip(g).zip(w) {
+            *o = g + coef * w;
+        }
+    } else {
+        let n = out.len().min(g.len());
+        out[..n].copy_from_slice(&g[..n]);
+    }
+}
+
+/// One Adagrad coordinate on `g + coef * w` (`coef != 0`) or `g`.
+#[inline(always)]
+fn adagrad_one(w: &mut f32, a: &mut f32, g: f32, coef: f32, lr: f32, eps: f32) {
+    let g = if coef != 0.0 { g + coef * *w } else { g };
+    *a += g * g;
+    *w -= lr * g / (a.sqrt() + eps);
+}
+
+/// Adagrad coordinate by coordinate (CPUs without AVX, and row tails).
+#[inline]
+fn adagrad_scalar(w: &mut [f32], acc: &mut [f32], g: &[f32], coef: f32, lr: f32, eps: f32) {
+    for ((w, a), &g) in w.iter_mut().zip(acc.iter_mut()).zip(g) {
+        adagrad_one(w, a, g, coef, lr, eps);
+    }
+}
+
+/// [`fused_adagrad`] with AVX: 8 coordinates per iteration, each lane the
+/// operations of [`adagrad_one`] in its order (IEEE add, mul, div and
+/// sqrt are exact-rounded, so the lanes equal the scalar results bit for
+/// bit), then the tail coordinate by coordinate.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn fused_adagrad_avx(w: &mut [f32], acc: &mut [f32], g: &[f32], coef: f32, lr: f32, eps: f32) {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_div_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps,
+        _mm256_sqrt_ps, _mm256_storeu_ps, _mm256_sub_ps,
+    };
+    let n = w.len().min(acc.len()).min(g.len());
+    let (wc, wt) = w[..n].as_chunks_mut::<LANES>();
+    let (ac, at) = acc[..n].as_chunks_mut::<LANES>();
+    let (gc, gt) = g[..n].as_chunks::<LANES>();
+    let (vcoef, vlr, veps) = (
+        _mm256_set1_ps(coef),
+        _mm256_set1_ps(lr),
+        _mm256_set1_ps(eps),
+    );
+    let reg = coef != 0.0;
+    for ((wb, ab), gb) in wc.iter_mut().zip(ac.iter_mut()).zip(gc) {
+        // SAFETY: each pointer is that of a whole `[f32; LANES]` block (8
+        // f32, the 32 bytes an unaligned AVX load reads).
+        let (wv, av, gv) = unsafe {
+            (
+                _mm256_loadu_ps(wb.as_ptr()),
+                _mm256_loadu_ps(ab.as_ptr()),
+                _mm256_loadu_ps(gb.as_ptr()),
+            )
+        };
+        let gv = if reg {
+            _mm256_add_ps(gv, _mm256_mul_ps(vcoef, wv))
+        } else {
+            gv
+        };
+        let av = _mm256_add_ps(av, _mm256_mul_ps(gv, gv));
+        let step = _mm256_div_ps(
+            _mm256_mul_ps(vlr, gv),
+            _mm256_add_ps(_mm256_sqrt_ps(av), veps),
+        );
+        let wv = _mm256_sub_ps(wv, step);
+        // SAFETY: as for the loads, whole blocks of 8 f32, written through
+        // the unique borrows of this iteration.
+        unsafe {
+            _mm256_storeu_ps(ab.as_mut_ptr(), av);
+            _mm256_storeu_ps(wb.as_mut_ptr(), wv);
+        }
+    }
+    adagrad_scalar(wt, at, gt, coef, lr, eps);
+}
+
+/// Adagrad on `g + coef * w` (`coef != 0`) or `g`, one pass, equal bit for
+/// bit to [`crate::store::regularize`] then [`adagrad`].
+#[inline]
+fn fused_adagrad(w: &mut [f32], acc: &mut [f32], g: &[f32], coef: f32, lr: f32, eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU was just found to support AVX, the only
+        // requirement of calling a function compiled for it.
+        unsafe { fused_adagrad_avx(w, acc, g, coef, lr, eps) };
+        return;
+    }
+    adagrad_scalar(w, acc, g, coef, lr, eps);
+}
+
+/// SGD on `g + coef * w` (`coef != 0`) or `g`, one pass.
+#[inline]
+fn fused_sgd(w: &mut [f32], g: &[f32], coef: f32, lr: f32) {
+    if coef != 0.0 {
+        for (w, &g) in w.iter_mut().zip(g) {
+            let g = g + coef * *w;
+            *w -= lr * g;
+        }
+    } else {
+        sgd(w, g, lr);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,6 +609,79 @@ mod tests {
         close(s[2], 1.0);
         close(w[0], 0.9);
         close(w[1], 1.1);
+    }
+
+    /// The fused step equals regularizing a copy of the gradient and
+    /// stepping it, bit for bit (weights and state), for every optimizer,
+    /// row widths around the 8-lane blocks, with and without the
+    /// regularization term, over many updates of the same row.
+    #[test]
+    fn step_regularized_equals_regularize_then_step_bit_for_bit() {
+        use ember_proto::rng::SplitMix64;
+        let kinds = [
+            Kind::Sgd(Sgd { lr: 0.3 }),
+            Kind::Adagrad(Adagrad {
+                lr: 0.05,
+                initial_accumulator: 0.1,
+                eps: 1e-8,
+            }),
+            Kind::Adagrad(Adagrad {
+                lr: 0.7,
+                initial_accumulator: 0.0,
+                eps: 0.0,
+            }),
+            Kind::RowwiseAdagrad(Adagrad {
+                lr: 0.05,
+                initial_accumulator: 0.1,
+                eps: 1e-8,
+            }),
+            Kind::Adam(Adam {
+                lr: 0.01,
+                ..Default::default()
+            }),
+            Kind::RowwiseAdam(Adam {
+                lr: 0.01,
+                ..Default::default()
+            }),
+            Kind::Ftrl(Ftrl {
+                alpha: 0.5,
+                beta: 1.0,
+                l1: 0.01,
+                l2: 0.1,
+            }),
+        ];
+        let mut rng = SplitMix64::new(3);
+        let mut uniform = move |scale: f32| {
+            ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        };
+        for kind in kinds {
+            let o = opt(kind);
+            for dim in [1usize, 3, 7, 8, 9, 16, 18, 31, 32, 33, 64] {
+                for (lambda, l2) in [(0.0, 0.0), (0.01, 0.0), (0.4, 0.25), (0.0, 0.5)] {
+                    let mut w: Vec<f32> = (0..dim).map(|_| uniform(0.2)).collect();
+                    if dim > 2 {
+                        w[1] = -0.0;
+                    }
+                    let mut st = vec![0.0f32; o.state_len(dim)];
+                    o.init_state(&mut st);
+                    let (mut w2, mut st2) = (w.clone(), st.clone());
+                    let mut scratch = vec![0.0f32; dim];
+                    for nj in 1..=40u32 {
+                        let g: Vec<f32> = (0..dim)
+                            .map(|i| if i % 5 == 4 { 0.0 } else { uniform(2.0) })
+                            .collect();
+                        let mut g_ref = g.clone();
+                        crate::store::regularize(&mut g_ref, &w, lambda, nj, l2);
+                        o.step(&mut w, &mut st, &g_ref);
+                        let coef = crate::store::regularize_coef(lambda, nj, l2);
+                        o.step_regularized(&mut w2, &mut st2, &g, coef, &mut scratch);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&w), bits(&w2), "{o:?} dim {dim} nj {nj}");
+                        assert_eq!(bits(&st), bits(&st2), "{o:?} dim {dim} nj {nj}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use ember_proto::route::fnv1a64;
 use ember_proto::v1::{OptimizerConfig, StatsResponse, TableConfig, TableInfo};
 use ember_proto::{Router, NUM_BUCKETS};
 use parking_lot::{Mutex, RwLock};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -350,22 +350,76 @@ fn config_diff(a: &TableConfig, b: &TableConfig) -> Vec<String> {
     out
 }
 
+/// The set of ids of one duplicate check: open addressing with linear
+/// probing over a power-of-two table at most half full, its occupancy in a
+/// bitmap (cleared per check: 1 bit per bucket, so the keys need no
+/// clearing) and its home buckets from a keyed mix of the id, so no client
+/// can choose ids that collide.
+#[derive(Default)]
+struct IdSet {
+    keys: Vec<u64>,
+    used: Vec<u64>,
+}
+
+impl IdSet {
+    /// Largest table kept between checks (buckets); a bigger one, for a
+    /// huge request, is freed after its check.
+    const KEEP_BUCKETS: usize = 1 << 18;
+
+    /// The first id of `ids` that occurs earlier in `ids`.
+    fn first_duplicate(&mut self, ids: &[u64]) -> Option<u64> {
+        static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let key = *KEY.get_or_init(|| {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(0x5EED_u64)
+        });
+        let buckets = (ids.len() * 2).next_power_of_two().max(64);
+        let shift = 64 - buckets.trailing_zeros();
+        let mask = buckets - 1;
+        if self.keys.len() < buckets {
+            self.keys.resize(buckets, 0);
+        }
+        self.used.clear();
+        self.used.resize(buckets / 64, 0);
+        let (keys, used) = (&mut self.keys[..buckets], &mut self.used[..]);
+        let mut dup = None;
+        'ids: for &id in ids {
+            let mut i = (splitmix64(id ^ key) >> shift) as usize;
+            loop {
+                let (word, bit) = (i / 64, 1u64 << (i % 64));
+                if used[word] & bit == 0 {
+                    used[word] |= bit;
+                    keys[i] = id;
+                    break;
+                }
+                if keys[i] == id {
+                    dup = Some(id);
+                    break 'ids;
+                }
+                i = (i + 1) & mask;
+            }
+        }
+        if self.keys.len() > Self::KEEP_BUCKETS {
+            *self = IdSet::default();
+        }
+        dup
+    }
+}
+
 fn find_duplicate(ids: &[u64]) -> Option<u64> {
     thread_local! {
-        /// The set of the last check, kept (cleared) so a push does not
-        /// allocate and zero a fresh table.
-        static SEEN: std::cell::Cell<FxHashSet<u64>> = std::cell::Cell::new(FxHashSet::default());
+        /// The set of the last check, kept so a push does not allocate a
+        /// fresh table.
+        static SEEN: std::cell::RefCell<IdSet> = std::cell::RefCell::new(IdSet::default());
     }
-    let mut seen = SEEN.take();
-    seen.clear();
-    if seen.capacity() > 4 * ids.len().max(1 << 16) {
-        // Do not keep a huge set alive after one huge request.
-        seen = FxHashSet::default();
+    if ids.len() < 2 {
+        return None;
     }
-    seen.reserve(ids.len());
-    let dup = ids.iter().copied().find(|&id| !seen.insert(id));
-    SEEN.set(seen);
-    dup
+    SEEN.with(|s| match s.try_borrow_mut() {
+        Ok(mut set) => set.first_duplicate(ids),
+        // Not reentrant; a nested check gets a set of its own.
+        Err(_) => IdSet::default().first_duplicate(ids),
+    })
 }
 
 impl Shard {
@@ -1036,6 +1090,40 @@ mod tests {
             dim: 4,
             precision: precision as i32,
             ..Default::default()
+        }
+    }
+
+    /// The duplicate check finds the first repeated id (as a hash set
+    /// visiting the ids in order would), or none, at every size (the set's
+    /// table kept, grown and freed between checks), extreme ids included.
+    #[test]
+    fn find_duplicate_matches_a_hash_set() {
+        let oracle = |ids: &[u64]| {
+            let mut seen = std::collections::HashSet::new();
+            ids.iter().copied().find(|&id| !seen.insert(id))
+        };
+        let mut x = 11u64;
+        let mut next = |range: u64| {
+            x = splitmix64(x);
+            x % range
+        };
+        for n in [0usize, 1, 2, 3, 31, 64, 65, 1000, 4096, 70_000, 300_000, 5] {
+            for range in [4u64, 1000, 1 << 40, u64::MAX] {
+                let mut ids: Vec<u64> = (0..n).map(|_| next(range)).collect();
+                if n > 2 {
+                    ids[0] = u64::MAX;
+                    ids[1] = 0;
+                }
+                assert_eq!(find_duplicate(&ids), oracle(&ids), "n {n} range {range}");
+                // Unique ids, then one repeat planted at the end.
+                ids.sort_unstable();
+                ids.dedup();
+                assert_eq!(find_duplicate(&ids), None, "n {n} range {range}");
+                if let Some(&mid) = ids.get(ids.len() / 2) {
+                    ids.push(mid);
+                    assert_eq!(find_duplicate(&ids), Some(mid), "n {n} range {range}");
+                }
+            }
         }
     }
 

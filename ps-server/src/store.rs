@@ -429,6 +429,25 @@ impl Stripe {
         self.prefetch_index(hashes, block(list, k + 2));
     }
 
+    /// The rolling software pipeline step before working on id `j` of
+    /// `list`: the row of id `j + PREFETCH_BLOCK` and the home bucket of id
+    /// `j + 2 * PREFETCH_BLOCK` (the first ones when `j == 0`), so the
+    /// prefetches are spread over the work instead of issued in bursts.
+    #[inline]
+    fn prefetch_rolling(&self, hashes: &[u64], list: &[u32], j: usize, words: usize, bytes: usize) {
+        const D: usize = PREFETCH_BLOCK;
+        if j == 0 {
+            self.prefetch_index(hashes, &list[..list.len().min(2 * D)]);
+            self.prefetch_rows(hashes, &list[..list.len().min(D)], words, bytes);
+        }
+        if let Some(&pos) = list.get(j + 2 * D) {
+            self.index.prefetch(hashes[pos as usize]);
+        }
+        if let Some(pos) = list.get(j + D) {
+            self.prefetch_rows(hashes, std::slice::from_ref(pos), words, bytes);
+        }
+    }
+
     /// Bytes the next [`Stripe::alloc`] would allocate (0 when it fits).
     fn alloc_growth(&self, words: usize) -> usize {
         let index = self.index.growth_bytes();
@@ -1029,6 +1048,7 @@ impl Table {
         let mut gbuf = vec![0.0f32; dim];
         let mut wbuf = vec![0.0f32; dim];
         let mut sbuf = vec![0.0f32; lay.state];
+        let f32_rows = lay.precision == WeightPrecision::F32 && lay.state_is_f32();
         let now = self.max_step.fetch_max(step, Ordering::Relaxed).max(step);
         let g = group(ids);
         for s in 0..NUM_STRIPES {
@@ -1039,9 +1059,9 @@ impl Table {
             let mut guard = self.stripes[s].write();
             let stripe = &mut *guard;
             let list = &g.order[a..b];
-            for k in 0..list.len().div_ceil(PREFETCH_BLOCK) {
-                stripe.prefetch_ahead(&g.hashes, list, k, words, words * 4);
-                for &pos in block(list, k) {
+            {
+                for (j, &pos) in list.iter().enumerate() {
+                    stripe.prefetch_rolling(&g.hashes, list, j, words, words * 4);
                     let pos = pos as usize;
                     let id = ids[pos];
                     let h = g.hashes[pos];
@@ -1118,16 +1138,16 @@ impl Table {
                         }
                     };
                     let row = stripe.row_mut(slot, words);
-                    gbuf.copy_from_slice(&grads[pos * dim..(pos + 1) * dim]);
-                    let nj = row_count(row).max(1);
-                    if lay.precision == WeightPrecision::F32 && lay.state_is_f32() {
+                    let grad = &grads[pos * dim..(pos + 1) * dim];
+                    let coef = regularize_coef(lambda, row_count(row).max(1), l2);
+                    if f32_rows {
+                        // In place: regularization fused into the step.
                         let (state, w) = lay.split_f32_mut(row);
-                        regularize(&mut gbuf, w, lambda, nj, l2);
-                        spec.opt.step(w, state, &gbuf);
+                        spec.opt.step_regularized(w, state, grad, coef, &mut gbuf);
                     } else {
                         // Decode, step in f32, round back (a compact moment too).
                         lay.read_weights(row, &mut wbuf);
-                        regularize(&mut gbuf, &wbuf, lambda, nj, l2);
+                        crate::optim::regularized_into(&mut gbuf, grad, &wbuf, coef);
                         let seed = noise_seed(spec.init.seed, id, step);
                         if lay.state_is_f32() {
                             spec.opt.step(&mut wbuf, lay.state_mut(row), &gbuf);
@@ -1464,14 +1484,22 @@ impl StripeRows<'_> {
     }
 }
 
-/// Adds MBA (`λ/n_j · w`) and plain L2 (`l2 · w`) to a gradient, in place.
+/// The coefficient of `w` that [`regularize`] adds to a gradient:
+/// `λ/n_j + l2` (`l2` alone when `λ <= 0`).
 #[inline]
-pub fn regularize(g: &mut [f32], w: &[f32], lambda: f32, nj: u32, l2: f32) {
-    let coef = if lambda > 0.0 {
+pub fn regularize_coef(lambda: f32, nj: u32, l2: f32) -> f32 {
+    let mba = if lambda > 0.0 {
         lambda / nj.max(1) as f32
     } else {
         0.0
-    } + l2;
+    };
+    mba + l2
+}
+
+/// Adds MBA (`λ/n_j · w`) and plain L2 (`l2 · w`) to a gradient, in place.
+#[inline]
+pub fn regularize(g: &mut [f32], w: &[f32], lambda: f32, nj: u32, l2: f32) {
+    let coef = regularize_coef(lambda, nj, l2);
     if coef != 0.0 {
         for (g, w) in g.iter_mut().zip(w) {
             *g += coef * w;
@@ -1606,6 +1634,78 @@ mod tests {
             (v[0] - 0.9).abs() < 1e-6 && (v[1] - 0.25).abs() < 1e-6,
             "{v:?}"
         );
+    }
+
+    /// Pushes to f32 rows (the fused regularized step) store exactly what
+    /// regularizing the gradient with the row's new count and stepping it
+    /// gives, bit for bit: weights, state and counts, for Adagrad and SGD
+    /// with MBA and plain L2, over repeated pushes with counts.
+    #[test]
+    fn f32_push_equals_regularize_then_step_bit_for_bit() {
+        for (kind, l2) in [
+            (
+                Kind::Adagrad(Adagrad {
+                    lr: 0.05,
+                    initial_accumulator: 0.1,
+                    eps: 1e-8,
+                }),
+                0.0,
+            ),
+            (
+                Kind::Adagrad(Adagrad {
+                    lr: 0.2,
+                    initial_accumulator: 0.0,
+                    eps: 1e-6,
+                }),
+                0.03,
+            ),
+            (Kind::Sgd(Sgd { lr: 0.5 }), 0.01),
+        ] {
+            for dim in [5u32, 32, 37] {
+                let mut c = cfg("t", dim);
+                c.mba_lambda = 0.01;
+                c.plain_l2 = l2;
+                c.count_mode = CountMode::CountOnline as i32;
+                c.optimizer = Some(OptimizerConfig { kind: Some(kind) });
+                let t = table(c);
+                let opt = t.spec().opt;
+                let d = dim as usize;
+                let mut x = 5u64;
+                for step in 1..=20u64 {
+                    let ids: Vec<u64> = (0..300u64).filter(|i| (i + step) % 3 != 0).collect();
+                    let counts: Vec<u32> = ids.iter().map(|&i| 1 + (i % 4) as u32).collect();
+                    let grads: Vec<f32> = (0..ids.len() * d)
+                        .map(|_| {
+                            x = splitmix64(x);
+                            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+                        })
+                        .collect();
+                    let before: Vec<_> = ids.iter().map(|&id| t.get_row(id)).collect();
+                    t.push(&ids, &grads, &counts, step);
+                    for (k, &id) in ids.iter().enumerate() {
+                        let (n0, vals) = match &before[k] {
+                            Some((n, _, v)) => (*n, v.clone()),
+                            None => {
+                                let mut v = vec![0.0; d + opt.state_len(d)];
+                                t.spec().initial(id, &mut v[..d]);
+                                opt.init_state(&mut v[d..]);
+                                (0, v)
+                            }
+                        };
+                        let n = n0 + counts[k];
+                        let (mut w, mut st) = (vals[..d].to_vec(), vals[d..].to_vec());
+                        let mut g = grads[k * d..(k + 1) * d].to_vec();
+                        regularize(&mut g, &w, 0.01, n, l2);
+                        opt.step(&mut w, &mut st, &g);
+                        let (got_n, got_step, got) = t.get_row(id).unwrap();
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!((got_n, got_step), (n, step));
+                        assert_eq!(bits(&got[..d]), bits(&w), "{opt:?} dim {dim} id {id}");
+                        assert_eq!(bits(&got[d..]), bits(&st), "{opt:?} dim {dim} id {id}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
