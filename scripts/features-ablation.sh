@@ -56,18 +56,4 @@ for e in json.load(open('$out/metrics.json'))['epochs']:
     t = e['test']; print(f\"  $name seed $seed epoch {e['epoch']}: AUC {t['auc']:.4f} GAUC {t['gauc']:.4f} logloss {t['logloss']:.4f}\")"
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-Q="$Q" VARIANTS="$VARIANTS" python3 - <<'PY'
-import glob, json, os, statistics as st
-q = os.environ["Q"]
-print("| variant | epoch | seeds | AUC | GAUC | test logloss |\n|---|---|---|---|---|---|")
-for name in os.environ["VARIANTS"].split():
-    by_epoch = {}
-    for p in sorted(glob.glob(f"{q}/{name}-s*/metrics.json")):
-        for e in json.load(open(p))["epochs"]:
-            if e.get("test"):
-                by_epoch.setdefault(e["epoch"], []).append(e["test"])
-    for ep, rows in sorted(by_epoch.items()):
-        sd = lambda k: st.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0
-        cell = lambda k: f"{st.mean(r[k] for r in rows):.4f} ± {sd(k):.4f}"
-        print(f"| {name} | {ep} | {len(rows)} | {cell('auc')} | {cell('gauc')} | {cell('logloss')} |")
-PY
+python3 scripts/ablation-table.py "$Q" $VARIANTS
