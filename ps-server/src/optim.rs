@@ -380,8 +380,16 @@ fn adagrad_scalar(w: &mut [f32], acc: &mut [f32], g: &[f32], coef: f32, lr: f32,
 #[target_feature(enable = "avx")]
 fn fused_adagrad_avx(w: &mut [f32], acc: &mut [f32], g: &[f32], coef: f32, lr: f32, eps: f32) {
     use std::arch::x86_64::{
-        _mm256_add_ps, _mm256_div_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps,
-        _mm256_sqrt_ps, _mm256_storeu_ps, _mm256_sub_ps,
+        __m256, _mm256_add_ps, _mm256_div_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_sqrt_ps,
+        _mm256_sub_ps,
+    };
+    // Blocks move between arrays and registers by value (`transmute`; no
+    // pointer loads, whose debug-build checks cost more than the math).
+    // SAFETY (both): `[f32; 8]` and `__m256` are 32 plain bytes, any bit
+    // pattern valid for either.
+    let load = |b: &[f32; LANES]| unsafe { std::mem::transmute::<[f32; LANES], __m256>(*b) };
+    let store = |b: &mut [f32; LANES], v: __m256| {
+        *b = unsafe { std::mem::transmute::<__m256, [f32; LANES]>(v) };
     };
     let n = w.len().min(acc.len()).min(g.len());
     let (wc, wt) = w[..n].as_chunks_mut::<LANES>();
@@ -394,15 +402,7 @@ fn fused_adagrad_avx(w: &mut [f32], acc: &mut [f32], g: &[f32], coef: f32, lr: f
     );
     let reg = coef != 0.0;
     for ((wb, ab), gb) in wc.iter_mut().zip(ac.iter_mut()).zip(gc) {
-        // SAFETY: each pointer is that of a whole `[f32; LANES]` block (8
-        // f32, the 32 bytes an unaligned AVX load reads).
-        let (wv, av, gv) = unsafe {
-            (
-                _mm256_loadu_ps(wb.as_ptr()),
-                _mm256_loadu_ps(ab.as_ptr()),
-                _mm256_loadu_ps(gb.as_ptr()),
-            )
-        };
+        let (wv, av, gv) = (load(wb), load(ab), load(gb));
         let gv = if reg {
             _mm256_add_ps(gv, _mm256_mul_ps(vcoef, wv))
         } else {
@@ -413,13 +413,8 @@ fn fused_adagrad_avx(w: &mut [f32], acc: &mut [f32], g: &[f32], coef: f32, lr: f
             _mm256_mul_ps(vlr, gv),
             _mm256_add_ps(_mm256_sqrt_ps(av), veps),
         );
-        let wv = _mm256_sub_ps(wv, step);
-        // SAFETY: as for the loads, whole blocks of 8 f32, written through
-        // the unique borrows of this iteration.
-        unsafe {
-            _mm256_storeu_ps(ab.as_mut_ptr(), av);
-            _mm256_storeu_ps(wb.as_mut_ptr(), wv);
-        }
+        store(ab, av);
+        store(wb, _mm256_sub_ps(wv, step));
     }
     adagrad_scalar(wt, at, gt, coef, lr, eps);
 }
@@ -651,9 +646,8 @@ mod tests {
             }),
         ];
         let mut rng = SplitMix64::new(3);
-        let mut uniform = move |scale: f32| {
-            ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        };
+        let mut uniform =
+            move |scale: f32| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale;
         for kind in kinds {
             let o = opt(kind);
             for dim in [1usize, 3, 7, 8, 9, 16, 18, 31, 32, 33, 64] {

@@ -429,25 +429,6 @@ impl Stripe {
         self.prefetch_index(hashes, block(list, k + 2));
     }
 
-    /// The rolling software pipeline step before working on id `j` of
-    /// `list`: the row of id `j + PREFETCH_BLOCK` and the home bucket of id
-    /// `j + 2 * PREFETCH_BLOCK` (the first ones when `j == 0`), so the
-    /// prefetches are spread over the work instead of issued in bursts.
-    #[inline]
-    fn prefetch_rolling(&self, hashes: &[u64], list: &[u32], j: usize, words: usize, bytes: usize) {
-        const D: usize = PREFETCH_BLOCK;
-        if j == 0 {
-            self.prefetch_index(hashes, &list[..list.len().min(2 * D)]);
-            self.prefetch_rows(hashes, &list[..list.len().min(D)], words, bytes);
-        }
-        if let Some(&pos) = list.get(j + 2 * D) {
-            self.index.prefetch(hashes[pos as usize]);
-        }
-        if let Some(pos) = list.get(j + D) {
-            self.prefetch_rows(hashes, std::slice::from_ref(pos), words, bytes);
-        }
-    }
-
     /// Bytes the next [`Stripe::alloc`] would allocate (0 when it fits).
     fn alloc_growth(&self, words: usize) -> usize {
         let index = self.index.growth_bytes();
@@ -1059,9 +1040,9 @@ impl Table {
             let mut guard = self.stripes[s].write();
             let stripe = &mut *guard;
             let list = &g.order[a..b];
-            {
-                for (j, &pos) in list.iter().enumerate() {
-                    stripe.prefetch_rolling(&g.hashes, list, j, words, words * 4);
+            for k in 0..list.len().div_ceil(PREFETCH_BLOCK) {
+                stripe.prefetch_ahead(&g.hashes, list, k, words, words * 4);
+                for &pos in block(list, k) {
                     let pos = pos as usize;
                     let id = ids[pos];
                     let h = g.hashes[pos];
