@@ -104,9 +104,15 @@ enum Cmd {
     /// Size a table: bytes per row, bytes per shard, and how many shards a
     /// job needs (from the store's own layout and growth rules).
     Plan {
-        /// Distinct ids the table will hold.
+        /// Distinct ids the table will hold; with --config, `table=N` pairs
+        /// separated by commas (tables left out take the distinct ids of the
+        /// job's counts file).
         #[arg(long)]
-        ids: u64,
+        ids: Option<String>,
+        /// Size every sparse table of this job (its [[features]] tables, or
+        /// item, cat, user) with each table's optimizer and precision.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Embedding width.
         #[arg(long, default_value_t = 18)]
         dim: usize,
@@ -425,6 +431,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Cmd::Plan {
             ids,
+            config,
             dim,
             optimizer,
             precision,
@@ -432,6 +439,19 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             shards,
             memory_per_shard,
         } => {
+            if let Some(config) = config {
+                let cfg = JobConfig::load(&config)?;
+                let ids = ember_cluster::plan::parse_table_ids(ids.as_deref().unwrap_or(""))?;
+                let (_, _, text) =
+                    ember_cluster::plan::run_job(&cfg, &ids, shards, memory_per_shard)?;
+                print!("{text}");
+                return Ok(());
+            }
+            let ids = ids
+                .ok_or("--ids N (or --config JOB.toml for every table of a job)")?
+                .replace('_', "")
+                .parse::<u64>()
+                .map_err(|e| format!("--ids: {e}"))?;
             let req = ember_cluster::plan::PlanRequest {
                 ids,
                 dim,

@@ -121,9 +121,210 @@ pub fn run(req: &PlanRequest) -> Result<(Plan, String), String> {
     Ok((p, out))
 }
 
+/// One table of a job plan: its name, ids, row layout and its share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobTablePlan {
+    /// Table name.
+    pub table: String,
+    /// Distinct ids the table will hold.
+    pub ids: u64,
+    /// The table sized alone at the job's shard count.
+    pub plan: Plan,
+}
+
+/// Parses `--ids` of a job plan: `table=N` pairs separated by commas.
+pub fn parse_table_ids(text: &str) -> Result<Vec<(String, u64)>, String> {
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (t, n) = p
+                .split_once('=')
+                .ok_or_else(|| format!("--ids {p:?}: expected table=N"))?;
+            let n = n
+                .trim()
+                .replace('_', "")
+                .parse::<u64>()
+                .map_err(|e| format!("--ids {p:?}: {e}"))?;
+            Ok((t.trim().to_string(), n))
+        })
+        .collect()
+}
+
+/// Sizes every sparse table of a job (its schema's tables, or item, cat and
+/// user) with each table's own optimizer and precision (`[sparse]` and
+/// `[sparse.tables.<name>]`), over `shards` shards or the fewest whose
+/// processes fit `memory_per_shard`. Ids per table come from `ids`, else
+/// from the job's counts file (distinct ids of the counting pass); a table
+/// with neither is named in the error.
+pub fn run_job(
+    cfg: &ember_worker::train::config::JobConfig,
+    ids: &[(String, u64)],
+    shards: Option<u32>,
+    memory_per_shard: Option<u64>,
+) -> Result<(u32, Vec<JobTablePlan>, String), String> {
+    let tables = cfg.model.tables();
+    if let Some((t, _)) = ids
+        .iter()
+        .find(|(t, _)| !tables.iter().any(|(n, _)| n == t))
+    {
+        return Err(format!(
+            "--ids: the job has no table {t:?} (its tables: {})",
+            tables
+                .iter()
+                .map(|t| t.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let counts = match &cfg.data.counts {
+        Some(p) if p.exists() => {
+            Some(ember_worker::data::counts::load_counts(p).map_err(|e| e.to_string())?)
+        }
+        _ => None,
+    };
+    let mut sized = Vec::new();
+    for (name, dim) in &tables {
+        let n = match ids.iter().find(|(t, _)| t == name) {
+            Some((_, n)) => *n,
+            None => counts
+                .as_ref()
+                .and_then(|c| c.get(name))
+                .map(|v| v.len() as u64)
+                .ok_or_else(|| {
+                    format!("table {name:?}: give its ids (--ids {name}=N) or a counts file ([data] counts)")
+                })?,
+        };
+        let tc = cfg.sparse.table(name, *dim, cfg.train.seed);
+        let spec = ember_ps::store::TableSpec::from_config(tc)
+            .map_err(|e| format!("table {name:?}: {e}"))?;
+        sized.push((name.clone(), n, spec.layout()));
+    }
+    let total = |s: u32| -> u64 {
+        sized
+            .iter()
+            .map(|(_, n, l)| plan(*n, l, s).table_bytes_per_shard)
+            .sum::<u64>()
+            + PROCESS_OVERHEAD_BYTES
+    };
+    let s = match (shards, memory_per_shard) {
+        (Some(0), _) => return Err("--shards 0: expected at least 1".into()),
+        (Some(s), _) => s,
+        (None, Some(m)) => (1..=4096u32).find(|&s| total(s) <= m).ok_or_else(|| {
+            format!(
+                "the job's tables do not fit in 4096 shards of {}",
+                gib(m as f64)
+            )
+        })?,
+        (None, None) => 1,
+    };
+    let mut out = String::new();
+    let mut rows = Vec::new();
+    let _ = writeln!(out, "| table | ids | dim | optimizer, precision | B/row all-in | per shard |\n|---|---|---|---|---|---|");
+    for ((name, n, layout), (_, dim)) in sized.iter().zip(&tables) {
+        let p = plan(*n, layout, s);
+        let opt = cfg
+            .sparse
+            .tables
+            .get(name)
+            .and_then(|o| o.optimizer.as_ref())
+            .unwrap_or(&cfg.sparse.optimizer);
+        let prec = cfg
+            .sparse
+            .tables
+            .get(name)
+            .and_then(|o| o.precision)
+            .unwrap_or(cfg.sparse.precision);
+        let _ = writeln!(
+            out,
+            "| {name} | {n} | {dim} | {}, {} | {:.1} | {} |",
+            opt.kind,
+            prec,
+            p.bytes_per_row,
+            gib(p.table_bytes_per_shard as f64)
+        );
+        rows.push(JobTablePlan {
+            table: name.clone(),
+            ids: *n,
+            plan: p,
+        });
+    }
+    let _ = writeln!(
+        out,
+        "shards: {s}{}; per shard: tables {} + {} MiB runtime = process ~{}",
+        match memory_per_shard {
+            Some(m) if shards.is_none() =>
+                format!(" (the fewest whose process fits in {})", gib(m as f64)),
+            _ => String::new(),
+        },
+        gib((total(s) - PROCESS_OVERHEAD_BYTES) as f64),
+        PROCESS_OVERHEAD_BYTES >> 20,
+        gib(total(s) as f64)
+    );
+    Ok((s, rows, out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ember plan --config`: every table of the full ML-100k schema with
+    /// its own optimizer and precision; the item table as compact rows.
+    #[test]
+    fn a_job_is_sized_table_by_table() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/din_ml100k_full.toml"),
+        )
+        .unwrap()
+        .replace("counts = \"data/ml100k-full/counts.bin\"", "")
+        .replace(
+            "[dense]\n",
+            "[sparse.tables.item]\noptimizer = { kind = \"rowwise_adagrad\", lr = 0.05 }\nprecision = \"f16\"\n\n[dense]\n",
+        );
+        let cfg = ember_worker::train::config::JobConfig::parse(&text, "full").unwrap();
+        let e = run_job(&cfg, &[("item".into(), 1000)], Some(2), None).unwrap_err();
+        assert!(
+            e.contains("table \"user\"") && e.contains("--ids user=N"),
+            "{e}"
+        );
+        let e = run_job(&cfg, &[("shop".into(), 5)], Some(2), None).unwrap_err();
+        assert!(e.contains("no table \"shop\""), "{e}");
+        let mut ids: Vec<(String, u64)> = cfg
+            .model
+            .tables()
+            .iter()
+            .map(|(t, _)| (t.clone(), 1000))
+            .collect();
+        for (t, n) in ids.iter_mut() {
+            if t == "item" {
+                *n = 300_000_000;
+            }
+        }
+        let (s, rows, text) = run_job(&cfg, &ids, None, Some(8 << 30)).unwrap();
+        assert_eq!(rows.len(), cfg.model.tables().len());
+        let item = rows.iter().find(|r| r.table == "item").unwrap();
+        assert_eq!(item.plan.row_bytes, 56, "f16 + rowwise Adagrad, dim 18");
+        let user = rows.iter().find(|r| r.table == "user").unwrap();
+        assert!(
+            user.plan.row_bytes > item.plan.row_bytes,
+            "f32 Adam rows are wider"
+        );
+        // The fewest shards: one fewer would not fit.
+        let fits = |s: u32| {
+            run_job(&cfg, &ids, Some(s), None)
+                .unwrap()
+                .1
+                .iter()
+                .map(|r| r.plan.table_bytes_per_shard)
+                .sum::<u64>()
+                + PROCESS_OVERHEAD_BYTES
+                <= 8 << 30
+        };
+        assert!(s > 1 && fits(s) && !fits(s - 1), "{s}: {text}");
+        assert!(
+            text.contains("| item | 300000000 | 18 | rowwise_adagrad, f16 |"),
+            "{text}"
+        );
+    }
 
     fn req(shards: Option<u32>, mem: Option<u64>) -> PlanRequest {
         PlanRequest {
