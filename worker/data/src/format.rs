@@ -175,11 +175,14 @@ fn parse_label(ctx: LineCtx<'_>, b: &[u8]) -> Result<f32, DataError> {
     }
 }
 
-/// Parses one line (without its `\n`) into `s`, reusing its vectors.
+/// Parses one line (without its `\n`) into `s`, reusing its vectors. With
+/// `negatives` false the DIEN columns are skipped unparsed and `s` carries
+/// none (a model without the auxiliary loss must not pull or push them).
 pub(crate) fn parse_sample_into(
     ctx: LineCtx<'_>,
     line: &[u8],
     s: &mut Sample,
+    negatives: bool,
 ) -> Result<(), DataError> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut cols: [&[u8]; 8] = [&[]; 8];
@@ -214,7 +217,7 @@ pub(crate) fn parse_sample_into(
             ),
         ));
     }
-    if n == 8 {
+    if n == 8 && negatives {
         parse_list(ctx, 6, cols[6], &mut s.neg_items)?;
         parse_list(ctx, 7, cols[7], &mut s.neg_cats)?;
         for (col, len) in [(6, s.neg_items.len()), (7, s.neg_cats.len())] {
@@ -240,7 +243,7 @@ pub(crate) fn parse_sample_into(
 /// label errors.
 pub fn parse_sample(path: &Path, line: u64, text: &[u8]) -> Result<Sample, DataError> {
     let mut s = Sample::default();
-    parse_sample_into(LineCtx { path, line }, text, &mut s)?;
+    parse_sample_into(LineCtx { path, line }, text, &mut s, true)?;
     Ok(s)
 }
 

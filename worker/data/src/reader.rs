@@ -65,9 +65,10 @@ pub struct ReaderOptions {
     /// ([`crate::schema_format`]) and batches are schema batches
     /// ([`Batch::from_schema_samples`]); `None` reads the legacy format.
     pub schema: Option<Arc<FeatureSchema>>,
-    /// Parse the DIEN negative columns of schema files (only the auxiliary
-    /// loss reads them; skipping them roughly halves the parsing of files
-    /// with wide behaviour features). Legacy files always carry them.
+    /// Read the DIEN negative columns (only the auxiliary loss uses them).
+    /// Off, samples and batches carry none: no negative id is pulled, pushed
+    /// (a zero gradient still moves an Adam row) or counted, and parsing is
+    /// cheaper (about half for files with wide behaviour features).
     pub negatives: bool,
 }
 
@@ -149,7 +150,7 @@ pub struct SampleReader {
     layout: Option<Layout>,
     /// The current file's first line has not been checked yet.
     fresh: bool,
-    /// Parse DIEN negative columns of schema files.
+    /// Read the DIEN negative columns.
     negatives: bool,
 }
 
@@ -194,8 +195,8 @@ impl SampleReader {
         self
     }
 
-    /// Whether to parse the DIEN negative columns of schema files (default
-    /// true; see [`ReaderOptions::negatives`]).
+    /// Whether to read the DIEN negative columns (default true; see
+    /// [`ReaderOptions::negatives`]).
     pub fn with_negatives(mut self, negatives: bool) -> Self {
         self.negatives = negatives;
         self
@@ -334,7 +335,7 @@ impl SampleReader {
                 (Some(layout), Some(schema)) => {
                     layout.parse_into(schema, path, self.line_in_file, line, &mut s)
                 }
-                _ => parse_sample_into(ctx, line, &mut s),
+                _ => parse_sample_into(ctx, line, &mut s, self.negatives),
             };
             match parsed {
                 Ok(()) => return Ok(Some(s)),
@@ -917,6 +918,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("wide.txt") && e.contains("feature `uid`"), "{e}");
+    }
+
+    /// Without negatives requested, a legacy file's DIEN columns are not
+    /// read: no negative id reaches a batch (nothing to pull or push).
+    #[test]
+    fn negatives_off_leaves_the_dien_columns_unread() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write_file(d.path(), "a", 0..40);
+        let opts = ReaderOptions {
+            batch_size: 8,
+            shuffle_buffer: 0,
+            negatives: false,
+            ..ReaderOptions::default()
+        };
+        for b in BatchReader::new(std::slice::from_ref(&f), opts.clone()).unwrap() {
+            let b = b.unwrap();
+            assert!(b.neg_item_idx.is_none() && b.neg_cat_idx.is_none());
+            // Negative items are 100 + k + j + 7: only those also in a history stay.
+            let hist: std::collections::BTreeSet<u64> = b
+                .hist_item_idx
+                .iter()
+                .filter(|&&i| i < b.items.pad_index())
+                .map(|&i| b.items.unique[i as usize])
+                .collect();
+            let targets: std::collections::BTreeSet<u64> = b
+                .item_idx
+                .iter()
+                .map(|&i| b.items.unique[i as usize])
+                .collect();
+            assert!(b
+                .items
+                .unique
+                .iter()
+                .all(|id| hist.contains(id) || targets.contains(id)));
+        }
+        let with = BatchReader::new(
+            std::slice::from_ref(&f),
+            ReaderOptions {
+                negatives: true,
+                ..opts
+            },
+        )
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+        assert!(with.neg_item_idx.is_some());
     }
 
     #[test]
