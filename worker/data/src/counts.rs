@@ -124,7 +124,21 @@ pub struct Counter {
     /// `(table, id -> n)`: item, cat, user for legacy samples; the schema's
     /// tables in schema order otherwise.
     tables: Vec<(String, FxHashMap<u64, u32>)>,
-    schema: Option<Arc<FeatureSchema>>,
+    /// Schema samples: per `Sample::fields` slot, where its ids count.
+    plan: Option<Vec<SlotPlan>>,
+}
+
+/// Where the ids of one `Sample::fields` slot of a schema sample count.
+#[derive(Debug, Clone, Copy)]
+struct SlotPlan {
+    /// Index into `Counter::tables`.
+    table: usize,
+    /// Ids per position.
+    width: usize,
+    /// A behaviour feature (only the last `max_len` steps count).
+    behaviour: bool,
+    /// Its slot in `Sample::neg_fields`.
+    neg: Option<usize>,
 }
 
 #[inline]
@@ -153,15 +167,32 @@ impl Counter {
     /// multi-hot feature counts for its table (behaviour features: the last
     /// `max_len` steps; their DIEN negatives with `include_neg`).
     pub fn with_schema(max_len: usize, include_neg: bool, schema: Arc<FeatureSchema>) -> Self {
+        let tables = schema.tables();
+        let pairs = schema.pairs();
+        let plan = schema
+            .sparse()
+            .into_iter()
+            .map(|i| {
+                let f = &schema.features()[i];
+                SlotPlan {
+                    table: tables
+                        .iter()
+                        .position(|(n, _)| n == f.table_name())
+                        .unwrap_or(0),
+                    width: f.width().max(1),
+                    behaviour: f.is_behaviour(),
+                    neg: pairs.iter().position(|p| p.behaviour == i),
+                }
+            })
+            .collect();
         Counter {
             max_len,
             include_neg,
-            tables: schema
-                .tables()
+            tables: tables
                 .into_iter()
                 .map(|(t, _)| (t, FxHashMap::default()))
                 .collect(),
-            schema: Some(schema),
+            plan: Some(plan),
             ..Counter::default()
         }
     }
@@ -169,8 +200,9 @@ impl Counter {
     /// Counts one sample.
     pub fn add(&mut self, s: &Sample) {
         self.samples += 1;
-        if let Some(schema) = self.schema.clone() {
-            self.add_schema(s, &schema);
+        if let Some(plan) = self.plan.take() {
+            self.add_schema(s, &plan);
+            self.plan = Some(plan);
             return;
         }
         let [item, cat, user] = &mut self.tables[..] else {
@@ -194,33 +226,25 @@ impl Counter {
         }
     }
 
-    fn add_schema(&mut self, s: &Sample, schema: &FeatureSchema) {
-        let pairs = schema.pairs();
-        for (slot, &i) in schema.sparse().iter().enumerate() {
-            let f = &schema.features()[i];
-            let Some(t) = self.tables.iter().position(|(n, _)| n == f.table_name()) else {
-                continue;
-            };
-            let m = &mut self.tables[t].1;
+    fn add_schema(&mut self, s: &Sample, plan: &[SlotPlan]) {
+        for (slot, p) in plan.iter().enumerate() {
+            let m = &mut self.tables[p.table].1;
             let ids = s.fields.get(slot).map_or(&[][..], |v| v.as_slice());
-            if !f.is_behaviour() {
+            if !p.behaviour {
                 ids.iter().for_each(|&id| bump(m, id));
                 continue;
             }
-            let w = f.width().max(1);
-            let start = (ids.len() / w).saturating_sub(self.max_len) * w;
+            let start = (ids.len() / p.width).saturating_sub(self.max_len) * p.width;
             ids[start..].iter().for_each(|&id| bump(m, id));
-            if self.include_neg {
-                let neg = pairs
+            if let Some(neg) = p
+                .neg
+                .filter(|_| self.include_neg)
+                .and_then(|k| s.neg_fields.get(k))
+            {
+                neg.get(start..)
+                    .unwrap_or(&[])
                     .iter()
-                    .position(|p| p.behaviour == i)
-                    .and_then(|k| s.neg_fields.get(k));
-                if let Some(neg) = neg {
-                    neg.get(start..)
-                        .unwrap_or(&[])
-                        .iter()
-                        .for_each(|&id| bump(m, id));
-                }
+                    .for_each(|&id| bump(m, id));
             }
         }
     }

@@ -434,9 +434,14 @@ pub fn from_legacy(s: &Sample, with_user: bool) -> Sample {
 /// The number of behaviour steps of a schema sample (0 without behaviour
 /// features or with an empty history).
 pub fn steps_of(s: &Sample, schema: &FeatureSchema) -> usize {
-    let sparse = schema.sparse();
-    for (slot, &i) in sparse.iter().enumerate() {
-        let f = &schema.features()[i];
+    // The first behaviour feature's slot in `Sample::fields` (no allocation:
+    // this runs once per sample).
+    for (slot, f) in schema
+        .features()
+        .iter()
+        .filter(|f| f.is_sparse())
+        .enumerate()
+    {
         if f.is_behaviour() {
             return s.fields.get(slot).map_or(0, |v| v.len() / f.width().max(1));
         }

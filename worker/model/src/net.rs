@@ -303,17 +303,30 @@ impl<'a> Inputs<'a> {
         if self.others.is_empty() {
             return Ok(None);
         }
-        let b = self.batch.batch_size;
-        let dev = self.labels.device();
-        let dtype = self.labels.dtype();
+        // The batch's dense values as one `[B, n]` tensor, built once.
+        let dense = match self.others.iter().find_map(|o| match o {
+            OtherField::Dense { n, .. } => Some(*n),
+            OtherField::Emb(_) => None,
+        }) {
+            Some(n) => Some(
+                Tensor::from_slice(
+                    &self.batch.dense,
+                    (self.batch.batch_size, n),
+                    self.labels.device(),
+                )?
+                .to_dtype(self.labels.dtype())?,
+            ),
+            None => None,
+        };
         let mut parts = Vec::with_capacity(self.others.len());
         for o in &self.others {
-            parts.push(match o {
-                OtherField::Emb(f) => self.field(f)?,
-                OtherField::Dense { col, n } => {
-                    Tensor::from_slice(&self.batch.dense, (b, *n), dev)?
-                        .to_dtype(dtype)?
-                        .narrow(1, *col, 1)?
+            parts.push(match (o, &dense) {
+                (OtherField::Emb(f), _) => self.field(f)?,
+                (OtherField::Dense { col, .. }, Some(d)) => d.narrow(1, *col, 1)?,
+                (OtherField::Dense { .. }, None) => {
+                    return Err(candle_core::Error::Msg(
+                        "dense feature without dense values".into(),
+                    ))
                 }
             });
         }
