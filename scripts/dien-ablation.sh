@@ -9,6 +9,8 @@
 #   RUNS="attpool_aux:1 augru_noaux:2" scripts/dien-ablation.sh   # listed variant:seed runs only
 #   EPOCHS=4 Q=runs/dien-ablation-4ep scripts/dien-ablation.sh
 #   BIN=/tmp/ember-bin scripts/dien-ablation.sh      # binaries from elsewhere (no build)
+#   RUNS="augru_aux_tf1:1" scripts/dien-ablation.sh  # suffix _tf1: both GRUs with
+#                                                    # gru_init = "tf1" (the reference's TF1 GRUCell init)
 # A run whose metrics.json already holds its last epoch is not repeated.
 # Prints each run and then mean +- sd per variant and epoch.
 set -euo pipefail
@@ -35,16 +37,18 @@ fi
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for run in $RUNS; do
   name="${run%%:*}"; seed="${run##*:}"
-  evolve="${name%%_*}"; aux="${name#*_}"
+  evolve="${name%%_*}"; aux="${name#*_}"; init=uniform
+  case "$aux" in *_tf1) aux="${aux%_tf1}"; init=tf1 ;; esac
   case "$evolve" in attpool|aigru|agru|augru) ;; *) echo "unknown evolve in $name" >&2; exit 2 ;; esac
   case "$aux" in aux) a=true ;; noaux) a=false ;; *) echo "unknown aux in $name" >&2; exit 2 ;; esac
   cfg="$Q/dien_$name.toml"
   sed -e "s/^name = .*/name = \"dien-$name\"/" \
       -e "s/^evolve = .*/evolve = \"$evolve\"/" \
-      -e "s/^aux_loss = .*/aux_loss = $a/" \
+      -e "s/^aux_loss = .*/aux_loss = $a\ngru_init = \"$init\"/" \
       -e "s/^epochs = .*/epochs = $EPOCHS/" \
       configs/dien_ml100k.toml > "$cfg"
   grep -q "^evolve = \"$evolve\"" "$cfg" && grep -q "^aux_loss = $a" "$cfg" \
+    && grep -q "^gru_init = \"$init\"" "$cfg" \
     || { echo "could not set evolve/aux_loss in $cfg" >&2; exit 2; }
   out="$Q/$name-s$seed"
   if ! python3 -c "import json,sys;r=json.load(open('$out/metrics.json'));sys.exit(0 if len(r['epochs'])>=$EPOCHS and r['epochs'][-1]['test'] else 1)" 2>/dev/null; then

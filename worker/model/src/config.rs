@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{ModelError, Result};
 use crate::layer::attention::AttentionMode;
 use crate::layer::attention_gru::EvolveKind;
+use crate::layer::gru::GruInit;
 use crate::layer::mlp::Activation;
 use ember_data::batch::{CAT_TABLE, ITEM_TABLE, USER_TABLE};
 use ember_data::schema::FeatureSchema;
@@ -80,6 +81,10 @@ pub struct ModelConfig {
     pub dien_attention: DienAttention,
     /// Weight of the auxiliary loss (1.0).
     pub aux_alpha: f64,
+    /// Initialisation of DIEN's GRUs (extractor and evolving layer):
+    /// `"uniform"` (default, PyTorch's) or `"tf1"` (the reference code's
+    /// TF1 `GRUCell`: Glorot kernels, gate bias 1.0; see [`GruInit`]).
+    pub gru_init: GruInit,
     /// Use the fused CPU kernels where available (true; off = composed candle ops).
     pub fused: bool,
     /// Dice: momentum of the running mean/variance,
@@ -110,6 +115,7 @@ impl Default for ModelConfig {
             aux_loss: true,
             dien_attention: DienAttention::Mlp,
             aux_alpha: 1.0,
+            gru_init: GruInit::Uniform,
             fused: true,
             dice_momentum: 0.1,
             dice_eps: 1e-8,

@@ -56,7 +56,7 @@ impl Network for Dien {
     fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> Result<Self> {
         let e = cfg.behaviour_dim();
         let h = cfg.dien_hidden;
-        let gru = Gru::new(e, h, &pb.pp("gru"))?;
+        let gru = Gru::with_init(e, h, cfg.gru_init, &pb.pp("gru"))?;
         let att = match cfg.dien_attention {
             DienAttention::Mlp => Scorer::Mlp(attention_unit(cfg, h, pb)?),
             DienAttention::Bilinear => {
@@ -65,7 +65,7 @@ impl Network for Dien {
         };
         let evolve = match cfg.evolve {
             EvolveKind::Attpool => None,
-            kind => Some(AttentionGru::new(kind, h, h, &pb.pp("evolve"))?),
+            kind => Some(AttentionGru::with_init(kind, h, h, cfg.gru_init, &pb.pp("evolve"))?),
         };
         let aux = if cfg.aux_loss {
             let mut a = AuxNet::new(h, e, &pb.pp("aux"))?;

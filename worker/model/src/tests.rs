@@ -544,6 +544,31 @@ fn dice_momentum_and_eps_come_from_the_config() {
     }
 }
 
+/// `gru_init = "tf1"` reaches both of DIEN's GRUs (the extractor and the
+/// evolving layer): their biases start at `[-1; +1; 0]` per gate block,
+/// while the default keeps them at 0; an unknown value is refused by name.
+#[test]
+fn dien_gru_init_comes_from_the_config() {
+    let cfg: ModelConfig = toml::from_str("kind = \"dien\"\ngru_init = \"tf1\"").unwrap();
+    let h = cfg.dien_hidden;
+    let model = build_model(&cfg, &Device::Cpu).unwrap();
+    let params = model.dense_params();
+    for name in ["gru.bias", "evolve.bias"] {
+        let (_, v) = params.iter().find(|(n, _)| n == name).unwrap();
+        assert_eq!(v.len(), 3 * h, "{name}");
+        assert!(v[..h].iter().all(|&x| x == -1.0), "{name}");
+        assert!(v[h..2 * h].iter().all(|&x| x == 1.0), "{name}");
+        assert!(v[2 * h..].iter().all(|&x| x == 0.0), "{name}");
+    }
+    let plain = build_model(&ModelConfig::of(ModelKind::Dien), &Device::Cpu).unwrap();
+    let (_, b) = plain.dense_params().into_iter().find(|(n, _)| n == "gru.bias").unwrap();
+    assert!(b.iter().all(|&x| x == 0.0));
+    let err = toml::from_str::<ModelConfig>("kind = \"dien\"\ngru_init = \"glorot\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gru_init") || err.contains("glorot"), "{err}");
+}
+
 /// A schema with every feature kind: a multi-hot ad feature with a
 /// multi-hot behaviour (mean), an unaligned multi-hot ad feature (sum), a
 /// user id, a context id sharing no table, and a dense feature.

@@ -21,7 +21,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::fused_gru::{att_gru_states, gru_states, GateKind};
-use super::gru::Gru;
+use super::gru::{Gru, GruInit};
 use super::params::ParamBuilder;
 
 /// Which attentional GRU evolves the interest.
@@ -55,11 +55,22 @@ impl AttentionGru {
     /// Creates the cell (input width `inp`, hidden `hidden`) under `pb`.
     /// Errors for [`EvolveKind::Attpool`], which has no cell.
     pub fn new(kind: EvolveKind, inp: usize, hidden: usize, pb: &ParamBuilder) -> Result<Self> {
+        Self::with_init(kind, inp, hidden, GruInit::Uniform, pb)
+    }
+
+    /// As [`AttentionGru::new`], with the cell initialised as `init` says.
+    pub fn with_init(
+        kind: EvolveKind,
+        inp: usize,
+        hidden: usize,
+        init: GruInit,
+        pb: &ParamBuilder,
+    ) -> Result<Self> {
         if kind == EvolveKind::Attpool {
             candle_core::bail!("evolve = \"attpool\" has no attentional GRU");
         }
         Ok(AttentionGru {
-            cell: Gru::new(inp, hidden, pb)?,
+            cell: Gru::with_init(inp, hidden, init, pb)?,
             kind,
         })
     }

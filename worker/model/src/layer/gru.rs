@@ -12,7 +12,29 @@
 
 use candle_core::{Result, Tensor, Var};
 
+use serde::{Deserialize, Serialize};
+
 use super::params::{Init, ParamBuilder};
+
+/// How a GRU's parameters are initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GruInit {
+    /// PyTorch's `nn.GRU`: every weight uniform in `[-1/sqrt(H), 1/sqrt(H)]`,
+    /// bias 0 (default).
+    #[default]
+    Uniform,
+    /// TensorFlow 1's `GRUCell` (DIEN's reference code): the gate kernel
+    /// `[In + H, 2H]` Glorot-uniform with bound `sqrt(6 / (In + 3H))`, the
+    /// candidate kernel `[In + H, H]` with `sqrt(6 / (In + 2H))`, gate bias
+    /// 1.0 and candidate bias 0. TF's update gate keeps the old state
+    /// (`h_t = u h_{t-1} + (1 - u) c`) where Ember's takes the new one, so
+    /// TF's bias 1.0 on it is Ember's `b_u = -1.0`; `b_r = +1.0`, `b_n = 0`.
+    /// (TF also applies `r` before the recurrent product of the candidate,
+    /// `(r * h) U_n`, where Ember and PyTorch use `r * (h U_n)`: that is the
+    /// cell's form, not its initialisation, and is not changed by this.)
+    Tf1,
+}
 
 /// GRU cell parameters plus a masked sequence forward.
 #[derive(Debug, Clone)]
@@ -50,11 +72,40 @@ impl Gru {
     /// Creates the parameters for input width `inp`, hidden `hidden` under `pb`.
     /// Init: uniform in `[-1/sqrt(H), 1/sqrt(H)]` (PyTorch's), bias 0.
     pub fn new(inp: usize, hidden: usize, pb: &ParamBuilder) -> Result<Self> {
-        let b = 1.0 / (hidden as f64).sqrt();
+        Self::with_init(inp, hidden, GruInit::Uniform, pb)
+    }
+
+    /// Creates the parameters initialised as `init` says (see [`GruInit`]).
+    pub fn with_init(inp: usize, hidden: usize, init: GruInit, pb: &ParamBuilder) -> Result<Self> {
+        let (w_init, bias_vals) = match init {
+            GruInit::Uniform => {
+                let b = 1.0 / (hidden as f64).sqrt();
+                (Init::Uniform(b), None)
+            }
+            GruInit::Tf1 => {
+                let (i, h) = (inp as f64, hidden as f64);
+                let w = Init::SplitColumns {
+                    split: 2 * hidden,
+                    left: (6.0 / (i + 3.0 * h)).sqrt(),
+                    right: (6.0 / (i + 2.0 * h)).sqrt(),
+                };
+                let mut b = vec![-1.0; hidden];
+                b.extend(std::iter::repeat_n(1.0, hidden));
+                b.extend(std::iter::repeat_n(0.0, hidden));
+                (w, Some(b))
+            }
+        };
+        let w_ih = pb.var("w_ih", (inp, 3 * hidden), w_init)?;
+        let w_hh = pb.var("w_hh", (hidden, 3 * hidden), w_init)?;
+        let bias = pb.var("bias", 3 * hidden, Init::Const(0.0))?;
+        if let Some(v) = bias_vals {
+            let t = Tensor::from_vec(v, 3 * hidden, &pb.device())?.to_dtype(pb.dtype())?;
+            bias.set(&t)?;
+        }
         Ok(Gru {
-            w_ih: pb.var("w_ih", (inp, 3 * hidden), Init::Uniform(b))?,
-            w_hh: pb.var("w_hh", (hidden, 3 * hidden), Init::Uniform(b))?,
-            bias: pb.var("bias", 3 * hidden, Init::Const(0.0))?,
+            w_ih,
+            w_hh,
+            bias,
             hidden,
             fused: true,
         })

@@ -22,6 +22,17 @@ pub enum Init {
     /// Glorot/Xavier uniform for a `[fan_in, fan_out]` weight:
     /// bound `sqrt(6 / (fan_in + fan_out))`.
     Glorot,
+    /// Uniform with bound `left` in the columns `< split` of the last
+    /// dimension and `right` in the others (TF1 GRU kernels: gates and
+    /// candidate drawn with their own Glorot bounds).
+    SplitColumns {
+        /// First column of the `right` block.
+        split: usize,
+        /// Bound of the columns before `split`.
+        left: f64,
+        /// Bound of the columns from `split` on.
+        right: f64,
+    },
 }
 
 #[derive(Debug)]
@@ -109,6 +120,15 @@ impl ParamBuilder {
                 };
                 let b = (6.0 / (fi + fo) as f64).sqrt();
                 (0..n).map(|_| g.rng.random_range(-b..=b)).collect()
+            }
+            Init::SplitColumns { split, left, right } => {
+                let cols = shape.dims().last().copied().unwrap_or(1).max(1);
+                (0..n)
+                    .map(|i| {
+                        let b = if i % cols < split { left } else { right };
+                        g.rng.random_range(-b..=b)
+                    })
+                    .collect()
             }
         }
     }

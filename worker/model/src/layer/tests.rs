@@ -10,7 +10,7 @@ use super::aux::AuxNet;
 use super::bilinear::BilinearAttention;
 use super::dice::Dice;
 use super::gradcheck::{assert_ok, check};
-use super::gru::Gru;
+use super::gru::{Gru, GruInit};
 use super::mlp::{Activation, Mlp};
 use super::mode::Mode;
 use super::params::ParamBuilder;
@@ -279,6 +279,49 @@ fn gru_gradcheck_and_masking() -> Result<()> {
         assert_eq!(hs[1][1], hs[1][3]);
         assert!(hs[2][3].iter().all(|&v| v == 0.0));
     }
+    Ok(())
+}
+
+/// TF1 `GRUCell` initialisation: gate columns inside the gate kernel's
+/// Glorot bound, candidate columns inside theirs (and spread to it), biases
+/// `-1` (update, Ember's sign), `+1` (reset), `0` (candidate); the uniform
+/// default keeps PyTorch's bound and zero bias.
+#[test]
+fn gru_tf1_initialisation() -> Result<()> {
+    let (i, h) = (36usize, 36usize);
+    let g = Gru::with_init(i, h, GruInit::Tf1, &pb(3))?;
+    let gate_b = (6.0 / (i + 3 * h) as f64).sqrt();
+    let cand_b = (6.0 / (i + 2 * h) as f64).sqrt();
+    for w in [&g.w_ih, &g.w_hh] {
+        let rows = w.as_tensor().to_vec2::<f64>()?;
+        let (mut gate_max, mut cand_max) = (0f64, 0f64);
+        for r in &rows {
+            for (c, &v) in r.iter().enumerate() {
+                if c < 2 * h {
+                    gate_max = gate_max.max(v.abs());
+                } else {
+                    cand_max = cand_max.max(v.abs());
+                }
+            }
+        }
+        assert!(gate_max <= gate_b && gate_max > 0.9 * gate_b, "gate {gate_max} vs {gate_b}");
+        assert!(cand_max <= cand_b && cand_max > gate_b, "cand {cand_max} vs {cand_b}");
+    }
+    let bias = g.bias.as_tensor().to_vec1::<f64>()?;
+    assert!(bias[..h].iter().all(|&v| v == -1.0));
+    assert!(bias[h..2 * h].iter().all(|&v| v == 1.0));
+    assert!(bias[2 * h..].iter().all(|&v| v == 0.0));
+    let u = Gru::new(i, h, &pb(3))?;
+    let bound = 1.0 / (h as f64).sqrt();
+    let w = u.w_hh.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+    assert!(w.iter().all(|v| v.abs() <= bound));
+    assert!(u.bias.as_tensor().to_vec1::<f64>()?.iter().all(|&v| v == 0.0));
+    // Same parameter names and order either way (checkpoints stay compatible).
+    let names = |b: &ParamBuilder| b.finish().params.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let (b1, b2) = (pb(1), pb(1));
+    Gru::with_init(4, 3, GruInit::Tf1, &b1)?;
+    Gru::new(4, 3, &b2)?;
+    assert_eq!(names(&b1), names(&b2));
     Ok(())
 }
 
