@@ -344,6 +344,59 @@ impl Batch {
         }
     }
 
+    /// The samples `range` of this batch as a batch of their own that keeps
+    /// this batch's unique ids (and counts) per table and its padded length
+    /// `T`: its index arrays still point into the same unique lists, so rows
+    /// pulled for the whole batch serve every part, and the parts' sparse
+    /// gradients (each `[U * D]` over the same ids) add up to the whole's.
+    /// Used to split a training step across threads. The range is clamped
+    /// to `0..batch_size`.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
+        let hi = range.end.min(self.batch_size);
+        let lo = range.start.min(hi);
+        let b = self.batch_size;
+        let t = self.max_len;
+        // A per-sample array of `w` values per sample, sliced to the range.
+        fn per<T: Clone>(v: &[T], b: usize, lo: usize, hi: usize) -> Vec<T> {
+            if b == 0 || v.is_empty() {
+                return Vec::new();
+            }
+            let w = v.len() / b;
+            v[lo * w..hi * w].to_vec()
+        }
+        Batch {
+            batch_size: hi - lo,
+            max_len: t,
+            labels: per(&self.labels, b, lo, hi),
+            user_ids: per(&self.user_ids, b, lo, hi),
+            lens: per(&self.lens, b, lo, hi),
+            mask: per(&self.mask, b, lo, hi),
+            items: self.items.clone(),
+            cats: self.cats.clone(),
+            users: self.users.clone(),
+            user_idx: per(&self.user_idx, b, lo, hi),
+            item_idx: per(&self.item_idx, b, lo, hi),
+            cat_idx: per(&self.cat_idx, b, lo, hi),
+            hist_item_idx: per(&self.hist_item_idx, b, lo, hi),
+            hist_cat_idx: per(&self.hist_cat_idx, b, lo, hi),
+            neg_item_idx: self.neg_item_idx.as_ref().map(|v| per(v, b, lo, hi)),
+            neg_cat_idx: self.neg_cat_idx.as_ref().map(|v| per(v, b, lo, hi)),
+            schema_tables: self.schema_tables.clone(),
+            features: self
+                .features
+                .iter()
+                .map(|f| FeatureIdx {
+                    table: f.table,
+                    width: f.width,
+                    behaviour: f.behaviour,
+                    idx: per(&f.idx, b, lo, hi),
+                    neg: f.neg.as_ref().map(|v| per(v, b, lo, hi)),
+                })
+                .collect(),
+            dense: per(&self.dense, b, lo, hi),
+        }
+    }
+
     /// Whether this batch was built from schema samples.
     pub fn is_schema(&self) -> bool {
         !self.schema_tables.is_empty()
@@ -607,6 +660,55 @@ group = "user"
             .chain(&d.features[3].idx[..2])
             .all(|&i| i == 2));
         assert_eq!(d.features[1], b.features[1]);
+        // A part keeps the unique ids and T, and slices every per-sample array.
+        let second = b.rows(1..2);
+        assert_eq!((second.batch_size, second.max_len), (1, 2));
+        assert_eq!(second.schema_tables, b.schema_tables);
+        assert_eq!(second.features[1].idx, vec![1, 2]);
+        assert_eq!(second.features[2].idx, vec![gp; 4]);
+        assert_eq!(second.features[3].idx, vec![2, 2]);
+        assert_eq!(
+            (second.dense.clone(), second.labels.clone()),
+            (vec![-1.0], vec![0.0])
+        );
+    }
+
+    /// `rows` of a fixed-layout batch: every per-sample array sliced (history
+    /// and negatives per step), the unique ids kept, parts in order make the
+    /// whole again, and an out-of-range request is clamped.
+    #[test]
+    fn rows_split_a_batch_into_parts_over_the_same_ids() {
+        let mut samples = vec![
+            s(1.0, 1, 10, &[11, 12]),
+            s(0.0, 2, 11, &[10]),
+            s(1.0, 3, 12, &[11]),
+        ];
+        for x in &mut samples {
+            x.neg_items = x.hist_items.iter().map(|h| h + 100).collect();
+            x.neg_cats = x.hist_cats.clone();
+        }
+        let b = Batch::from_samples(&samples, 5);
+        let parts = [b.rows(0..1), b.rows(1..3)];
+        assert_eq!(parts[1].batch_size, 2);
+        let cat =
+            |f: &dyn Fn(&Batch) -> Vec<u32>| -> Vec<u32> { parts.iter().flat_map(f).collect() };
+        assert_eq!(cat(&|p| p.hist_item_idx.clone()), b.hist_item_idx);
+        assert_eq!(
+            cat(&|p| p.neg_item_idx.clone().unwrap()),
+            b.neg_item_idx.clone().unwrap()
+        );
+        assert_eq!(cat(&|p| p.item_idx.clone()), b.item_idx);
+        assert_eq!(cat(&|p| p.user_idx.clone()), b.user_idx);
+        for p in &parts {
+            assert_eq!(
+                (&p.items, &p.cats, &p.users, p.max_len),
+                (&b.items, &b.cats, &b.users, b.max_len)
+            );
+            assert_eq!(p.mask.len(), p.batch_size * p.max_len);
+        }
+        assert_eq!(parts[1].lens, vec![1, 1]);
+        assert_eq!(b.rows(2..9).batch_size, 1);
+        assert_eq!(b.rows(7..9).batch_size, 0);
     }
 
     #[test]

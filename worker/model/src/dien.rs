@@ -65,7 +65,13 @@ impl Network for Dien {
         };
         let evolve = match cfg.evolve {
             EvolveKind::Attpool => None,
-            kind => Some(AttentionGru::with_init(kind, h, h, cfg.gru_init, &pb.pp("evolve"))?),
+            kind => Some(AttentionGru::with_init(
+                kind,
+                h,
+                h,
+                cfg.gru_init,
+                &pb.pp("evolve"),
+            )?),
         };
         let aux = if cfg.aux_loss {
             let mut a = AuxNet::new(h, e, &pb.pp("aux"))?;

@@ -202,6 +202,13 @@ pub trait CtrModel: Send {
     /// the running averages and no gradients are computed.
     fn step(&mut self, batch: &Batch, rows: &SparseRows, train: bool) -> Result<StepOutput>;
 
+    /// Splits each step across `threads` threads, data-parallel over the
+    /// batch (parts of at least 8 samples; the parts' gradients, weighted by
+    /// their share of the samples and of DIEN's auxiliary pairs, add up to
+    /// the whole batch's). Training with Dice (batch statistics) is not split.
+    /// Run with one intra-op thread (`RAYON_NUM_THREADS=1`). Default 1.
+    fn set_threads(&mut self, _threads: usize) {}
+
     /// Dense trained parameters `(name, values)` in a stable order.
     fn dense_params(&self) -> Vec<(String, Vec<f32>)>;
 

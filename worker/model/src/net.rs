@@ -371,7 +371,7 @@ pub fn attention_unit(
 }
 
 /// A CTR model body.
-pub trait Network: Sized + Send {
+pub trait Network: Sized + Send + Sync {
     /// Builds the layers under `pb` (dotted names).
     fn build(cfg: &ModelConfig, pb: &ParamBuilder) -> candle_core::Result<Self>;
     /// Logits (and auxiliary loss) of a batch.
@@ -404,6 +404,37 @@ pub struct CtrNet<N> {
     set: ParamSet,
     dtype: DType,
     device: Device,
+    /// Threads a step is split across (data-parallel over the batch; 1 = none).
+    threads: usize,
+}
+
+/// Fewest samples a thread's part of a batch gets when a step is split.
+pub const MIN_PART: usize = 8;
+
+/// `[lo, hi)` ranges splitting `b` samples into at most `threads` parts of
+/// at least [`MIN_PART`] samples (sizes differ by at most one).
+pub fn part_ranges(b: usize, threads: usize) -> Vec<std::ops::Range<usize>> {
+    let p = threads.min(b / MIN_PART).max(1);
+    let (q, r) = (b / p, b % p);
+    let mut lo = 0;
+    (0..p)
+        .map(|i| {
+            let hi = lo + q + usize::from(i < r);
+            let range = lo..hi;
+            lo = hi;
+            range
+        })
+        .collect()
+}
+
+/// DIEN's auxiliary-loss pairs of a batch: valid steps `t` with `t + 1`
+/// also valid, `sum_b max(len_b - 1, 0)` (the loss is their mean).
+fn aux_pairs(batch: &Batch) -> usize {
+    batch
+        .lens
+        .iter()
+        .map(|&l| l.min(batch.max_len).saturating_sub(1))
+        .sum()
 }
 
 impl<N: Network> CtrNet<N> {
@@ -418,7 +449,55 @@ impl<N: Network> CtrNet<N> {
             set: pb.finish(),
             dtype,
             device: device.clone(),
+            threads: 1,
         })
+    }
+
+    /// One forward (and, in training, backward) pass over `batch` whose
+    /// gradients are those of `w_bce * bce + aux_alpha * w_aux * aux`: the
+    /// part of a split step, weighted so that the parts' gradients add up to
+    /// the whole batch's (`w_bce = n_part / B`, `w_aux = pairs_part / pairs`).
+    fn step_part(
+        &self,
+        batch: &Batch,
+        rows: &SparseRows,
+        train: bool,
+        w_bce: f64,
+        w_aux: f64,
+    ) -> Result<StepOutput> {
+        let inp = self.inputs(batch, rows, train)?;
+        let mode = if train { Mode::TRAIN } else { Mode::EVAL };
+        let obj = self.objective(&inp, mode)?;
+        let probs = to_f32_vec(&candle_nn::ops::sigmoid(&obj.logits)?)?;
+        let mut out = StepOutput {
+            loss: scalar_f32(&obj.bce)?,
+            aux_loss: obj.aux.as_ref().map(scalar_f32).transpose()?,
+            probs,
+            ..Default::default()
+        };
+        if train {
+            let total = if w_bce == 1.0 && w_aux == 1.0 {
+                obj.total
+            } else {
+                let bce = (&obj.bce * w_bce)?;
+                match &obj.aux {
+                    Some(a) => (bce + (a * (self.cfg.aux_alpha * w_aux))?)?,
+                    None => bce,
+                }
+            };
+            let grads = total.backward()?;
+            for ((table, _), block) in self.cfg.tables().into_iter().zip(&inp.blocks) {
+                out.sparse_grads.insert(table, block.grad(&grads)?);
+            }
+            for (name, var) in &self.set.params {
+                let g = match grads.get(var.as_tensor()) {
+                    Some(g) => to_f32_vec(g)?,
+                    None => vec![0.0; var.as_tensor().elem_count()],
+                };
+                out.dense_grads.push((name.clone(), g));
+            }
+        }
+        Ok(out)
     }
 
     /// Named parameters and state (shared `Var`s).
@@ -511,30 +590,78 @@ impl<N: Network> CtrModel for CtrNet<N> {
     }
 
     fn step(&mut self, batch: &Batch, rows: &SparseRows, train: bool) -> Result<StepOutput> {
-        let inp = self.inputs(batch, rows, train)?;
-        let mode = if train { Mode::TRAIN } else { Mode::EVAL };
-        let obj = self.objective(&inp, mode)?;
-        let probs = to_f32_vec(&candle_nn::ops::sigmoid(&obj.logits)?)?;
-        let mut out = StepOutput {
-            loss: scalar_f32(&obj.bce)?,
-            aux_loss: obj.aux.as_ref().map(scalar_f32).transpose()?,
-            probs,
-            ..Default::default()
+        // Batch statistics (Dice in training) are not split: one part.
+        let threads = if train && !self.set.state.is_empty() {
+            1
+        } else {
+            self.threads
         };
-        if train {
-            let grads = obj.total.backward()?;
-            for ((table, _), block) in self.cfg.tables().into_iter().zip(&inp.blocks) {
-                out.sparse_grads.insert(table, block.grad(&grads)?);
-            }
-            for (name, var) in &self.set.params {
-                let g = match grads.get(var.as_tensor()) {
-                    Some(g) => to_f32_vec(g)?,
-                    None => vec![0.0; var.as_tensor().elem_count()],
+        let ranges = part_ranges(batch.batch_size, threads);
+        if ranges.len() <= 1 {
+            return self.step_part(batch, rows, train, 1.0, 1.0);
+        }
+        let parts: Vec<Batch> = ranges.iter().map(|r| batch.rows(r.clone())).collect();
+        let (b, pairs) = (batch.batch_size as f64, aux_pairs(batch) as f64);
+        let weights: Vec<(f64, f64)> = parts
+            .iter()
+            .map(|p| {
+                let w_aux = if pairs > 0.0 {
+                    aux_pairs(p) as f64 / pairs
+                } else {
+                    0.0
                 };
-                out.dense_grads.push((name.clone(), g));
+                (p.batch_size as f64 / b, w_aux)
+            })
+            .collect();
+        let this = &*self;
+        let outs: Vec<Result<StepOutput>> = std::thread::scope(|s| {
+            let handles: Vec<_> = parts[1..]
+                .iter()
+                .zip(&weights[1..])
+                .map(|(p, &(wb, wa))| s.spawn(move || this.step_part(p, rows, train, wb, wa)))
+                .collect();
+            let mut outs = vec![this.step_part(&parts[0], rows, train, weights[0].0, weights[0].1)];
+            for h in handles {
+                outs.push(h.join().unwrap_or_else(|_| {
+                    Err(ModelError::Candle(candle_core::Error::Msg(
+                        "a thread of a split step panicked".into(),
+                    )))
+                }));
+            }
+            outs
+        });
+        let mut total = StepOutput::default();
+        let mut aux_sum: Option<f32> = None;
+        for (i, out) in outs.into_iter().enumerate() {
+            let out = out?;
+            let (wb, wa) = weights[i];
+            total.loss += (wb as f32) * out.loss;
+            if let Some(a) = out.aux_loss {
+                *aux_sum.get_or_insert(0.0) += (wa as f32) * a;
+            }
+            total.probs.extend(out.probs);
+            for (table, g) in out.sparse_grads {
+                match total.sparse_grads.get_mut(&table) {
+                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, v)| *a += v),
+                    None => {
+                        total.sparse_grads.insert(table, g);
+                    }
+                }
+            }
+            if total.dense_grads.is_empty() {
+                total.dense_grads = out.dense_grads;
+            } else {
+                for ((_, acc), (_, g)) in total.dense_grads.iter_mut().zip(&out.dense_grads) {
+                    acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
+                }
             }
         }
-        Ok(out)
+        total.aux_loss = aux_sum;
+        Ok(total)
+    }
+
+    fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     fn dense_params(&self) -> Vec<(String, Vec<f32>)> {

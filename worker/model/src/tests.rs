@@ -185,6 +185,86 @@ fn rows_for(batch: &Batch, model: &dyn CtrModel, seed: u64) -> SparseRows {
     store.pull(batch)
 }
 
+/// A step split across threads (`set_threads`) is the same step: loss, aux
+/// loss, probabilities and every sparse and dense gradient equal the
+/// one-thread step's (f64 models; parts of 8+ samples, uneven, with empty
+/// and full histories and DIEN's aux pairs spread unevenly over the parts),
+/// fused and composed, in training and evaluation. With Dice in training
+/// (batch statistics) the step is not split and stays bit-identical.
+#[test]
+fn a_step_split_across_threads_equals_the_whole_step() {
+    let batch = small_batch(11, 27);
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + a.abs().max(b.abs()));
+    for kind in [ModelKind::Base, ModelKind::Din, ModelKind::Dien] {
+        for (fused, activation) in [
+            (true, Activation::Prelu),
+            (false, Activation::Prelu),
+            (true, Activation::Dice),
+        ] {
+            let cfg = ModelConfig {
+                fused,
+                activation,
+                ..small(kind)
+            };
+            let what = format!("{kind:?} fused={fused} {activation:?}");
+            let mut one = build_model_with_dtype(&cfg, &Device::Cpu, DType::F64).unwrap();
+            let mut three = build_model_with_dtype(&cfg, &Device::Cpu, DType::F64).unwrap();
+            three.set_threads(3);
+            let rows = rows_for(&batch, one.as_ref(), 5);
+            for train in [true, false] {
+                let a = one.step(&batch, &rows, train).unwrap();
+                let b = three.step(&batch, &rows, train).unwrap();
+                if activation == Activation::Dice && train {
+                    assert_eq!(a, b, "{what}: Dice training must not be split");
+                    continue;
+                }
+                assert!(
+                    close(a.loss, b.loss),
+                    "{what} train={train}: loss {} vs {}",
+                    a.loss,
+                    b.loss
+                );
+                assert_eq!(a.aux_loss.is_some(), b.aux_loss.is_some(), "{what}");
+                if let (Some(x), Some(y)) = (a.aux_loss, b.aux_loss) {
+                    assert!(close(x, y), "{what}: aux {x} vs {y}");
+                }
+                assert_eq!(a.probs.len(), b.probs.len());
+                for (x, y) in a.probs.iter().zip(&b.probs) {
+                    assert!(close(*x, *y), "{what}: prob {x} vs {y}");
+                }
+                assert_eq!(
+                    a.sparse_grads.keys().collect::<Vec<_>>(),
+                    b.sparse_grads.keys().collect::<Vec<_>>()
+                );
+                for (t, g) in &a.sparse_grads {
+                    for (x, y) in g.iter().zip(&b.sparse_grads[t]) {
+                        assert!(close(*x, *y), "{what}: {t} grad {x} vs {y}");
+                    }
+                }
+                assert_eq!(a.dense_grads.len(), b.dense_grads.len());
+                for ((n, g), (m, h)) in a.dense_grads.iter().zip(&b.dense_grads) {
+                    assert_eq!(n, m);
+                    for (x, y) in g.iter().zip(h) {
+                        assert!(close(*x, *y), "{what}: {n} grad {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+    // The parts: 27 samples over 3 threads -> 9/9/9; 20 over 3 -> 2 parts
+    // (8 samples at least each); 7 -> not split.
+    let sizes = |b, t| {
+        net::part_ranges(b, t)
+            .iter()
+            .map(|r| r.len())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sizes(27, 3), vec![9, 9, 9]);
+    assert_eq!(sizes(20, 3), vec![10, 10]);
+    assert_eq!(sizes(7, 4), vec![7]);
+    assert_eq!(sizes(130, 4), vec![33, 33, 32, 32]);
+}
+
 /// Padded positions: redirect every padded history (and negative) position to
 /// an extra id with random non-zero rows. Its gradient must be exactly zero and
 /// the loss unchanged.
@@ -561,7 +641,11 @@ fn dien_gru_init_comes_from_the_config() {
         assert!(v[2 * h..].iter().all(|&x| x == 0.0), "{name}");
     }
     let plain = build_model(&ModelConfig::of(ModelKind::Dien), &Device::Cpu).unwrap();
-    let (_, b) = plain.dense_params().into_iter().find(|(n, _)| n == "gru.bias").unwrap();
+    let (_, b) = plain
+        .dense_params()
+        .into_iter()
+        .find(|(n, _)| n == "gru.bias")
+        .unwrap();
     assert!(b.iter().all(|&x| x == 0.0));
     let err = toml::from_str::<ModelConfig>("kind = \"dien\"\ngru_init = \"glorot\"")
         .unwrap_err()

@@ -4,7 +4,8 @@
 //! Batches: B = 128 (default), history lengths log-normal with median 65
 //! capped at `--max-len` 100 (ML-100k-like), 1682 items, 19 categories, one
 //! random negative per step (DIEN), embedding 18 + 18. Rows are pre-pulled
-//! (no store in the timed loop). One candle/gemm thread unless `--threads`.
+//! (no store in the timed loop). One thread unless `--threads N` (the batch
+//! split into N data-parallel parts, or with `--intra-op` candle's N threads).
 //!
 //! Also prints the multiply-adds per sample on valid steps (forward; the
 //! backward is counted as 2x forward) and the resulting fraction of the
@@ -13,7 +14,7 @@
 //!
 //! Calls `model::tune_allocator` first unless `--no-tune-alloc`.
 //!
-//! Run: `RAYON_NUM_THREADS=1 target/debug/model-bench [--models base,din,dien]`;
+//! Run: `target/debug/model-bench [--models base,din,dien] [--threads N [--intra-op]]`;
 //! on a GPU build (`--features cuda`) add `--device cuda`.
 
 use std::time::Instant;
@@ -48,9 +49,15 @@ struct Args {
     /// Use Dice instead of PReLU in the MLP.
     #[arg(long)]
     dice: bool,
-    /// gemm/rayon threads.
+    /// Threads per step: the batch is split data-parallel into this many
+    /// parts (`CtrModel::set_threads`), candle's ops single-threaded; with
+    /// `--intra-op`, candle's gemm/rayon threads instead.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Use `--threads` as candle's intra-op (gemm/rayon) threads instead of
+    /// splitting the batch.
+    #[arg(long)]
+    intra_op: bool,
     /// Keep glibc's default allocator settings (no `tune_allocator`).
     #[arg(long)]
     no_tune_alloc: bool,
@@ -129,9 +136,9 @@ fn macs_per_sample(kind: ModelKind, l: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if std::env::var("RAYON_NUM_THREADS").is_err() {
-        std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    }
+    // Data-parallel: one intra-op thread per part; intra-op: candle's threads.
+    let intra = if args.intra_op { args.threads } else { 1 };
+    std::env::set_var("RAYON_NUM_THREADS", intra.to_string());
     let device = match args.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
         "cuda" => candle_core::Device::new_cuda(0)?,
@@ -146,13 +153,14 @@ fn main() -> anyhow::Result<()> {
         / (pool.len() * args.batch) as f64;
     let mean_t = pool.iter().map(|b| b.max_len).sum::<usize>() as f64 / pool.len() as f64;
     println!(
-        "device {} | batch {} | mean valid length {:.1} | mean padded T {:.1} | fused {} | threads {} | tuned allocator {}",
+        "device {} | batch {} | mean valid length {:.1} | mean padded T {:.1} | fused {} | threads {} ({}) | tuned allocator {}",
         args.device,
         args.batch,
         mean_len,
         mean_t,
         args.fused,
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
+        args.threads,
+        if args.intra_op { "intra-op" } else { "data-parallel" },
         tuned
     );
     println!(
@@ -172,6 +180,9 @@ fn main() -> anyhow::Result<()> {
             cfg.activation = ember_worker::layer::mlp::Activation::Dice;
         }
         let mut model = build_model(&cfg, &device)?;
+        if !args.intra_op {
+            model.set_threads(args.threads);
+        }
         let tables = model.sparse_tables();
         let inputs: Vec<(Batch, SparseRows)> = pool
             .iter()

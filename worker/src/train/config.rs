@@ -532,6 +532,13 @@ pub struct ClusterConfig {
     /// Number of workers.
     #[serde(default = "d_workers")]
     pub workers: usize,
+    /// Compute threads of each worker: every training step is split
+    /// data-parallel over the batch into this many parts (at least 8
+    /// samples each), whose gradients add up to the whole batch's. 1
+    /// (default) = one thread. Not split: training with Dice (batch
+    /// statistics). Candle's own ops stay single-threaded.
+    #[serde(default = "d_worker_threads")]
+    pub worker_threads: usize,
     /// "process": shards and workers are child processes on loopback;
     /// "inprocess": shards are gRPC servers and workers tasks of the launcher.
     #[serde(default)]
@@ -606,6 +613,9 @@ fn d_shards() -> usize {
 fn d_workers() -> usize {
     2
 }
+fn d_worker_threads() -> usize {
+    1
+}
 fn d_staleness() -> usize {
     1
 }
@@ -639,6 +649,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             shards: d_shards(),
             workers: d_workers(),
+            worker_threads: d_worker_threads(),
             mode: ClusterMode::default(),
             shard_addrs: Vec::new(),
             sync: SyncMode::default(),
@@ -975,6 +986,9 @@ impl JobConfig {
         }
         if self.cluster.workers == 0 {
             return Err("cluster.workers must be >= 1".into());
+        }
+        if self.cluster.worker_threads == 0 || self.cluster.worker_threads > 256 {
+            return Err("cluster.worker_threads must be in 1..=256".into());
         }
         if self.cluster.external_workers() {
             if self

@@ -157,7 +157,9 @@ async fn push_rows(
 pub fn build_job_model(cfg: &JobConfig) -> Result<Box<dyn CtrModel>, TrainError> {
     let mut mc = cfg.model.clone();
     mc.seed = cfg.train.seed;
-    build_model(&mc, &Device::Cpu).map_err(TrainError::Model)
+    let mut model = build_model(&mc, &Device::Cpu).map_err(TrainError::Model)?;
+    model.set_threads(cfg.cluster.worker_threads);
+    Ok(model)
 }
 
 /// Loads dense values pulled from the PS into the model (parameters and state).

@@ -304,8 +304,14 @@ fn gru_tf1_initialisation() -> Result<()> {
                 }
             }
         }
-        assert!(gate_max <= gate_b && gate_max > 0.9 * gate_b, "gate {gate_max} vs {gate_b}");
-        assert!(cand_max <= cand_b && cand_max > gate_b, "cand {cand_max} vs {cand_b}");
+        assert!(
+            gate_max <= gate_b && gate_max > 0.9 * gate_b,
+            "gate {gate_max} vs {gate_b}"
+        );
+        assert!(
+            cand_max <= cand_b && cand_max > gate_b,
+            "cand {cand_max} vs {cand_b}"
+        );
     }
     let bias = g.bias.as_tensor().to_vec1::<f64>()?;
     assert!(bias[..h].iter().all(|&v| v == -1.0));
@@ -315,9 +321,20 @@ fn gru_tf1_initialisation() -> Result<()> {
     let bound = 1.0 / (h as f64).sqrt();
     let w = u.w_hh.as_tensor().flatten_all()?.to_vec1::<f64>()?;
     assert!(w.iter().all(|v| v.abs() <= bound));
-    assert!(u.bias.as_tensor().to_vec1::<f64>()?.iter().all(|&v| v == 0.0));
+    assert!(u
+        .bias
+        .as_tensor()
+        .to_vec1::<f64>()?
+        .iter()
+        .all(|&v| v == 0.0));
     // Same parameter names and order either way (checkpoints stay compatible).
-    let names = |b: &ParamBuilder| b.finish().params.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let names = |b: &ParamBuilder| {
+        b.finish()
+            .params
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+    };
     let (b1, b2) = (pb(1), pb(1));
     Gru::with_init(4, 3, GruInit::Tf1, &b1)?;
     Gru::new(4, 3, &b2)?;
