@@ -277,8 +277,9 @@ fn last_step(ckpt: &Path) -> u64 {
 /// The ids-only schema on files written by `prepare --config` trains exactly
 /// like the fixed layout on files written by `prepare --raw-dir` (ML-100k,
 /// same seed, 1 worker, staleness 0): the same losses and test metrics, and
-/// the same shard state bit for bit.
-/// Expected time: ~1 min on 2 cores (two preparations, two 40-step jobs).
+/// the same shard state bit for bit. And the fixed-layout job with
+/// `worker_threads = 2` trains the same up to float rounding.
+/// Expected time: ~1 min on 2 cores (two preparations, three 40-step jobs).
 #[test]
 fn ids_only_schema_trains_bit_for_bit_like_the_fixed_layout() {
     let raw = repo_root().join("data/ml-100k");
@@ -353,4 +354,50 @@ fn ids_only_schema_trains_bit_for_bit_like_the_fixed_layout() {
         &checkpoint_state(&d.join("run-wide"), 1, 40),
         "ids-only schema vs fixed layout",
     );
+    // The same legacy job with each step split across two threads inside
+    // the worker (`worker_threads = 2`): the same training up to the order of
+    // float sums, so close, not bit-equal (the parts' gradients are added).
+    let threads = d.join("threads.toml");
+    std::fs::write(
+        &threads,
+        common("threads", "legacy").replace("workers = 1\n", "workers = 1\nworker_threads = 2\n"),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(&threads)
+        .unwrap()
+        .contains("worker_threads = 2"));
+    ember_train(&threads, &[]);
+    let c = epochs(&read("threads"));
+    for (key, tol) in [
+        (&["test", "auc"][..], 2e-3),
+        (&["test", "logloss"], 2e-3),
+        (&["train_loss"], 1e-4),
+    ] {
+        let (x, y) = (f(&a[0], key), f(&c[0], key));
+        assert!(
+            (x - y).abs() <= tol,
+            "{key:?}: 1 thread {x} vs 2 threads {y}"
+        );
+    }
+    let (one, two) = (
+        checkpoint_state(&d.join("run-legacy"), 1, 40),
+        checkpoint_state(&d.join("run-threads"), 1, 40),
+    );
+    let mut compared = 0usize;
+    for ((tn, xr, _), (_, yr, _)) in one[0].tables.iter().zip(&two[0].tables) {
+        assert_eq!(xr.len(), yr.len(), "table {tn}: rows");
+        for (r, q) in xr.iter().zip(yr) {
+            assert_eq!(r.0, q.0, "table {tn}: row ids");
+            for (p, v) in r.3.iter().zip(&q.3) {
+                let (p, v) = (f32::from_bits(*p), f32::from_bits(*v));
+                assert!(
+                    (p - v).abs() <= 1e-4 * (1.0 + p.abs()),
+                    "table {tn} row {}: {p} vs {v}",
+                    r.0
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 1000, "{compared} values compared");
 }
