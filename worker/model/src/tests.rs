@@ -188,32 +188,43 @@ fn rows_for(batch: &Batch, model: &dyn CtrModel, seed: u64) -> SparseRows {
 /// A step split across threads (`set_threads`) is the same step: loss, aux
 /// loss, probabilities and every sparse and dense gradient equal the
 /// one-thread step's (f64 models; parts of 8+ samples, uneven, with empty
-/// and full histories and DIEN's aux pairs spread unevenly over the parts),
-/// fused and composed, in training and evaluation. With Dice in training
+/// and full histories and DIEN's aux pairs spread unevenly over the parts;
+/// the fixed layout and a schema with multi-hot, dense and context
+/// features), fused and composed, in training and evaluation. With Dice in training
 /// (batch statistics) the step is not split and stays bit-identical.
 #[test]
 fn a_step_split_across_threads_equals_the_whole_step() {
-    let batch = small_batch(11, 27);
+    let fixed = small_batch(11, 27);
+    let schema = ember_data::schema::FeatureSchema::from_toml(FULL_SCHEMA).unwrap();
+    let wide = Batch::from_schema_samples(&full_samples(26, 7), 4, &schema);
     let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + a.abs().max(b.abs()));
-    for kind in [ModelKind::Base, ModelKind::Din, ModelKind::Dien] {
+    let cases = [ModelKind::Base, ModelKind::Din, ModelKind::Dien]
+        .into_iter()
+        .flat_map(|k| [(k, false), (k, true)]);
+    for (kind, with_schema) in cases {
+        let batch = if with_schema { &wide } else { &fixed };
         for (fused, activation) in [
             (true, Activation::Prelu),
             (false, Activation::Prelu),
             (true, Activation::Dice),
         ] {
-            let cfg = ModelConfig {
+            let mut cfg = ModelConfig {
                 fused,
                 activation,
                 ..small(kind)
             };
-            let what = format!("{kind:?} fused={fused} {activation:?}");
+            if with_schema {
+                cfg.features = Some(schema.clone());
+                cfg.dien_hidden = 5;
+            }
+            let what = format!("{kind:?} schema={with_schema} fused={fused} {activation:?}");
             let mut one = build_model_with_dtype(&cfg, &Device::Cpu, DType::F64).unwrap();
             let mut three = build_model_with_dtype(&cfg, &Device::Cpu, DType::F64).unwrap();
             three.set_threads(3);
-            let rows = rows_for(&batch, one.as_ref(), 5);
+            let rows = rows_for(batch, one.as_ref(), 5);
             for train in [true, false] {
-                let a = one.step(&batch, &rows, train).unwrap();
-                let b = three.step(&batch, &rows, train).unwrap();
+                let a = one.step(batch, &rows, train).unwrap();
+                let b = three.step(batch, &rows, train).unwrap();
                 if activation == Activation::Dice && train {
                     assert_eq!(a, b, "{what}: Dice training must not be split");
                     continue;
