@@ -17,7 +17,7 @@ use crate::layer::loss::mean_bce_with_logits;
 use crate::layer::mlp::Mlp;
 use crate::layer::mode::Mode;
 use crate::layer::params::{to_f32_vec, ParamBuilder, ParamSet};
-use ember_data::batch::{Batch, CAT_TABLE, ITEM_TABLE, USER_TABLE};
+use ember_data::batch::Batch;
 use ember_data::schema::{FeatureSchema, Pooling};
 
 /// One feature's positions in a batch: which row block it reads and its
@@ -460,12 +460,12 @@ impl<N: Network> CtrNet<N> {
     fn step_part(
         &self,
         batch: &Batch,
-        rows: &SparseRows,
+        blocks: Vec<EmbeddingBlock>,
         train: bool,
         w_bce: f64,
         w_aux: f64,
     ) -> Result<StepOutput> {
-        let inp = self.inputs(batch, rows, train)?;
+        let inp = self.inputs_with(batch, blocks)?;
         let mode = if train { Mode::TRAIN } else { Mode::EVAL };
         let obj = self.objective(&inp, mode)?;
         let probs = to_f32_vec(&candle_nn::ops::sigmoid(&obj.logits)?)?;
@@ -512,51 +512,59 @@ impl<N: Network> CtrNet<N> {
         rows: &SparseRows,
         train: bool,
     ) -> Result<Inputs<'a>> {
+        let blocks = self.blocks(batch, rows, train)?;
+        self.inputs_with(batch, blocks)
+    }
+
+    /// Checks `batch` and its pulled rows and builds one [`EmbeddingBlock`]
+    /// per table (in [`ModelConfig::tables`] order). The blocks serve any
+    /// part of the batch (`Batch::rows` keeps its unique ids), so a split
+    /// step builds them once.
+    fn blocks(&self, batch: &Batch, rows: &SparseRows, train: bool) -> Result<Vec<EmbeddingBlock>> {
         let negatives = train && N::needs_negatives(&self.cfg);
         match &self.cfg.features {
             Some(schema) => validate_schema_batch(batch, schema, negatives)?,
             None => validate_batch(batch, negatives)?,
         }
-        let block = |table: &str, unique: usize, dim: usize| -> Result<EmbeddingBlock> {
-            let r = rows
-                .get(table)
-                .ok_or_else(|| ModelError::MissingTable(table.to_string()))?;
-            if r.len() != unique * dim {
-                return Err(ModelError::RowShape {
-                    table: table.to_string(),
+        self.cfg
+            .tables()
+            .iter()
+            .zip(batch.tables())
+            .map(|((table, dim), ids)| {
+                let (unique, dim) = (ids.unique.len(), *dim);
+                let r = rows
+                    .get(table)
+                    .ok_or_else(|| ModelError::MissingTable(table.to_string()))?;
+                if r.len() != unique * dim {
+                    return Err(ModelError::RowShape {
+                        table: table.to_string(),
+                        unique,
+                        dim,
+                        expected: unique * dim,
+                        actual: r.len(),
+                    });
+                }
+                Ok(EmbeddingBlock::from_rows(
+                    r,
                     unique,
                     dim,
-                    expected: unique * dim,
-                    actual: r.len(),
-                });
-            }
-            Ok(EmbeddingBlock::from_rows(
-                r,
-                unique,
-                dim,
-                self.dtype,
-                &self.device,
-            )?)
-        };
+                    self.dtype,
+                    &self.device,
+                )?)
+            })
+            .collect()
+    }
+
+    /// [`Inputs`] of `batch` over `blocks` (from [`Self::blocks`]).
+    fn inputs_with<'a>(&self, batch: &'a Batch, blocks: Vec<EmbeddingBlock>) -> Result<Inputs<'a>> {
         if let Some(schema) = &self.cfg.features {
-            let mut blocks = Vec::new();
-            for (i, (table, dim)) in schema.tables().iter().enumerate() {
-                blocks.push(block(table, batch.schema_tables[i].unique.len(), *dim)?);
-            }
             return Ok(Inputs::from_schema(batch, schema, blocks)?);
         }
-        let item = block(ITEM_TABLE, batch.items.unique.len(), self.cfg.item_dim)?;
-        let cat = block(CAT_TABLE, batch.cats.unique.len(), self.cfg.cat_dim)?;
-        let user = if self.cfg.use_user {
-            Some(block(
-                USER_TABLE,
-                batch.users.unique.len(),
-                self.cfg.user_dim,
-            )?)
-        } else {
-            None
+        let mut it = blocks.into_iter();
+        let (Some(item), Some(cat)) = (it.next(), it.next()) else {
+            return Err(ModelError::Batch("item and cat row blocks missing".into()));
         };
-        Ok(Inputs::from_blocks(batch, item, cat, user)?)
+        Ok(Inputs::from_blocks(batch, item, cat, it.next())?)
     }
 
     /// Loss terms and logits of `inp` in `mode`.
@@ -596,9 +604,10 @@ impl<N: Network> CtrModel for CtrNet<N> {
         } else {
             self.threads
         };
+        let blocks = self.blocks(batch, rows, train)?;
         let ranges = part_ranges(batch.batch_size, threads);
         if ranges.len() <= 1 {
-            return self.step_part(batch, rows, train, 1.0, 1.0);
+            return self.step_part(batch, blocks, train, 1.0, 1.0);
         }
         let parts: Vec<Batch> = ranges.iter().map(|r| batch.rows(r.clone())).collect();
         let (b, pairs) = (batch.batch_size as f64, aux_pairs(batch) as f64);
@@ -618,9 +627,13 @@ impl<N: Network> CtrModel for CtrNet<N> {
             let handles: Vec<_> = parts[1..]
                 .iter()
                 .zip(&weights[1..])
-                .map(|(p, &(wb, wa))| s.spawn(move || this.step_part(p, rows, train, wb, wa)))
+                .map(|(p, &(wb, wa))| {
+                    let blocks = blocks.clone();
+                    s.spawn(move || this.step_part(p, blocks, train, wb, wa))
+                })
                 .collect();
-            let mut outs = vec![this.step_part(&parts[0], rows, train, weights[0].0, weights[0].1)];
+            let (wb, wa) = weights[0];
+            let mut outs = vec![this.step_part(&parts[0], blocks.clone(), train, wb, wa)];
             for h in handles {
                 outs.push(h.join().unwrap_or_else(|_| {
                     Err(ModelError::Candle(candle_core::Error::Msg(
