@@ -45,6 +45,8 @@ pub struct DenseEntry {
 
 #[derive(Default)]
 struct SyncAccum {
+    /// Pushes this step needs (the `num_workers` of its pushes).
+    need: u32,
     workers: FxHashSet<u32>,
     sums: BTreeMap<String, Vec<f32>>,
 }
@@ -219,10 +221,14 @@ impl DenseStore {
 
     /// Pushes gradients (see `PushDenseRequest`): `num_workers <= 1` applies
     /// at once and advances the step; `N > 1` accumulates the pushes for
-    /// `step` until N distinct workers pushed, then applies their mean once
-    /// and sets the step to `step + 1`. A repeated push by one worker for one
-    /// step, or a push for a step already applied, is ignored.
-    /// Returns the dense step after the push.
+    /// `step` until N distinct workers pushed, then applies their mean once.
+    /// Synchronous steps are applied in step order: a step whose pushes
+    /// are complete while an earlier step still waits for some (workers that
+    /// run ahead with `cluster.dense_staleness`, or pushes that overtake
+    /// each other on the wire) is held and applied right after it. The
+    /// dense step is then the first step not yet applied. A repeated push by
+    /// one worker for one step, or a push for a step already applied, is
+    /// ignored. Returns the dense step after the push.
     pub fn push(
         &self,
         grads: &[DenseTensor],
@@ -253,8 +259,19 @@ impl DenseStore {
         if step < g.step {
             return Ok(g.step); // already applied: a retry
         }
+        if let Some(acc) = g.pending.get(&step) {
+            if acc.need != num_workers {
+                return Err(PsError::invalid(format!(
+                    "push for dense step {step} says num_workers {num_workers}, earlier pushes for it said {}",
+                    acc.need
+                )));
+            }
+        }
         let inner = &mut *g;
-        let acc = inner.pending.entry(step).or_default();
+        let acc = inner.pending.entry(step).or_insert_with(|| SyncAccum {
+            need: num_workers,
+            ..SyncAccum::default()
+        });
         if !acc.workers.insert(worker_index) {
             return Ok(inner.step);
         }
@@ -267,23 +284,42 @@ impl DenseStore {
                 *s += v;
             }
         }
-        if acc.workers.len() < num_workers as usize {
-            return Ok(inner.step);
-        }
-        let done = inner.pending.remove(&step).unwrap_or_default();
-        let scale = 1.0 / num_workers as f32;
-        for (name, mut sum) in done.sums {
-            if let Some(e) = inner.params.get_mut(&name) {
-                sum.iter_mut().for_each(|v| *v *= scale);
-                e.opt.step(&mut e.values, &mut e.state, &sum);
+        let before = inner.step;
+        // Apply the next step once complete, then any later ones that
+        // completed before it, in order.
+        while let Some(next) = inner.pending.first_entry() {
+            let acc = next.get();
+            if *next.key() != inner.step || acc.workers.len() < acc.need as usize {
+                break;
             }
+            let done = next.remove();
+            let scale = 1.0 / done.need as f32;
+            for (name, mut sum) in done.sums {
+                if let Some(e) = inner.params.get_mut(&name) {
+                    sum.iter_mut().for_each(|v| *v *= scale);
+                    e.opt.step(&mut e.values, &mut e.state, &sum);
+                }
+            }
+            inner.step += 1;
         }
-        inner.step = inner.step.max(step + 1);
-        inner.pending.retain(|&s, _| s > step);
         let s = inner.step;
         drop(g);
-        self.step_tx.send_replace(s);
+        if s != before {
+            self.step_tx.send_replace(s);
+        }
         Ok(s)
+    }
+
+    /// Synchronous steps whose pushes are complete but wait for an earlier
+    /// step (see [`DenseStore::push`]), and steps still waiting for pushes.
+    pub fn pending_steps(&self) -> (usize, usize) {
+        let g = self.inner.lock();
+        let complete = g
+            .pending
+            .values()
+            .filter(|a| a.workers.len() >= a.need as usize)
+            .count();
+        (complete, g.pending.len() - complete)
     }
 
     /// Overwrites the values of existing parameters (optimizer state kept).
@@ -364,6 +400,66 @@ mod tests {
         assert_eq!(d.push(&g(6.0), 0, 3, 2).unwrap(), 1);
         assert_eq!(d.pull(&[]).unwrap().0[0].values, vec![-4.0]);
         assert!(d.push(&g(1.0), 1, 3, 3).is_err());
+    }
+
+    /// Workers that run ahead (`cluster.dense_staleness`) or pushes that
+    /// overtake each other: step 1 completes before step 0. It is held
+    /// (the dense step stays 0, the values unchanged) and applied right
+    /// after step 0, in order. With Adagrad the order is visible: applying
+    /// mean(step 1) before mean(step 0) gives other values.
+    #[test]
+    fn sync_steps_completed_out_of_order_are_applied_in_order() {
+        use ember_proto::v1::Adagrad;
+        let adagrad = OptimizerConfig {
+            kind: Some(Kind::Adagrad(Adagrad {
+                lr: 1.0,
+                initial_accumulator: 0.0,
+                eps: 1.0,
+            })),
+        };
+        let d = DenseStore::default();
+        d.init(&[DenseTensor::new("w", vec![10.0])], Some(&adagrad))
+            .unwrap();
+        let g = |v: f32| [DenseTensor::new("w", vec![v])];
+        assert_eq!(d.push(&g(2.0), 0, 2, 0).unwrap(), 0);
+        assert_eq!(d.push(&g(10.0), 1, 2, 0).unwrap(), 0);
+        assert_eq!(d.push(&g(14.0), 1, 2, 1).unwrap(), 0, "step 1 held");
+        assert_eq!(d.pending_steps(), (1, 1));
+        assert_eq!(
+            d.pull(&[]).unwrap(),
+            (vec![DenseTensor::new("w", vec![10.0])], 0)
+        );
+        // Step 0 completes: mean 3, then the held step 1: mean 12.
+        assert_eq!(d.push(&g(4.0), 0, 2, 1).unwrap(), 2);
+        assert_eq!(d.pending_steps(), (0, 0));
+        let in_order = 10.0f32 - 3.0 / (3.0 + 1.0) - 12.0 / ((9.0f32 + 144.0).sqrt() + 1.0);
+        let swapped = 10.0f32 - 12.0 / (12.0 + 1.0) - 3.0 / ((144.0f32 + 9.0).sqrt() + 1.0);
+        let (got, step) = d.pull(&[]).unwrap();
+        assert_eq!(step, 2);
+        assert!(
+            (got[0].values[0] - in_order).abs() < 1e-5,
+            "{got:?} vs {in_order}"
+        );
+        assert!((in_order - swapped).abs() > 0.1);
+        // Late retries of either step change nothing.
+        assert_eq!(d.push(&g(100.0), 0, 2, 0).unwrap(), 2);
+        assert_eq!(d.push(&g(100.0), 1, 2, 1).unwrap(), 2);
+        assert_eq!(d.pull(&[]).unwrap().0, got);
+    }
+
+    /// A push whose `num_workers` disagrees with the earlier pushes of its
+    /// step is refused, naming both, and the accumulated step is unchanged.
+    #[test]
+    fn sync_push_with_another_worker_count_is_refused() {
+        let d = DenseStore::default();
+        d.init(&[DenseTensor::new("w", vec![0.0])], Some(&sgd(1.0)))
+            .unwrap();
+        let g = |v: f32| [DenseTensor::new("w", vec![v])];
+        assert_eq!(d.push(&g(2.0), 0, 2, 0).unwrap(), 0);
+        let e = d.push(&g(8.0), 0, 3, 1).unwrap_err().to_string();
+        assert!(e.contains("num_workers 3") && e.contains("said 2"), "{e}");
+        assert_eq!(d.push(&g(4.0), 0, 2, 1).unwrap(), 1);
+        assert_eq!(d.pull(&[]).unwrap().0[0].values, vec![-3.0]);
     }
 
     /// Asynchronous mode (`num_workers` 0 or 1, `PushDenseRequest`): every

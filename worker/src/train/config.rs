@@ -554,6 +554,15 @@ pub struct ClusterConfig {
     /// may lag behind it (0 = strictly sequential and deterministic).
     #[serde(default = "d_staleness")]
     pub staleness: usize,
+    /// Synchronous mode with several workers: how many steps the dense
+    /// parameters a worker computes with may lag behind its own step. 0
+    /// (default): step `k` reads them with every worker's steps `< k`
+    /// averaged and applied (a barrier each step; deterministic). `s > 0`:
+    /// bounded staleness, step `k` reads them once steps `< k - s` are
+    /// applied, so a worker does not wait for the slower one's last `s`
+    /// steps; the shards still apply each step's mean once, in step order.
+    #[serde(default)]
+    pub dense_staleness: usize,
     /// Checkpoint directory of the shards.
     #[serde(default)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -654,6 +663,7 @@ impl Default for ClusterConfig {
             shard_addrs: Vec::new(),
             sync: SyncMode::default(),
             staleness: d_staleness(),
+            dense_staleness: 0,
             checkpoint_dir: None,
             keep_checkpoints: d_keep(),
             checkpoint_every_steps: 0,
@@ -990,6 +1000,18 @@ impl JobConfig {
         if self.cluster.worker_threads == 0 || self.cluster.worker_threads > 256 {
             return Err("cluster.worker_threads must be in 1..=256".into());
         }
+        if self.cluster.dense_staleness > 64 {
+            return Err(format!(
+                "cluster.dense_staleness must be in 0..=64 (got {})",
+                self.cluster.dense_staleness
+            ));
+        }
+        if self.cluster.dense_staleness > 0 && !self.cluster.is_sync() {
+            return Err(
+                "cluster.dense_staleness bounds synchronous training; with sync = \"async\" the dense parameters are not waited for at all (remove it)"
+                    .into(),
+            );
+        }
         if self.cluster.external_workers() {
             if self
                 .cluster
@@ -1122,6 +1144,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("sparse.id_dropout"), "{e}");
+        for bad in [
+            "[cluster]\ndense_staleness = 65\n",
+            "[cluster]\nsync = \"async\"\ndense_staleness = 1\n",
+        ] {
+            let e = JobConfig::parse(&format!("{MINIMAL}{bad}"), "job.toml").unwrap_err();
+            assert!(e.to_string().contains("cluster.dense_staleness"), "{e}");
+        }
+        let c = JobConfig::parse(
+            &format!("{MINIMAL}[cluster]\ndense_staleness = 2\n"),
+            "job.toml",
+        )
+        .unwrap();
+        assert_eq!(c.cluster.dense_staleness, 2);
         let e = JobConfig::parse("[data]\ntrain = \"a\"\n", "job.toml").unwrap_err();
         assert!(e.to_string().contains("test"), "{e}");
     }
