@@ -161,18 +161,23 @@ impl AttnScores {
         for (n, row) in s1.chunks_exact_mut(h1).enumerate() {
             let hb = &hq[valid[n].0 * h1..(valid[n].0 + 1) * h1];
             for (v, &h) in row.iter_mut().zip(hb) {
-                *v = (*v + h).sigmoid();
+                *v += h;
             }
+            T::sigmoid_in_place(row);
         }
         let mut s2 = mm(&s1, false, &p[o.w2..o.w2 + h1 * h2], false, nv, h1, h2)?;
         let b2 = &p[o.b2..o.b2 + h2];
         let w3 = &p[o.w3..o.w3 + h2];
         let b3 = p[o.b3];
         for (n, row) in s2.chunks_exact_mut(h2).enumerate() {
+            // The sigmoid over the row (vectorized), then the dot product.
+            for (v, &bb) in row.iter_mut().zip(b2) {
+                *v += bb;
+            }
+            T::sigmoid_in_place(row);
             let mut s = b3;
-            for ((v, &bb), &w) in row.iter_mut().zip(b2).zip(w3) {
-                *v = (*v + bb).sigmoid();
-                s += *v * w;
+            for (&v, &w) in row.iter().zip(w3) {
+                s += v * w;
             }
             scores[valid[n].1] = s;
         }

@@ -102,17 +102,22 @@ impl AuxOp {
         for (m, row) in s1.chunks_exact_mut(h1).enumerate() {
             let gr = &g[(m % n) * h1..(m % n + 1) * h1];
             for (v, &gv) in row.iter_mut().zip(gr) {
-                *v = (*v + gv).sigmoid();
+                *v += gv;
             }
+            T::sigmoid_in_place(row);
         }
         let mut s2 = mm(&s1, false, &p[o.w2..o.w2 + h1 * h2], false, 2 * n, h1, h2)?;
         let (b2, w3, b3) = (&p[o.b2..o.b2 + h2], &p[o.w3..o.w3 + h2], p[o.b3]);
         let mut out = Vec::with_capacity(2 * n);
         for row in s2.chunks_exact_mut(h2) {
+            // The sigmoid over the row (vectorized), then the dot product.
+            for (v, &bb) in row.iter_mut().zip(b2) {
+                *v += bb;
+            }
+            T::sigmoid_in_place(row);
             let mut f = b3;
-            for ((v, &bb), &w) in row.iter_mut().zip(b2).zip(w3) {
-                *v = (*v + bb).sigmoid();
-                f += *v * w;
+            for (&v, &w) in row.iter().zip(w3) {
+                f += v * w;
             }
             out.push(f);
         }

@@ -92,18 +92,22 @@ impl GruSeq {
         let g3 = 3 * h;
         let mut states = vec![T::zero_(); b * t * h];
         let mut cur = vec![T::zero_(); b * h];
+        let valid: usize = self.lens.iter().map(|&l| l.min(t)).sum();
         let mut c = Cache {
-            steps: Vec::new(),
-            u: Vec::new(),
-            r: Vec::new(),
-            n: Vec::new(),
-            ghn: Vec::new(),
-            hprev: Vec::new(),
+            steps: Vec::with_capacity(valid),
+            u: vec![T::zero_(); valid * h],
+            r: vec![T::zero_(); valid * h],
+            n: vec![T::zero_(); valid * h],
+            ghn: vec![T::zero_(); valid * h],
+            hprev: vec![T::zero_(); valid * h],
         };
+        let mut rows: Vec<usize> = Vec::with_capacity(b);
+        let mut hp: Vec<T> = Vec::with_capacity(b * h);
         for s in 0..t {
-            let rows: Vec<usize> = (0..b).filter(|&bi| s < self.lens[bi]).collect();
+            rows.clear();
+            rows.extend((0..b).filter(|&bi| s < self.lens[bi]));
             if !rows.is_empty() {
-                let mut hp = Vec::with_capacity(rows.len() * h);
+                hp.clear();
                 for &bi in &rows {
                     hp.extend_from_slice(&cur[bi * h..(bi + 1) * h]);
                 }
@@ -111,25 +115,55 @@ impl GruSeq {
                 for (k, &bi) in rows.iter().enumerate() {
                     let gxr = &gx[(bi * t + s) * g3..(bi * t + s + 1) * g3];
                     let ghr = &gh[k * g3..(k + 1) * g3];
-                    let a = att.map(|a| a[bi * t + s]);
+                    let prev = &hp[k * h..(k + 1) * h];
+                    let o = c.steps.len() * h;
                     c.steps.push((bi, s));
-                    for j in 0..h {
-                        let u = (gxr[j] + ghr[j]).sigmoid();
-                        let r = (gxr[h + j] + ghr[h + j]).sigmoid();
-                        let n = (gxr[2 * h + j] + r * ghr[2 * h + j]).tanh_();
-                        let prev = hp[k * h + j];
-                        let z = match (self.kind, a) {
-                            (GateKind::Augru, Some(a)) => a * u,
-                            (GateKind::Agru, Some(a)) => a,
-                            _ => u,
-                        };
-                        cur[bi * h + j] = prev + z * (n - prev);
-                        c.u.push(u);
-                        c.r.push(r);
-                        c.n.push(n);
-                        c.ghn.push(ghr[2 * h + j]);
+                    // Element-wise over the row in separate zipped loops (no
+                    // calls, pushes or index checks), so that they vectorize.
+                    let (gx_u, gx_rn) = gxr.split_at(h);
+                    let (gx_r, gx_n) = gx_rn.split_at(h);
+                    let (gh_u, gh_rn) = ghr.split_at(h);
+                    let (gh_r, gh_n) = gh_rn.split_at(h);
+                    let u = &mut c.u[o..o + h];
+                    for (v, (&x, &y)) in u.iter_mut().zip(gx_u.iter().zip(gh_u)) {
+                        *v = x + y;
                     }
-                    c.hprev.extend_from_slice(&hp[k * h..(k + 1) * h]);
+                    T::sigmoid_in_place(u);
+                    let r = &mut c.r[o..o + h];
+                    for (v, (&x, &y)) in r.iter_mut().zip(gx_r.iter().zip(gh_r)) {
+                        *v = x + y;
+                    }
+                    T::sigmoid_in_place(r);
+                    c.ghn[o..o + h].copy_from_slice(gh_n);
+                    let n = &mut c.n[o..o + h];
+                    for (v, (&x, (&rj, &y))) in
+                        n.iter_mut().zip(gx_n.iter().zip(r.iter().zip(gh_n)))
+                    {
+                        *v = x + rj * y;
+                    }
+                    T::tanh_in_place(n);
+                    c.hprev[o..o + h].copy_from_slice(prev);
+                    let cur_row = &mut cur[bi * h..(bi + 1) * h];
+                    let rows_iter = cur_row
+                        .iter_mut()
+                        .zip(prev.iter().zip(n.iter().zip(u.iter())));
+                    match (self.kind, att.map(|a| a[bi * t + s])) {
+                        (GateKind::Augru, Some(a)) => {
+                            for (v, (&p, (&nj, &uj))) in rows_iter {
+                                *v = p + a * uj * (nj - p);
+                            }
+                        }
+                        (GateKind::Agru, Some(a)) => {
+                            for (v, (&p, (&nj, _))) in rows_iter {
+                                *v = p + a * (nj - p);
+                            }
+                        }
+                        _ => {
+                            for (v, (&p, (&nj, &uj))) in rows_iter {
+                                *v = p + uj * (nj - p);
+                            }
+                        }
+                    }
                 }
             }
             for bi in 0..b {
