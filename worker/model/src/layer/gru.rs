@@ -111,13 +111,17 @@ impl Gru {
         })
     }
 
-    /// Input projections `x W + b` for all steps: `[B, T, In]` -> `[B, T, 3H]`.
+    /// Input projections `x W + b` for all steps: `[B, T, In]` -> `[B, T, 3H]`
+    /// (the bias through [`super::fused_bias::add_bias_rows`], whose
+    /// gradient is one pass over the `B T` rows).
     pub fn input_proj(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, i) = x.dims3()?;
-        x.reshape((b * t, i))?
-            .matmul(self.w_ih.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())?
-            .reshape((b, t, 3 * self.hidden))
+        let xw = x.reshape((b * t, i))?.matmul(self.w_ih.as_tensor())?;
+        super::fused_bias::add_bias_rows(&xw, self.bias.as_tensor())?.reshape((
+            b,
+            t,
+            3 * self.hidden,
+        ))
     }
 
     /// Gates of one step from its input projection `gx` `[B, 3H]` and `h` `[B, H]`.

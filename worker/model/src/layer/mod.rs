@@ -9,8 +9,9 @@
 //! Hot layers have fused CPU kernels (candle `CustomOp`s with hand-written
 //! backward, `f32`/`f64`): [`fused_attention`] (DIN activation unit over the
 //! valid steps), [`fused_gru`] (masked GRU / AUGRU / AGRU recurrence with
-//! BPTT), [`fused_aux`] (DIEN auxiliary net) and [`fused_bag`] (masked
-//! sum / mean pooling of gathered rows, an embedding bag). Each layer keeps its composed
+//! BPTT), [`fused_aux`] (DIEN auxiliary net), [`fused_bag`] (masked
+//! sum / mean pooling of gathered rows, an embedding bag) and [`fused_bias`]
+//! (a bias added to every row, with a one-pass row sum for its gradient). Each layer keeps its composed
 //! candle version (used on other devices and with `fused = false`), and the
 //! tests check both against finite differences.
 
@@ -23,6 +24,7 @@ pub mod embedding;
 pub mod fused_attention;
 pub mod fused_aux;
 pub mod fused_bag;
+pub mod fused_bias;
 pub mod fused_gru;
 pub mod gradcheck;
 pub mod gru;
