@@ -9,6 +9,7 @@
 #   ratio Ember / peer, and Ember's 2-thread over 1-thread speed-up.
 #   scripts/bench-peer.sh                  # 3 rounds, 1 and 2 threads, base din dien
 #   ROUNDS=5 THREADS="1" MODELS="din" scripts/bench-peer.sh
+#   BASE_BIN=/tmp/old/model-bench scripts/bench-peer.sh   # also an earlier build, same rounds
 # First run only: a venv outside the repository ($VENV, default
 # ~/.cache/ember-peer-venv) with torch 2.15.0 + deepctr-torch 0.3.0 from
 # PyPI (~5.6 GB; not part of CI), and the peer's ML-100k files in
@@ -50,8 +51,13 @@ for round in $(seq "$ROUNDS"); do
       ember=$(RAYON_NUM_THREADS=$th target/debug/model-bench --models "$m" --threads "$th" \
                 --seconds "$SECONDS_PER_RUN" 2>/dev/null | awk -v m="$m" '$1 == m {print $2}')
       [ -n "$peer" ] && [ -n "$ember" ] || { echo "bench-peer: no figure for $m ($th threads)" >&2; exit 1; }
-      echo "round $round threads $th $m: peer $peer, ember $ember samples/s (load $load)"
-      echo "$round $th $m $peer $ember $load" >> $res
+      base=-
+      if [ -n "${BASE_BIN:-}" ]; then
+        base=$(RAYON_NUM_THREADS=$th "$BASE_BIN" --models "$m" --threads "$th" \
+                 --seconds "$SECONDS_PER_RUN" 2>/dev/null | awk -v m="$m" '$1 == m {print $2}')
+      fi
+      echo "round $round threads $th $m: peer $peer, ember $ember, ember before $base samples/s (load $load)"
+      echo "$round $th $m $peer $ember $load $base" >> $res
     done
   done
 done
@@ -70,6 +76,13 @@ for (m, th), v in sorted(by.items()):
     med[(m, th)] = e
     loads = [x[2] for x in v]
     print(f"| {m} | {th} | {p:,.0f} | {e:,.0f} | {e / p:.2f}x | {min(loads):.2f}-{max(loads):.2f} |")
+base = {}
+for r in rows:
+    if len(r) > 6 and r[6] != "-":
+        base.setdefault((r[2], int(r[1])), []).append((float(r[4]), float(r[6])))
+for (m, th), v in sorted(base.items()):
+    e, b = st.median(x[0] for x in v), st.median(x[1] for x in v)
+    print(f"Ember {m}, {th} thread(s): this build {e:,.0f} / BASE_BIN {b:,.0f} = {e / b:.2f}x (medians)")
 for m in sorted({k[0] for k in med}):
     if (m, 1) in med and (m, 2) in med:
         print(f"Ember {m}: 2 threads / 1 thread = {med[(m, 2)] / med[(m, 1)]:.2f}x")
