@@ -78,8 +78,9 @@ for (m, th), v in sorted(by.items()):
     print(f"| {m} | {th} | {p:,.0f} | {e:,.0f} | {e / p:.2f}x | {min(loads):.2f}-{max(loads):.2f} |")
 base = {}
 for r in rows:
-    if len(r) > 6 and r[6] != "-":
-        base.setdefault((r[2], int(r[1])), []).append((float(r[4]), float(r[6])))
+    # round threads model peer ember load(3 fields) base
+    if len(r) > 8 and r[8] != "-":
+        base.setdefault((r[2], int(r[1])), []).append((float(r[4]), float(r[8])))
 for (m, th), v in sorted(base.items()):
     e, b = st.median(x[0] for x in v), st.median(x[1] for x in v)
     print(f"Ember {m}, {th} thread(s): this build {e:,.0f} / BASE_BIN {b:,.0f} = {e / b:.2f}x (medians)")
