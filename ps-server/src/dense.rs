@@ -356,6 +356,18 @@ mod tests {
     use super::*;
     use ember_proto::v1::{optimizer_config::Kind, Sgd};
 
+    /// Adagrad (lr 1, eps 1, accumulator from 0): its accumulator makes the
+    /// order and the count of applications visible in hand-computed values.
+    fn adagrad_lr1_eps1() -> OptimizerConfig {
+        OptimizerConfig {
+            kind: Some(Kind::Adagrad(ember_proto::v1::Adagrad {
+                lr: 1.0,
+                initial_accumulator: 0.0,
+                eps: 1.0,
+            })),
+        }
+    }
+
     fn sgd(lr: f32) -> OptimizerConfig {
         OptimizerConfig {
             kind: Some(Kind::Sgd(Sgd { lr })),
@@ -409,14 +421,7 @@ mod tests {
     /// mean(step 1) before mean(step 0) gives other values.
     #[test]
     fn sync_steps_completed_out_of_order_are_applied_in_order() {
-        use ember_proto::v1::Adagrad;
-        let adagrad = OptimizerConfig {
-            kind: Some(Kind::Adagrad(Adagrad {
-                lr: 1.0,
-                initial_accumulator: 0.0,
-                eps: 1.0,
-            })),
-        };
+        let adagrad = adagrad_lr1_eps1();
         let d = DenseStore::default();
         d.init(&[DenseTensor::new("w", vec![10.0])], Some(&adagrad))
             .unwrap();
@@ -470,14 +475,7 @@ mod tests {
     /// whose accumulator makes the order and the count of applications visible.
     #[test]
     fn async_push_applies_every_gradient_at_once_in_arrival_order() {
-        use ember_proto::v1::Adagrad;
-        let adagrad = OptimizerConfig {
-            kind: Some(Kind::Adagrad(Adagrad {
-                lr: 1.0,
-                initial_accumulator: 0.0,
-                eps: 1.0,
-            })),
-        };
+        let adagrad = adagrad_lr1_eps1();
         let d = DenseStore::default();
         d.init(&[DenseTensor::new("w", vec![10.0, 0.0])], Some(&adagrad))
             .unwrap();
