@@ -147,6 +147,12 @@ impl Tally {
             }
             Event::Done(r) if r.worker < m => {
                 tracing::debug!(worker = r.worker, steps = r.steps, "worker done");
+                // Progress arrives with the worker's heartbeat: a task shorter
+                // than its interval reports none, so the samples since the
+                // last report are counted here (the counter is exact at
+                // every task's end).
+                metrics::counter!("ember_train_samples_total", "worker" => r.worker.to_string())
+                    .increment(r.samples.saturating_sub(self.samples[r.worker]));
                 self.samples[r.worker] = r.samples;
                 let w = r.worker;
                 self.done[w] = Some(r);
