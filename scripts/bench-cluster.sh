@@ -18,11 +18,7 @@ if [ -z "$BIN" ]; then
   cargo build --workspace --all-targets
   BIN=target/debug
 fi
-if [ ! -s data/ml100k-din/counts.bin ]; then
-  scripts/fetch-ml100k.sh data/ml-100k
-  "$BIN/ember-data" prepare --raw-dir data/ml-100k --out data/ml100k-din
-  "$BIN/ember-data" count --train data/ml100k-din/train.txt --out data/ml100k-din/counts.bin
-fi
+scripts/ml100k-din-data.sh "$BIN"
 mkdir -p "$Q"
 for v in $VARIANTS; do
   w=$(sed -E 's/^w([0-9]+).*/\1/' <<<"$v")

@@ -24,11 +24,7 @@ if [ -z "$BIN" ]; then
   cargo build --workspace --all-targets
   BIN=target/debug
 fi
-if [ ! -s data/ml100k-din/counts.bin ]; then
-  scripts/fetch-ml100k.sh data/ml-100k
-  "$BIN/ember-data" prepare --raw-dir data/ml-100k --out data/ml100k-din
-  "$BIN/ember-data" count --train data/ml100k-din/train.txt --out data/ml100k-din/counts.bin
-fi
+scripts/ml100k-din-data.sh "$BIN"
 mkdir -p "$Q"
 if [ -z "${RUNS:-}" ]; then
   RUNS=""

@@ -259,19 +259,18 @@ impl DenseStore {
         if step < g.step {
             return Ok(g.step); // already applied: a retry
         }
-        if let Some(acc) = g.pending.get(&step) {
-            if acc.need != num_workers {
-                return Err(PsError::invalid(format!(
-                    "push for dense step {step} says num_workers {num_workers}, earlier pushes for it said {}",
-                    acc.need
-                )));
-            }
-        }
         let inner = &mut *g;
         let acc = inner.pending.entry(step).or_insert_with(|| SyncAccum {
             need: num_workers,
             ..SyncAccum::default()
         });
+        // (A step created just now has this `need`: nothing changes on refusal.)
+        if acc.need != num_workers {
+            return Err(PsError::invalid(format!(
+                "push for dense step {step} says num_workers {num_workers}, earlier pushes for it said {}",
+                acc.need
+            )));
+        }
         if !acc.workers.insert(worker_index) {
             return Ok(inner.step);
         }
@@ -312,7 +311,8 @@ impl DenseStore {
 
     /// Synchronous steps whose pushes are complete but wait for an earlier
     /// step (see [`DenseStore::push`]), and steps still waiting for pushes.
-    pub fn pending_steps(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn pending_steps(&self) -> (usize, usize) {
         let g = self.inner.lock();
         let complete = g
             .pending

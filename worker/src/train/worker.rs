@@ -224,13 +224,8 @@ pub async fn run_epoch_cancellable(
     let staleness = cfg.cluster.staleness;
     let mut model = build_job_model(cfg)?;
     let tables = model.sparse_tables();
-    let dense_read = match sync {
-        false => DenseRead::WithRows,
-        true => DenseRead::AtStep {
-            lag: cfg.cluster.dense_staleness as u64,
-        },
-    };
-    let mut feed = Feed::start(job, ps, &tables, dense_read, step_limit(job))?;
+    let dense_lag = cfg.cluster.dense_staleness as u64;
+    let mut feed = Feed::start(job, ps, &tables, !sync, step_limit(job))?;
     let mut report = WorkerReport {
         worker: job.worker_index,
         ..WorkerReport::default()
@@ -261,7 +256,7 @@ pub async fn run_epoch_cancellable(
         }
         report.pull_s += ready.pull_s;
         // 2. Dense parameters at this step.
-        let dense = dense_at(ps, ready.dense, step, dense_read, &mut report).await?;
+        let dense = dense_at(ps, ready.dense, step, dense_lag, &mut report).await?;
         load_dense(model.as_mut(), &dense)?;
         // 3. Forward/backward.
         let t = Instant::now();
@@ -324,24 +319,24 @@ async fn publish_state(
     Ok(())
 }
 
-/// The dense parameters for `step`: those read with the batch's rows (async
-/// mode), else pulled now, once the shards applied every step before `step
-/// - lag` (sync mode: waits for the other workers; the wait counts as
-/// `wait_s`).
+/// The dense parameters for `step`: those prefetched with the batch (async
+/// mode), else pulled now, the newest the shards have once they applied
+/// every step before `step - lag` (sync mode, `lag = cluster.dense_staleness`:
+/// waits for the other workers; the wait counts as `wait_s`). Read at
+/// compute time rather than with the prefetched rows, so that they are as
+/// fresh as the shards allow: prefetched, a step always computed with the
+/// oldest version the bound permits, which cost DIN 0.015 AUC after 250
+/// steps (BENCHMARKS.md).
 async fn dense_at(
     ps: &Backend,
     prefetched: Option<Vec<(String, Vec<f32>)>>,
     step: u64,
-    read: DenseRead,
+    lag: u64,
     report: &mut WorkerReport,
 ) -> Result<Vec<(String, Vec<f32>)>, TrainError> {
     if let Some(d) = prefetched {
         return Ok(d);
     }
-    let lag = match read {
-        DenseRead::AtStep { lag } => lag,
-        DenseRead::WithRows => 0,
-    };
     let t = Instant::now();
     let d = ps.pull_dense(step.saturating_sub(lag)).await?.0;
     report.wait_s += t.elapsed().as_secs_f64();
@@ -484,39 +479,23 @@ fn open_reader(job: &WorkerJob) -> Result<BatchReader, TrainError> {
     reader.map_err(TrainError::Data)
 }
 
-/// How a step's dense parameters are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DenseRead {
-    /// Synchronous: by the compute loop just before the step, the newest
-    /// the shards have once they applied every step before `step - lag`
-    /// (`PullDense(min_step = step - lag)`; `lag = cluster.dense_staleness`).
-    /// Reading at compute time rather than with the prefetched rows keeps
-    /// the parameters as fresh as the shards allow: prefetched, a step
-    /// always computed with the oldest version the bound permits, which
-    /// cost DIN 0.015 AUC after 250 steps (BENCHMARKS.md).
-    AtStep { lag: u64 },
-    /// Asynchronous: with the batch's rows (inline or in the prefetch
-    /// task), without waiting.
-    WithRows,
-}
-
-/// Reads the next batch and pulls its rows (and, with
-/// [`DenseRead::WithRows`], the dense parameters): the one read-and-pull
-/// step, inline or in the prefetch task. `None` at the end of the split.
+/// Reads the next batch and pulls its rows (and, with `async_dense`, the
+/// dense parameters): the one read-and-pull step, inline or in the prefetch
+/// task. `None` at the end of the split.
 async fn read_and_pull(
     reader: &mut BatchReader,
     ps: &Backend,
     tables: &[(String, usize)],
-    dense_read: DenseRead,
+    async_dense: bool,
 ) -> Result<Option<Ready>, TrainError> {
     let Some(batch) = reader.next_batch().map_err(TrainError::Data)? else {
         return Ok(None);
     };
     let t = Instant::now();
     let rows = pull_rows(ps, &batch, tables).await?;
-    let dense = match dense_read {
-        DenseRead::WithRows => Some(ps.pull_dense(0).await?.0),
-        DenseRead::AtStep { .. } => None,
+    let dense = match async_dense {
+        true => Some(ps.pull_dense(0).await?.0),
+        false => None,
     };
     Ok(Some(Ready {
         batch,
@@ -532,7 +511,7 @@ enum Feed {
     Inline {
         reader: Box<BatchReader>,
         limit: Option<u64>,
-        dense_read: DenseRead,
+        async_dense: bool,
     },
     Prefetch {
         rx: mpsc::Receiver<Result<Ready, TrainError>>,
@@ -545,7 +524,7 @@ impl Feed {
         job: &WorkerJob,
         ps: &Backend,
         tables: &[(String, usize)],
-        dense_read: DenseRead,
+        async_dense: bool,
         limit: Option<u64>,
     ) -> Result<Feed, TrainError> {
         let mut reader = open_reader(job)?;
@@ -554,7 +533,7 @@ impl Feed {
             return Ok(Feed::Inline {
                 reader: Box::new(reader),
                 limit,
-                dense_read,
+                async_dense,
             });
         }
         let (tx, rx) = mpsc::channel::<Result<Ready, TrainError>>(staleness);
@@ -562,7 +541,7 @@ impl Feed {
         let task = AbortOnDrop(tokio::spawn(async move {
             let mut n = 0u64;
             while limit.is_none_or(|l| n < l) {
-                let Some(item) = read_and_pull(&mut reader, &ps, &tables, dense_read)
+                let Some(item) = read_and_pull(&mut reader, &ps, &tables, async_dense)
                     .await
                     .transpose()
                 else {
@@ -591,12 +570,12 @@ impl Feed {
             Feed::Inline {
                 reader,
                 limit,
-                dense_read,
+                async_dense,
             } => {
                 if limit.is_some_and(|l| report.steps >= l) {
                     return Ok(None);
                 }
-                read_and_pull(reader, ps, tables, *dense_read).await
+                read_and_pull(reader, ps, tables, *async_dense).await
             }
             Feed::Prefetch { rx, .. } => {
                 let wait = Instant::now();

@@ -52,6 +52,13 @@ pub fn att_gru_states(
         .apply_op3(&att.contiguous()?, &w_hh.contiguous()?, op)
 }
 
+/// `dst = a + b` element-wise (a loop that vectorizes).
+fn sum_into<T: Real>(dst: &mut [T], a: &[T], b: &[T]) {
+    for (v, (&x, &y)) in dst.iter_mut().zip(a.iter().zip(b)) {
+        *v = x + y;
+    }
+}
+
 struct GruSeq {
     kind: GateKind,
     lens: Vec<usize>,
@@ -125,14 +132,10 @@ impl GruSeq {
                     let (gh_u, gh_rn) = ghr.split_at(h);
                     let (gh_r, gh_n) = gh_rn.split_at(h);
                     let u = &mut c.u[o..o + h];
-                    for (v, (&x, &y)) in u.iter_mut().zip(gx_u.iter().zip(gh_u)) {
-                        *v = x + y;
-                    }
+                    sum_into(u, gx_u, gh_u);
                     T::sigmoid_in_place(u);
                     let r = &mut c.r[o..o + h];
-                    for (v, (&x, &y)) in r.iter_mut().zip(gx_r.iter().zip(gh_r)) {
-                        *v = x + y;
-                    }
+                    sum_into(r, gx_r, gh_r);
                     T::sigmoid_in_place(r);
                     c.ghn[o..o + h].copy_from_slice(gh_n);
                     let n = &mut c.n[o..o + h];

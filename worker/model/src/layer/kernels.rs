@@ -98,15 +98,20 @@ impl Real for f32 {
     }
 }
 
+/// Whether this CPU has AVX2 and FMA (the `_avx2` builds below may run).
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// `v = sigmoid(v)` over an f32 slice with [`exp_f32`]: one plain loop the
 /// compiler vectorizes, built for AVX2 + FMA when the CPU has them (checked
 /// at run time; the baseline x86-64 build only has SSE2).
 pub fn sigmoid_f32s(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU supports the features the function is built for.
-        unsafe { sigmoid_f32s_avx2(v) };
-        return;
+        return unsafe { sigmoid_f32s_avx2(v) };
     }
     sigmoid_f32s_plain(v)
 }
@@ -115,10 +120,9 @@ pub fn sigmoid_f32s(v: &mut [f32]) {
 /// [`sigmoid_f32s`]).
 pub fn tanh_f32s(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU supports the features the function is built for.
-        unsafe { tanh_f32s_avx2(v) };
-        return;
+        return unsafe { tanh_f32s_avx2(v) };
     }
     tanh_f32s_plain(v)
 }
