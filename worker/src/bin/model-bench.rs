@@ -9,8 +9,11 @@
 //!
 //! Also prints the multiply-adds per sample on valid steps (forward; the
 //! backward is counted as 2x forward) and the resulting fraction of the
-//! machine's peak FLOP rate (`--peak-gflops`, default one AVX2-FMA core:
-//! 2 FMA x 8 lanes x 2 flop x 2.45 GHz = 78.4 GFLOP/s).
+//! machine's peak FLOP rate: by default measured on this core at start (12
+//! independent AVX2 FMA chains, best of 5 runs, so that the clock the CPU
+//! really runs at is in the figure); `--peak-gflops X` sets it instead (the
+//! earlier default was an assumed 2 FMA x 8 lanes x 2 flop x 2.45 GHz =
+//! 78.4 GFLOP/s).
 //!
 //! Calls `model::tune_allocator` first unless `--no-tune-alloc`.
 //!
@@ -61,9 +64,18 @@ struct Args {
     /// Keep glibc's default allocator settings (no `tune_allocator`).
     #[arg(long)]
     no_tune_alloc: bool,
-    /// Peak GFLOP/s used for the efficiency figure.
-    #[arg(long, default_value_t = 78.4)]
-    peak_gflops: f64,
+    /// Peak GFLOP/s used for the efficiency figure (default: measured).
+    #[arg(long)]
+    peak_gflops: Option<f64>,
+    /// Batches from this samples file (the training format of `ember
+    /// train`) instead of synthetic ones: `--data-batches` batches of
+    /// samples taken evenly over the whole file, so that the step measured is
+    /// the one a cluster job on that file runs.
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+    /// Batches taken from `--data`.
+    #[arg(long, default_value_t = 64)]
+    data_batches: usize,
     /// Device: cpu, or cuda (GPU 0; needs the `cuda` feature). The fused
     /// kernels are CPU-only: on cuda the models take the reference path.
     #[arg(long, default_value = "cpu")]
@@ -92,6 +104,50 @@ fn samples(n: usize, max_len: usize, rng: &mut StdRng) -> Vec<Sample> {
             }
         })
         .collect()
+}
+
+/// `n` batches of `batch` samples taken evenly over the samples file `path`
+/// (every k-th sample, k = samples in the file / (n * batch), at least 1).
+fn file_batches(
+    path: &std::path::Path,
+    batch: usize,
+    n: usize,
+    max_len: usize,
+) -> anyhow::Result<Vec<Batch>> {
+    use ember_worker::data::reader::SampleReader;
+    let files = [path.to_path_buf()];
+    let mut total = 0usize;
+    let mut r = SampleReader::open(&files, 0, 1, false)?;
+    while let Some(s) = r.read()? {
+        total += 1;
+        r.recycle(s);
+    }
+    let want = n.max(1) * batch;
+    anyhow::ensure!(
+        total >= batch,
+        "{}: {total} samples, fewer than one batch of {batch}",
+        path.display()
+    );
+    let every = (total / want).max(1);
+    let mut kept = Vec::with_capacity(want.min(total));
+    let mut r = SampleReader::open(&files, 0, 1, false)?;
+    let mut i = 0usize;
+    while let Some(s) = r.read()? {
+        if i.is_multiple_of(every) && kept.len() < want {
+            kept.push(s);
+        }
+        i += 1;
+    }
+    println!(
+        "data {}: {} of {total} samples (every {every}th), {} batches",
+        path.display(),
+        kept.len(),
+        kept.len() / batch
+    );
+    Ok(kept
+        .chunks_exact(batch)
+        .map(|c| Batch::from_samples(c, max_len))
+        .collect())
 }
 
 fn rows(batch: &Batch, tables: &[(String, usize)], rng: &mut StdRng) -> SparseRows {
@@ -146,9 +202,14 @@ fn main() -> anyhow::Result<()> {
     };
     let tuned = !args.no_tune_alloc && ember_worker::model::tune_allocator();
     let mut rng = StdRng::seed_from_u64(7);
-    let pool: Vec<Batch> = (0..8)
-        .map(|_| Batch::from_samples(&samples(args.batch, args.max_len, &mut rng), args.max_len))
-        .collect();
+    let pool: Vec<Batch> = match &args.data {
+        None => (0..8)
+            .map(|_| {
+                Batch::from_samples(&samples(args.batch, args.max_len, &mut rng), args.max_len)
+            })
+            .collect(),
+        Some(path) => file_batches(path, args.batch, args.data_batches, args.max_len)?,
+    };
     let mean_len = pool.iter().flat_map(|b| b.lens.iter()).sum::<usize>() as f64
         / (pool.len() * args.batch) as f64;
     let mean_t = pool.iter().map(|b| b.max_len).sum::<usize>() as f64 / pool.len() as f64;
@@ -163,6 +224,22 @@ fn main() -> anyhow::Result<()> {
         if args.intra_op { "intra-op" } else { "data-parallel" },
         tuned
     );
+    let peak = match args.peak_gflops {
+        Some(p) => {
+            println!("peak {p:.1} GFLOP/s (given)");
+            p
+        }
+        None => match measured_peak_gflops() {
+            Some(p) => {
+                println!("peak {p:.1} GFLOP/s (measured: one core, AVX2 FMA chains)");
+                p
+            }
+            None => {
+                println!("peak 78.4 GFLOP/s (assumed: no AVX2 + FMA to measure with)");
+                78.4
+            }
+        },
+    };
     println!(
         "{:<6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
         "model", "samples/s", "ms/batch", "cpu ms", "fwd ms", "MAC/sample", "GFLOP/s", "%peak"
@@ -230,8 +307,82 @@ fn main() -> anyhow::Result<()> {
             fwd_s * 1e3,
             macs,
             gflops,
-            100.0 * gflops / args.peak_gflops
+            100.0 * gflops / peak
         );
     }
     Ok(())
+}
+
+/// This core's f32 FMA rate in GFLOP/s: 12 independent chains of AVX2
+/// `a = a * m + c` (enough to cover the FMA latency on two pipes), best of 5
+/// timed runs. None without AVX2 + FMA.
+fn measured_peak_gflops() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let iters = 20_000_000u64;
+            let t = Instant::now();
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            let sink = unsafe { fma_chains_avx2(iters) };
+            let s = t.elapsed().as_secs_f64();
+            std::hint::black_box(sink);
+            best = best.max((12 * 8 * 2) as f64 * iters as f64 / s / 1e9);
+        }
+        return Some(best);
+    }
+    None
+}
+
+/// `iters` rounds of 12 independent 8-lane FMAs; returns a value depending on
+/// all of them so that none is optimised away.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let m = _mm256_set1_ps(0.999_999);
+    let c = _mm256_set1_ps(1e-6);
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm256_set1_ps(0.1),
+        _mm256_set1_ps(0.2),
+        _mm256_set1_ps(0.3),
+        _mm256_set1_ps(0.4),
+    );
+    let (mut a4, mut a5, mut a6, mut a7) = (
+        _mm256_set1_ps(0.5),
+        _mm256_set1_ps(0.6),
+        _mm256_set1_ps(0.7),
+        _mm256_set1_ps(0.8),
+    );
+    let (mut a8, mut a9, mut a10, mut a11) = (
+        _mm256_set1_ps(0.9),
+        _mm256_set1_ps(1.0),
+        _mm256_set1_ps(1.1),
+        _mm256_set1_ps(1.2),
+    );
+    for _ in 0..iters {
+        a0 = _mm256_fmadd_ps(a0, m, c);
+        a1 = _mm256_fmadd_ps(a1, m, c);
+        a2 = _mm256_fmadd_ps(a2, m, c);
+        a3 = _mm256_fmadd_ps(a3, m, c);
+        a4 = _mm256_fmadd_ps(a4, m, c);
+        a5 = _mm256_fmadd_ps(a5, m, c);
+        a6 = _mm256_fmadd_ps(a6, m, c);
+        a7 = _mm256_fmadd_ps(a7, m, c);
+        a8 = _mm256_fmadd_ps(a8, m, c);
+        a9 = _mm256_fmadd_ps(a9, m, c);
+        a10 = _mm256_fmadd_ps(a10, m, c);
+        a11 = _mm256_fmadd_ps(a11, m, c);
+    }
+    let s = _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+        _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)),
+            _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)),
+        ),
+    );
+    let mut out = [0f32; 8];
+    // SAFETY: `out` holds the 8 f32 an unaligned 256-bit store writes.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
+    out.iter().sum()
 }
