@@ -175,7 +175,8 @@ enum Cmd {
         /// Output PNG.
         #[arg(long)]
         out: PathBuf,
-        /// Runs as LABEL=RUN_DIR (each RUN_DIR holds the metrics.json of `ember train`).
+        /// Runs as LABEL=RUN_DIR (each RUN_DIR holds the metrics.json of `ember train`);
+        /// LABEL=DIR1,DIR2,... draws the per-epoch mean of several runs (seeds).
         #[arg(required = true)]
         runs: Vec<String>,
     },
@@ -508,10 +509,19 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let (label, dir) = arg
                     .split_once('=')
                     .ok_or_else(|| format!("plot-runs: `{arg}` is not LABEL=RUN_DIR"))?;
-                let report = ember_cluster::report::RunReport::read_json(
-                    &Path::new(dir).join("metrics.json"),
-                )?;
-                loaded.push((label.to_string(), report.epochs));
+                let mut seeds = Vec::new();
+                for d in dir.split(',') {
+                    let report = ember_cluster::report::RunReport::read_json(
+                        &Path::new(d).join("metrics.json"),
+                    )?;
+                    seeds.push(report.epochs);
+                }
+                let epochs = if seeds.len() == 1 {
+                    seeds.remove(0)
+                } else {
+                    ember_cluster::report::mean_over_runs(&seeds)?
+                };
+                loaded.push((label.to_string(), epochs));
             }
             ember_cluster::plot::plot_compare(&out, &title, &loaded)?;
             println!("wrote {}", out.display());

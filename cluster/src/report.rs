@@ -178,6 +178,55 @@ impl EpochRecord {
     }
 }
 
+/// The per-epoch mean of several runs of one configuration (seeds): epoch
+/// `e`'s record averages train loss, rate and test metrics over every run,
+/// for the epochs all runs completed. An error names a run whose epochs are
+/// numbered differently or lack test metrics, or an empty list.
+pub fn mean_over_runs(runs: &[Vec<EpochRecord>]) -> Result<Vec<EpochRecord>, ClusterError> {
+    let first = runs
+        .first()
+        .ok_or_else(|| ClusterError::Report("mean of no runs".into()))?;
+    let n = runs.iter().map(Vec::len).min().unwrap_or(0);
+    let k = runs.len() as f64;
+    let mut out = Vec::with_capacity(n);
+    for e in 0..n {
+        let mut m = first[e].clone();
+        let (mut loss, mut rate, mut auc, mut gauc, mut ll) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for (i, run) in runs.iter().enumerate() {
+            let r = &run[e];
+            if r.epoch != m.epoch {
+                return Err(ClusterError::Report(format!(
+                    "run {} has epoch {} where run 1 has epoch {}",
+                    i + 1,
+                    r.epoch,
+                    m.epoch
+                )));
+            }
+            let t = r.test.as_ref().ok_or_else(|| {
+                ClusterError::Report(format!(
+                    "run {} has no test metrics at epoch {}",
+                    i + 1,
+                    r.epoch
+                ))
+            })?;
+            loss += r.train_loss;
+            rate += r.samples_per_s;
+            auc += t.auc;
+            gauc += t.gauc;
+            ll += t.logloss;
+        }
+        m.train_loss = loss / k;
+        m.samples_per_s = rate / k;
+        if let Some(t) = m.test.as_mut() {
+            t.auc = auc / k;
+            t.gauc = gauc / k;
+            t.logloss = ll / k;
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +284,28 @@ mod tests {
         let (a, b) = (std::fs::read(&two).unwrap(), std::fs::read(&three).unwrap());
         assert_eq!(&a[1..4], b"PNG");
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn mean_over_runs_averages_common_epochs_and_names_mismatches() {
+        let a = vec![rec(1, 0.7), rec(2, 0.8), rec(3, 0.9)];
+        let b = vec![rec(1, 0.6), rec(2, 0.7)];
+        let m = mean_over_runs(&[a.clone(), b]).unwrap();
+        assert_eq!(m.len(), 2);
+        let t = m[1].test.as_ref().unwrap();
+        assert!((t.auc - 0.75).abs() < 1e-12 && (t.gauc - 0.74).abs() < 1e-12);
+        assert_eq!(m[1].epoch, 2);
+        let shifted = vec![rec(2, 0.6)];
+        let e = mean_over_runs(&[a.clone(), shifted])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("run 2 has epoch 2"), "{e}");
+        let mut untested = rec(1, 0.5);
+        untested.test = None;
+        let e = mean_over_runs(&[a, vec![untested]])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no test metrics"), "{e}");
+        assert!(mean_over_runs(&[]).is_err());
     }
 }
