@@ -73,12 +73,15 @@ cfg() {
 dir_of() { # NAME SEED: the run directory (seed 1 keeps the plain name)
   if [ "$2" = 1 ]; then echo "$R/$1"; else echo "$R/$1-seed$2"; fi
 }
-run() { # NAME [SEED]: train unless its metrics.json holds every epoch of its config
+run() { # NAME [SEED]: train unless it ran with this config (<run>.toml.used) and its metrics.json holds every epoch
   local want seed="${2:-1}" out; want=$(sed -n 's/^epochs = //p' $R/$1.toml)
   out=$(dir_of "$1" "$seed")
-  if ! python3 -c "import json,sys;r=json.load(open('$out/metrics.json'));sys.exit(0 if len(r['epochs'])>=$want else 1)" 2>/dev/null; then
+  if ! cmp -s "$R/$1.toml" "$out.toml.used" ||
+     ! python3 -c "import json,sys;r=json.load(open('$out/metrics.json'));sys.exit(0 if len(r['epochs'])>=$want else 1)" 2>/dev/null; then
     echo "== $1 seed $seed load $(cut -d' ' -f1-3 /proc/loadavg)"
+    rm -rf "$out"
     $E train --quiet --config $R/$1.toml --seed "$seed" --out-dir "$out" > "$out.log" 2>&1
+    cp "$R/$1.toml" "$out.toml.used"
   fi
 }
 final() { # NAME REG: the 5-epoch run on the test rows, for every seed
@@ -87,11 +90,11 @@ final() { # NAME REG: the 5-epoch run on the test rows, for every seed
 }
 best() { # PREFIX: the lambda whose run has the lowest validation logloss (PICK: at any epoch, or the last)
   python3 - "$R" "$1" "$PICK" <<'PY'
-import glob, json, sys
+import glob, json, os, sys
 R, prefix, pick = sys.argv[1], sys.argv[2], sys.argv[3]
 best = None
 for d in sorted(glob.glob(f"{R}/{prefix}-*")):
-    if d.endswith(".toml") or d.endswith(".log"):
+    if not os.path.isdir(d):
         continue
     ep = json.load(open(d + "/metrics.json"))["epochs"]
     ll = min(e["test"]["logloss"] for e in ep) if pick == "best" else ep[-1]["test"]["logloss"]
