@@ -962,6 +962,165 @@ fn gru4rec_resumes_after_its_last_epoch() {
     assert_eq!(full["runs"][0]["row"], resumed["runs"][0]["row"]);
 }
 
+/// A deterministic GRU4Rec job on [`rule_sequences`] in `data` (1 worker,
+/// in-batch negatives: nothing is drawn, so checkpoints change nothing),
+/// run directory `d/run`, mid-epoch checkpoints every `every` steps (0:
+/// none); returns the job file.
+fn gru4rec_det_job(data: &std::path::Path, d: &std::path::Path, every: u64) -> std::path::PathBuf {
+    let text = gru4rec_job(data, "", 3)
+        .replace("n_sample = 32", "n_sample = 0")
+        .replace(
+            "workers = 2",
+            &format!("workers = 1\ncheckpoint_every_steps = {every}"),
+        )
+        .replace(
+            &format!("{:?}", data.join("run")),
+            &format!("{:?}", d.join("run")),
+        );
+    std::fs::create_dir_all(d).unwrap();
+    let job = d.join("job.toml");
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+/// The `seq_state.json` of a GRU4Rec run, if written yet.
+fn seq_state(run: &std::path::Path) -> Option<serde_json::Value> {
+    std::fs::read_to_string(run.join("seq_state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+}
+
+/// Whether the run has checkpointed inside epoch 2 after >= 20 of its steps.
+fn inside_epoch_2(run: &std::path::Path) -> bool {
+    seq_state(run).is_some_and(|s| {
+        s["partial"]["epoch"] == 2 && s["partial"]["cursors"][0]["steps"].as_u64() >= Some(20)
+    })
+}
+
+/// Every epoch's loss, Recall@10 and MRR@10 and the final ranking row of
+/// two GRU4Rec reports are equal.
+fn assert_same_seq_run(a: &serde_json::Value, b: &serde_json::Value, log: &str) {
+    let (x, y) = (
+        a["runs"][0]["epochs"].as_array().unwrap(),
+        b["runs"][0]["epochs"].as_array().unwrap(),
+    );
+    assert_eq!(x.len(), y.len(), "{log}");
+    for (p, q) in x.iter().zip(y) {
+        for key in ["epoch", "loss", "recall", "mrr"] {
+            assert_eq!(p[key], q[key], "epoch {}: {key} ({log})", p["epoch"]);
+        }
+    }
+    assert_eq!(a["runs"][0]["row"], b["runs"][0]["row"], "{log}");
+}
+
+/// Mid-epoch checkpoints of a GRU4Rec job (`checkpoint_every_steps = 10`,
+/// ~10 per epoch): the launcher and its shards killed with `kill -9` inside
+/// epoch 2, `--resume` continues from the last mid-epoch checkpoint (each
+/// worker's batcher position, hidden states and loss so far) and ends with
+/// every epoch's loss, Recall@10 and MRR@10, and the final full ranking,
+/// equal to a run without mid-epoch checkpoints ([`gru4rec_det_job`]).
+/// Expected time: ~20 s on 2 cores.
+#[test]
+fn gru4rec_resumes_inside_an_epoch_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    rule_sequences(dir.path());
+    let job_in = |d: &std::path::Path, every: u64| gru4rec_det_job(dir.path(), d, every);
+    let clean = dir.path().join("clean");
+    ember_train(&job_in(&clean, 0), &[]);
+    let full = report(&clean);
+    assert!(!std::fs::read_to_string(clean.join("run/seq_state.json"))
+        .unwrap()
+        .contains("partial"));
+
+    let part = dir.path().join("part");
+    let job = job_in(&part, 10);
+    let run = part.join("run");
+    let log_path = part.join("killed.log");
+    let mut child = spawn_train(&job, &[], &log_path);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut killed = false;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        if inside_epoch_2(&run) {
+            killed = Command::new("kill")
+                .args(["-9", "--", &format!("-{}", child.id())])
+                .status()
+                .unwrap()
+                .success();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.wait();
+    let killed_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        killed,
+        "never saw a checkpoint inside epoch 2: {killed_log}"
+    );
+    let at_kill = seq_state(&run).unwrap();
+    assert_eq!(at_kill["epoch"], 1, "{at_kill}");
+    assert_eq!(at_kill["partial"]["epoch"], 2, "{at_kill}");
+    let done = at_kill["partial"]["cursors"][0]["steps"].as_u64().unwrap();
+
+    let out = ember_train(&job, &["--resume"]);
+    let log = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    assert!(
+        log.contains("resumed inside epoch 2"),
+        "no mid-epoch resume ({done} steps of epoch 2 done): {log}"
+    );
+    let resumed = report(&part);
+    assert_eq!(resumed["runs"][0]["epochs"].as_array().unwrap().len(), 3);
+    assert_same_seq_run(&full, &resumed, &log);
+    let end = seq_state(&run).unwrap();
+    assert_eq!(end["epoch"], 3);
+    assert!(end.get("partial").is_none(), "{end}");
+}
+
+/// `kill -9` of a shard of a GRU4Rec job inside epoch 2, after a mid-epoch
+/// checkpoint: the launcher restarts the shard, rolls every shard back to
+/// that checkpoint (not to epoch 1's end), reruns the worker from its saved
+/// cursor, and the job ends exactly like a run without mid-epoch
+/// checkpoints ([`gru4rec_det_job`]) with one restart.
+/// Expected time: ~20 s on 2 cores.
+#[test]
+fn gru4rec_recovers_inside_an_epoch_from_a_killed_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    rule_sequences(dir.path());
+    let clean = dir.path().join("clean");
+    ember_train(&gru4rec_det_job(dir.path(), &clean, 0), &[]);
+    let full = report(&clean);
+    // Every epoch has the same steps (all sequences have the same length).
+    let total = seq_state(&clean.join("run")).unwrap()["steps"][0]
+        .as_u64()
+        .unwrap();
+    let per_epoch = total / 3;
+
+    let part = dir.path().join("part");
+    let job = gru4rec_det_job(dir.path(), &part, 10);
+    let run = part.join("run");
+    let r = train_signalling_shard_1(&job, &run, "-9", inside_epoch_2);
+    assert!(r.sent, "never saw a checkpoint inside epoch 2: {}", r.log);
+    assert!(r.status.success(), "{}", r.log);
+    let back = rollback_steps(&r.log);
+    assert_eq!(back.len(), 1, "{}", r.log);
+    // 1 worker: a checkpoint's id is its step; those inside epoch 2 are
+    // epoch 1's end plus a multiple of 10.
+    assert!(
+        back[0] > per_epoch && back[0] < 2 * per_epoch && (back[0] - per_epoch).is_multiple_of(10),
+        "rolled back to step {} (epochs of {per_epoch} steps): {}",
+        back[0],
+        r.log
+    );
+    let rec = report(&part);
+    let restarts: u64 = rec["runs"][0]["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["restarts"].as_u64().unwrap())
+        .sum();
+    assert_eq!(restarts, 1, "{}", r.log);
+    assert_same_seq_run(&full, &rec, &r.log);
+}
+
 /// `kill -9` of a shard of a GRU4Rec job once epoch 1 is recorded: the
 /// launcher restarts it from its checkpoint, rolls every shard back to the
 /// last epoch's checkpoint, reruns the epoch, and the job ends with every

@@ -20,9 +20,19 @@
 //! `--resume` continues a run after its last completed epoch: the shards
 //! restore that epoch's checkpoint, the workers continue from their saved
 //! push steps (`seq_state.json` in the run directory, written after every
-//! epoch), and the epochs already in `metrics.json` are kept. Not (yet) like
-//! the CTR jobs: workers are not separate processes and there is no
-//! mid-epoch checkpoint (a run stopped inside an epoch reruns that epoch).
+//! epoch), and the epochs already in `metrics.json` are kept.
+//!
+//! With `cluster.checkpoint_every_steps = N` every worker stops after N
+//! steps of its share, every shard is checkpointed, and `seq_state.json`
+//! keeps each worker's [`SeqCursor`] (its batcher position, its slots'
+//! hidden states, its loss so far): a failure rolls back to that
+//! checkpoint and reruns from those cursors, and `--resume` continues
+//! inside the epoch. Segments draw their negatives from where they start,
+//! so a run stopped and resumed at a mid-epoch checkpoint trains exactly
+//! what the uninterrupted run with the same N trains. Checkpoints are
+//! numbered by the sum of the workers' push steps (it grows with every
+//! step of any worker). Not (yet) like the CTR jobs: workers are tasks of
+//! the launcher, not separate processes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +46,7 @@ use ember_worker::train::config::{
     ClusterConfig, CountMode, DataConfig, DenseConfig, JobConfig, SecurityConfig, SparseConfig,
     SyncMode, TrainSettings,
 };
-use ember_worker::train::seqrec::{self, SeqWorker};
+use ember_worker::train::seqrec::{self, SeqCursor, SeqWorker};
 use ember_worker::train::TrainError;
 use serde::{Deserialize, Serialize};
 
@@ -298,6 +308,28 @@ pub struct SeqState {
     pub steps: Vec<u64>,
     /// The run's seed.
     pub seed: u64,
+    /// The epoch in progress, when the state was written at a mid-epoch
+    /// checkpoint (`cluster.checkpoint_every_steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
+}
+
+/// An epoch in progress at a mid-epoch checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// The epoch (the state's `epoch + 1`).
+    pub epoch: usize,
+    /// Each worker's position in it.
+    pub cursors: Vec<SeqCursor>,
+    /// Seconds of training spent on it so far.
+    pub secs: f64,
+}
+
+/// The id of the cluster checkpoint taken when the workers' next push steps
+/// are `steps`: their sum, which grows with every step of any worker (the
+/// largest alone would repeat when only workers behind it advance).
+fn ckpt_id(steps: &[u64]) -> u64 {
+    steps.iter().sum()
 }
 
 impl SeqState {
@@ -317,6 +349,20 @@ impl SeqState {
         })?;
         let st: SeqState = serde_json::from_str(&text)
             .map_err(|e| cfg_err(format!("--resume: {}: {e}", p.display())))?;
+        if let Some(p) = st
+            .partial
+            .as_ref()
+            .filter(|p| p.epoch != st.epoch + 1 || p.cursors.len() != st.steps.len())
+        {
+            return Err(cfg_err(format!(
+                "--resume: {}: the epoch in progress ({}, {} workers) does not follow epoch {} of {} workers",
+                Self::path(out).display(),
+                p.epoch,
+                p.cursors.len(),
+                st.epoch,
+                st.steps.len()
+            )));
+        }
         if st.steps.len() != cfg.cluster.workers || st.seed != cfg.train.seed {
             return Err(cfg_err(format!(
                 "--resume: {} was written with {} workers and seed {}, the job has {} workers and seed {}",
@@ -432,10 +478,12 @@ async fn run(
     let mut steps = vec![0u64; m];
     let mut ckpt_step = 0u64;
     let mut first_epoch = 1;
+    let mut partial: Option<PartialEpoch> = None;
     if let Some(st) = &resume {
         steps.clone_from(&st.steps);
         ckpt_step = st.ckpt_step;
         first_epoch = st.epoch + 1;
+        partial.clone_from(&st.partial);
         let old: Option<SeqReport> = std::fs::read_to_string(out.join("metrics.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -447,23 +495,81 @@ async fn run(
                 .collect();
             run.row = old_run.row;
         }
+        if let Some(p) = &partial {
+            tracing::info!(
+                epoch = p.epoch,
+                step = st.ckpt_step,
+                "gru4rec: resumed inside epoch {} at its mid-epoch checkpoint",
+                p.epoch
+            );
+        }
     }
+    let every = cfg.cluster.checkpoint_every_steps;
     for epoch in first_epoch..=cfg.train.epochs {
         let mut restarts = 0u32;
-        let (loss, step_count, model, secs) = loop {
-            // Train, pull the model back, checkpoint: one attempt, watched.
+        // The epoch at the last checkpoint: each worker's cursor (None: at
+        // the epoch's start), the push steps and the training seconds.
+        let (mut saved, mut secs) = match partial.take() {
+            Some(p) if p.epoch == epoch => (p.cursors.into_iter().map(Some).collect(), p.secs),
+            _ => (vec![None; m], 0.0),
+        };
+        let mut saved_steps = steps.clone();
+        let (cursors, model) = loop {
+            // A segment (or the rest of the epoch), then the model pulled
+            // back at the epoch's end, then a checkpoint: one attempt, watched.
+            let mut cursors = saved.clone();
             let attempt = async {
                 let t = Instant::now();
-                let (loss, count) =
-                    train_epoch(mcfg, items, ps, train_idx, seed, epoch, &mut steps).await?;
+                let done = train_segment(
+                    mcfg,
+                    items,
+                    ps,
+                    train_idx,
+                    seed,
+                    epoch,
+                    &mut steps,
+                    &mut cursors,
+                    every,
+                )
+                .await?;
                 let secs = t.elapsed().as_secs_f64();
-                let model = seqrec::pull_model(ps, mcfg, train).await?;
-                let step = steps.iter().copied().max().unwrap_or(0);
-                ps.checkpoint(step, keep).await?;
-                Ok::<_, TrainError>((loss, count, model, secs))
+                let model = if done {
+                    Some(seqrec::pull_model(ps, mcfg, train).await?)
+                } else {
+                    None
+                };
+                ps.checkpoint(ckpt_id(&steps), keep).await?;
+                Ok::<_, TrainError>((model, secs))
             };
             match guarded(ps, &mut health, Duration::MAX, attempt).await {
-                Ok(r) => break r,
+                Ok((model, dt)) => {
+                    secs += dt;
+                    ckpt_step = ckpt_id(&steps);
+                    saved_steps.clone_from(&steps);
+                    if let Some(model) = model {
+                        break (cursors, model);
+                    }
+                    saved = cursors;
+                    let cursors: Vec<SeqCursor> = saved.iter().flatten().cloned().collect();
+                    tracing::info!(
+                        epoch,
+                        step = ckpt_step,
+                        trained = cursors.iter().map(|c| c.steps).sum::<u64>(),
+                        "gru4rec: mid-epoch checkpoint"
+                    );
+                    SeqState {
+                        epoch: epoch - 1,
+                        ckpt_step,
+                        steps: steps.clone(),
+                        seed,
+                        partial: Some(PartialEpoch {
+                            epoch,
+                            cursors,
+                            secs,
+                        }),
+                    }
+                    .write(&out)?;
+                }
                 Err(Guarded::Failed(e)) if e.is_deterministic() => return Err(e.into()),
                 Err(g) => {
                     restarts += 1;
@@ -490,11 +596,16 @@ async fn run(
                         .map_err(|e| {
                             ClusterError::Launch(format!("restore of step {ckpt_step}: {e}"))
                         })?;
+                    // The workers restart from the checkpoint's cursors and steps.
+                    steps.clone_from(&saved_steps);
                     tracing::info!(step = ckpt_step, "cluster rolled back");
                 }
             }
         };
-        ckpt_step = steps.iter().copied().max().unwrap_or(0);
+        let (loss, step_count) = cursors
+            .iter()
+            .flatten()
+            .fold((0.0, 0u64), |(l, n), c| (l + c.loss_sum, n + c.steps));
         let (recall, mrr, row) = tokio::task::block_in_place(|| {
             let ranks = last_item_ranks(&model, rows)?;
             let (r, mr) = ember_worker::metrics::recall_mrr_at_k(&ranks, data.k);
@@ -541,6 +652,7 @@ async fn run(
             ckpt_step,
             steps: steps.clone(),
             seed,
+            partial: None,
         }
         .write(&out)?;
         let png = out.join("curves.png");
@@ -562,10 +674,13 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// One attempt of `epoch`: every worker (a task, fresh from `steps`) trains
-/// its share; returns the summed loss and the step count, and advances
-/// `steps`. Dropping the future aborts the workers.
-async fn train_epoch(
+/// One segment of `epoch`: every worker whose share is not done (a task,
+/// fresh from its step in `steps` and its cursor in `cursors`, `None` at the
+/// epoch's start) trains at most `every` steps (0: the rest of its share);
+/// advances `steps` and `cursors` and returns whether every share is done.
+/// Dropping the future aborts the workers (and leaves both unchanged).
+#[allow(clippy::too_many_arguments)]
+async fn train_segment(
     mcfg: &Gru4RecConfig,
     items: &Arc<ItemStats>,
     ps: &Backend,
@@ -573,31 +688,40 @@ async fn train_epoch(
     seed: u64,
     epoch: usize,
     steps: &mut [u64],
-) -> Result<(f64, u64), TrainError> {
+    cursors: &mut [Option<SeqCursor>],
+    every: u64,
+) -> Result<bool, TrainError> {
     let m = steps.len();
     let mut tasks = Vec::with_capacity(m);
-    for (w, &step) in steps.iter().enumerate() {
+    for (w, (&step, cur)) in steps.iter().zip(cursors.iter()).enumerate() {
+        if cur.as_ref().is_some_and(|c| c.done) {
+            continue;
+        }
         let mut wk = SeqWorker::new(mcfg, items.clone(), ps.clone(), w, m, seed)?;
         wk.step = step;
         let idx = train_idx.clone();
-        tasks.push(AbortOnDrop(tokio::spawn(async move {
-            let r = wk.train_epoch(&idx, epoch).await;
-            r.map(|st| (st, wk.step))
-        })));
+        let cur = cur.clone();
+        tasks.push((
+            w,
+            AbortOnDrop(tokio::spawn(async move {
+                let r = wk.train_segment(&idx, epoch, cur.as_ref(), every).await;
+                r.map(|c| (c, wk.step))
+            })),
+        ));
     }
-    let (mut loss, mut count) = (0.0, 0u64);
-    let mut next = Vec::with_capacity(m);
-    for t in &mut tasks {
-        let (st, step) = (&mut t.0).await.map_err(|e| TrainError::Task {
+    let mut next = Vec::with_capacity(tasks.len());
+    for (w, t) in &mut tasks {
+        let (cur, step) = (&mut t.0).await.map_err(|e| TrainError::Task {
             what: "gru4rec worker",
             source: e,
         })??;
-        loss += st.loss_sum;
-        count += st.steps;
-        next.push(step);
+        next.push((*w, cur, step));
     }
-    steps.copy_from_slice(&next);
-    Ok((loss, count))
+    for (w, cur, step) in next {
+        steps[w] = step;
+        cursors[w] = Some(cur);
+    }
+    Ok(cursors.iter().all(|c| c.as_ref().is_some_and(|c| c.done)))
 }
 
 #[cfg(test)]

@@ -130,6 +130,17 @@ pub struct SessionStep {
     pub reset: Vec<bool>,
 }
 
+/// The position of a [`SessionBatcher`]: the next entry of its order and,
+/// per slot, `(sequence, position of the next input, fresh)` or idle.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct BatcherState {
+    /// Next entry of the order to take.
+    pub next: usize,
+    /// Per slot: the sequence, the position of its next input, and whether
+    /// the slot's state is reset before that input.
+    pub slots: Vec<Option<(usize, usize, bool)>>,
+}
+
 /// Session-parallel mini-batches over sequences of item indices (sequences
 /// shorter than 2 are skipped). Slots whose sequence ends take the next
 /// sequence (with a reset); when none is left the slot goes idle and the
@@ -161,6 +172,47 @@ impl<'a> SessionBatcher<'a> {
             b.slots[s] = b.take_next();
         }
         b
+    }
+
+    /// Where this batcher stands (saved with a mid-epoch checkpoint).
+    pub fn state(&self) -> BatcherState {
+        BatcherState {
+            next: self.next,
+            slots: self.slots.clone(),
+        }
+    }
+
+    /// The batcher over `seqs` in `order` continued from `state` (taken by
+    /// [`SessionBatcher::state`] of a batcher over the same sequences and
+    /// order); the error names what does not fit.
+    pub fn resume(
+        seqs: &'a [Vec<usize>],
+        order: Vec<usize>,
+        state: &BatcherState,
+    ) -> std::result::Result<Self, String> {
+        if state.next > order.len() {
+            return Err(format!(
+                "batcher position {} is past the {} sequences of the order",
+                state.next,
+                order.len()
+            ));
+        }
+        for (s, slot) in state.slots.iter().enumerate() {
+            if let &Some((q, p, _)) = slot {
+                let len = seqs.get(q).map_or(0, Vec::len);
+                if p + 1 >= len {
+                    return Err(format!(
+                        "slot {s}: position {p} of sequence {q} has no next item (length {len})"
+                    ));
+                }
+            }
+        }
+        Ok(SessionBatcher {
+            seqs,
+            order,
+            next: state.next,
+            slots: state.slots.clone(),
+        })
     }
 
     fn take_next(&mut self) -> Option<(usize, usize, bool)> {
@@ -706,6 +758,40 @@ mod tests {
         );
         assert_eq!(steps[2].reset, vec![false]);
         assert_eq!(steps.len(), 3);
+    }
+
+    #[test]
+    fn a_resumed_batcher_continues_where_its_state_was_taken() {
+        let seqs = vec![
+            vec![1, 2, 3, 4],
+            vec![4],
+            vec![5, 6],
+            vec![7, 8, 9],
+            vec![1, 3, 5, 7, 9],
+        ];
+        let order = vec![4, 2, 0, 1, 3];
+        let all: Vec<SessionStep> = SessionBatcher::with_order(&seqs, order.clone(), 2).collect();
+        for cut in 0..=all.len() {
+            let mut b = SessionBatcher::with_order(&seqs, order.clone(), 2);
+            let head: Vec<SessionStep> = b.by_ref().take(cut).collect();
+            let st = b.state();
+            let tail: Vec<SessionStep> = SessionBatcher::resume(&seqs, order.clone(), &st)
+                .unwrap()
+                .collect();
+            assert_eq!([head, tail].concat(), all, "cut after {cut} steps");
+        }
+        let bad = BatcherState {
+            next: 1,
+            slots: vec![Some((2, 1, false)), None],
+        };
+        let e = SessionBatcher::resume(&seqs, order.clone(), &bad).unwrap_err();
+        assert!(e.contains("slot 0") && e.contains("sequence 2"), "{e}");
+        let bad = BatcherState {
+            next: 6,
+            slots: vec![None, None],
+        };
+        let e = SessionBatcher::resume(&seqs, order, &bad).unwrap_err();
+        assert!(e.contains("position 6"), "{e}");
     }
 
     fn toy(n: u64, users: usize, len: usize, seed: u64) -> Vec<Vec<u64>> {

@@ -571,7 +571,9 @@ pub struct ClusterConfig {
     pub keep_checkpoints: u32,
     /// Also checkpoint every shard every this many steps inside an epoch
     /// (0 = only at epoch ends). A failure then loses at most this many
-    /// steps: workers resume at the checkpoint's data position.
+    /// steps: workers resume at the checkpoint's data position. In a
+    /// GRU4Rec job: every this many steps of each worker, which resumes at
+    /// its saved session-batcher position and hidden states.
     #[serde(default)]
     pub checkpoint_every_steps: u64,
     /// Give up on an unreachable shard after this many seconds.

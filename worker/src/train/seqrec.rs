@@ -28,13 +28,14 @@ use ember_proto::v1 as pb;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 
 use super::backend::Backend;
 use super::config::SparseConfig;
 use super::TrainError;
 use crate::model::gru4rec::{
-    dropout, log_q_tensor, output_init_scale, rank_loss, Gru4Rec, Gru4RecConfig, ItemStats,
-    SessionBatcher,
+    dropout, log_q_tensor, output_init_scale, rank_loss, BatcherState, Gru4Rec, Gru4RecConfig,
+    ItemStats, SessionBatcher,
 };
 use crate::model::layer::gru::Gru;
 use crate::model::layer::params::to_f32_vec;
@@ -150,6 +151,46 @@ fn epoch_rng(seed: u64, index: usize, epoch: usize) -> StdRng {
     StdRng::seed_from_u64(ember_proto::rng::derive_seed(seed ^ 0x5e9_5a3b, key))
 }
 
+/// The generator of a segment that starts after `done` steps of the epoch
+/// (a segment that starts the epoch uses [`epoch_rng`]): a function of
+/// where the segment starts only, so a run resumed from a mid-epoch
+/// checkpoint draws what the uninterrupted run drew.
+fn segment_rng(seed: u64, index: usize, epoch: usize, done: u64) -> StdRng {
+    let key = ((index as u64) << 32) ^ epoch as u64;
+    StdRng::seed_from_u64(ember_proto::rng::derive_seed(
+        seed ^ 0x5e9_5a3c ^ done.rotate_left(17),
+        key,
+    ))
+}
+
+/// Where one worker stands inside an epoch: what a mid-epoch checkpoint
+/// keeps of it (its parameters are all on the shards).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SeqCursor {
+    /// The epoch (from 1).
+    pub epoch: usize,
+    /// Steps trained in this epoch.
+    pub steps: u64,
+    /// Sum of those steps' mean losses.
+    pub loss_sum: f64,
+    /// The session-parallel batcher's position.
+    pub batcher: BatcherState,
+    /// Each slot's carried hidden state (`[H]` per slot).
+    pub hidden: Vec<Vec<f32>>,
+    /// The worker's share of the epoch is trained.
+    pub done: bool,
+}
+
+impl SeqCursor {
+    /// What the epoch did so far.
+    pub fn stats(&self) -> SeqEpochStats {
+        SeqEpochStats {
+            steps: self.steps,
+            loss_sum: self.loss_sum,
+        }
+    }
+}
+
 /// What one worker's epoch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SeqEpochStats {
@@ -229,27 +270,89 @@ impl SeqWorker {
         train: &[Vec<usize>],
         epoch: usize,
     ) -> Result<SeqEpochStats, TrainError> {
+        Ok(self.train_segment(train, epoch, None, 0).await?.stats())
+    }
+
+    /// Trains at most `max_steps` steps (0: no limit) of this worker's share
+    /// of `epoch`, from `from` (a cursor of this worker in this epoch) or
+    /// from the epoch's start; returns where it stopped. Sampling and
+    /// dropout depend on (seed, worker, epoch, the steps done before the
+    /// segment) only: a rerun after a rollback, or a resume from a saved
+    /// cursor, draws the same negatives.
+    pub async fn train_segment(
+        &mut self,
+        train: &[Vec<usize>],
+        epoch: usize,
+        from: Option<&SeqCursor>,
+        max_steps: u64,
+    ) -> Result<SeqCursor, TrainError> {
         let (bs, hd) = (self.cfg.batch_size, self.cfg.hidden);
-        let mut hidden = vec![vec![0f32; hd]; bs];
-        let mut stats = SeqEpochStats::default();
         let order = self.share(train.len(), epoch);
-        // Sampling and dropout depend on (seed, worker, epoch) only: a rerun
-        // of the epoch after a rollback draws the same negatives.
-        self.rng = epoch_rng(self.seed, self.index, epoch);
-        for st in SessionBatcher::with_order(train, order, bs) {
-            let h0 = st.gather_states(&mut hidden);
+        let (mut batcher, mut cur) = match from {
+            None => {
+                self.rng = epoch_rng(self.seed, self.index, epoch);
+                let cur = SeqCursor {
+                    epoch,
+                    hidden: vec![vec![0f32; hd]; bs],
+                    ..SeqCursor::default()
+                };
+                (SessionBatcher::with_order(train, order, bs), cur)
+            }
+            Some(c) => {
+                let bad = |why: String| {
+                    TrainError::Config(format!(
+                        "gru4rec worker {}: saved position does not fit the job: {why}",
+                        self.index
+                    ))
+                };
+                if c.epoch != epoch {
+                    return Err(bad(format!("it is of epoch {}, not {epoch}", c.epoch)));
+                }
+                if c.batcher.slots.len() != bs
+                    || c.hidden.len() != bs
+                    || c.hidden.iter().any(|h| h.len() != hd)
+                {
+                    return Err(bad(format!(
+                        "{} slots with {} states, the model has batch_size {bs} and hidden {hd}",
+                        c.batcher.slots.len(),
+                        c.hidden.len()
+                    )));
+                }
+                if c.done {
+                    return Ok(c.clone());
+                }
+                let b = SessionBatcher::resume(train, order, &c.batcher).map_err(bad)?;
+                self.rng = if c.steps == 0 {
+                    epoch_rng(self.seed, self.index, epoch)
+                } else {
+                    segment_rng(self.seed, self.index, epoch, c.steps)
+                };
+                (b, c.clone())
+            }
+        };
+        let mut taken = 0u64;
+        while max_steps == 0 || taken < max_steps {
+            let Some(st) = batcher.next() else {
+                cur.done = true;
+                break;
+            };
+            let h0 = st.gather_states(&mut cur.hidden);
             let (loss, h) = self.step_once(&st.inputs, &st.targets, h0).await?;
-            st.scatter_states(&mut hidden, &h);
+            st.scatter_states(&mut cur.hidden, &h);
             if !loss.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
                     loss: loss as f32,
                     step: self.step,
                 });
             }
-            stats.steps += 1;
-            stats.loss_sum += loss;
+            cur.steps += 1;
+            cur.loss_sum += loss;
+            taken += 1;
         }
-        Ok(stats)
+        cur.batcher = batcher.state();
+        // A segment that ends exactly at the share's end is done too.
+        cur.done = cur.done || cur.batcher.slots.iter().all(Option::is_none);
+        Ok(cur)
     }
 
     /// One step: returns the loss and the new states (row-major `[n, H]`).
@@ -480,6 +583,117 @@ mod tests {
             hits >= 45,
             "Recall@1 {hits}/{n} (loss {first} -> {last_loss})"
         );
+        Ok(())
+    }
+
+    /// Every row and dense value of the model on the shards, in one vector.
+    async fn shard_state(ps: &Backend, items: &ItemStats) -> Result<Vec<f32>, TrainError> {
+        let mut all = Vec::new();
+        for t in [EMB_TABLE, OUT_TABLE, BIAS_TABLE] {
+            all.extend(ps.pull(t, &items.ids).await?.0);
+        }
+        for (_, v) in ps.pull_dense(0).await?.0 {
+            all.extend(v);
+        }
+        Ok(all)
+    }
+
+    /// Epoch 1 of one worker in segments of 5 steps: each segment by a fresh
+    /// worker from the previous segment's cursor passed through JSON when
+    /// `fresh` (a mid-epoch checkpoint and a resume), else by the same worker.
+    async fn segmented(
+        cfg: &Gru4RecConfig,
+        train: &[Vec<u64>],
+        fresh: bool,
+    ) -> Result<(SeqCursor, usize, Vec<f32>), TrainError> {
+        let (ps, items) = setup(cfg, train, 2).await?;
+        let idx = items.index_sequences(train);
+        let mut wk = SeqWorker::new(cfg, items.clone(), ps.clone(), 0, 1, 7)?;
+        let mut cur: Option<SeqCursor> = None;
+        let mut segments = 0;
+        loop {
+            if fresh {
+                let step = wk.step;
+                wk = SeqWorker::new(cfg, items.clone(), ps.clone(), 0, 1, 7)?;
+                wk.step = step;
+                cur = cur.map(|c| {
+                    let text = serde_json::to_string(&c).unwrap_or_default();
+                    serde_json::from_str(&text).unwrap_or_default()
+                });
+            }
+            let c = wk.train_segment(&idx, 1, cur.as_ref(), 5).await?;
+            segments += 1;
+            if c.done {
+                let state = shard_state(&ps, &items).await?;
+                return Ok((c, segments, state));
+            }
+            cur = Some(c);
+        }
+    }
+
+    /// A worker resumed from a saved cursor (fresh worker, cursor through
+    /// JSON) trains exactly what the same worker trains segment after
+    /// segment: the same steps, loss and every shard value bit for bit; the
+    /// segments cover the epoch (as many steps as the unsegmented epoch),
+    /// and without sampling or dropout they are the unsegmented epoch bit
+    /// for bit. A cursor of another epoch or batch size is refused by name.
+    #[tokio::test]
+    async fn segments_from_saved_cursors_train_like_one_worker() -> Result<(), TrainError> {
+        let train = rule_corpus(30, 60, 8, 3);
+        let cfg = Gru4RecConfig {
+            hidden: 16,
+            emb_dim: 8,
+            batch_size: 8,
+            n_sample: 8,
+            dropout_hidden: 0.2,
+            ..Gru4RecConfig::default()
+        };
+        let (same, segs, state_same) = segmented(&cfg, &train, false).await?;
+        let (resumed, segs2, state_resumed) = segmented(&cfg, &train, true).await?;
+        assert!(segs > 3, "{segs} segments");
+        assert_eq!((same.steps, segs), (resumed.steps, segs2));
+        assert_eq!(same.loss_sum.to_bits(), resumed.loss_sum.to_bits());
+        assert_eq!(state_same.len(), state_resumed.len());
+        assert!(
+            state_same
+                .iter()
+                .zip(&state_resumed)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "shard state differs after a resume from a saved cursor"
+        );
+        let (ps, items) = setup(&cfg, &train, 2).await?;
+        let idx = items.index_sequences(&train);
+        let mut wk = SeqWorker::new(&cfg, items.clone(), ps.clone(), 0, 1, 7)?;
+        let whole = wk.train_epoch(&idx, 1).await?;
+        assert_eq!(whole.steps, same.steps);
+        // Without sampling or dropout nothing is drawn, so the segments from
+        // saved cursors (batcher position, carried states) are the whole
+        // epoch, bit for bit.
+        let det = Gru4RecConfig {
+            n_sample: 0,
+            dropout_hidden: 0.0,
+            ..cfg.clone()
+        };
+        let (seg, _, state_seg) = segmented(&det, &train, true).await?;
+        let (ps0, items0) = setup(&det, &train, 2).await?;
+        let mut wk0 = SeqWorker::new(&det, items0.clone(), ps0.clone(), 0, 1, 7)?;
+        let whole0 = wk0.train_epoch(&idx, 1).await?;
+        assert_eq!(seg.loss_sum.to_bits(), whole0.loss_sum.to_bits());
+        let state_whole = shard_state(&ps0, &items0).await?;
+        assert!(
+            state_seg
+                .iter()
+                .zip(&state_whole)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "segments from saved cursors differ from the whole epoch"
+        );
+        let mut bad = same.clone();
+        bad.done = false;
+        let e = wk.train_segment(&idx, 2, Some(&bad), 5).await.unwrap_err();
+        assert!(e.to_string().contains("epoch 1, not 2"), "{e}");
+        bad.hidden.pop();
+        let e = wk.train_segment(&idx, 1, Some(&bad), 5).await.unwrap_err();
+        assert!(e.to_string().contains("batch_size 8"), "{e}");
         Ok(())
     }
 
