@@ -840,9 +840,11 @@ fn recall10(row: &serde_json::Value) -> f64 {
 /// hold the item tables and the GRU, two workers train through them, and a
 /// deterministic next-item rule over 50 items is learned: Recall@10 of each
 /// user's last item near 1, far above the popularity ranking of the same
-/// rows. Every shard checkpointed every epoch. A model field that only the
-/// in-process trainer has is rejected by name before anything starts.
-/// Expected time: a few seconds on 2 cores.
+/// rows. Every shard checkpointed every epoch and every 25 steps of each
+/// worker inside it (`checkpoint_every_steps`: the two workers stop, the
+/// shards checkpoint, the workers continue from their cursors). A model
+/// field that only the in-process trainer has is rejected by name before
+/// anything starts. Expected time: a few seconds on 2 cores.
 #[test]
 fn gru4rec_trains_through_two_shards() {
     let dir = tempfile::tempdir().unwrap();
@@ -862,9 +864,19 @@ fn gru4rec_trains_through_two_shards() {
     );
 
     let job = dir.path().join("job.toml");
-    std::fs::write(&job, gru4rec_job(dir.path(), "", 3)).unwrap();
+    std::fs::write(
+        &job,
+        gru4rec_job(dir.path(), "", 3).replace(
+            "workers = 2\n",
+            "workers = 2\ncheckpoint_every_steps = 25\n",
+        ),
+    )
+    .unwrap();
     let out = ember_train(&job, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    let mid = log.matches("mid-epoch checkpoint").count();
+    assert!(mid >= 3, "{mid} mid-epoch checkpoints: {log}");
     assert!(
         stdout.contains("popularity") && stdout.contains("gru4rec"),
         "{stdout}"
