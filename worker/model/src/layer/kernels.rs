@@ -265,10 +265,13 @@ pub fn mm<T: Real>(
             b.len()
         );
     }
-    let mut c = vec![T::zero_(); m * n];
+    let len = m * n;
     if m == 0 || n == 0 || k == 0 {
-        return Ok(c);
+        return Ok(vec![T::zero_(); len]);
     }
+    // Not zero-filled first: gemm writes every element (`read_dst = false`),
+    // and the fill was 2-3% of a DIN step.
+    let mut c: Vec<T> = Vec::with_capacity(len);
     // Strides (column, row) of op(A) [m, k] and op(B) [k, n] in their slices.
     let (a_cs, a_rs) = if ta { (m, 1) } else { (1, k) };
     let (b_cs, b_rs) = if tb { (k, 1) } else { (1, n) };
@@ -280,9 +283,12 @@ pub fn mm<T: Real>(
     };
     // SAFETY: `T` is f32 or f64 (the only `Real` types), which `gemm`
     // supports; `a` holds m*k and `b` k*n values (checked above) and every
-    // index the strides address is inside them; `c` holds m*n values,
-    // written row-major (column stride 1, row stride n) and not read
-    // (`read_dst = false`); no slice aliases another.
+    // index the strides address is inside them; `c` has capacity for m*n
+    // values, which gemm writes row-major (column stride 1, row stride n)
+    // without reading them (`read_dst = false`: alpha is zero, and every
+    // path of gemm 0.19 then stores `beta * A B` or zero before any
+    // accumulation, k > 0 here), so all m*n are initialised before
+    // `set_len`; no slice aliases another.
     unsafe {
         gemm::gemm(
             m,
@@ -305,6 +311,7 @@ pub fn mm<T: Real>(
             false,
             par,
         );
+        c.set_len(len);
     }
     Ok(c)
 }
@@ -335,7 +342,53 @@ macro_rules! dispatch_real {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_f32, tanh_f32};
+    use super::{exp_f32, mm, tanh_f32};
+
+    /// `mm` (gemm into an output that is not zero-filled first) against a
+    /// plain triple loop, for every transpose and the shapes of gemm's
+    /// separate paths: m = 1 or n = 1 (gemv), m*n <= 256 (small kernel),
+    /// large; k = 0 gives zeros. Before each call a buffer of the output's
+    /// size is filled with NaN and freed, so that a value gemm failed to
+    /// write would likely show as NaN.
+    #[test]
+    fn mm_writes_every_element_of_op_a_times_op_b() {
+        let shapes = [
+            (1, 7, 5),
+            (6, 9, 1),
+            (1, 1, 1),
+            (5, 3, 4),
+            (16, 16, 16),
+            (37, 36, 108),
+            (129, 72, 100),
+            (4, 0, 3),
+        ];
+        for &(m, k, n) in &shapes {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
+                    .collect();
+                let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
+                let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] };
+                drop(std::hint::black_box(vec![f32::NAN; m * n]));
+                let c = mm(&a, ta, &b, tb, m, k, n).unwrap();
+                assert_eq!(c.len(), m * n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|p| at(i, p) as f64 * bt(p, j) as f64).sum();
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "[{m},{k}]x[{k},{n}] ta {ta} tb {tb} at ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(mm(&[1.0f32; 3], false, &[1.0f32; 4], false, 3, 1, 3).is_err());
+    }
 
     fn ulps(a: f32, b: f32) -> u32 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
