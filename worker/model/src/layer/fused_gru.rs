@@ -199,10 +199,13 @@ impl GruSeq {
         let mut dh = vec![T::zero_(); b * h];
         // Cached steps are step-major; walk them backwards grouped by step.
         let mut end = c.steps.len();
+        // Per-element loops run over equal-length slices (no bounds checks,
+        // so they vectorize); the attention gradient is reduced after.
+        let mut dzs = vec![T::zero_(); h];
         for s in (0..t).rev() {
-            for bi in 0..b {
-                for j in 0..h {
-                    dh[bi * h + j] += gv[(bi * t + s) * h + j];
+            for (dhr, gr) in dh.chunks_exact_mut(h).zip(gv.chunks_exact(t * h)) {
+                for (d, &g) in dhr.iter_mut().zip(&gr[s * h..(s + 1) * h]) {
+                    *d += g;
                 }
             }
             let mut start = end;
@@ -215,52 +218,60 @@ impl GruSeq {
             for idx in start..end {
                 let bi = c.steps[idx].0;
                 let a = av.as_ref().map(|a| a[bi * t + s]);
-                let mut da = T::zero_();
+                // z = coef_u * u + coef_1 (AUGRU: a u; AGRU: a; GRU: u);
+                // du = coef_u * dz (AGRU: the gate u is unused).
+                let (coef_u, coef_1) = match (self.kind, a) {
+                    (GateKind::Augru, Some(a)) => (a, T::zero_()),
+                    (GateKind::Agru, Some(a)) => (T::zero_(), a),
+                    _ => (T::one_(), T::zero_()),
+                };
+                let o = idx * h..(idx + 1) * h;
+                let (u, r, n) = (&c.u[o.clone()], &c.r[o.clone()], &c.n[o.clone()]);
+                let (ghn, prev) = (&c.ghn[o.clone()], &c.hprev[o]);
+                let dhr = &mut dh[bi * h..(bi + 1) * h];
                 let dgxr = &mut dgx[(bi * t + s) * g3..(bi * t + s + 1) * g3];
+                let (gx_u, rest) = dgxr.split_at_mut(h);
+                let (gx_r, gx_n) = rest.split_at_mut(h);
                 let dghr = &mut dgh_all[idx * g3..(idx + 1) * g3];
+                let (gh_u, rest) = dghr.split_at_mut(h);
+                let (gh_r, gh_n) = rest.split_at_mut(h);
+                let one = T::one_();
                 for j in 0..h {
-                    let o = idx * h + j;
-                    let (u, r, n, ghn, prev) = (c.u[o], c.r[o], c.n[o], c.ghn[o], c.hprev[o]);
-                    let z = match (self.kind, a) {
-                        (GateKind::Augru, Some(a)) => a * u,
-                        (GateKind::Agru, Some(a)) => a,
-                        _ => u,
-                    };
-                    let d = dh[bi * h + j];
+                    let (u, r, n) = (u[j], r[j], n[j]);
+                    let z = coef_u * u + coef_1;
+                    let d = dhr[j];
                     let dn = d * z;
-                    let dz = d * (n - prev);
-                    let du = match (self.kind, a) {
-                        (GateKind::Augru, Some(a)) => {
-                            da += dz * u;
-                            a * dz
-                        }
-                        (GateKind::Agru, Some(_)) => {
-                            da += dz;
-                            T::zero_()
-                        }
-                        _ => dz,
-                    };
-                    let dzn = dn * (T::one_() - n * n);
-                    let dr = dzn * ghn;
-                    let dzr = dr * r * (T::one_() - r);
-                    let dzu = du * u * (T::one_() - u);
-                    dgxr[j] = dzu;
-                    dgxr[h + j] = dzr;
-                    dgxr[2 * h + j] = dzn;
-                    dghr[j] = dzu;
-                    dghr[h + j] = dzr;
-                    dghr[2 * h + j] = dzn * r;
-                    dh[bi * h + j] = d * (T::one_() - z);
+                    let dz = d * (n - prev[j]);
+                    dzs[j] = dz;
+                    let du = coef_u * dz;
+                    let dzn = dn * (one - n * n);
+                    let dr = dzn * ghn[j];
+                    let dzr = dr * r * (one - r);
+                    let dzu = du * u * (one - u);
+                    gx_u[j] = dzu;
+                    gx_r[j] = dzr;
+                    gx_n[j] = dzn;
+                    gh_u[j] = dzu;
+                    gh_r[j] = dzr;
+                    gh_n[j] = dzn * r;
+                    dhr[j] = d * (one - z);
                 }
-                datt[bi * t + s] = da;
+                datt[bi * t + s] = match (self.kind, a) {
+                    (GateKind::Augru, Some(_)) => dzs
+                        .iter()
+                        .zip(u)
+                        .fold(T::zero_(), |acc, (&dz, &u)| acc + dz * u),
+                    (GateKind::Agru, Some(_)) => dzs.iter().fold(T::zero_(), |acc, &dz| acc + dz),
+                    _ => T::zero_(),
+                };
             }
             // dh_{t-1} += dgh U^T for the active rows.
             let na = end - start;
             let back = mm(&dgh_all[start * g3..end * g3], false, &wv, true, na, g3, h)?;
-            for (k, idx) in (start..end).enumerate() {
+            for (br, idx) in back.chunks_exact(h).zip(start..end) {
                 let bi = c.steps[idx].0;
-                for j in 0..h {
-                    dh[bi * h + j] += back[k * h + j];
+                for (d, &v) in dh[bi * h..(bi + 1) * h].iter_mut().zip(br) {
+                    *d += v;
                 }
             }
             end = start;
