@@ -193,10 +193,65 @@ pub fn plot_compare(
             let color = RUN_COLORS[i % RUN_COLORS.len()];
             draw_line(&mut chart, pts, color, fonts.then_some(label.as_str()))?;
         }
-        legend(&mut chart, fonts, SeriesLabelPosition::MiddleRight)?;
+        legend(&mut chart, fonts, emptiest_corner(&series, n, y))?;
     }
     root.present().map_err(err)?;
     Ok(fonts)
+}
+
+/// The corner of a panel (epochs 1..=`n` across, `y` up) whose legend-sized
+/// region (the outer 40% of the width and 45% of the height) the lines of
+/// `series` cross least, sampled along every segment; ties go to the right,
+/// then to the top.
+fn emptiest_corner(series: &[Vec<(f64, f64)>], n: f64, y: (f64, f64)) -> SeriesLabelPosition {
+    let sx = |x: f64| if n > 1.0 { (x - 1.0) / (n - 1.0) } else { 0.5 };
+    let sy = |v: f64| (v - y.0) / (y.1 - y.0).max(f64::MIN_POSITIVE);
+    // (right, top) of UpperRight, LowerRight, UpperLeft, LowerLeft.
+    let corners = [(true, true), (true, false), (false, true), (false, false)];
+    let mut hits = [0usize; 4];
+    for pts in series {
+        for w in pts.windows(2) {
+            for k in 0..=16 {
+                let f = k as f64 / 16.0;
+                let x = sx(w[0].0 + f * (w[1].0 - w[0].0));
+                let v = sy(w[0].1 + f * (w[1].1 - w[0].1));
+                for (c, &(right, top)) in corners.iter().enumerate() {
+                    let in_x = if right { x >= 0.6 } else { x <= 0.4 };
+                    let in_y = if top { v >= 0.55 } else { v <= 0.45 };
+                    hits[c] += usize::from(in_x && in_y);
+                }
+            }
+        }
+    }
+    match (0..4).min_by_key(|&c| (hits[c], c)) {
+        Some(1) => SeriesLabelPosition::LowerRight,
+        Some(2) => SeriesLabelPosition::UpperLeft,
+        Some(3) => SeriesLabelPosition::LowerLeft,
+        _ => SeriesLabelPosition::UpperRight,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The legend goes where no line is: a line rising to the upper right
+    /// leaves the upper left free, one falling from the upper left leaves
+    /// the upper right free; with no lines the upper right is taken.
+    #[test]
+    fn legend_goes_to_the_corner_the_lines_leave_free() {
+        let rising = vec![vec![(1.0, 0.0), (2.0, 0.1), (3.0, 0.5), (4.0, 1.0)]];
+        let pos = emptiest_corner(&rising, 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperLeft), "{pos:?}");
+        let falling = vec![vec![(1.0, 1.0), (2.0, 0.5), (3.0, 0.1), (4.0, 0.0)]];
+        let pos = emptiest_corner(&falling, 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
+        let low_right = vec![vec![(1.0, 0.9), (2.0, 0.9), (3.0, 0.2), (4.0, 0.1)]];
+        let pos = emptiest_corner(&low_right, 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
+        let pos = emptiest_corner(&[], 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
+    }
 }
 
 type Chart<'a, 'b> = ChartContext<
