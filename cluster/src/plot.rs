@@ -231,29 +231,6 @@ fn emptiest_corner(series: &[Vec<(f64, f64)>], n: f64, y: (f64, f64)) -> SeriesL
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The legend goes where no line is: a line rising to the upper right
-    /// leaves the upper left free, one falling from the upper left leaves
-    /// the upper right free; with no lines the upper right is taken.
-    #[test]
-    fn legend_goes_to_the_corner_the_lines_leave_free() {
-        let rising = vec![vec![(1.0, 0.0), (2.0, 0.1), (3.0, 0.5), (4.0, 1.0)]];
-        let pos = emptiest_corner(&rising, 4.0, (0.0, 1.0));
-        assert!(matches!(pos, SeriesLabelPosition::UpperLeft), "{pos:?}");
-        let falling = vec![vec![(1.0, 1.0), (2.0, 0.5), (3.0, 0.1), (4.0, 0.0)]];
-        let pos = emptiest_corner(&falling, 4.0, (0.0, 1.0));
-        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
-        let low_right = vec![vec![(1.0, 0.9), (2.0, 0.9), (3.0, 0.2), (4.0, 0.1)]];
-        let pos = emptiest_corner(&low_right, 4.0, (0.0, 1.0));
-        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
-        let pos = emptiest_corner(&[], 4.0, (0.0, 1.0));
-        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
-    }
-}
-
 type Chart<'a, 'b> = ChartContext<
     'a,
     BitMapBackend<'b>,
@@ -353,4 +330,27 @@ fn bounds(vals: &[f64], dlo: f64, dhi: f64) -> (f64, f64) {
     let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let pad = ((hi - lo) * 0.15).max(0.01);
     (lo - pad, hi + pad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The legend goes where no line is: a line rising to the upper right
+    /// leaves the upper left free, one falling from the upper left leaves
+    /// the upper right free; with no lines the upper right is taken.
+    #[test]
+    fn legend_goes_to_the_corner_the_lines_leave_free() {
+        let rising = vec![vec![(1.0, 0.0), (2.0, 0.1), (3.0, 0.5), (4.0, 1.0)]];
+        let pos = emptiest_corner(&rising, 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperLeft), "{pos:?}");
+        let falling = vec![vec![(1.0, 1.0), (2.0, 0.5), (3.0, 0.1), (4.0, 0.0)]];
+        let pos = emptiest_corner(&falling, 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
+        let low_right = vec![vec![(1.0, 0.9), (2.0, 0.9), (3.0, 0.2), (4.0, 0.1)]];
+        let pos = emptiest_corner(&low_right, 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
+        let pos = emptiest_corner(&[], 4.0, (0.0, 1.0));
+        assert!(matches!(pos, SeriesLabelPosition::UpperRight), "{pos:?}");
+    }
 }
