@@ -20,6 +20,34 @@ struct Signalled {
     log: String,
 }
 
+/// `ember train` (plus `args`, output to `log`) in its own process group,
+/// killed with `kill -9` of the whole group (launcher, shards, workers: a
+/// machine that dies) as soon as `ready()` holds, polled every 10 ms for at
+/// most 300 s. Returns whether the kill was sent, and the log.
+fn train_killed_when(
+    job: &std::path::Path,
+    args: &[&str],
+    log: &std::path::Path,
+    ready: impl Fn() -> bool,
+) -> (bool, String) {
+    let mut child = spawn_train(job, args, log);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut killed = false;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        if ready() {
+            killed = Command::new("kill")
+                .args(["-9", "--", &format!("-{}", child.id())])
+                .status()
+                .unwrap()
+                .success();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.wait();
+    (killed, std::fs::read_to_string(log).unwrap_or_default())
+}
+
 /// Runs `ember train --quiet --metrics-addr 127.0.0.1:0` on `job` and sends
 /// `signal` (`-9`, `-STOP`) to shard 1 (pid from `<run>/cluster.json`) the
 /// first time `ready(run)` holds while the run is going. A shard left
@@ -255,24 +283,12 @@ fn mid_epoch_resume_in_a_fresh_process() {
     let run = dir.path().join("run");
     let clean_state = checkpoint_state(&run, 2, 60);
 
-    let log_path = dir.path().join("killed.log");
-    let mut child = spawn_train(&job, &["--metrics-addr", "127.0.0.1:0"], &log_path);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut killed = false;
-    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        if ckpt(&run, 10) && samples_trained(&run).is_some_and(|n| n >= 13 * 128) {
-            let group = format!("-{}", child.id());
-            killed = Command::new("kill")
-                .args(["-9", "--", &group])
-                .status()
-                .unwrap()
-                .success();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.wait();
-    let killed_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let (killed, killed_log) = train_killed_when(
+        &job,
+        &["--metrics-addr", "127.0.0.1:0"],
+        &dir.path().join("killed.log"),
+        || ckpt(&run, 10) && samples_trained(&run).is_some_and(|n| n >= 13 * 128),
+    );
     assert!(
         killed,
         "never saw progress after the step-10 checkpoint: {killed_log}"
@@ -1047,23 +1063,8 @@ fn gru4rec_resumes_inside_an_epoch_after_kill_9() {
     let part = dir.path().join("part");
     let job = job_in(&part, 10);
     let run = part.join("run");
-    let log_path = part.join("killed.log");
-    let mut child = spawn_train(&job, &[], &log_path);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut killed = false;
-    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-        if inside_epoch_2(&run) {
-            killed = Command::new("kill")
-                .args(["-9", "--", &format!("-{}", child.id())])
-                .status()
-                .unwrap()
-                .success();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.wait();
-    let killed_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let (killed, killed_log) =
+        train_killed_when(&job, &[], &part.join("killed.log"), || inside_epoch_2(&run));
     assert!(
         killed,
         "never saw a checkpoint inside epoch 2: {killed_log}"

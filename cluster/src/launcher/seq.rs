@@ -694,7 +694,7 @@ async fn train_segment(
     let m = steps.len();
     let mut tasks = Vec::with_capacity(m);
     for (w, (&step, cur)) in steps.iter().zip(cursors.iter()).enumerate() {
-        if cur.as_ref().is_some_and(|c| c.done) {
+        if cur.as_ref().is_some_and(SeqCursor::done) {
             continue;
         }
         let mut wk = SeqWorker::new(mcfg, items.clone(), ps.clone(), w, m, seed)?;
@@ -721,7 +721,9 @@ async fn train_segment(
         steps[w] = step;
         cursors[w] = Some(cur);
     }
-    Ok(cursors.iter().all(|c| c.as_ref().is_some_and(|c| c.done)))
+    Ok(cursors
+        .iter()
+        .all(|c| c.as_ref().is_some_and(SeqCursor::done)))
 }
 
 #[cfg(test)]

@@ -152,10 +152,13 @@ fn epoch_rng(seed: u64, index: usize, epoch: usize) -> StdRng {
 }
 
 /// The generator of a segment that starts after `done` steps of the epoch
-/// (a segment that starts the epoch uses [`epoch_rng`]): a function of
-/// where the segment starts only, so a run resumed from a mid-epoch
-/// checkpoint draws what the uninterrupted run drew.
+/// ([`epoch_rng`] at the epoch's start): a function of where the segment
+/// starts only, so a run resumed from a mid-epoch checkpoint draws what the
+/// uninterrupted run drew.
 fn segment_rng(seed: u64, index: usize, epoch: usize, done: u64) -> StdRng {
+    if done == 0 {
+        return epoch_rng(seed, index, epoch);
+    }
     let key = ((index as u64) << 32) ^ epoch as u64;
     StdRng::seed_from_u64(ember_proto::rng::derive_seed(
         seed ^ 0x5e9_5a3c ^ done.rotate_left(17),
@@ -177,11 +180,14 @@ pub struct SeqCursor {
     pub batcher: BatcherState,
     /// Each slot's carried hidden state (`[H]` per slot).
     pub hidden: Vec<Vec<f32>>,
-    /// The worker's share of the epoch is trained.
-    pub done: bool,
 }
 
 impl SeqCursor {
+    /// Whether the worker's share of the epoch is trained (every slot idle).
+    pub fn done(&self) -> bool {
+        self.batcher.slots.iter().all(Option::is_none)
+    }
+
     /// What the epoch did so far.
     pub fn stats(&self) -> SeqEpochStats {
         SeqEpochStats {
@@ -290,7 +296,6 @@ impl SeqWorker {
         let order = self.share(train.len(), epoch);
         let (mut batcher, mut cur) = match from {
             None => {
-                self.rng = epoch_rng(self.seed, self.index, epoch);
                 let cur = SeqCursor {
                     epoch,
                     hidden: vec![vec![0f32; hd]; bs],
@@ -318,22 +323,17 @@ impl SeqWorker {
                         c.hidden.len()
                     )));
                 }
-                if c.done {
+                if c.done() {
                     return Ok(c.clone());
                 }
                 let b = SessionBatcher::resume(train, order, &c.batcher).map_err(bad)?;
-                self.rng = if c.steps == 0 {
-                    epoch_rng(self.seed, self.index, epoch)
-                } else {
-                    segment_rng(self.seed, self.index, epoch, c.steps)
-                };
                 (b, c.clone())
             }
         };
+        self.rng = segment_rng(self.seed, self.index, epoch, cur.steps);
         let mut taken = 0u64;
         while max_steps == 0 || taken < max_steps {
             let Some(st) = batcher.next() else {
-                cur.done = true;
                 break;
             };
             let h0 = st.gather_states(&mut cur.hidden);
@@ -350,8 +350,6 @@ impl SeqWorker {
             taken += 1;
         }
         cur.batcher = batcher.state();
-        // A segment that ends exactly at the share's end is done too.
-        cur.done = cur.done || cur.batcher.slots.iter().all(Option::is_none);
         Ok(cur)
     }
 
@@ -598,6 +596,11 @@ mod tests {
         Ok(all)
     }
 
+    /// Whether two value lists are equal bit for bit.
+    fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     /// Epoch 1 of one worker in segments of 5 steps: each segment by a fresh
     /// worker from the previous segment's cursor passed through JSON when
     /// `fresh` (a mid-epoch checkpoint and a resume), else by the same worker.
@@ -623,7 +626,7 @@ mod tests {
             }
             let c = wk.train_segment(&idx, 1, cur.as_ref(), 5).await?;
             segments += 1;
-            if c.done {
+            if c.done() {
                 let state = shard_state(&ps, &items).await?;
                 return Ok((c, segments, state));
             }
@@ -653,12 +656,8 @@ mod tests {
         assert!(segs > 3, "{segs} segments");
         assert_eq!((same.steps, segs), (resumed.steps, segs2));
         assert_eq!(same.loss_sum.to_bits(), resumed.loss_sum.to_bits());
-        assert_eq!(state_same.len(), state_resumed.len());
         assert!(
-            state_same
-                .iter()
-                .zip(&state_resumed)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            bits_equal(&state_same, &state_resumed),
             "shard state differs after a resume from a saved cursor"
         );
         let (ps, items) = setup(&cfg, &train, 2).await?;
@@ -681,14 +680,10 @@ mod tests {
         assert_eq!(seg.loss_sum.to_bits(), whole0.loss_sum.to_bits());
         let state_whole = shard_state(&ps0, &items0).await?;
         assert!(
-            state_seg
-                .iter()
-                .zip(&state_whole)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            bits_equal(&state_seg, &state_whole),
             "segments from saved cursors differ from the whole epoch"
         );
         let mut bad = same.clone();
-        bad.done = false;
         let e = wk.train_segment(&idx, 2, Some(&bad), 5).await.unwrap_err();
         assert!(e.to_string().contains("epoch 1, not 2"), "{e}");
         bad.hidden.pop();
