@@ -1,5 +1,6 @@
 //! Small CPU helpers shared by the fused kernels: a float trait over `f32` /
-//! `f64`, storage access, and matrix products through candle's gemm.
+//! `f64`, storage access, and matrix products (f32 on one thread through
+//! [`super::skinny_gemm`], the rest through candle's gemm).
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, WithDType};
 use std::any::Any;
@@ -79,6 +80,20 @@ pub trait Real:
             *x = x.tanh_();
         }
     }
+    /// `op(A) op(B)` by a kernel of this type's own, or None to use `gemm`
+    /// (f32 with AVX2 + FMA: [`super::skinny_gemm`]). Arguments as [`mm`].
+    fn mm_skinny(
+        a: &[Self],
+        ta: bool,
+        b: &[Self],
+        tb: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Option<Vec<Self>> {
+        let _ = (a, ta, b, tb, m, k, n);
+        None
+    }
 }
 
 impl Real for f32 {
@@ -90,6 +105,17 @@ impl Real for f32 {
     fn tanh_(self) -> Self {
         tanh_f32(self)
     }
+    fn mm_skinny(
+        a: &[Self],
+        ta: bool,
+        b: &[Self],
+        tb: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Option<Vec<Self>> {
+        super::skinny_gemm::mm_f32(a, ta, b, tb, m, k, n)
+    }
     fn sigmoid_in_place(v: &mut [Self]) {
         sigmoid_f32s(v)
     }
@@ -100,7 +126,7 @@ impl Real for f32 {
 
 /// Whether this CPU has AVX2 and FMA (the `_avx2` builds below may run).
 #[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
@@ -244,10 +270,11 @@ pub fn tensor<T: Real>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
-/// `op(A) op(B)` through the `gemm` crate (candle's own kernel) straight on
-/// the slices, where `A` is `[m, k]` (or `[k, m]` with `ta`) and `B` is
-/// `[k, n]` (or `[n, k]` with `tb`). Returns `[m, n]` row-major. Threads as
-/// candle's matmul: rayon when candle uses more than one thread.
+/// `op(A) op(B)` straight on the slices, where `A` is `[m, k]` (or `[k, m]`
+/// with `ta`) and `B` is `[k, n]` (or `[n, k]` with `tb`). Returns `[m, n]`
+/// row-major. f32 with AVX2 + FMA on one thread, at least 8 columns and not
+/// `A^T B^T`: [`super::skinny_gemm`]; otherwise the `gemm` crate (candle's
+/// own kernel), with rayon when candle uses more than one thread.
 #[allow(clippy::too_many_arguments)]
 pub fn mm<T: Real>(
     a: &[T],
@@ -276,6 +303,13 @@ pub fn mm<T: Real>(
     let (a_cs, a_rs) = if ta { (m, 1) } else { (1, k) };
     let (b_cs, b_rs) = if tb { (k, 1) } else { (1, n) };
     let threads = candle_core::utils::get_num_threads();
+    // One thread and at least a vector of columns: the skinny kernel
+    // (f32 with AVX2 + FMA; ~2x gemm on the fused kernels' shapes).
+    if threads <= 1 && n >= 8 {
+        if let Some(c) = T::mm_skinny(a, ta, b, tb, m, k, n) {
+            return Ok(c);
+        }
+    }
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {

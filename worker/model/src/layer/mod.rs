@@ -36,6 +36,7 @@ pub mod mode;
 pub mod params;
 pub mod pooling;
 pub mod prelu;
+pub mod skinny_gemm;
 
 #[cfg(test)]
 mod tests;
