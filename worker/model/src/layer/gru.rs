@@ -112,11 +112,12 @@ impl Gru {
     }
 
     /// Input projections `x W + b` for all steps: `[B, T, In]` -> `[B, T, 3H]`
-    /// (the bias through [`super::fused_bias::add_bias_rows`], whose
-    /// gradient is one pass over the `B T` rows).
+    /// (the product through [`super::fused_linear::matmul_rows`], the bias
+    /// through [`super::fused_bias::add_bias_rows`], whose gradient is one
+    /// pass over the `B T` rows).
     pub fn input_proj(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, i) = x.dims3()?;
-        let xw = x.reshape((b * t, i))?.matmul(self.w_ih.as_tensor())?;
+        let xw = super::fused_linear::matmul_rows(&x.reshape((b * t, i))?, self.w_ih.as_tensor())?;
         super::fused_bias::add_bias_rows(&xw, self.bias.as_tensor())?.reshape((
             b,
             t,

@@ -35,9 +35,11 @@ impl Linear {
         self.weight.as_tensor().dims()[1]
     }
 
-    /// `x W + b` for `x` `[N, in]`.
+    /// `x W + b` for `x` `[N, in]` (on CPU through the fused
+    /// [`super::fused_linear::matmul_rows`] and
+    /// [`super::fused_bias::add_bias_rows`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())
+        let xw = super::fused_linear::matmul_rows(x, self.weight.as_tensor())?;
+        super::fused_bias::add_bias_rows(&xw, self.bias.as_tensor())
     }
 }

@@ -26,6 +26,7 @@ pub mod fused_aux;
 pub mod fused_bag;
 pub mod fused_bias;
 pub mod fused_gru;
+pub mod fused_linear;
 pub mod gradcheck;
 pub mod gru;
 pub mod kernels;
