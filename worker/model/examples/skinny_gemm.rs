@@ -3,42 +3,11 @@
 //! aux net at batch 128 and mean length 65.5, the GRU's input projection),
 //! best of 30 alternating calls each, one thread:
 //! `RAYON_NUM_THREADS=1 cargo run -p ember-model --example skinny_gemm`.
+use ember_model::layer::kernels::mm_gemm;
 use ember_model::layer::skinny_gemm::mm_f32;
 use std::time::Instant;
 
-/// `op(A) op(B)` by gemm (what `kernels::mm` calls for other shapes).
-fn gemm_mm(a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut c = vec![0f32; m * n];
-    let (a_cs, a_rs) = if ta { (m, 1) } else { (1, k) };
-    let (b_cs, b_rs) = if tb { (k, 1) } else { (1, n) };
-    // SAFETY: `a` is m*k, `b` k*n and `c` m*n values, addressed by the
-    // strides of their layouts.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-    c
-}
-fn main() {
+fn main() -> candle_core::Result<()> {
     let n = 8256usize;
     let shapes: &[(&str, usize, usize, usize, bool, bool)] = &[
         ("dW2 = S1^T dZ2", 100, 2 * n, 50, true, false),
@@ -60,14 +29,14 @@ fn main() {
         let (mut t1, mut t2) = (f64::MAX, f64::MAX);
         for _ in 0..30 {
             let t = Instant::now();
-            std::hint::black_box(gemm_mm(&a, ta, &b, tb, m, k, nn));
+            std::hint::black_box(mm_gemm(&a, ta, &b, tb, m, k, nn)?);
             t1 = t1.min(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            std::hint::black_box(mm_f32(&a, ta, &b, tb, m, k, nn).unwrap());
+            std::hint::black_box(mm_f32(&a, ta, &b, tb, m, k, nn).ok_or_else(no_kernel)?);
             t2 = t2.min(t.elapsed().as_secs_f64());
         }
-        let c1 = gemm_mm(&a, ta, &b, tb, m, k, nn);
-        let c2 = mm_f32(&a, ta, &b, tb, m, k, nn).unwrap();
+        let c1 = mm_gemm(&a, ta, &b, tb, m, k, nn)?;
+        let c2 = mm_f32(&a, ta, &b, tb, m, k, nn).ok_or_else(no_kernel)?;
         let same = c1
             .iter()
             .zip(&c2)
@@ -83,4 +52,10 @@ fn main() {
             c1.len()
         );
     }
+    Ok(())
+}
+
+/// The error when the skinny kernel does not take a shape (no AVX2 + FMA).
+fn no_kernel() -> candle_core::Error {
+    candle_core::Error::Msg("the skinny kernel needs AVX2 + FMA".into())
 }

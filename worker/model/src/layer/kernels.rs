@@ -273,8 +273,7 @@ pub fn tensor<T: Real>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
 /// `op(A) op(B)` straight on the slices, where `A` is `[m, k]` (or `[k, m]`
 /// with `ta`) and `B` is `[k, n]` (or `[n, k]` with `tb`). Returns `[m, n]`
 /// row-major. f32 with AVX2 + FMA on one thread, at least 8 columns and not
-/// `A^T B^T`: [`super::skinny_gemm`]; otherwise the `gemm` crate (candle's
-/// own kernel), with rayon when candle uses more than one thread.
+/// `A^T B^T`: [`super::skinny_gemm`]; otherwise [`mm_gemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn mm<T: Real>(
     a: &[T],
@@ -285,13 +284,55 @@ pub fn mm<T: Real>(
     k: usize,
     n: usize,
 ) -> Result<Vec<T>> {
-    if a.len() != m * k || b.len() != k * n {
-        candle_core::bail!(
-            "mm: operands of {} and {} values for [{m}, {k}] x [{k}, {n}]",
-            a.len(),
-            b.len()
-        );
+    check_operands(a.len(), b.len(), m, k, n)?;
+    let threads = candle_core::utils::get_num_threads();
+    // One thread and at least a vector of columns: the skinny kernel
+    // (f32 with AVX2 + FMA; ~2x gemm on the fused kernels' shapes).
+    if threads <= 1 && n >= 8 {
+        if let Some(c) = T::mm_skinny(a, ta, b, tb, m, k, n) {
+            return Ok(c);
+        }
     }
+    gemm_product(a, ta, b, tb, m, k, n, threads)
+}
+
+/// [`mm`] through the `gemm` crate only (candle's own kernel), with rayon
+/// when candle uses more than one thread: the reference the skinny kernel
+/// is tested and measured against.
+#[allow(clippy::too_many_arguments)]
+pub fn mm_gemm<T: Real>(
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Vec<T>> {
+    check_operands(a.len(), b.len(), m, k, n)?;
+    gemm_product(a, ta, b, tb, m, k, n, candle_core::utils::get_num_threads())
+}
+
+/// An error unless the operands hold `[m, k]` and `[k, n]` values.
+fn check_operands(a: usize, b: usize, m: usize, k: usize, n: usize) -> Result<()> {
+    if a != m * k || b != k * n {
+        candle_core::bail!("mm: operands of {a} and {b} values for [{m}, {k}] x [{k}, {n}]");
+    }
+    Ok(())
+}
+
+/// The gemm call of [`mm_gemm`], operands checked.
+#[allow(clippy::too_many_arguments)]
+fn gemm_product<T: Real>(
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) -> Result<Vec<T>> {
     let len = m * n;
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![T::zero_(); len]);
@@ -302,14 +343,6 @@ pub fn mm<T: Real>(
     // Strides (column, row) of op(A) [m, k] and op(B) [k, n] in their slices.
     let (a_cs, a_rs) = if ta { (m, 1) } else { (1, k) };
     let (b_cs, b_rs) = if tb { (k, 1) } else { (1, n) };
-    let threads = candle_core::utils::get_num_threads();
-    // One thread and at least a vector of columns: the skinny kernel
-    // (f32 with AVX2 + FMA; ~2x gemm on the fused kernels' shapes).
-    if threads <= 1 && n >= 8 {
-        if let Some(c) = T::mm_skinny(a, ta, b, tb, m, k, n) {
-            return Ok(c);
-        }
-    }
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
