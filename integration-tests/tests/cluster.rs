@@ -1,7 +1,7 @@
 //! Real multi-process clusters on loopback: `ember train` starts `ps-server`
 //! and `worker` child processes on free ports. Sized for a 2-core CI machine.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
@@ -644,9 +644,11 @@ fn one_shard_and_four_shards_give_the_same_loss_curve() {
     }
 }
 
-/// `kill -9` of a worker process mid-epoch: the launcher notices, rolls the
-/// shards back to the last cluster checkpoint and reruns the epoch; the job
-/// completes (it never hangs) and records the restart.
+/// `kill -9` of a worker process mid-epoch (once the launcher's
+/// `ember_train_samples_total` shows 8 of the 80 steps trained, not after a
+/// guessed sleep: an 80-step epoch lasts about a second): the launcher
+/// notices, rolls the shards back to the last cluster checkpoint and reruns
+/// the epoch; the job completes (it never hangs) and records the restart.
 #[test]
 fn killed_worker_is_replaced_and_the_epoch_rerun() {
     let dir = tempfile::tempdir().unwrap();
@@ -654,50 +656,39 @@ fn killed_worker_is_replaced_and_the_epoch_rerun() {
     let cluster = "shards = 1\nworkers = 2\nmode = \"process\"\nstaleness = 1";
     let train = "epochs = 1\nmax_steps_per_epoch = 80\nmax_eval_samples = 300\nlog_every = 1";
     let job = write_job(dir.path(), &data, "kind = \"din\"", cluster, train);
-    let child = Command::new(bin("ember"))
-        .args(["train", "--quiet", "--config"])
-        .arg(&job)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Find worker 1 (a child process whose command line names this job) and kill it.
+    let run = dir.path().join("run");
+    let log_path = dir.path().join("launcher.log");
+    let mut child = spawn_train(&job, &["--metrics-addr", "127.0.0.1:0"], &log_path);
     let job_s = job.display().to_string();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut killed = false;
-    while Instant::now() < deadline && !killed {
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmd
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).to_string())
-                .collect();
-            let is_worker = args.first().is_some_and(|a| a.ends_with("/worker"))
-                && args.iter().any(|a| a == &job_s)
-                && args
-                    .windows(2)
-                    .any(|w| w[0] == "--worker-index" && w[1] == "1");
-            if is_worker {
-                std::thread::sleep(Duration::from_millis(1500));
-                let pid = e.file_name().to_string_lossy().to_string();
+    let mut trained_at_kill = 0;
+    while Instant::now() < deadline && !killed && child.try_wait().unwrap().is_none() {
+        let trained = samples_trained(&run).unwrap_or(0);
+        if trained >= 8 * 2 * 128 {
+            // Worker 1: a child process whose command line names this job.
+            if let Some(pid) = worker_pid(&job_s, 1) {
                 killed = Command::new("kill")
-                    .args(["-9", &pid])
+                    .args(["-9", &pid.to_string()])
                     .status()
                     .unwrap()
                     .success();
-                break;
+                trained_at_kill = trained;
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let out = child.wait_with_output().unwrap();
-    assert!(killed, "never found worker 1");
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(killed, "never saw worker 1 train 8 steps: {log}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        trained_at_kill < 80 * 2 * 128,
+        "the kill came after the epoch ({trained_at_kill} samples): {log}"
+    );
+    assert!(status.success(), "{log}");
+    assert!(
+        !rollback_steps(&log).is_empty(),
+        "no rollback after the worker was killed: {log}"
     );
     let rec = epochs(&report(dir.path()));
     assert_eq!(rec.len(), 1);
@@ -711,6 +702,33 @@ fn killed_worker_is_replaced_and_the_epoch_rerun() {
         Some(80 * 2 * 128),
         "the rerun epoch is complete"
     );
+}
+
+/// The pid of the live `worker` process with `--worker-index index` whose
+/// command line names `job` (from /proc).
+fn worker_pid(job: &str, index: usize) -> Option<u32> {
+    let index = index.to_string();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        let is_worker = args.first().is_some_and(|a| a.ends_with("/worker"))
+            && args.iter().any(|a| a == job)
+            && args
+                .windows(2)
+                .any(|w| w[0] == "--worker-index" && w[1] == index);
+        if is_worker {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// The pids of the live processes whose parent is `ppid` (from /proc).

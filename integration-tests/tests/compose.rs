@@ -11,19 +11,26 @@
 //! 3. A second project, with the token overlay (docker-compose.auth.yml:
 //!    every shard and coordinator RPC needs the bearer token), runs a longer
 //!    job. Once epoch 2 has trained (dense step from the shards' metrics),
-//!    ps-1 is `docker kill`ed; the coordinator's rollback to step 120 is
+//!    ps-1 is `docker kill`ed; the coordinator's rollback to step 600 is
 //!    asserted, then ps-1 is `docker start`ed (it restores its checkpoint
 //!    from its volume). Once the rerun pushed to ps-0, ps-0 is `docker
 //!    pause`d (a hung shard: it holds its connections and never answers);
 //!    the coordinator must report it hung (`external shard is hung`, after
 //!    `cluster.shard_timeout_s`) and retry Health with backoff; then it is
-//!    unpaused. In epoch 3, once worker-1 pushed, it is killed (SIGINT: a
-//!    crash, so `restart: on-failure` restarts it) and the coordinator
-//!    reruns the epoch. The job completes; the trainer's log holds the
-//!    rollbacks to steps 120, 120 and 240 and metrics.json the restarts.
+//!    unpaused. In epoch 3, once the dense step shows that both workers
+//!    trained in it, worker-1 is killed (SIGINT: a crash, so `restart:
+//!    on-failure` restarts it) and the coordinator reruns the epoch. The job
+//!    completes; the trainer's log holds the rollbacks to steps 600, 600 and
+//!    1200 and metrics.json the restarts.
 //!
-//! Expected time: ~55 s on 2 cores once the binaries are built (image
-//! ~15 s, small job ~8 s, restart job ~35 s).
+//! The restart job's epochs are 600 steps (38,400 samples, a few seconds at
+//! the workers' speed): each trigger is seen by polling `docker` (a few
+//! hundred ms), so an epoch must last several polls for the fault to land
+//! inside it. (With 120-step epochs, half a second each once the fused
+//! kernels landed, the worker kill arrived after epoch 3 had ended.)
+//!
+//! Expected time: ~65 s on 2 cores once the binaries are built (image
+//! ~15 s, small job ~8 s, restart job ~45 s).
 //!
 //! Everything the test creates (containers, networks, volumes, the image) is
 //! removed at the end, also when it fails (drop guards). It returns early,
@@ -440,6 +447,26 @@ fn shard_metric(p: &Project, service: &str, metric: &str) -> Option<f64> {
         .then(|| metric_sum(&text, metric))
 }
 
+/// Steps per epoch of the restart job (epochs long enough for a fault seen
+/// by polling `docker` to land inside the epoch it aims at).
+const RESTART_EPOCH_STEPS: u64 = 600;
+
+/// Waits (at most 120 s, else panics naming `what`) until the dense step of
+/// the cluster (the larger of the shards' `ember_ps_dense_step`: only the
+/// shards that hold dense parameters count steps) reaches `step`.
+fn wait_dense_step(p: &Project, step: u64, what: &str) {
+    let dense = |svc: &str| shard_metric(p, svc, "ember_ps_dense_step").unwrap_or(0.0);
+    let start = Instant::now();
+    while dense("ps-0").max(dense("ps-1")) < step as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no progress in {what} (dense step {step} never reached):\n{}",
+            p.logs("trainer")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits (bounded) until `metric` of `service` exceeds `above`; returns the value.
 fn wait_metric_above(
     p: &Project,
@@ -566,7 +593,7 @@ fn compose_trains_and_survives_a_shard_restart() {
     let id = unique();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let data = small_data(dir, 8000, 400);
+    let data = small_data(dir, (RESTART_EPOCH_STEPS * 2 * 32) as usize + 400, 400);
     let job_a = job(
         dir,
         "job-a.toml",
@@ -582,8 +609,10 @@ fn compose_trains_and_survives_a_shard_restart() {
         "job-b.toml",
         "restart",
         "retry_deadline_s = 15\nmax_restarts = 3\nshard_timeout_s = 5\nworker_timeout_s = 20",
-        "epochs = 3\nmax_steps_per_epoch = 120",
+        &format!("epochs = 3\nmax_steps_per_epoch = {RESTART_EPOCH_STEPS}"),
     );
+    // The cluster checkpoints at the end of epochs 1 and 2.
+    let (end1, end2) = (RESTART_EPOCH_STEPS, 2 * RESTART_EPOCH_STEPS);
     readable_by_all(dir);
 
     let image = Image::build(&format!("ember-it:compose-{id}"));
@@ -668,30 +697,24 @@ fn compose_trains_and_survives_a_shard_restart() {
             "the coordinator does not require the token:\n{trainer}"
         );
         // Kill ps-1 once epoch 2 has trained (dense step past the epoch-1
-        // checkpoint at step 120, on whichever shard holds dense parameters).
-        let dense = |svc: &str| shard_metric(&p, svc, "ember_ps_dense_step").unwrap_or(0.0);
-        let start = Instant::now();
-        while dense("ps-0").max(dense("ps-1")) < 123.0 {
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "no progress in epoch 2:\n{}",
-                p.logs("trainer")
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        // checkpoint, on whichever shard holds dense parameters).
+        wait_dense_step(&p, end1 + 3, "epoch 2");
         let ps1 = p.container("ps-1");
         run_ok(
             Command::new("docker").args(["kill", &ps1]),
             Duration::from_secs(30),
         );
         eprintln!("killed ps-1 at {:.1?}", t.elapsed());
-        // The coordinator notices on its own and rolls back to step 120 (the
+        // The coordinator notices on its own and rolls back to step `end1` (the
         // last cluster checkpoint) — asserted, not just noted; Docker does
         // not restart a container stopped by `docker kill`, so the test then
         // plays the orchestrator and starts it (it restores from its volume).
         assert!(
             p.wait_log(
-                &["shard(s) [1]", "rolling the cluster back to step 120"],
+                &[
+                    "shard(s) [1]",
+                    &format!("rolling the cluster back to step {end1}")
+                ],
                 Duration::from_secs(90)
             ),
             "no rollback after the kill of ps-1:\n{}",
@@ -704,7 +727,7 @@ fn compose_trains_and_survives_a_shard_restart() {
         eprintln!("restarted ps-1 at {:.1?}", t.elapsed());
         assert!(
             p.wait_log(
-                &["cluster rolled back", "step=120"],
+                &["cluster rolled back", &format!("step={end1}")],
                 Duration::from_secs(150)
             ),
             "the cluster was not restored after ps-1 came back:\n{}",
@@ -760,31 +783,16 @@ fn compose_trains_and_survives_a_shard_restart() {
         let log = p.logs("trainer");
         assert!(
             log.lines().any(|l| l.contains("shard(s) [0] hung")
-                && l.contains("rolling the cluster back to step 120")),
-            "no rollback of the hung ps-0 to step 120:\n{log}"
+                && l.contains(&format!("rolling the cluster back to step {end1}"))),
+            "no rollback of the hung ps-0 to step {end1}:\n{log}"
         );
-        // Epoch 3: kill worker-1 while it runs its task (after it pushed).
-        // SIGINT is not the stop signal, so Docker treats it as a crash and
-        // `restart: on-failure` brings the container back; the restarted
-        // worker asks for a task while the coordinator still counts it as
-        // busy, which fails the attempt and reruns the epoch.
-        assert!(
-            p.wait_log_of(
-                "worker-1",
-                &["running task", "epoch=3 "],
-                Duration::from_secs(240)
-            ),
-            "worker-1 never ran epoch 3:\n{}",
-            p.logs("worker-1")
-        );
-        let pushed = shard_metric(&p, "ps-1", "ember_ps_rows_pushed_total").unwrap_or(0.0);
-        wait_metric_above(
-            &p,
-            "ps-1",
-            "ember_ps_rows_pushed_total",
-            pushed,
-            Duration::from_secs(60),
-        );
+        // Epoch 3: kill worker-1 while it runs its task: once the dense step
+        // is past the epoch-2 checkpoint (synchronous steps: both workers
+        // pushed in epoch 3). SIGINT is not the stop signal, so Docker treats
+        // it as a crash and `restart: on-failure` brings the container back;
+        // the restarted worker asks for a task while the coordinator still
+        // counts it as busy, which fails the attempt and reruns the epoch.
+        wait_dense_step(&p, end2 + 3, "epoch 3");
         let w1 = p.container("worker-1");
         run_ok(
             Command::new("docker").args(["kill", "--signal", "SIGINT", &w1]),
@@ -807,8 +815,9 @@ fn compose_trains_and_survives_a_shard_restart() {
         assert_eq!(code, 0, "trainer failed:\n{}", p.logs("trainer"));
         let log = integration_tests::strip_ansi(&p.logs("trainer"));
         // One rollback per failure, each to the last cluster checkpoint:
-        // the kill and the pause in epoch 2 (step 120), then the crashed
-        // worker in epoch 3 (step 240; its restart may cost a second attempt).
+        // the kill and the pause in epoch 2 (step `end1`), then the crashed
+        // worker in epoch 3 (step `end2`; its restart may cost a second
+        // attempt).
         for l in log.lines().filter(|l| {
             l.contains("rolling the cluster back") || l.contains("external shard is hung")
         }) {
@@ -816,8 +825,8 @@ fn compose_trains_and_survives_a_shard_restart() {
         }
         let back = integration_tests::rollback_steps(&log);
         assert!(
-            back.len() >= 3 && back[..2] == [120, 120] && back[2..].iter().all(|&s| s == 240),
-            "rollbacks {back:?}:\n{log}"
+            back.len() >= 3 && back[..2] == [end1, end1] && back[2..].iter().all(|&s| s == end2),
+            "rollbacks {back:?} (expected {end1}, {end1}, then {end2}):\n{log}"
         );
         let report = p.report("restart", dir);
         let epochs = report["epochs"].as_array().expect("epochs");

@@ -111,6 +111,17 @@ fn scrape(url: &str) -> String {
     out
 }
 
+/// The value of `ember_worker_samples_total{worker="<worker>"}` in the
+/// Prometheus text `metrics` (0 when absent).
+fn samples_of(metrics: &str, worker: usize) -> u64 {
+    let key = format!("ember_worker_samples_total{{worker=\"{worker}\"}}");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -208,11 +219,16 @@ fn external_workers_recover_from_a_killed_worker() {
         Duration::from_secs(60),
         || scrape(&url).contains("ember_worker_samples_total{worker=\"0\"}"),
     );
-    // Kill worker 1 while it runs its epoch-1 task, then replace it.
+    // Kill worker 1 while it runs its epoch-1 task (once worker 0's
+    // /metrics counts 5 of the 60 steps: with synchronous steps and
+    // staleness 1, worker 1 is then at least 4 steps in; a 60-step epoch
+    // lasts about a second, too short to aim at with a sleep), then replace it.
     wait_for("worker 1 running its task", Duration::from_secs(60), || {
         w1.log().contains("running task")
     });
-    std::thread::sleep(Duration::from_millis(700));
+    wait_for("worker 0 training 5 steps", Duration::from_secs(60), || {
+        samples_of(&scrape(&url), 0) >= 5 * 128
+    });
     assert!(
         !w1.log().contains("task done"),
         "worker 1 finished its task before it could be killed:\n{}",
