@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{bin, dataset, report, write_job};
+use integration_tests::{bin, dataset, metric_sum, report, write_job};
 
 /// A child process killed (SIGKILL) and reaped on drop.
 struct Proc {
@@ -109,17 +109,6 @@ fn scrape(url: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
-}
-
-/// The value of `ember_worker_samples_total{worker="<worker>"}` in the
-/// Prometheus text `metrics` (0 when absent).
-fn samples_of(metrics: &str, worker: usize) -> u64 {
-    let key = format!("ember_worker_samples_total{{worker=\"{worker}\"}}");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(key.as_str()))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -227,7 +216,8 @@ fn external_workers_recover_from_a_killed_worker() {
         w1.log().contains("running task")
     });
     wait_for("worker 0 training 5 steps", Duration::from_secs(60), || {
-        samples_of(&scrape(&url), 0) >= 5 * 128
+        // Worker 0's own exporter: its samples only.
+        metric_sum(&scrape(&url), "ember_worker_samples_total") >= (5 * 128) as f64
     });
     assert!(
         !w1.log().contains("task done"),
